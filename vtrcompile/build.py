@@ -1,0 +1,85 @@
+"""Model source + method -> rewritten, re-exported program ready for a backend, with its facts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .capture import capture, editable_module
+from .errors import VtrError
+from .methods.registry import resolve
+from .models.loading import ModelSource
+from .passes.analysis import analyze
+from .passes.base import run_pipeline
+from .passes.facts import GraphFacts
+from .passes.insert_token_reduction import Reduction
+from .passes.pipeline import build_pipeline
+from .passes.strip_runtime_asserts import strip_runtime_asserts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Build:
+    method: str
+    options: dict[str, Any]
+    reductions: list[Reduction]
+    facts: GraphFacts  # of the unmodified graph
+    graph_module: fx.GraphModule  # rewritten, runnable in eager
+    program: torch.export.ExportedProgram  # re-exported, asserts stripped
+    example_inputs: tuple[torch.Tensor, torch.Tensor]
+    prompt_range: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def llm_tokens(self, prompt_len: int) -> list[int]:
+        """Sequence length entering each decoder layer for a prompt of `prompt_len` tokens."""
+        facts = analyze(self.graph_module)
+        out = []
+        for layer in facts.layers:
+            s = layer.residual_input.meta["val"].shape[1]
+            expr = s.node.expr if isinstance(s, torch.SymInt) else s
+            out.append(int(expr.subs(facts.seq_symbol, prompt_len)) if hasattr(expr, "subs") else int(expr))
+        return out
+
+
+def prompt_range(ep: torch.export.ExportedProgram) -> tuple[int, int]:
+    ids = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == ep.graph_signature.user_inputs[0])
+    s = ids.meta["val"].shape[1]
+    if not isinstance(s, torch.SymInt):
+        raise VtrError("the program's prompt length is static; capture it with a dynamic input_ids dim 1")
+    r = ep.range_constraints[s.node.expr]
+    return int(r.lower), int(r.upper)
+
+
+def reexport(gm: fx.GraphModule, example_inputs, lo: int, hi: int) -> torch.export.ExportedProgram:
+    dims = {"input_ids": {1: torch.export.Dim("prompt", min=lo, max=hi)}, "pixel_values": None}
+    with torch.no_grad():
+        ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dims, strict=False)
+    strip_runtime_asserts(ep.graph_module)
+    return ep
+
+
+def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt: int = 2048) -> Build:
+    t0 = time.perf_counter()
+    ep = capture(source, max_prompt)
+    t1 = time.perf_counter()
+    gm = editable_module(ep)
+    strip_runtime_asserts(gm)
+    facts = analyze(gm)
+    reductions = resolve(method, options, facts.boundary.n_image, len(facts.layers))
+    run_pipeline(gm, build_pipeline(reductions))
+    t2 = time.perf_counter()
+    lo, hi = prompt_range(ep)
+    example = tuple(source.example_inputs)
+    program = reexport(gm, example, lo, hi)
+    t3 = time.perf_counter()
+    used = {k: v for k, v in options.items() if v is not None}
+    b = Build(method, used, reductions, facts, gm, program, example, (lo, hi),
+              {"capture_s": t1 - t0, "passes_s": t2 - t1, "reexport_s": t3 - t2})
+    log.info("built %s in %.1fs", method, t3 - t0)
+    return b

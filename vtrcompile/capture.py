@@ -1,0 +1,58 @@
+"""Model source -> torch.export program with a dynamic prompt length, and back to an editable GraphModule."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import fx
+
+from .errors import VtrError
+from .models.loading import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def prompt_dim(n_image: int, max_prompt: int) -> torch.export.Dim:
+    # At least one text token follows the image block: the last prompt token is text.
+    return torch.export.Dim("prompt", min=n_image + 1, max=max_prompt)
+
+
+def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, torch.Tensor],
+                   n_image: int, max_prompt: int) -> torch.export.ExportedProgram:
+    """torch.export with dim 1 of input_ids dynamic; pixel_values keep the static image size."""
+    dims = {"input_ids": {1: prompt_dim(n_image, max_prompt)}, "pixel_values": None}
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(module, example_inputs, dynamic_shapes=dims, strict=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VtrError(f"torch.export failed: {first}") from e
+    log.info("exported in %.1fs (%d nodes)", time.perf_counter() - t0, len(ep.graph.nodes))
+    return ep
+
+
+def count_image_placeholders(source: ModelSource, image_token_id: int) -> int:
+    return int((source.example_inputs[0][0] == image_token_id).sum())
+
+
+def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.ExportedProgram:
+    """The unmodified program of a model source (exports eager modules, passes programs through)."""
+    if source.program is not None:
+        return source.program
+    assert source.module is not None
+    cfg = source.hf_model.config if source.hf_model is not None else None
+    if cfg is None:
+        raise VtrError(f"{source.label}: cannot build example inputs without a config")
+    n_image = count_image_placeholders(source, cfg.image_token_id)
+    max_prompt = min(max_prompt, cfg.text_config.max_position_embeddings)
+    if max_prompt <= n_image + 1:
+        raise VtrError(f"--max-prompt {max_prompt} leaves no room for text around {n_image} image tokens")
+    return export_program(source.module, source.example_inputs, n_image, max_prompt)
+
+
+def editable_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """An fx.GraphModule of the program (parameters as attributes) that passes may rewrite."""
+    return ep.module()

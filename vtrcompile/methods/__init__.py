@@ -1,0 +1,1 @@
+"""Reduction methods: pure tensor functions (shapes in docstrings) plus one registry of their specs."""

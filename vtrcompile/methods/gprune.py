@@ -1,0 +1,37 @@
+"""G-Prune (jytmelon/G-Prune): text-agnostic graph propagation of feature norms over projected tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from .tensor_ops import topk_ascending
+
+SIM_THRESHOLD = 0.5
+TEMPERATURE = 0.03
+ITERATIONS = 5
+
+
+def gprune_scores(features: torch.Tensor) -> torch.Tensor:
+    """features F [B, N, D] (projected image tokens) -> scores s [B, N] float32.
+
+    Fn = F / ||F||; A = Fn Fn^T; A[A < 0.5] = 0; A /= 0.03; A[|A| < 1e-6] = -5000; P = softmax_row(A);
+    deg_j = #nonzero in row j of P; s = (w P^5) / deg with w_i = ||F_i||.
+    """
+    f = features.float()
+    w = f.norm(dim=-1)  # [B, N]
+    fn = f / w[..., None]
+    a = torch.matmul(fn, fn.transpose(1, 2))
+    a = torch.where(a < SIM_THRESHOLD, torch.zeros_like(a), a) / TEMPERATURE
+    a = torch.where(a.abs() < 1e-6, torch.full_like(a, -5000.0), a)
+    p = torch.softmax(a, dim=-1)
+    deg = (p != 0).sum(dim=-1).to(torch.float32)  # [B, N]
+    v = w[:, None, :]  # row vector [B, 1, N]
+    for _ in range(ITERATIONS):
+        v = torch.matmul(v, p)
+    return v[:, 0, :] / deg
+
+
+def gprune_keep(image_features: torch.Tensor, batch: int, n_image: int, keep: int) -> torch.Tensor:
+    """image_features [B*N, D] (the projector output) -> kept [B, keep] ascending."""
+    feats = image_features.reshape(batch, n_image, image_features.shape[-1])
+    return topk_ascending(gprune_scores(feats), keep)

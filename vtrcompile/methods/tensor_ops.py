@@ -1,0 +1,109 @@
+"""Fixed-size building blocks shared by methods and passes: selection, index maps and gathers.
+
+Every function here uses only ops with static output sizes given the input sizes (arange, gather,
+top-k with a Python-int k, matmul, where), so the engines keep no data-dependent shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def first_image_row(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """input_ids [B, S] int64 -> [B] int64: the row where the (contiguous) image block starts."""
+    # ArgMax over a float 0/1 vector: ties go to the lowest index, i.e. the first placeholder.
+    return (input_ids == image_token_id).to(torch.float32).argmax(dim=1)
+
+
+def take_image_block(x: torch.Tensor, image_start: torch.Tensor, n_image: int) -> torch.Tensor:
+    """x [B, S, D], image_start [B] -> [B, N, D]: the rows of the image block."""
+    rows = image_start[:, None] + torch.arange(n_image, device=x.device)[None, :]
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def merge_image_block(text_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor,
+                      image_token_id: int, n_image: int) -> torch.Tensor:
+    """Fixed-size stand-in for masked_scatter of a contiguous image block.
+
+    text_embeds [B, S, D], input_ids [B, S], image_features [B*N, D] -> [B, S, D]
+    """
+    b, s, d = text_embeds.shape
+    feats = image_features.reshape(b, n_image, d).to(text_embeds.dtype)
+    start = first_image_row(input_ids, image_token_id)
+    rel = torch.arange(s, device=input_ids.device)[None, :] - start[:, None]
+    inside = (rel >= 0) & (rel < n_image)
+    rows = rel.clamp(0, n_image - 1)
+    gathered = feats.gather(1, rows[..., None].expand(b, s, d))
+    return torch.where(inside[..., None], gathered, text_embeds)
+
+
+def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, N] -> [B, k] int64: indices of the k highest scores, sorted by index."""
+    top = torch.topk(scores, k, dim=-1, largest=True, sorted=False).indices
+    return torch.sort(top, dim=-1).values
+
+
+def topk_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, N] -> [B, k] int64: indices of the k highest scores, highest first."""
+    return torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
+
+
+def sequence_index(image_start: torch.Tensor, kept: torch.Tensor, seq_len: int, n_image: int) -> torch.Tensor:
+    """Map each row of the reduced sequence to a row of the full one.
+
+    image_start [B], kept [B, k] (image-relative indices, in output order), seq_len S (may be symbolic)
+    -> [B, S - N + k] int64. Rows before the block map to themselves, block rows to image_start +
+    kept, rows after the block shift by N - k.
+    """
+    k = kept.shape[1]
+    j = torch.arange(seq_len - n_image + k, device=kept.device)[None, :]
+    rel = j - image_start[:, None]
+    in_block = (rel >= 0) & (rel < k)
+    from_block = image_start[:, None] + kept.gather(1, rel.clamp(0, k - 1))
+    after = torch.where(rel >= k, j + (n_image - k), j)
+    return torch.where(in_block, from_block, after)
+
+
+def gather_dim(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """x [B or 1, ..., S (at dim), ...], index [B, S'] -> x with dim `dim` replaced by S'.
+
+    A size-1 batch in x broadcasts against index's batch.
+    """
+    b = index.shape[0]
+    if x.shape[0] != b:
+        x = x.expand(b, *x.shape[1:])
+    shape = [1] * x.dim()
+    shape[0] = b
+    shape[dim] = index.shape[1]
+    idx = index.reshape(shape)
+    sizes = list(x.shape)
+    sizes[dim] = index.shape[1]
+    return x.gather(dim, idx.expand(sizes))
+
+
+def gather_seq_dims(x: torch.Tensor, index: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Gather every sequence dim of a side tensor (rotary tables: one dim; masks: rows and columns)."""
+    for d in dims:
+        x = gather_dim(x, index, d)
+    return x
+
+
+def renumbered_index(index: torch.Tensor) -> torch.Tensor:
+    """index [B, S'] -> [B, S'] = 0..S'-1: positions of a sequence renumbered as if it were shorter."""
+    return torch.arange(index.shape[1], device=index.device)[None, :].expand(index.shape[0], -1)
+
+
+def head_mean_attention_rows(q_rows: torch.Tensor, k: torch.Tensor, scale: float,
+                             mask_rows: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of selected query rows, averaged over heads, in float32.
+
+    q_rows [B, H, r, d], k [B, H, S, d] (GQA already expanded), mask_rows [B|1, 1|H, r, S] bool
+    (True = may attend) or additive float, or None -> [B, r, S].
+    """
+    logits = torch.matmul(q_rows.float(), k.float().transpose(-1, -2)) * scale
+    if mask_rows is not None:
+        if mask_rows.dtype == torch.bool:
+            logits = logits.masked_fill(~mask_rows, float("-inf"))
+        else:
+            logits = logits + mask_rows.float()
+    return torch.softmax(logits, dim=-1).mean(dim=1)

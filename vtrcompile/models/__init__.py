@@ -1,0 +1,1 @@
+"""Model loaders, family adapters and the built-in demo presets."""

@@ -1,0 +1,173 @@
+"""MODEL argument -> ModelSource: a preset name, a HF directory, a torch.export file or a pickle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError, VtrError
+from .presets import PRESETS, build_preset
+
+log = logging.getLogger(__name__)
+
+# Vision-language families we recognise but do not compile yet (see shared/specs/graph-facts.md).
+_LATER_FAMILIES = {
+    "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+    "internvl", "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",
+}
+
+
+@dataclass
+class ModelSource:
+    """What the compiler starts from: an eager module or an exported program, with example inputs."""
+
+    label: str
+    kind: str  # "preset" | "hf-dir" | "exported" | "pickle"
+    module: nn.Module | None
+    program: torch.export.ExportedProgram | None
+    example_inputs: tuple[torch.Tensor, torch.Tensor]
+    hf_model: nn.Module | None = None  # the LlavaForConditionalGeneration, when there is one
+
+
+class NextTokenLogits(nn.Module):
+    """forward(input_ids [B,S] int64, pixel_values [B,3,H,W] f32) -> logits [B, vocab] at the last position."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+
+def image_token_count(config) -> int:
+    """Placeholders per image for a LLaVA-1.5 style config (CLS removed unless strategy is 'full')."""
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batch: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt [prefix][N image placeholders][suffix] and a random image, for capture and tests."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    n = image_token_count(config)
+    image_id = config.image_token_id
+
+    def text(k: int) -> torch.Tensor:
+        t = torch.randint(0, vocab - 1, (batch, k), generator=g)
+        return torch.where(t >= image_id, t + 1, t) % vocab
+
+    ids = torch.cat([text(prefix), torch.full((batch, n), image_id), text(suffix)], dim=1)
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    return ids, pixels
+
+
+def _check_llava_config(cfg: dict, where: str) -> None:
+    model_type = cfg.get("model_type", "?")
+    archs = cfg.get("architectures") or []
+    if model_type == "llava" or "LlavaForConditionalGeneration" in archs:
+        return
+    if model_type in _LATER_FAMILIES:
+        raise UnsupportedModelError(
+            f"{where}: model family '{model_type}' is not supported yet; vtrcompile compiles "
+            "LlavaForConditionalGeneration (LLaVA-1.5 family) for now")
+    if "vision_config" not in cfg:
+        raise UnsupportedModelError(
+            f"{where}: '{model_type}' is a text-only model (no vision_config); vtrcompile needs a "
+            "vision-language model such as LlavaForConditionalGeneration")
+    raise UnsupportedModelError(f"{where}: model type '{model_type}' is not supported yet; "
+                                "use a LlavaForConditionalGeneration checkpoint")
+
+
+def _load_hf_dir(path: Path) -> ModelSource:
+    from transformers import LlavaForConditionalGeneration
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise VtrError(f"{path}: no config.json; a Hugging Face model directory needs config.json and weights")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VtrError(f"{cfg_file}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
+                       "fix or re-save the checkpoint") from None
+    _check_llava_config(cfg, str(path))
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for broken checkpoints
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VtrError(f"{path}: could not load the checkpoint ({first}); check the safetensors files") from None
+    model.eval()
+    return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None,
+                       example_prompt(model.config), hf_model=model)
+
+
+def _load_exported(path: Path) -> ModelSource:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise VtrError(f"{path}: not a readable torch.export program ({type(e).__name__}); "
+                       "save one with torch.export.save") from None
+    example = ep.example_inputs
+    if not example or len(example[0]) != 2:
+        raise VtrError(f"{path}: the exported program must take (input_ids, pixel_values) and carry "
+                       "its example inputs; export with torch.export.export(model, (ids, pixels), ...)")
+    return ModelSource(str(path), "exported", None, ep, tuple(example[0]))
+
+
+def _load_pickle(path: Path) -> ModelSource:
+    try:
+        obj = torch.load(str(path), weights_only=False, map_location="cpu")
+    except Exception as e:
+        raise VtrError(f"{path}: could not unpickle ({type(e).__name__}); is it a torch.save'd nn.Module?") from None
+    if not isinstance(obj, nn.Module):
+        raise VtrError(f"{path}: holds a {type(obj).__name__}, not an nn.Module; "
+                       "save the model object itself with torch.save(model, path)")
+    cfg = getattr(obj, "config", None)
+    if cfg is None or not hasattr(cfg, "vision_config") or not hasattr(cfg, "image_token_id"):
+        raise UnsupportedModelError(
+            f"{path}: the module has no LLaVA-style .config (vision_config, image_token_id); vtrcompile "
+            "needs it to build example inputs")
+    obj.eval()
+    return ModelSource(str(path), "pickle", NextTokenLogits(obj), None, example_prompt(cfg), hf_model=obj)
+
+
+def load_model(spec: str, allow_pickle: bool = False) -> ModelSource:
+    """Resolve the MODEL argument of the CLI."""
+    if spec in PRESETS:
+        device = "meta" if spec == "llava15-7b" else "cpu"
+        model = build_preset(spec, device=device)
+        return ModelSource(f"preset:{spec}", "preset", NextTokenLogits(model), None,
+                           example_prompt(model.config), hf_model=model)
+    path = Path(spec)
+    if not path.exists():
+        raise VtrError(f"model not found: {spec} (give a Hugging Face model directory, a .pt2 file from "
+                       f"torch.export.save, a pickled nn.Module with --allow-pickle, or a preset: "
+                       f"{', '.join(PRESETS)})")
+    if path.is_dir():
+        return _load_hf_dir(path)
+    with path.open("rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+            return _load_exported(path)
+    if not head:
+        raise VtrError(f"{path}: empty file; expected a .pt2 program, a pickled module or a model directory")
+    if path.suffix == ".pt2":
+        return _load_exported(path)
+    if not allow_pickle:
+        raise VtrError(f"{path}: looks like a pickled module; unpickling runs arbitrary code, so pass "
+                       "--allow-pickle only if you trust this file")
+    return _load_pickle(path)

@@ -1,0 +1,52 @@
+"""The pass protocol: (gm, config) -> PassResult, and a pipeline runner whose errors name the pass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from ..errors import VtrError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    facts: Any = None  # what an analysis pass found (a dataclass), or a transform's report
+    notes: list[str] = field(default_factory=list)
+
+
+Pass = Callable[[fx.GraphModule, Any], PassResult]
+
+
+def finish_transform(gm: fx.GraphModule) -> None:
+    """What every mutating pass ends with."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def run_pipeline(gm: fx.GraphModule, passes: Sequence[tuple[Pass, Any]]) -> list[PassResult]:
+    """Run passes in order; a failure names the failing pass and the passes that ran before it."""
+    results: list[PassResult] = []
+    done: list[str] = []
+    for fn, config in passes:
+        name = getattr(fn, "__name__", repr(fn))
+        try:
+            res = fn(gm, config)
+        except VtrError:
+            raise
+        except Exception as e:
+            before = ", ".join(done) or "none"
+            raise RuntimeError(f"pass {name} failed (after: {before}): {type(e).__name__}: {e}") from e
+        log.debug("pass %s: modified=%s", name, res.modified)
+        gm = res.graph_module
+        results.append(res)
+        done.append(name)
+    return results

@@ -1,0 +1,84 @@
+"""Graph + Boundary -> the LLM's decoder layers: attention op, q/k/v, mask, scale, residual input."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from torch import fx
+
+from ..errors import AnalysisError
+from .base import PassResult
+from .facts import Boundary, DecoderLayer
+from .provenance import descendants, innermost_list_item, item_index, module_paths, module_stack, shape
+
+log = logging.getLogger(__name__)
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def attention_ops(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
+
+
+def layer_nodes(gm: fx.GraphModule, layer_path: str) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and layer_path in module_paths(n)]
+
+
+def external_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
+    """Inputs of a node set that come from outside it, parameters and buffers aside, in graph order."""
+    inside = set(nodes)
+    seen: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr":
+                seen[a] = None
+    return list(seen)
+
+
+def _residual_input(nodes: list[fx.Node], downstream: set[fx.Node], hidden: int) -> fx.Node | str:
+    cands = [a for a in external_inputs(nodes)
+             if a in downstream and (s := shape(a)) is not None and len(s) == 3 and s[-1] == hidden]
+    if len(cands) != 1:
+        return f"{len(cands)} inputs of shape [B, S, {hidden}] come from the image path"
+    return cands[0]
+
+
+def find_decoder_layers(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
+    """LLM attention = scaled_dot_product_attention ops downstream of the boundary, one per layer."""
+    downstream = descendants([boundary.node]) | {boundary.node}
+    declined: list[str] = []
+    by_layer: dict[str, list[fx.Node]] = defaultdict(list)
+    for op in attention_ops(gm):
+        if op not in downstream:
+            declined.append(f"{op.name}: upstream of the boundary (vision side)")
+            continue
+        layer = innermost_list_item(op)
+        if layer is None:
+            declined.append(f"{op.name}: no enclosing ModuleList item in its nn_module_stack")
+            continue
+        by_layer[layer].append(op)
+    if not by_layer:
+        raise AnalysisError("no decoder-layer attention downstream of the visual-token boundary: looked "
+                            "for aten.scaled_dot_product_attention under a ModuleList item ("
+                            + ("; ".join(declined) or "none in the graph") + ")")
+    layers: list[DecoderLayer] = []
+    for path in sorted(by_layer, key=item_index):
+        ops = by_layer[path]
+        if len(ops) != 1:
+            raise AnalysisError(f"{path}: {len(ops)} attention ops in one decoder layer; expected one")
+        op = ops[0]
+        nodes = layer_nodes(gm, path)
+        res = _residual_input(nodes, downstream, boundary.hidden_size)
+        if isinstance(res, str):
+            raise AnalysisError(f"{path}: cannot tell the residual-stream input ({res})")
+        q, k, v = op.args[:3]
+        mask = op.args[3] if len(op.args) > 3 else op.kwargs.get("attn_mask")
+        att_path = module_stack(op)[-1][0]
+        layers.append(DecoderLayer(
+            index=len(layers), module=path, attention_module=att_path, attention=op, q=q, k=k, v=v,
+            mask=mask, scale=op.kwargs.get("scale"), enable_gqa=bool(op.kwargs.get("enable_gqa", False)),
+            residual_input=res, nodes=nodes))
+    log.debug("found %d decoder layers", len(layers))
+    return PassResult(gm, False, facts=layers, notes=declined)

@@ -1,0 +1,53 @@
+"""Keep the pass invariants after a rewrite: graph order is topological and meta['val'] is right."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def stable_topological_sort(graph: fx.Graph) -> None:
+    """Move nodes after their inputs, keeping the original order wherever it is already valid."""
+    placed: set[fx.Node] = set()
+    pending: list[fx.Node] = []
+    cursor: fx.Node | None = None
+    order = list(graph.nodes)
+
+    def place(n: fx.Node) -> None:
+        nonlocal cursor
+        if cursor is None:
+            if n is not order[0]:
+                order[0].prepend(n)
+        else:
+            cursor.append(n)
+        cursor = n
+        placed.add(n)
+
+    for n in order:
+        pending.append(n)
+        progress = True
+        while progress:
+            progress = False
+            for p in list(pending):
+                if all(a in placed for a in p.all_input_nodes):
+                    pending.remove(p)
+                    place(p)
+                    progress = True
+    if pending:
+        raise RuntimeError(f"graph has a cycle through {pending[0]}")
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Recompute meta['val'] (fake tensors with the capture's symbolic sizes) for every node."""
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch._subclasses.FakeTensor))
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+
+
+def tag_provenance(node: fx.Node, anchor: fx.Node, label: str) -> None:
+    """Inserted nodes carry the anchor's module stack plus a vtrcompile entry, so that reports
+    (and the ONNX node metadata after re-export) can tell selector ops from model ops."""
+    stack = dict(anchor.meta.get("nn_module_stack") or {})
+    stack[f"vtrcompile.{label}"] = (f"vtrcompile.{label}", f"vtrcompile.reduction.{label}")
+    node.meta["nn_module_stack"] = stack

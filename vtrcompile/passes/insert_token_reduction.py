@@ -1,0 +1,131 @@
+"""Graph + Reduction -> graph whose layers from the site on see a shorter sequence.
+
+The rewrite replaces the residual stream entering decoder layer l with a gathered one, and every
+per-sequence side input (length symbol, rotary cos/sin, mask) of the nodes downstream with its
+reduced version, so all later shapes follow. Site `projector` is the same rewrite at layer 0, with
+a selector that reads the projected image features.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+
+from ..errors import VtrError
+from ..methods.tensor_ops import first_image_row, gather_dim, gather_seq_dims, renumbered_index, sequence_index
+from .analysis import analyze
+from .base import PassResult, finish_transform
+from .facts import DecoderLayer
+from .graph_utils import refresh_meta, stable_topological_sort, tag_provenance
+from .provenance import descendants, val
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectorInputs:
+    """Graph nodes a selector may read at its site."""
+
+    image_start: fx.Node  # [B] first image row
+    image_features: fx.Node  # [B*N, D] projector output (all N tokens)
+    hidden: fx.Node  # [B, S_l, D] residual stream entering the site's layer
+    previous: DecoderLayer | None  # layer l-1 (its attention q/k/mask/scale), None at layer 0
+    n_image: int  # image tokens present at this site
+    n_image_full: int  # N
+    batch: int
+    seq_len: fx.Node  # S_l
+
+
+# A selector returns (function, args, kwargs) for one inserted call: kept [B, keep] image-relative
+# indices into the image tokens present at the site, in output order.
+Selector = Callable[[SelectorInputs], tuple[Callable, tuple, dict]]
+
+
+@dataclass
+class Reduction:
+    method: str
+    layer: int  # the decoder layer whose input is reduced (0 for site `projector`)
+    keep: int
+    positions: str  # "keep" | "renumber"
+    selector: Selector
+    site: str = "llm"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _size_expr(node: fx.Node, dim: int):
+    s = val(node).shape[dim]
+    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s)
+
+
+def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
+    """Needs: strip_runtime_asserts (a graph the analysis passes understand). Re-runs the analysis."""
+    facts = analyze(gm)
+    if not 0 <= red.layer < len(facts.layers):
+        raise VtrError(f"{red.method}: layer {red.layer} is outside the LLM's {len(facts.layers)} layers")
+    layer = facts.layers[red.layer]
+    h = layer.residual_input
+    dropped = sympy.simplify(facts.seq_symbol - _size_expr(h, 1))
+    if not dropped.is_Integer:
+        raise VtrError(f"{layer.module}: the sequence length there ({_size_expr(h, 1)}) is not the prompt "
+                       "length minus a constant; cannot place a reduction")
+    n_here = facts.boundary.n_image - int(dropped)
+    if not 1 <= red.keep <= n_here:
+        raise VtrError(f"{red.method}: keep {red.keep} is outside 1..{n_here}, the image tokens at {layer.module}")
+
+    g = gm.graph
+    new: list[fx.Node] = []
+    cursor = h
+
+    def add(fn, args, kwargs=None, label="reduction") -> fx.Node:
+        nonlocal cursor
+        with g.inserting_after(cursor):
+            n = g.call_function(fn, tuple(args), kwargs or {})
+        tag_provenance(n, h, f"{red.method}.{label}")
+        new.append(n)
+        cursor = n
+        return n
+
+    side = facts.side[layer.index]
+    seq_nodes = [s.node for s in side if s.role == "seq_len"]
+    seq = seq_nodes[0] if seq_nodes else add(torch.ops.aten.sym_size.int, (h, 1))
+    start = add(first_image_row, (facts.boundary.input_ids,), {"image_token_id": facts.boundary.image_token_id},
+                "selector")
+    inputs = SelectorInputs(start, facts.boundary.image_features, h,
+                            facts.layers[red.layer - 1] if red.layer > 0 else None, n_here,
+                            facts.boundary.n_image, facts.boundary.batch, seq)
+    fn, args, kwargs = red.selector(inputs)
+    kept = add(fn, args, kwargs, "selector")
+    idx = add(sequence_index, (start, kept, seq), {"n_image": n_here}, "selector")
+    h2 = add(gather_dim, (h, idx, 1), None, "gather")
+    pos = idx if red.positions == "keep" else add(renumbered_index, (idx,), None, "gather")
+    s2 = add(torch.ops.aten.sym_size.int, (h2, 1), None, "gather")
+
+    added = set(new)
+    for user in list(h.users):
+        if user not in added:
+            user.replace_input_with(h, h2)
+    downstream_layers = {n for lay in facts.layers[red.layer:] for n in lay.nodes}
+    region = (downstream_layers | descendants([h2])) - added
+    replace: dict[fx.Node, fx.Node] = {}
+    for st in side:
+        if st.role == "seq_len":
+            replace[st.node] = s2
+        elif st.role in ("rotary", "mask"):
+            index = pos if st.role == "rotary" else idx
+            replace[st.node] = add(gather_seq_dims, (st.node, index, st.seq_dims), None, "gather")
+    for n in region:
+        for old, rep in replace.items():
+            if old in n.all_input_nodes:
+                n.replace_input_with(old, rep)
+    stable_topological_sort(g)
+    finish_transform(gm)
+    refresh_meta(gm)
+    log.info("%s: layer %d keeps %d of %d image tokens", red.method, red.layer, red.keep, n_here)
+    return PassResult(gm, True, facts={"layer": red.layer, "keep": red.keep, "n_image": n_here,
+                                        "inserted": len(new)})

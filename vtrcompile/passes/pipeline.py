@@ -1,0 +1,22 @@
+"""The whole rewrite, as one explicit ordered list of passes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .base import Pass
+from .insert_token_reduction import Reduction, insert_token_reduction
+from .replace_masked_scatter import replace_masked_scatter
+from .strip_runtime_asserts import strip_runtime_asserts
+
+
+def build_pipeline(reductions: Sequence[Reduction]) -> list[tuple[Pass, Any]]:
+    """strip asserts -> fixed-size image merge -> one reduction per site, shallow to deep.
+
+    The baseline engine runs the same list with no reductions, so both engines differ only there.
+    """
+    passes: list[tuple[Pass, Any]] = [(strip_runtime_asserts, None), (replace_masked_scatter, None)]
+    for red in sorted(reductions, key=lambda r: r.layer):
+        passes.append((insert_token_reduction, red))
+    return passes

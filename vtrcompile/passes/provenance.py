@@ -1,0 +1,82 @@
+"""Read `nn_module_stack` provenance and use-def structure of FX nodes (never node names)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """[(module path, class name)], outermost first; empty for nodes with no provenance."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, typ in stack.values():
+        name = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+        out.append((path, name))
+    return out
+
+
+def module_paths(node: fx.Node) -> set[str]:
+    return {p for p, _ in module_stack(node)}
+
+
+def innermost_list_item(node: fx.Node) -> str | None:
+    """The deepest enclosing module that is an item of a ModuleList ('...layers.3'), if any."""
+    for path, _ in reversed(module_stack(node)):
+        if path.rsplit(".", 1)[-1].isdigit():
+            return path
+    return None
+
+
+def item_index(path: str) -> int:
+    return int(path.rsplit(".", 1)[-1])
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def val(node: fx.Node):
+    return node.meta.get("val")
+
+
+def shape(node: fx.Node) -> tuple | None:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def is_call(node: fx.Node, *targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def through_unary(node: fx.Node, passthrough) -> fx.Node:
+    """Follow single-tensor-input ops (casts, unsqueeze, ...) upstream."""
+    while node.op == "call_function" and node.target in passthrough and node.all_input_nodes:
+        node = node.args[0]
+    return node

@@ -1,0 +1,35 @@
+"""masked_scatter (NonZero + ScatterND once in ONNX) -> a fixed-size gather of the contiguous image block."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..methods.tensor_ops import merge_image_block
+from .base import PassResult, finish_transform
+from .find_vision_llm_boundary import find_vision_llm_boundary
+from .graph_utils import refresh_meta
+
+
+def replace_masked_scatter(gm: fx.GraphModule, config=None) -> PassResult:
+    """Rewrite the boundary's masked_scatter into merge_image_block (argmax/arange/gather/where).
+
+    Needs: find_vision_llm_boundary. Assumes one contiguous run of N placeholders per prompt, which
+    is LLaVA-1.5's layout; the runners check it on the host before each call.
+    """
+    boundary = find_vision_llm_boundary(gm).facts
+    node = boundary.node
+    if not (node.op == "call_function" and node.target == torch.ops.aten.masked_scatter.default):
+        return PassResult(gm, False, notes=[f"{node.name} is not a masked_scatter; nothing to replace"])
+    g = gm.graph
+    with g.inserting_before(node):
+        merged = g.call_function(
+            merge_image_block,
+            (boundary.text_embeds, boundary.input_ids, boundary.image_features),
+            {"image_token_id": boundary.image_token_id, "n_image": boundary.n_image})
+    merged.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    node.replace_all_uses_with(merged)
+    g.erase_node(node)
+    finish_transform(gm)
+    refresh_meta(gm)
+    return PassResult(gm, True)

@@ -1,0 +1,79 @@
+"""Eager LLaVA building blocks: image features, prompt embedding, a decoder loop with explicit positions."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """-> [B, N, D]: the projected image tokens, as LlavaModel computes them."""
+    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    return torch.stack(list(out.pooler_output))
+
+
+def embed_prompt(model, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """Text embeddings with the image placeholders overwritten, in order, by feats [B, N, D]."""
+    embeds = model.model.get_input_embeddings()(input_ids).clone()
+    for b in range(input_ids.shape[0]):
+        rows = (input_ids[b] == model.config.image_token_id).nonzero().flatten()
+        assert len(rows) == feats.shape[1], "prompt must hold exactly N image placeholders"
+        embeds[b, rows] = feats[b]
+    return embeds
+
+
+def image_start(model, input_ids: torch.Tensor) -> int:
+    rows = (input_ids[0] == model.config.image_token_id).nonzero().flatten()
+    return int(rows[0])
+
+
+def run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: range) -> torch.Tensor:
+    """Run decoder layers on hidden [B, S', D] whose rows sit at `positions` [S'] (ascending).
+
+    The mask is causal over the rows as given (HF's own mask builder would read gaps in the
+    positions as packed sequences, so it is not used here).
+    """
+    lm = model.model.language_model
+    n = hidden.shape[1]
+    pos = positions[None, :].expand(hidden.shape[0], -1)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    rope = lm.rotary_emb(hidden, pos)
+    for i in layers:
+        hidden = lm.layers[i](hidden, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+    return hidden
+
+
+def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    lm = model.model.language_model
+    return model.lm_head(lm.norm(hidden[:, -1:, :]))[:, -1, :].float()
+
+
+def last_row_attention(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax attention of the last row in decoder layer `layer`, recomputed from its own
+    q/k projections and RoPE: [B, S]."""
+    lm = model.model.language_model
+    block = lm.layers[layer]
+    att = block.self_attn
+    b, s, _ = hidden.shape
+    x = block.input_layernorm(hidden)
+    q = att.q_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
+    k = att.k_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
+    cos, sin = lm.rotary_emb(hidden, positions[None, :].expand(b, -1))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = repeat_kv(k, att.num_key_value_groups)
+    logits = (q[:, :, -1:, :].float() @ k.float().transpose(-1, -2)) * att.scaling
+    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, :]
+
+
+def top_rows_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores of a 1-D tensor, ties to the lower index, sorted ascending."""
+    order = torch.sort(-scores, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def full_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The unmodified model's next-token logits [B, vocab] via the same loop (a sanity anchor)."""
+    feats = image_features(model, pixel_values)
+    h = embed_prompt(model, input_ids, feats)
+    pos = torch.arange(h.shape[1])
+    return next_token_logits(model, run_layers(model, h, pos, range(len(model.model.language_model.layers))))
