@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny preset (random weights, built from a config) and cached builds."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from vtrcompile.build import build
+from vtrcompile.models.loading import ModelSource, load_model
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+# Named tolerance for "engine equals the method's eager reference" (float32 end to end).
+REFERENCE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def tiny() -> ModelSource:
+    return load_model("tiny")
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_build(method: str, options: tuple):
+    return build(load_model("tiny"), method, dict(options))
+
+
+@pytest.fixture(scope="session")
+def tiny_build():
+    """tiny_build(method, **options) -> Build, cached across the session."""
+    return lambda method, **opts: _cached_build(method, tuple(sorted(opts.items())))
+
+
+def prompts(config, cases=((5, 8), (1, 1), (20, 3), (0, 12))):
+    """Prompts with different prefix/suffix lengths around the image block, each with its own image."""
+    from vtrcompile.models.loading import example_prompt
+
+    return [example_prompt(config, pre, suf, seed=10 + i) for i, (pre, suf) in enumerate(cases)]
+
+
+def max_diff(a, b) -> float:
+    return float((torch.as_tensor(a) - torch.as_tensor(b)).abs().max())

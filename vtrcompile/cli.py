@@ -1,0 +1,158 @@
+"""The vtrcompile command line: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import VtrError
+from .methods.registry import METHODS
+
+log = logging.getLogger("vtrcompile")
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VtrError as e:
+            _fail(str(e))
+
+
+@click.group(cls=_Cli)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def main(verbose: int, quiet: bool) -> None:
+    """Compile visual-token reduction into deployable VLM engines."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("vtrcompile").setLevel(level)
+    # torch.onnx warns about optional torchvision ops on every export; not actionable for users.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+_model_arg = click.argument("model")
+_pickle_opt = click.option("--allow-pickle", is_flag=True,
+                           help="Allow MODEL to be a pickled nn.Module. Unpickling runs arbitrary code: "
+                                "only for files you trust.")
+
+
+@main.command()
+@_model_arg
+@_pickle_opt
+@click.option("--max-prompt", default=2048, show_default=True, help="Largest prompt length the engine accepts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool) -> None:
+    """Show what the analysis passes find in MODEL."""
+    from .build import prompt_range
+    from .capture import capture, editable_module
+    from .inspect_report import facts_report, format_facts
+    from .models.loading import load_model
+    from .passes.analysis import analyze
+    from .passes.strip_runtime_asserts import strip_runtime_asserts
+
+    src = load_model(model, allow_pickle)
+    ep = capture(src, max_prompt)
+    gm = editable_module(ep)
+    strip_runtime_asserts(gm)
+    report = facts_report(gm, analyze(gm), prompt_range(ep))
+    click.echo(json.dumps(report, indent=2) if as_json else format_facts(report))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def methods(as_json: bool) -> None:
+    """List every reduction method: site, options and defaults, position policy, source."""
+    rows = []
+    for m in METHODS.values():
+        rows.append({"method": m.name, "title": m.title, "site": m.sites, "positions": m.positions,
+                     "options": {o.name.replace("_", "-"): o.default for o in m.options}, "source": m.source})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        opts = ", ".join(f"--{k} {v if v is not None else '(unset)'}" for k, v in r["options"].items()) or "-"
+        click.echo(f"{r['method']:<8} {r['title']}\n         site {r['site']}; positions {r['positions']}; "
+                   f"options: {opts}\n         source: {r['source']}")
+
+
+def _profile_opts(f):
+    f = click.option("--reps", default=20, show_default=True, type=click.IntRange(1), help="Timed runs per engine.")(f)
+    f = click.option("--warmup", default=3, show_default=True, type=click.IntRange(0), help="Discarded runs.")(f)
+    f = click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads (default: all cores).")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(f)
+    return f
+
+
+@main.command()
+@_model_arg
+@click.option("--method", required=True, help="Reduction method (see `vtrcompile methods`); 'none' = baseline.")
+@click.option("--keep", type=click.IntRange(min=1), default=None, help="Image tokens to keep (count).")
+@click.option("--layer", type=int, default=None, help="FastV: K, the first decoder layer that sees fewer tokens.")
+@click.option("--drop-ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="FastV: R.")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="G-Prune: keep ratio.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file (.onnx).")
+@click.option("--backend", type=click.Choice(["onnxruntime"]), default=None, help="Override the backend picked by --out.")
+@click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
+@click.option("--baseline-out", type=click.Path(path_type=Path), default=None,
+              help="Where --profile writes the unmodified engine (default: <out>.baseline.onnx).")
+@click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(2))
+@_pickle_opt
+@_profile_opts
+def optimize(model, method, keep, layer, drop_ratio, keep_ratio, out, backend, do_profile, baseline_out,
+             max_prompt, allow_pickle, reps, warmup, threads, as_json) -> None:
+    """Insert a token reduction into MODEL and write an engine."""
+    from .methods.registry import resolve
+    from .models.loading import load_model
+    from .optimize import backend_for, optimize as run_optimize
+    from .profile import compare, format_report
+
+    given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio}
+    if method not in METHODS:
+        resolve(method, given, 1, 1)  # raises the one-line error before loading anything
+    backend_for(out, backend)
+    src = load_model(model, allow_pickle)
+    res = run_optimize(src, method, given, out, max_prompt, backend)
+    click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)
+    tokens = res.build.llm_tokens(res.build.example_inputs[0].shape[1])
+    click.echo(f"{method}: tokens entering each LLM layer (example prompt): {tokens}", err=True)
+    if res.findings:
+        click.echo("TensorRT preflight: " + str(len(res.findings)) + " node(s) TensorRT cannot take:", err=True)
+        for f in res.findings:
+            click.echo(f"  {f}", err=True)
+    else:
+        click.echo("TensorRT preflight: passes (no unsupported or data-dependent ops)", err=True)
+    if not do_profile:
+        return
+    base_path = baseline_out or out.with_name(out.stem + ".baseline" + out.suffix)
+    run_optimize(src, "none", {}, base_path, max_prompt, backend)
+    click.echo(f"wrote {base_path}", err=True)
+    report = compare(out, base_path, warmup, reps, threads)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--baseline", required=True, type=click.Path(path_type=Path), help="The unmodified engine.")
+@click.option("--prefix", default=35, show_default=True, type=click.IntRange(0), help="Text tokens before the image.")
+@click.option("--suffix", default=20, show_default=True, type=click.IntRange(1), help="Text tokens after the image.")
+@_profile_opts
+def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json) -> None:
+    """Compare ENGINE with the unmodified BASELINE: same backend, same inputs."""
+    from .profile import compare, format_report
+
+    report = compare(engine, baseline, warmup, reps, threads, prefix, suffix)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+if __name__ == "__main__":
+    main()

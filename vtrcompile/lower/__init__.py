@@ -1,0 +1,1 @@
+"""Backends: rewritten program -> engine file (ONNX now), engine runners, TensorRT preflight."""

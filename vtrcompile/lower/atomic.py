@@ -1,0 +1,45 @@
+"""Write outputs so that a failure never leaves a half-written file at the destination."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import VtrError
+
+
+def check_writable(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise VtrError(f"cannot write {out}: {parent} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VtrError(f"cannot create output directory {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise VtrError(f"cannot write {out}: directory {parent} is not writable; choose another --out")
+    if out.is_dir():
+        raise VtrError(f"cannot write {out}: it is a directory; give a file name such as {out}/engine.onnx")
+
+
+def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
+    """Call write(tmp_path) inside a temporary folder next to `out`, then rename every file it made
+    (the main file and sidecars such as `<name>.data`) into place. Returns the final paths."""
+    check_writable(out)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmpdir / out.name)
+        made = sorted(tmpdir.iterdir(), key=lambda p: p.name != out.name)
+        if not made or made[0].name != out.name:
+            raise VtrError(f"the backend wrote no {out.name}")
+        final = []
+        for p in made[1:] + made[:1]:  # sidecars first, main file last
+            dest = out.parent / p.name
+            os.replace(p, dest)
+            final.append(dest)
+        return final
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

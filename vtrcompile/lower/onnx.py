@@ -1,0 +1,44 @@
+"""Rewritten program -> ONNX file via the dynamo exporter (inputs input_ids, pixel_values; output logits)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from .atomic import write_atomically
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "vtrcompile"
+# Above this many parameter bytes, weights go to an external `<file>.data` (protobuf's 2 GB cap).
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+def param_bytes(ep: torch.export.ExportedProgram) -> int:
+    return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
+
+
+def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any]) -> list[Path]:
+    """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written."""
+    t0 = time.perf_counter()
+    program = torch.onnx.export(ep, (), input_names=["input_ids", "pixel_values"], output_names=["logits"],
+                                dynamo=True, verbose=False, optimize=True)
+    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+    external = param_bytes(ep) > EXTERNAL_DATA_BYTES
+    files = write_atomically(Path(out), lambda tmp: program.save(str(tmp), external_data=external))
+    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
+    return files
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    model = onnx.load(str(path), load_external_data=False)
+    for p in model.metadata_props:
+        if p.key == METADATA_KEY:
+            return json.loads(p.value)
+    return {}

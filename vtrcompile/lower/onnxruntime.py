@@ -1,0 +1,97 @@
+"""ONNX file -> ONNX Runtime (CPU) engine with host-side input checks and per-node profiling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import VtrError
+from .onnx import read_metadata
+
+log = logging.getLogger(__name__)
+
+
+def check_prompt(input_ids: np.ndarray, image_token_id: int, n_image: int) -> None:
+    """The engines assume one contiguous run of exactly N image placeholders per prompt."""
+    for b, row in enumerate(input_ids):
+        where = np.flatnonzero(row == image_token_id)
+        if len(where) != n_image or (len(where) and where[-1] - where[0] != n_image - 1):
+            raise VtrError(f"prompt {b}: needs one contiguous run of {n_image} image tokens "
+                           f"(id {image_token_id}), found {len(where)}")
+        if where[-1] == len(row) - 1:
+            raise VtrError(f"prompt {b}: the image block must be followed by at least one text token")
+
+
+def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:
+    """ONNX node name -> 'selector' | 'gather' for nodes inserted by a reduction (from name scopes)."""
+    out = {}
+    for n in model.graph.node:
+        for p in n.metadata_props:
+            if p.key == "pkg.torch.onnx.name_scopes" and "vtrcompile." in p.value:
+                scopes = [s for s in json.loads(p.value.replace("'", '"')) if s.startswith("vtrcompile.")]
+                if scopes:
+                    out[n.name] = scopes[-1].rsplit(".", 1)[-1]
+    return out
+
+
+class OrtEngine:
+    def __init__(self, path: str | Path, threads: int | None = None, profile_dir: str | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VtrError(f"engine not found: {self.path}")
+        try:
+            self.metadata = read_metadata(self.path)
+        except Exception as e:
+            raise VtrError(f"{self.path}: not a readable ONNX file ({type(e).__name__})") from None
+        if not self.metadata:
+            raise VtrError(f"{self.path}: no vtrcompile metadata; build engines with `vtrcompile optimize`")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if profile_dir is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(profile_dir) / "ort")
+        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
+        if check:
+            check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
+        return self.session.run(["logits"], {"input_ids": input_ids.astype(np.int64),
+                                             "pixel_values": pixel_values.astype(np.float32)})[0]
+
+
+def reduction_share(path: str | Path, input_ids: np.ndarray, pixel_values: np.ndarray,
+                    warmup: int, reps: int, threads: int | None = None) -> dict[str, float]:
+    """Median fraction of each run spent in the inserted selector / gather nodes (ORT node profiling)."""
+    names = selector_node_names(onnx.load(str(path), load_external_data=False))
+    if not names:
+        return {"selector": 0.0, "gather": 0.0}
+    with tempfile.TemporaryDirectory() as d:
+        eng = OrtEngine(path, threads, profile_dir=d)
+        for _ in range(warmup + reps):
+            eng(input_ids, pixel_values, check=False)
+        events = json.loads(Path(eng.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"][warmup:]
+    kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    shares: dict[str, list[float]] = {"selector": [], "gather": []}
+    for r in runs:
+        lo, hi = r["ts"], r["ts"] + r["dur"]
+        acc = {"selector": 0.0, "gather": 0.0}
+        for k in kernels:
+            if lo <= k["ts"] <= hi:
+                kind = names.get(k["name"][: -len("_kernel_time")])
+                if kind in acc:
+                    acc[kind] += k["dur"]
+        for kind in acc:
+            shares[kind].append(acc[kind] / max(r["dur"], 1))
+    return {kind: float(np.median(v)) if v else 0.0 for kind, v in shares.items()}

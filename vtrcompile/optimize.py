@@ -1,0 +1,119 @@
+"""The `optimize` job: build a reduced (or baseline) program, measure its FLOPs, lower it, preflight it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import __version__
+from .build import Build, build
+from .errors import VtrError
+from .lower.atomic import check_writable
+from .lower.onnx import export_onnx
+from .lower.tensorrt_preflight import Finding, preflight
+from .models.loading import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def count_flops(gm: fx.GraphModule, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> int:
+    """FLOPs of one prefill, counted on fake tensors (no real compute, works for meta weights too)."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        ids, px = mode.from_tensor(input_ids), mode.from_tensor(pixel_values)
+        with FlopCounterMode(display=False) as fc:
+            gm(ids, px)
+    return int(fc.get_total_flops())
+
+
+def flops_polynomial(b: Build, image_token_id: int) -> list[float]:
+    """FLOPs are exactly quadratic in the prompt length S (linear layers ~S, attention ~S^2, reductions
+    drop a constant): count at three lengths and solve for (a, b, c) in a + b S + c S^2."""
+    ids, px = b.example_inputs
+    n = int((ids[0] == image_token_id).sum())
+    lengths = [n + 8, n + 40, n + 72]
+    ys = []
+    for s in lengths:
+        extra = s - ids.shape[1]
+        if extra >= 0:
+            pad = torch.full((ids.shape[0], extra), int(ids[0, -1]))
+            ids_s = torch.cat([ids, pad], dim=1)
+        else:
+            ids_s = torch.cat([ids[:, :extra - 1], ids[:, -1:]], dim=1)
+        ys.append(count_flops(b.graph_module, ids_s, px))
+    a = torch.tensor([[1.0, s, s * s] for s in lengths], dtype=torch.float64)
+    coef = torch.linalg.solve(a, torch.tensor(ys, dtype=torch.float64))
+    return [float(c) for c in coef]
+
+
+def model_id(module: torch.nn.Module | None, program: torch.export.ExportedProgram | None) -> str:
+    """A hash of parameter names, shapes and values (values skipped for meta tensors)."""
+    h = hashlib.sha256()
+    state = module.state_dict() if module is not None else program.state_dict  # type: ignore[union-attr]
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.device.type != "meta":
+            h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def engine_metadata(b: Build, source: ModelSource) -> dict[str, Any]:
+    f = b.facts
+    ids, px = b.example_inputs
+    s = ids.shape[1]
+    tokens = b.llm_tokens(s)
+    return {
+        "vtrcompile": __version__, "torch": torch.__version__,
+        "model": source.label, "model_id": model_id(source.module, source.program),
+        "method": b.method, "options": b.options,
+        "reductions": [{"site": r.site, "layer": r.layer, "keep": r.keep, "positions": r.positions}
+                       for r in b.reductions],
+        "image_token_id": f.boundary.image_token_id, "n_image": f.boundary.n_image, "batch": f.boundary.batch,
+        "pixel_shape": list(px.shape[1:]), "vocab": _vocab(b), "llm_layers": len(f.layers), "prompt_range": list(b.prompt_range),
+        "llm_token_drop": [s - t for t in tokens],
+        "flops_poly": flops_polynomial(b, f.boundary.image_token_id),
+    }
+
+
+def _vocab(b: Build) -> int:
+    out = next(n for n in b.program.graph.nodes if n.op == "output")
+    return int(out.args[0][0].meta["val"].shape[-1])
+
+
+@dataclass
+class Optimized:
+    build: Build
+    files: list[Path]
+    metadata: dict[str, Any]
+    findings: list[Finding]
+
+
+def backend_for(out: Path, backend: str | None) -> str:
+    if backend:
+        return backend
+    ext = out.suffix.lower()
+    if ext == ".onnx":
+        return "onnxruntime"
+    if ext in (".plan", ".engine"):
+        raise VtrError(f"{out}: TensorRT engines are not built yet by this version; write .onnx "
+                       "(ONNX Runtime) instead")
+    raise VtrError(f"{out}: unknown output type '{ext}'; use .onnx")
+
+
+def optimize(source: ModelSource, method: str, options: dict[str, Any], out: Path,
+             max_prompt: int = 2048, backend: str | None = None) -> Optimized:
+    backend_for(out, backend)
+    check_writable(out)  # fail before minutes of work, not after
+    b = build(source, method, options, max_prompt)
+    meta = engine_metadata(b, source)
+    files = export_onnx(b.program, out, meta)
+    findings = preflight(out)
+    return Optimized(b, files, meta, findings)
