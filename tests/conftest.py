@@ -22,7 +22,7 @@ def tiny() -> ModelSource:
     return load_model("tiny")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_build(method: str, options: tuple):
     return build(load_model("tiny"), method, dict(options))
 

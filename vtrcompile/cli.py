@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -21,11 +22,20 @@ def _fail(msg: str) -> None:
 
 
 class _Cli(click.Group):
-    def invoke(self, ctx: click.Context):
+    """Every failure ends as one `error: ...` line and exit code 2 (click's usage errors included)."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
         try:
-            return super().invoke(ctx)
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            _fail(where + e.format_message())
+        except click.Abort:
+            _fail("aborted")
         except VtrError as e:
             _fail(str(e))
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=_Cli)
@@ -38,6 +48,7 @@ def main(verbose: int, quiet: bool) -> None:
     logging.getLogger("vtrcompile").setLevel(level)
     # torch.onnx warns about optional torchvision ops on every export; not actionable for users.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 _model_arg = click.argument("model")
@@ -113,7 +124,8 @@ def optimize(model, method, keep, layer, drop_ratio, keep_ratio, out, backend, d
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.registry import resolve
     from .models.loading import load_model
-    from .optimize import backend_for, optimize as run_optimize
+    from .optimize import backend_for
+    from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
     given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio}

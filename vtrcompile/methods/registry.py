@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..errors import VtrError
 from ..passes.insert_token_reduction import Reduction, SelectorInputs
 from .fastv import fastv_keep

@@ -18,7 +18,13 @@ import torch
 from torch import fx
 
 from ..errors import VtrError
-from ..methods.tensor_ops import first_image_row, gather_dim, gather_seq_dims, renumbered_index, sequence_index
+from ..methods.tensor_ops import (
+    first_image_row,
+    gather_dim,
+    gather_seq_dims,
+    renumbered_index,
+    sequence_index,
+)
 from .analysis import analyze
 from .base import PassResult, finish_transform
 from .facts import DecoderLayer

@@ -1,0 +1,152 @@
+"""ONNX lowering: ONNX Runtime equals the eager references; the TensorRT preflight; atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from vtrcompile.errors import VtrError
+from vtrcompile.lower.atomic import write_atomically
+from vtrcompile.lower.onnx import export_onnx, read_metadata
+from vtrcompile.lower.onnxruntime import OrtEngine, check_prompt
+from vtrcompile.lower.tensorrt_preflight import preflight
+from vtrcompile.optimize import optimize
+from vtrcompile.reference.methods import fastv_reference, gprune_reference
+
+
+@pytest.fixture(scope="module")
+def engines(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("engines")
+    out = {}
+    for name, method, opts in [("fastv-k2-12", "fastv", {"layer": 2, "keep": 12}),
+                               ("fastv-k1-30", "fastv", {"layer": 1, "keep": 30}),
+                               ("gprune-9", "gprune", {"keep": 9}),
+                               ("gprune-default", "gprune", {}),
+                               ("none", "none", {})]:
+        out[name] = optimize(tiny, method, opts, d / f"{name}.onnx")
+    return out
+
+
+def _run(opt, ids, px):
+    return OrtEngine(opt.files[-1], threads=1)(ids.numpy(), px.numpy())
+
+
+def test_engine_io_matches_the_contract(engines):
+    sess = OrtEngine(engines["fastv-k2-12"].files[-1]).session
+    ins = {i.name: i for i in sess.get_inputs()}
+    assert list(ins) == ["input_ids", "pixel_values"]
+    assert ins["input_ids"].type == "tensor(int64)" and ins["pixel_values"].type == "tensor(float)"
+    assert isinstance(ins["input_ids"].shape[1], str)  # dynamic prompt length
+    (out,) = sess.get_outputs()
+    assert out.name == "logits" and out.shape == [1, 320]
+
+
+@pytest.mark.parametrize("name,layer,keep", [("fastv-k2-12", 2, 12), ("fastv-k1-30", 1, 30)])
+def test_onnxruntime_fastv_equals_eager_reference(tiny, engines, name, layer, keep):
+    m = tiny.hf_model
+    for ids, px in prompts(m.config):  # several prompt lengths through one engine
+        got = _run(engines[name], ids, px)
+        assert max_diff(got, fastv_reference(m, ids, px, layer, keep)) <= REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("name,keep", [("gprune-9", 9), ("gprune-default", 18)])
+def test_onnxruntime_gprune_equals_eager_reference(tiny, engines, name, keep):
+    m = tiny.hf_model
+    for ids, px in prompts(m.config):
+        assert max_diff(_run(engines[name], ids, px), gprune_reference(m, ids, px, keep)) <= REFERENCE_ATOL
+
+
+def test_baseline_engine_equals_the_model(tiny, engines):
+    for ids, px in prompts(tiny.hf_model.config):
+        with torch.no_grad():
+            assert max_diff(_run(engines["none"], ids, px), tiny.module(ids, px)) <= REFERENCE_ATOL
+
+
+def test_engines_pass_the_tensorrt_preflight(engines):
+    for name, opt in engines.items():
+        assert opt.findings == [], name
+
+
+def test_metadata_describes_the_engine(engines):
+    meta = read_metadata(engines["fastv-k2-12"].files[-1])
+    assert meta["method"] == "fastv" and meta["n_image"] == 36 and meta["image_token_id"] == 319
+    assert meta["reductions"] == [{"site": "llm", "layer": 2, "keep": 12, "positions": "keep"}]
+    assert meta["llm_token_drop"] == [0, 0, 24, 24]
+    base = read_metadata(engines["none"].files[-1])
+    assert base["model_id"] == meta["model_id"]
+    a, b, c = meta["flops_poly"]
+    assert c > 0 and b > 0  # attention ~S^2, linear layers ~S
+
+
+def test_unreplaced_masked_scatter_fails_the_preflight(tiny, tmp_path):
+    """The stock export (masked_scatter -> NonZero + ScatterND) is what the preflight exists to catch."""
+    from vtrcompile.build import reexport
+    from vtrcompile.capture import capture, editable_module
+    from vtrcompile.passes.strip_runtime_asserts import strip_runtime_asserts
+
+    ep = capture(tiny)
+    gm = editable_module(ep)
+    strip_runtime_asserts(gm)
+    prog = reexport(gm, tiny.example_inputs, 37, 1024)
+    export_onnx(prog, tmp_path / "stock.onnx", {})
+    findings = preflight(tmp_path / "stock.onnx")
+    assert any(f.op_type == "NonZero" and "data" in f.problem for f in findings)
+    assert all(f.node for f in findings)  # named by node
+
+
+def _topk_model(k_from_input: bool, k: int = 4) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])
+    vals = helper.make_tensor_value_info("v", TensorProto.FLOAT, None)
+    idx = helper.make_tensor_value_info("i", TensorProto.INT64, None)
+    inputs, inits = [x], []
+    if k_from_input:
+        inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+    else:
+        inits.append(helper.make_tensor("k", TensorProto.INT64, [1], [k]))
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="my_topk")
+    return helper.make_model(helper.make_graph([node], "g", inputs, [vals, idx], inits))
+
+
+def test_preflight_flags_topk_rules():
+    assert preflight(_topk_model(False, 4)) == []
+    (f,) = preflight(_topk_model(True))
+    assert f.node == "my_topk" and "run time" in f.problem
+    (f,) = preflight(_topk_model(False, 4000))
+    assert "3840" in f.problem
+
+
+def test_preflight_flags_unsupported_ops():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    n = helper.make_node("Unique", ["x"], ["y"], name="u")
+    (f,) = preflight(helper.make_model(helper.make_graph([n], "g", [x], [y])))
+    assert f.node == "u" and f.op_type == "Unique"
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path):
+    out = tmp_path / "e.onnx"
+
+    def boom(p: Path) -> None:
+        p.write_bytes(b"partial")
+        raise RuntimeError("exporter died")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(out, boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_host_check_rejects_bad_prompts():
+    ok = np.array([[1, 9, 9, 9, 2]])
+    check_prompt(ok, 9, 3)
+    with pytest.raises(VtrError, match="contiguous run of 3"):
+        check_prompt(np.array([[9, 1, 9, 9, 2]]), 9, 3)
+    with pytest.raises(VtrError, match="found 2"):
+        check_prompt(np.array([[1, 9, 9, 2, 2]]), 9, 3)
+    with pytest.raises(VtrError, match="followed by at least one text token"):
+        check_prompt(np.array([[1, 2, 9, 9, 9]]), 9, 3)

@@ -1,0 +1,74 @@
+"""Every MODEL form the CLI takes: HF directory, torch.export file, pickle (opt-in), preset; and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import REFERENCE_ATOL, max_diff
+from vtrcompile.build import build
+from vtrcompile.capture import capture
+from vtrcompile.errors import UnsupportedModelError, VtrError
+from vtrcompile.models.loading import load_model
+from vtrcompile.reference.methods import fastv_reference
+
+
+def test_hf_directory_round_trip(tiny, tmp_path):
+    tiny.hf_model.save_pretrained(tmp_path / "m")
+    src = load_model(str(tmp_path / "m"))
+    assert src.kind == "hf-dir"
+    ids, px = tiny.example_inputs
+    b = build(src, "fastv", {"layer": 2, "keep": 7})
+    with torch.no_grad():
+        assert max_diff(b.program.module()(ids, px), fastv_reference(tiny.hf_model, ids, px, 2, 7)) <= REFERENCE_ATOL
+
+
+def test_exported_program_file(tiny, tmp_path):
+    ep = capture(tiny)
+    torch.export.save(ep, tmp_path / "m.pt2")
+    src = load_model(str(tmp_path / "m.pt2"))
+    assert src.kind == "exported" and src.program is not None
+    b = build(src, "gprune", {"keep": 12})
+    assert b.facts.boundary.n_image == 36
+    assert b.llm_tokens(60) == [36] * 4
+
+
+def test_pickle_needs_explicit_permission(tiny, tmp_path):
+    from vtrcompile.models.presets import build_preset
+
+    path = tmp_path / "m.pkl"
+    # A fresh model: once run, transformers 5 installs a local output-capturing hook that cannot be pickled.
+    torch.save(build_preset("tiny"), path)
+    with pytest.raises(VtrError, match="unpickling runs arbitrary code.*--allow-pickle"):
+        load_model(str(path))
+    src = load_model(str(path), allow_pickle=True)
+    assert src.kind == "pickle"
+    ids, px = tiny.example_inputs
+    with torch.no_grad():
+        assert max_diff(src.module(ids, px), tiny.module(ids, px)) == 0
+
+
+def _config_dir(tmp_path, cfg: dict):
+    d = tmp_path / cfg["model_type"]
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def test_other_families_are_not_supported_yet(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="'qwen2_vl' is not supported yet"):
+        load_model(_config_dir(tmp_path, {"model_type": "qwen2_vl", "vision_config": {}}))
+
+
+def test_text_only_model_is_refused(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="text-only model"):
+        load_model(_config_dir(tmp_path, {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+
+
+def test_llava_dir_with_corrupt_weights(tiny, tmp_path):
+    tiny.hf_model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(VtrError, match="could not load the checkpoint"):
+        load_model(str(tmp_path / "m"))

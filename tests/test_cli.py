@@ -1,0 +1,127 @@
+"""The CLI end to end on the tiny preset, and every bad input: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vtrcompile.cli import main
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _assert_clean_error(res, out_dir: Path, *words: str) -> None:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output and "Usage:" not in res.output, res.output
+    for w in words:
+        assert w in res.output, res.output
+    assert not any(p.suffix in (".onnx", ".data") or p.name.startswith(".") for p in out_dir.rglob("*")), \
+        list(out_dir.rglob("*"))
+
+
+def test_inspect_tiny_json():
+    res = _run("inspect", "tiny", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["boundary"]["n_image"] == 36
+    assert len(report["decoder_layers"]) == 4
+    assert {t["role"] for t in report["sequence"]["side_tensors"]} == {"seq_len", "cos", "sin", "mask"}
+
+
+def test_methods_lists_defaults():
+    res = _run("methods", "--json")
+    rows = {r["method"]: r for r in json.loads(res.output)}
+    assert rows["fastv"]["options"] == {"layer": 2, "drop-ratio": 0.5, "keep": None}
+    assert rows["gprune"]["site"] == "projector"
+
+
+def test_optimize_profile_and_profile_command(tmp_path):
+    out = tmp_path / "fastv.onnx"
+    res = _run("optimize", "tiny", "--method", "fastv", "--keep", "8", "--out", str(out), "--profile",
+               "--reps", "3", "--warmup", "1", "--json")
+    assert res.exit_code == 0, res.output
+    assert "TensorRT preflight: passes" in res.output
+    report = json.loads(res.output[res.output.index("{\n"):])
+    assert report["engines"]["reduced"]["llm_tokens_per_layer"][-1] == report["prompt_tokens"] - 28
+    assert report["engines"]["baseline"]["method"] == "none"
+    assert report["flops_ratio"] > 1
+    assert report["engines"]["reduced"]["latency"]["reps"] == 3
+    assert (tmp_path / "fastv.baseline.onnx").is_file()
+    res = _run("profile", str(out), "--baseline", str(tmp_path / "fastv.baseline.onnx"), "--reps", "2")
+    assert res.exit_code == 0, res.output
+    assert "prefill speedup (p50)" in res.output and "selector cost" in res.output
+
+
+@pytest.mark.parametrize("args,words", [
+    (["nope/missing"], ["model not found", "nope/missing"]),
+    (["tiny", "--method", "magic"], ["unknown method 'magic'"]),
+    (["tiny", "--method", "fastv", "--keep", "37"], ["--keep 37 is outside 1..36"]),
+    (["tiny", "--method", "fastv", "--keep", "0"], ["--keep"]),
+    (["tiny", "--method", "fastv", "--layer", "9"], ["--layer 9 is outside 1..3"]),
+    (["tiny", "--method", "gprune", "--drop-ratio", "0.3"], ["gprune does not take --drop-ratio"]),
+])
+def test_bad_optimize_arguments(tmp_path, args, words):
+    model, *rest = args
+    res = _run("optimize", model, *(rest or ["--method", "fastv"]), "--out", str(tmp_path / "x.onnx"))
+    _assert_clean_error(res, tmp_path, *words)
+
+
+def test_corrupt_and_wrong_format_files(tmp_path):
+    bad_pt2 = tmp_path / "broken.pt2"
+    bad_pt2.write_bytes(b"PK\x03\x04 this is not a zip")
+    _assert_clean_error(_run("optimize", str(bad_pt2), "--method", "fastv", "--out", str(tmp_path / "a.onnx")),
+                        tmp_path, "not a readable torch.export program")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    _assert_clean_error(_run("optimize", str(text), "--method", "fastv", "--out", str(tmp_path / "b.onnx")),
+                        tmp_path, "--allow-pickle")
+    _assert_clean_error(_run("optimize", str(text), "--allow-pickle", "--method", "fastv",
+                             "--out", str(tmp_path / "c.onnx")), tmp_path, "could not unpickle")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{not json")
+    _assert_clean_error(_run("optimize", str(hf), "--method", "fastv", "--out", str(tmp_path / "d.onnx")),
+                        tmp_path, "not valid JSON")
+
+
+def test_unwritable_output_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write anywhere")
+        res = _run("optimize", "tiny", "--method", "fastv", "--out", str(locked / "x.onnx"))
+        _assert_clean_error(res, tmp_path, "not writable")
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_unwritable_output_directory_reported(tmp_path, monkeypatch):
+    """Same check where the tests run as root (who may write anywhere): the directory reads as read-only."""
+    real = os.access
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    res = _run("optimize", "tiny", "--method", "fastv", "--out", str(locked / "x.onnx"))
+    _assert_clean_error(res, tmp_path, "not writable")
+
+
+def test_output_path_under_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    res = _run("optimize", "tiny", "--method", "fastv", "--out", str(f / "x.onnx"))
+    _assert_clean_error(res, tmp_path, "is not a directory")
+
+
+def test_unknown_output_extension(tmp_path):
+    res = _run("optimize", "tiny", "--method", "fastv", "--out", str(tmp_path / "x.bin"))
+    _assert_clean_error(res, tmp_path, "unknown output type")
