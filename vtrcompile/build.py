@@ -32,7 +32,7 @@ class Build:
     facts: GraphFacts  # of the unmodified graph
     graph_module: fx.GraphModule  # rewritten, runnable in eager
     program: torch.export.ExportedProgram  # re-exported, asserts stripped
-    example_inputs: tuple[torch.Tensor, torch.Tensor]
+    example_inputs: tuple[torch.Tensor, torch.Tensor]  # on the CPU, whatever the weights' device
     prompt_range: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -75,11 +75,12 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
     run_pipeline(gm, build_pipeline(reductions))
     t2 = time.perf_counter()
     lo, hi = prompt_range(ep)
-    example = tuple(source.example_inputs)
+    device = next((t.device for t in ep.state_dict.values()), torch.device("cpu"))
+    example = tuple(t.to(device) for t in source.example_inputs)
     program = reexport(gm, example, lo, hi)
     t3 = time.perf_counter()
     used = {k: v for k, v in options.items() if v is not None}
-    b = Build(method, used, reductions, facts, gm, program, example, (lo, hi),
+    b = Build(method, used, reductions, facts, gm, program, tuple(source.example_inputs), (lo, hi),
               {"capture_s": t1 - t0, "passes_s": t2 - t1, "reexport_s": t3 - t2})
     log.info("built %s in %.1fs", method, t3 - t0)
     return b

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from .errors import VtrError
-from .models.loading import ModelSource
+from .models.loading import ModelSource, image_token_count
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     return ep
 
 
-def count_image_placeholders(source: ModelSource, image_token_id: int) -> int:
-    return int((source.example_inputs[0][0] == image_token_id).sum())
+def module_device(module: torch.nn.Module) -> torch.device:
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.ExportedProgram:
@@ -46,11 +47,17 @@ def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.Exporte
     cfg = source.hf_model.config if source.hf_model is not None else None
     if cfg is None:
         raise VtrError(f"{source.label}: cannot build example inputs without a config")
-    n_image = count_image_placeholders(source, cfg.image_token_id)
+    n_image = image_token_count(cfg)
+    found = int((source.example_inputs[0][0] == cfg.image_token_id).sum())
+    if found != n_image:
+        raise VtrError(f"{source.label}: the example prompt has {found} image tokens, the model needs "
+                       f"{n_image}; a prompt without image tokens cannot locate the visual-token boundary")
     max_prompt = min(max_prompt, cfg.text_config.max_position_embeddings)
     if max_prompt <= n_image + 1:
         raise VtrError(f"--max-prompt {max_prompt} leaves no room for text around {n_image} image tokens")
-    return export_program(source.module, source.example_inputs, n_image, max_prompt)
+    device = module_device(source.module)  # a meta-device model (analysis only) takes meta inputs
+    example = tuple(t.to(device) for t in source.example_inputs)
+    return export_program(source.module, example, n_image, max_prompt)
 
 
 def editable_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:

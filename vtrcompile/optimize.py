@@ -36,8 +36,9 @@ _ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: 
 
 def count_flops(gm: fx.GraphModule, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> int:
     """FLOPs of one prefill, counted on fake tensors (no real compute, works for meta weights too)."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        ids, px = mode.from_tensor(input_ids), mode.from_tensor(pixel_values)
+        ids, px = mode.from_tensor(input_ids.to(device)), mode.from_tensor(pixel_values.to(device))
         with FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS) as fc:
             gm(ids, px)
     return int(fc.get_total_flops())

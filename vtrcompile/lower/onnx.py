@@ -29,10 +29,17 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     t0 = time.perf_counter()
     program = torch.onnx.export(ep, (), input_names=["input_ids", "pixel_values"], output_names=["logits"],
                                 dynamo=True, verbose=False, optimize=True)
-    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+    weights = not any(t.device.type == "meta" for t in ep.state_dict.values())
+    if not weights:
+        log.warning("%s: the model is on the meta device; writing the graph without weights", out)
+    program.model.metadata_props[METADATA_KEY] = json.dumps({**metadata, "has_weights": weights}, sort_keys=True)
     external = param_bytes(ep) > EXTERNAL_DATA_BYTES
-    files = write_atomically(Path(out), lambda tmp: program.save(str(tmp), external_data=external))
-    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
+
+    def save(tmp: Path) -> None:
+        program.save(str(tmp), include_initializers=weights, external_data=external)
+
+    files = write_atomically(Path(out), save)
+    log.debug("wrote %s in %.1fs", out, time.perf_counter() - t0)
     return files
 
 

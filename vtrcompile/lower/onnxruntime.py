@@ -52,6 +52,8 @@ class OrtEngine:
             raise VtrError(f"{self.path}: not a readable ONNX file ({type(e).__name__})") from None
         if not self.metadata:
             raise VtrError(f"{self.path}: no vtrcompile metadata; build engines with `vtrcompile optimize`")
+        if not self.metadata.get("has_weights", True):
+            raise VtrError(f"{self.path}: built from a meta-device model, it holds no weights and cannot run")
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or os.cpu_count() or 1
         so.inter_op_num_threads = 1

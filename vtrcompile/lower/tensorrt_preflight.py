@@ -36,7 +36,9 @@ class Finding:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, object]:
-    consts: dict[str, object] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    # Weights in external data are never scalar constants such as TopK's K: skip them unread.
+    consts: dict[str, object] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+                                 if i.data_location != onnx.TensorProto.EXTERNAL}
     for n in model.graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:

@@ -72,6 +72,12 @@ def build_preset(name: str, seed: int = 0, device: str = "cpu",
     """Build a preset with seeded random weights (on `device`; 'meta' allocates nothing)."""
     cfg = preset_config(name)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg).to(dtype)
+    # Built directly in `dtype`: a 7B model built in float32 first would need 27 GB.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(old)
     return model.eval()
