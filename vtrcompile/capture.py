@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def prompt_dim(n_image: int, max_prompt: int) -> torch.export.Dim:
-    # At least one text token follows the image block: the last prompt token is text.
-    return torch.export.Dim("prompt", min=n_image + 1, max=max_prompt)
+    # At least two text tokens: the last prompt token is text, and a reduction that withdraws every
+    # image token (VTW) still leaves a sequence of 2+, which export does not specialise to 1.
+    return torch.export.Dim("prompt", min=n_image + 2, max=max_prompt)
 
 
 def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, torch.Tensor],
@@ -53,7 +54,7 @@ def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.Exporte
         raise VtrError(f"{source.label}: the example prompt has {found} image tokens, the model needs "
                        f"{n_image}; a prompt without image tokens cannot locate the visual-token boundary")
     max_prompt = min(max_prompt, cfg.text_config.max_position_embeddings)
-    if max_prompt <= n_image + 1:
+    if max_prompt <= n_image + 2:
         raise VtrError(f"--max-prompt {max_prompt} leaves no room for text around {n_image} image tokens")
     device = module_device(source.module)  # a meta-device model (analysis only) takes meta inputs
     example = tuple(t.to(device) for t in source.example_inputs)

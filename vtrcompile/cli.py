@@ -110,7 +110,10 @@ def _profile_opts(f):
 @click.option("--keep", type=click.IntRange(min=1), default=None, help="Image tokens to keep (count).")
 @click.option("--layer", type=int, default=None, help="FastV: K, the first decoder layer that sees fewer tokens.")
 @click.option("--drop-ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="FastV: R.")
-@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="G-Prune: keep ratio.")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="G-Prune: keep ratio; PyramidDrop: lambda.")
+@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="PuMer: p.")
+@click.option("--merge-ratio", type=click.FloatRange(0, 0.5), default=None, help="PuMer: r.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file (.onnx).")
 @click.option("--backend", type=click.Choice(["onnxruntime"]), default=None, help="Override the backend picked by --out.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
@@ -119,7 +122,7 @@ def _profile_opts(f):
 @click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(2))
 @_pickle_opt
 @_profile_opts
-def optimize(model, method, keep, layer, drop_ratio, keep_ratio, out, backend, do_profile, baseline_out,
+def optimize(model, method, keep, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, out, backend, do_profile, baseline_out,
              max_prompt, allow_pickle, reps, warmup, threads, as_json) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.registry import resolve
@@ -128,7 +131,8 @@ def optimize(model, method, keep, layer, drop_ratio, keep_ratio, out, backend, d
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
-    given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio}
+    given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio,
+             "prune_ratio": prune_ratio, "merge_ratio": merge_ratio}
     if method not in METHODS:
         resolve(method, given, 1, 1)  # raises the one-line error before loading anything
     backend_for(out, backend)

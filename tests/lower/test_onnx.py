@@ -93,7 +93,7 @@ def test_unreplaced_masked_scatter_fails_the_preflight(tiny, tmp_path):
     ep = capture(tiny)
     gm = editable_module(ep)
     strip_runtime_asserts(gm)
-    prog = reexport(gm, tiny.example_inputs, 37, 1024)
+    prog = reexport(gm, tiny.example_inputs, 38, 1024)
     export_onnx(prog, tmp_path / "stock.onnx", {})
     findings = preflight(tmp_path / "stock.onnx")
     assert any(f.op_type == "NonZero" and "data" in f.problem for f in findings)

@@ -27,6 +27,9 @@ def check_prompt(input_ids: np.ndarray, image_token_id: int, n_image: int) -> No
                            f"(id {image_token_id}), found {len(where)}")
         if where[-1] == len(row) - 1:
             raise VtrError(f"prompt {b}: the image block must be followed by at least one text token")
+        if len(row) < n_image + 2:
+            raise VtrError(f"prompt {b}: {len(row)} tokens; the engine takes at least {n_image + 2} "
+                           f"(N={n_image} image tokens and 2 text tokens)")
 
 
 def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:

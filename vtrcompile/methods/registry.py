@@ -14,6 +14,7 @@ from ..errors import VtrError
 from ..passes.insert_token_reduction import Reduction, SelectorInputs
 from .fastv import fastv_keep
 from .gprune import gprune_keep
+from .pumer import pumer_counts, pumer_select
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,8 @@ def _fastv_selector(keep: int):
         prev = s.previous
         if prev.enable_gqa:
             raise VtrError(f"fastv: {prev.attention_module} uses enable_gqa (keys not expanded); not supported yet")
-        scale = prev.scale if prev.scale is not None else float(prev.q.meta["val"].shape[-1]) ** -0.5
         return fastv_keep, (prev.q, prev.k, prev.mask, s.image_start), {
-            "n_image": s.n_image, "keep": keep, "scale": scale}
+            "n_image": s.n_image, "keep": keep, "scale": _scale(prev)}
     return select
 
 
@@ -61,6 +61,87 @@ def _plan_fastv(opts: dict, n: int, layers: int) -> list[Reduction]:
                        "the signal comes from layer K-1)")
     keep = _count(opts, n, "fastv", round(n * (1 - opts["drop_ratio"])))
     return [Reduction("fastv", k, keep, "keep", _fastv_selector(keep), options=dict(opts))]
+
+
+def _scale(prev) -> float:
+    return prev.scale if prev.scale is not None else float(prev.q.meta["val"].shape[-1]) ** -0.5
+
+
+def _plan_pyramiddrop(opts: dict, n: int, layers: int) -> list[Reduction]:
+    sites = sorted({layers // 4, layers // 2, 3 * layers // 4} - {0})
+    if not sites:
+        raise VtrError(f"pyramiddrop: an LLM of {layers} layers has no site l >= 1 among L/4, L/2, 3L/4")
+    out, present = [], n
+    for layer in sites:
+        keep = int(opts["keep_ratio"] * present)
+        if keep < 1:
+            raise VtrError(f"pyramiddrop: --keep-ratio {opts['keep_ratio']} keeps no image token at layer {layer}")
+        out.append(Reduction("pyramiddrop", layer, keep, "renumber", _fastv_selector(keep), options=dict(opts)))
+        present = keep
+    return out
+
+
+def _plan_vtw(opts: dict, n: int, layers: int) -> list[Reduction]:
+    k = opts["layer"] if opts["layer"] is not None else layers // 2
+    if not 1 <= k <= layers - 1:
+        raise VtrError(f"vtw: --layer {k} is outside 1..{layers - 1} (the LLM has {layers} decoder layers)")
+    return [Reduction("vtw", k, 0, "keep", None, options={**opts, "layer": k})]
+
+
+def pumer_sites(layers: int) -> list[int]:
+    return sorted({round(2 * layers / 12), round(5 * layers / 12), round(8 * layers / 12)} - {0})
+
+
+def pumer_schedule(n: int, layers: int, prune: float, merge: float) -> list[tuple[int, int, int, int]]:
+    """[(layer, image tokens in, n_prune, n_merge)] for PuMer's three sites."""
+    out, present = [], n
+    for layer in pumer_sites(layers):
+        n_prune, n_merge = pumer_counts(present, prune, merge)
+        out.append((layer, present, n_prune, n_merge))
+        present = present - n_prune - n_merge
+    return out
+
+
+def _solve_merge_ratio(n: int, layers: int, prune: float, keep: int) -> float:
+    """The smallest merge ratio (on a 1e-4 grid) whose schedule ends with exactly `keep` tokens."""
+    finals = {}
+    for i in range(10001):
+        r = i / 10000
+        final = pumer_schedule(n, layers, prune, r)[-1]
+        final = final[1] - final[2] - final[3]
+        finals.setdefault(final, r)
+    if keep not in finals:
+        lo, hi = min(finals), max(finals)
+        raise VtrError(f"pumer: --keep {keep} cannot be reached with --prune-ratio {prune} "
+                       f"(reachable final counts: {lo}..{hi}, not every one); pick another --keep")
+    return finals[keep]
+
+
+def _pumer_selector(n_prune: int, n_merge: int):
+    def select(s: SelectorInputs):
+        prev = s.previous
+        if prev.k_proj is None:
+            raise VtrError(f"pumer: cannot find the key projection of {prev.module}")
+        head_dim = prev.q.meta["val"].shape[-1]
+        n_kv = prev.k_proj.meta["val"].shape[-1] // head_dim
+        return pumer_select, (prev.q, prev.k, prev.mask, prev.k_proj, s.image_start), {
+            "n_image": s.n_image, "n_kv_heads": n_kv, "n_prune": n_prune, "n_merge": n_merge,
+            "scale": _scale(prev)}
+    return select
+
+
+def _plan_pumer(opts: dict, n: int, layers: int) -> list[Reduction]:
+    prune, merge = opts["prune_ratio"], opts["merge_ratio"]
+    if opts.get("keep") is not None:
+        if not 1 <= opts["keep"] <= n:
+            raise VtrError(f"pumer: --keep {opts['keep']} is outside 1..{n} (the model has {n} image tokens)")
+        merge = _solve_merge_ratio(n, layers, prune, opts["keep"])
+    out = []
+    for layer, present, n_prune, n_merge in pumer_schedule(n, layers, prune, merge):
+        keep = present - n_prune - n_merge
+        out.append(Reduction("pumer", layer, keep, "keep", _pumer_selector(n_prune, n_merge), merges=True,
+                             options={**opts, "merge_ratio": merge}))
+    return out
 
 
 def _gprune_selector(keep: int):
@@ -92,6 +173,21 @@ METHODS: dict[str, MethodSpec] = {
             "Jiang et al. 2025, What Kind of Visual Tokens Do We Need? (jytmelon/G-Prune)",
             (Option("keep_ratio", float, 0.5, "keep int(ratio*N) image tokens"), _KEEP),
             _plan_gprune),
+        MethodSpec(
+            "pumer", "PuMer: text-informed pruning + bipartite merging at three depths", "llm@{2L,5L,8L}/12",
+            "keep", "Cao et al. 2023, PuMer (csarron/PuMer), ported to decoder LLMs",
+            (Option("prune_ratio", float, 0.1, "p: prune round(p*I) tokens at each site"),
+             Option("merge_ratio", float, 0.3, "r: merge min(round(r*I), kept//2) tokens at each site"),
+             Option("keep", int, None, "final image-token count (solves r with p fixed)")),
+            _plan_pumer),
+        MethodSpec(
+            "pyramiddrop", "PyramidDrop: halve the image tokens at L/4, L/2, 3L/4 by last-token attention",
+            "llm@{L/4,L/2,3L/4}", "renumber", "Xing et al. 2024, PyramidDrop (Cooperx521/PyramidDrop)",
+            (Option("keep_ratio", float, 0.5, "lambda: keep int(lambda*I) at each site"),), _plan_pyramiddrop),
+        MethodSpec(
+            "vtw", "VTW: withdraw every image token at layer K", "llm@K", "keep",
+            "Lin et al. 2024, Boosting Multimodal LLMs with Visual Token Withdrawal (arXiv 2405.05803)",
+            (Option("layer", int, None, "K (default L/2)"),), _plan_vtw),
     ]
 }
 

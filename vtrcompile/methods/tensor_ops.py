@@ -56,6 +56,8 @@ def sequence_index(image_start: torch.Tensor, kept: torch.Tensor, seq_len: int, 
     kept, rows after the block shift by N - k.
     """
     k = kept.shape[1]
+    if k == 0:
+        return drop_block_index(image_start, seq_len, n_image)
     j = torch.arange(seq_len - n_image + k, device=kept.device)[None, :]
     rel = j - image_start[:, None]
     in_block = (rel >= 0) & (rel < k)
@@ -107,3 +109,39 @@ def head_mean_attention_rows(q_rows: torch.Tensor, k: torch.Tensor, scale: float
         else:
             logits = logits + mask_rows.float()
     return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def drop_block_index(image_start: torch.Tensor, seq_len: int, n_image: int) -> torch.Tensor:
+    """The index map when every image token goes: image_start [B] -> [B, S - N]."""
+    j = torch.arange(seq_len - n_image, device=image_start.device)[None, :]
+    return torch.where(j >= image_start[:, None], j + n_image, j)
+
+
+def apply_image_mix(reduced: torch.Tensor, full: torch.Tensor, image_start: torch.Tensor,
+                    mix: torch.Tensor, n_image: int) -> torch.Tensor:
+    """Overwrite the image block of a reduced sequence with mixtures of the full block's rows.
+
+    reduced [B, S', D] (its image block: k rows at image_start), full [B, S, D] (N image rows),
+    mix [B, k, N] (row weights) -> [B, S', D]. Merging as a fixed-size matmul, no scatter.
+    """
+    block = torch.matmul(mix.to(full.dtype), take_image_block(full, image_start, n_image))  # [B, k, D]
+    k = mix.shape[1]
+    rel = torch.arange(reduced.shape[1], device=reduced.device)[None, :] - image_start[:, None]
+    inside = (rel >= 0) & (rel < k)
+    rows = block.gather(1, rel.clamp(0, k - 1)[..., None].expand(-1, -1, reduced.shape[-1]))
+    return torch.where(inside[..., None], rows, reduced)
+
+
+def suffix_attention_to_image(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                              image_start: torch.Tensor, n_image: int, scale: float) -> torch.Tensor:
+    """Head-mean attention of every suffix-text row (rows after the image block) to each image token,
+    averaged over those rows. q, k [B, H, S, d] -> [B, N] float32.
+
+    The number of suffix rows depends on the prompt, so all rows are scored and the non-suffix rows
+    masked out of the mean: fixed sizes at the price of an S x S score matrix.
+    """
+    probs = head_mean_attention_rows(q, k, scale, mask)  # [B, S, S]
+    rows = torch.arange(q.shape[2], device=q.device)[None, :] >= (image_start + n_image)[:, None]
+    w = rows.to(torch.float32)
+    mean = (probs * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True)  # [B, S]
+    return take_image_block(mean[..., None], image_start, n_image)[..., 0]

@@ -53,6 +53,7 @@ class DecoderLayer:
     scale: float | None
     enable_gqa: bool
     residual_input: fx.Node  # [B, S_l, D] entering the layer
+    k_proj: fx.Node | None  # the key projection's output [B, S_l, Hk*d], before RoPE
     nodes: list[fx.Node]  # every node with this layer's provenance, graph order
 
 

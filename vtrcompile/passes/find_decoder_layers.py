@@ -11,7 +11,15 @@ from torch import fx
 from ..errors import AnalysisError
 from .base import PassResult
 from .facts import Boundary, DecoderLayer
-from .provenance import descendants, innermost_list_item, item_index, module_paths, module_stack, shape
+from .provenance import (
+    ancestors,
+    descendants,
+    innermost_list_item,
+    item_index,
+    module_paths,
+    module_stack,
+    shape,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +84,14 @@ def find_decoder_layers(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
         q, k, v = op.args[:3]
         mask = op.args[3] if len(op.args) > 3 else op.kwargs.get("attn_mask")
         att_path = module_stack(op)[-1][0]
+        # The key projection: the one linear op of this layer upstream of k but not of q.
+        in_layer = set(nodes)
+        q_side = ancestors([q])
+        k_lin = [n for n in ancestors([k]) if n in in_layer and n not in q_side
+                 and n.target == torch.ops.aten.linear.default]
         layers.append(DecoderLayer(
             index=len(layers), module=path, attention_module=att_path, attention=op, q=q, k=k, v=v,
             mask=mask, scale=op.kwargs.get("scale"), enable_gqa=bool(op.kwargs.get("enable_gqa", False)),
-            residual_input=res, nodes=nodes))
+            residual_input=res, k_proj=k_lin[0] if len(k_lin) == 1 else None, nodes=nodes))
     log.debug("found %d decoder layers", len(layers))
     return PassResult(gm, False, facts=layers, notes=declined)

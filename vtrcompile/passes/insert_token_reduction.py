@@ -9,6 +9,7 @@ a selector that reads the projected image features.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from torch import fx
 
 from ..errors import VtrError
 from ..methods.tensor_ops import (
+    apply_image_mix,
+    drop_block_index,
     first_image_row,
     gather_dim,
     gather_seq_dims,
@@ -48,8 +51,10 @@ class SelectorInputs:
     seq_len: fx.Node  # S_l
 
 
-# A selector returns (function, args, kwargs) for one inserted call: kept [B, keep] image-relative
-# indices into the image tokens present at the site, in output order.
+# A selector returns (function, args, kwargs) for one inserted call. Its result is kept [B, keep]:
+# image-relative indices into the image tokens present at the site, in output order; for a merging
+# method (Reduction.merges) the pair (kept, mix [B, keep, n_image]) whose rows say what each kept
+# row becomes. keep == 0 (drop every image token) needs no selector.
 Selector = Callable[[SelectorInputs], tuple[Callable, tuple, dict]]
 
 
@@ -59,8 +64,9 @@ class Reduction:
     layer: int  # the decoder layer whose input is reduced (0 for site `projector`)
     keep: int
     positions: str  # "keep" | "renumber"
-    selector: Selector
+    selector: Selector | None
     site: str = "llm"
+    merges: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,7 +87,7 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
         raise VtrError(f"{layer.module}: the sequence length there ({_size_expr(h, 1)}) is not the prompt "
                        "length minus a constant; cannot place a reduction")
     n_here = facts.boundary.n_image - int(dropped)
-    if not 1 <= red.keep <= n_here:
+    if not (0 if red.selector is None else 1) <= red.keep <= n_here:
         raise VtrError(f"{red.method}: keep {red.keep} is outside 1..{n_here}, the image tokens at {layer.module}")
 
     g = gm.graph
@@ -105,10 +111,18 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     inputs = SelectorInputs(start, facts.boundary.image_features, h,
                             facts.layers[red.layer - 1] if red.layer > 0 else None, n_here,
                             facts.boundary.n_image, facts.boundary.batch, seq)
-    fn, args, kwargs = red.selector(inputs)
-    kept = add(fn, args, kwargs, "selector")
-    idx = add(sequence_index, (start, kept, seq), {"n_image": n_here}, "selector")
+    mix = None
+    if red.selector is None:
+        idx = add(drop_block_index, (start, seq, n_here), None, "selector")
+    else:
+        fn, args, kwargs = red.selector(inputs)
+        kept = add(fn, args, kwargs, "selector")
+        if red.merges:
+            kept, mix = (add(operator.getitem, (kept, i), None, "selector") for i in (0, 1))
+        idx = add(sequence_index, (start, kept, seq), {"n_image": n_here}, "selector")
     h2 = add(gather_dim, (h, idx, 1), None, "gather")
+    if mix is not None:
+        h2 = add(apply_image_mix, (h2, h, start, mix, n_here), None, "selector")
     pos = idx if red.positions == "keep" else add(renumbered_index, (idx,), None, "gather")
     s2 = add(torch.ops.aten.sym_size.int, (h2, 1), None, "gather")
 

@@ -77,3 +77,30 @@ def full_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> t
     h = embed_prompt(model, input_ids, feats)
     pos = torch.arange(h.shape[1])
     return next_token_logits(model, run_layers(model, h, pos, range(len(model.model.language_model.layers))))
+
+
+def attention_probs(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of every row in decoder layer `layer`, head-mean: [B, S, S]."""
+    lm = model.model.language_model
+    block = lm.layers[layer]
+    att = block.self_attn
+    b, s, _ = hidden.shape
+    x = block.input_layernorm(hidden)
+    q = att.q_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
+    k = att.k_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
+    cos, sin = lm.rotary_emb(hidden, positions[None, :].expand(b, -1))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = repeat_kv(k, att.num_key_value_groups)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * att.scaling
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    logits = logits.masked_fill(~causal, float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def pre_rope_keys(model, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s key projection of its input, averaged over key heads: [B, S, head_dim]."""
+    block = model.model.language_model.layers[layer]
+    att = block.self_attn
+    b, s, _ = hidden.shape
+    k = att.k_proj(block.input_layernorm(hidden)).view(b, s, -1, att.head_dim)
+    return k.float().mean(dim=2)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from .llava import (
+    attention_probs,
     embed_prompt,
     image_features,
     image_start,
     last_row_attention,
     next_token_logits,
+    pre_rope_keys,
     run_layers,
     top_rows_ascending,
 )
@@ -60,3 +62,82 @@ def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
     kept = top_rows_ascending(gprune_reference_scores(feats[0]), keep)
     rows = _kept_rows(s, start, n, kept)
     return next_token_logits(model, run_layers(model, h[:, rows], rows, range(n_layers)))
+
+
+def _progressive(model, input_ids, pixel_values, sites, reduce) -> torch.Tensor:
+    """Run the decoder layer by layer; before each site layer l, `reduce(l, h_in_prev, h, pos, start, n)`
+    returns the new (h, pos, n) from h (entering layer l) and h_in_prev (what entered layer l-1)."""
+    n_layers = len(model.model.language_model.layers)
+    feats = image_features(model, pixel_values)
+    h = embed_prompt(model, input_ids, feats)
+    start, n = image_start(model, input_ids), feats.shape[1]
+    pos = torch.arange(h.shape[1])
+    h_prev = h
+    for layer in range(n_layers):
+        if layer in sites:
+            h, pos, n = reduce(layer, h_prev, h, pos, start, n)
+        h_prev = h
+        h = run_layers(model, h, pos, range(layer, layer + 1))
+    return next_token_logits(model, h)
+
+
+@torch.no_grad()
+def pyramiddrop_reference(model, input_ids, pixel_values, keep_ratio: float = 0.5) -> torch.Tensor:
+    """Sites L/4, L/2, 3L/4: keep int(lambda*I) by layer l-1's last-token attention; positions renumbered."""
+    n_layers = len(model.model.language_model.layers)
+    sites = {n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0}
+
+    def reduce(layer, h_prev, h, pos, start, n):
+        scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
+        keep = int(keep_ratio * n)
+        rows = _kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
+        return h[:, rows], torch.arange(len(rows)), keep
+
+    return _progressive(model, input_ids, pixel_values, sites, reduce)
+
+
+@torch.no_grad()
+def vtw_reference(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
+    """All image tokens withdrawn before layer K; the text keeps its positions."""
+
+    def reduce(_, h_prev, h, pos, start, n):
+        rows = _kept_rows(h.shape[1], start, n, torch.arange(0))
+        return h[:, rows], pos[rows], 0
+
+    return _progressive(model, input_ids, pixel_values, {layer}, reduce)
+
+
+@torch.no_grad()
+def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, merge_ratio: float = 0.3
+                    ) -> torch.Tensor:
+    """PuMer's decoder port (spec): prune by suffix-text attention, then ToMe bipartite merging."""
+    n_layers = len(model.model.language_model.layers)
+    sites = {round(2 * n_layers / 12), round(5 * n_layers / 12), round(8 * n_layers / 12)} - {0}
+
+    def reduce(layer, h_prev, h, pos, start, n):
+        probs = attention_probs(model, layer - 1, h_prev, pos)[0]  # [S, S]
+        scores = probs[start + n:, start:start + n].mean(dim=0)
+        n_prune = round(prune_ratio * n)
+        kept = top_rows_ascending(scores, n - n_prune).tolist()
+        n_merge = min(round(merge_ratio * n), len(kept) // 2)
+        keys = pre_rope_keys(model, layer - 1, h_prev)[0, start:start + n]
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        a, b = kept[0::2], kept[1::2]
+        best = []
+        for i in a:
+            sims = torch.stack([keys[i] @ keys[j] for j in b])
+            j = int(torch.argmax(sims))  # first maximum
+            best.append((float(sims[j]), b[j]))
+        order = sorted(range(len(a)), key=lambda t: (-best[t][0], t))
+        merged = {a[t]: best[t][1] for t in order[:n_merge]}
+        block = h[0, start:start + n]
+        out_rows, out_pos = [], []
+        for tok in sorted(set(kept) - set(merged)):
+            members = [tok] + [x for x, dst in merged.items() if dst == tok]
+            out_rows.append(torch.stack([block[m] for m in members]).mean(dim=0))
+            out_pos.append(pos[start + tok])
+        new_h = torch.cat([h[:, :start], torch.stack(out_rows)[None], h[:, start + n:]], dim=1)
+        new_pos = torch.cat([pos[:start], torch.stack(out_pos), pos[start + n:]])
+        return new_h, new_pos, len(out_rows)
+
+    return _progressive(model, input_ids, pixel_values, sites, reduce)
