@@ -17,7 +17,13 @@ from vtrcompile.lower.onnx import export_onnx, read_metadata
 from vtrcompile.lower.onnxruntime import OrtEngine, check_prompt
 from vtrcompile.lower.tensorrt_preflight import preflight
 from vtrcompile.optimize import optimize
-from vtrcompile.reference.methods import fastv_reference, gprune_reference
+from vtrcompile.reference.methods import (
+    fastv_reference,
+    gprune_reference,
+    pumer_reference,
+    pyramiddrop_reference,
+    vtw_reference,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +34,9 @@ def engines(tiny, tmp_path_factory):
                                ("fastv-k1-30", "fastv", {"layer": 1, "keep": 30}),
                                ("gprune-9", "gprune", {"keep": 9}),
                                ("gprune-default", "gprune", {}),
+                               ("pyramiddrop", "pyramiddrop", {}),
+                               ("vtw", "vtw", {}),
+                               ("pumer", "pumer", {}),
                                ("none", "none", {})]:
         out[name] = optimize(tiny, method, opts, d / f"{name}.onnx")
     return out
@@ -60,6 +69,17 @@ def test_onnxruntime_gprune_equals_eager_reference(tiny, engines, name, keep):
     m = tiny.hf_model
     for ids, px in prompts(m.config):
         assert max_diff(_run(engines[name], ids, px), gprune_reference(m, ids, px, keep)) <= REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("name,ref", [
+    ("pyramiddrop", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+    ("vtw", lambda m, i, p: vtw_reference(m, i, p, 2)),
+    ("pumer", lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3)),
+])
+def test_onnxruntime_progressive_methods_equal_eager_reference(tiny, engines, name, ref):
+    m = tiny.hf_model
+    for ids, px in prompts(m.config):
+        assert max_diff(_run(engines[name], ids, px), ref(m, ids, px)) <= REFERENCE_ATOL
 
 
 def test_baseline_engine_equals_the_model(tiny, engines):
