@@ -114,6 +114,8 @@ def _profile_opts(f):
               help="G-Prune: keep ratio; PyramidDrop: lambda.")
 @click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="PuMer: p.")
 @click.option("--merge-ratio", type=click.FloatRange(0, 0.5), default=None, help="PuMer: r.")
+@click.option("--dominant", type=click.IntRange(1), default=None, help="VisionZip: dominant tokens.")
+@click.option("--contextual", type=click.IntRange(1), default=None, help="VisionZip: contextual tokens.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file (.onnx).")
 @click.option("--backend", type=click.Choice(["onnxruntime"]), default=None, help="Override the backend picked by --out.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
@@ -122,7 +124,7 @@ def _profile_opts(f):
 @click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(2))
 @_pickle_opt
 @_profile_opts
-def optimize(model, method, keep, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, out, backend, do_profile, baseline_out,
+def optimize(model, method, keep, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant, contextual, out, backend, do_profile, baseline_out,
              max_prompt, allow_pickle, reps, warmup, threads, as_json) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.registry import resolve
@@ -132,7 +134,8 @@ def optimize(model, method, keep, layer, drop_ratio, keep_ratio, prune_ratio, me
     from .profile import compare, format_report
 
     given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio,
-             "prune_ratio": prune_ratio, "merge_ratio": merge_ratio}
+             "prune_ratio": prune_ratio, "merge_ratio": merge_ratio, "dominant": dominant,
+             "contextual": contextual}
     if method not in METHODS:
         resolve(method, given, 1, 1)  # raises the one-line error before loading anything
     backend_for(out, backend)

@@ -14,7 +14,9 @@ from ..errors import VtrError
 from ..passes.insert_token_reduction import Reduction, SelectorInputs
 from .fastv import fastv_keep
 from .gprune import gprune_keep
+from .prumerge import grid_indices, prumerge_features, prumerge_plus_features
 from .pumer import pumer_counts, pumer_select
+from .visionzip import visionzip_features
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,59 @@ def _plan_pumer(opts: dict, n: int, layers: int) -> list[Reduction]:
     return out
 
 
+def _vision_taps(s: SelectorInputs, method: str, next_layer: bool):
+    t = s.vision
+    if not t.has_cls:
+        raise VtrError(f"{method} needs the vision tower's CLS token, and this model feeds the projector "
+                       "without slicing one off (no CLS, or vision_feature_select_strategy 'full')")
+    if next_layer and (t.next_q_proj is None or t.next_k_proj is None):
+        raise VtrError(f"{method} needs the q/k projections of the vision layer after the selected "
+                       "feature layer, and the graph has none (is the feature layer the last one?)")
+    return t
+
+
+def _plan_prumerge(opts: dict, n: int, layers: int) -> list[Reduction]:
+    keep = opts["keep"]
+    if not 1 <= keep <= n - 1:
+        raise VtrError(f"prumerge: --keep {keep} is outside 1..{n - 1} (the model has {n} image tokens)")
+
+    def select(s: SelectorInputs):
+        t = _vision_taps(s, "prumerge", True)
+        return prumerge_features, (t.patches, t.next_q_proj, t.next_k_proj), {"keep": keep}
+
+    return [Reduction("prumerge", 0, keep + 1, "renumber", select, site="vision", options=dict(opts))]
+
+
+def _plan_prumerge_plus(opts: dict, n: int, layers: int) -> list[Reduction]:
+    ratio = opts["keep_ratio"]
+    count = int(n * ratio) + len(grid_indices(n, ratio)) + 1
+    if int(n * ratio) < 1 or count > n:
+        raise VtrError(f"prumerge-plus: --keep-ratio {ratio} gives {count} tokens for N={n}; pick a ratio "
+                       "in (1/N, 1/2]")
+
+    def select(s: SelectorInputs):
+        t = _vision_taps(s, "prumerge-plus", True)
+        return prumerge_plus_features, (t.patches, t.next_q_proj, t.next_k_proj), {"ratio": ratio}
+
+    return [Reduction("prumerge-plus", 0, count, "renumber", select, site="vision", options=dict(opts))]
+
+
+def _plan_visionzip(opts: dict, n: int, layers: int) -> list[Reduction]:
+    dom, ctx = opts["dominant"], opts["contextual"]
+    if dom < 1 or ctx < 1 or dom + ctx > n:
+        raise VtrError(f"visionzip: --dominant {dom} + --contextual {ctx} must be at least 1 each and at "
+                       f"most N={n} in all")
+
+    def select(s: SelectorInputs):
+        t = _vision_taps(s, "visionzip", False)
+        att = t.attention
+        scale = att.kwargs.get("scale") or float(att.args[0].meta["val"].shape[-1]) ** -0.5
+        return visionzip_features, (t.features, att.args[0], att.args[1], t.k_proj), {
+            "scale": scale, "dominant": dom, "contextual": ctx}
+
+    return [Reduction("visionzip", 0, dom + ctx, "renumber", select, site="vision", options=dict(opts))]
+
+
 def _gprune_selector(keep: int):
     def select(s: SelectorInputs):
         return gprune_keep, (s.image_features,), {"batch": s.batch, "n_image": s.n_image_full, "keep": keep}
@@ -173,6 +228,22 @@ METHODS: dict[str, MethodSpec] = {
             "Jiang et al. 2025, What Kind of Visual Tokens Do We Need? (jytmelon/G-Prune)",
             (Option("keep_ratio", float, 0.5, "keep int(ratio*N) image tokens"), _KEEP),
             _plan_gprune),
+        MethodSpec(
+            "prumerge", "LLaVA-PruMerge: CLS-attention selection + key-neighbour merge (fixed count)", "vision",
+            "renumber", "Shang et al. 2024, LLaVA-PruMerge (42Shawn/LLaVA-PruMerge)",
+            (Option("keep", int, 32, "n: tokens kept before the extra leftover token (n+1 in all)"),),
+            _plan_prumerge),
+        MethodSpec(
+            "prumerge-plus", "PruMerge+: PruMerge plus uniform grid samples", "vision", "renumber",
+            "Shang et al. 2024, LLaVA-PruMerge (token_prune_merge_advanced_plus)",
+            (Option("keep_ratio", float, 0.125, "top int(N*ratio) by attention, grid step int(1/ratio)"),),
+            _plan_prumerge_plus),
+        MethodSpec(
+            "visionzip", "VisionZip: dominant tokens by CLS attention + merged contextual tokens", "vision",
+            "renumber", "Yang et al. 2024, VisionZip (dvlab-research/VisionZip)",
+            (Option("dominant", int, 54, "dominant tokens, CLS included"),
+             Option("contextual", int, 10, "contextual tokens")),
+            _plan_visionzip),
         MethodSpec(
             "pumer", "PuMer: text-informed pruning + bipartite merging at three depths", "llm@{2L,5L,8L}/12",
             "keep", "Cao et al. 2023, PuMer (csarron/PuMer), ported to decoder LLMs",

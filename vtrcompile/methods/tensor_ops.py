@@ -125,11 +125,21 @@ def apply_image_mix(reduced: torch.Tensor, full: torch.Tensor, image_start: torc
     mix [B, k, N] (row weights) -> [B, S', D]. Merging as a fixed-size matmul, no scatter.
     """
     block = torch.matmul(mix.to(full.dtype), take_image_block(full, image_start, n_image))  # [B, k, D]
-    k = mix.shape[1]
+    return write_image_block(reduced, image_start, block)
+
+
+def write_image_block(reduced: torch.Tensor, image_start: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """reduced [B, S', D] with a k-row image block at image_start, rows [B, k, D] -> the block replaced."""
+    k = rows.shape[1]
     rel = torch.arange(reduced.shape[1], device=reduced.device)[None, :] - image_start[:, None]
     inside = (rel >= 0) & (rel < k)
-    rows = block.gather(1, rel.clamp(0, k - 1)[..., None].expand(-1, -1, reduced.shape[-1]))
-    return torch.where(inside[..., None], rows, reduced)
+    picked = rows.to(reduced.dtype).gather(1, rel.clamp(0, k - 1)[..., None].expand(-1, -1, reduced.shape[-1]))
+    return torch.where(inside[..., None], picked, reduced)
+
+
+def block_order(rows: torch.Tensor) -> torch.Tensor:
+    """rows [B, k, D] -> [B, k] = 0..k-1: 'kept' indices for a block whose rows are all new."""
+    return torch.arange(rows.shape[1], device=rows.device)[None, :].expand(rows.shape[0], -1)
 
 
 def suffix_attention_to_image(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,

@@ -45,6 +45,19 @@ def external_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
     return list(seen)
 
 
+def qk_projections(op: fx.Node, nodes: list[fx.Node]) -> tuple[fx.Node | None, fx.Node | None]:
+    """The q and k projection outputs (aten.linear) feeding an attention op: for each of its q and k
+    inputs, the one linear op of the layer upstream of it and not of the other."""
+    in_layer = set(nodes)
+    up_q, up_k = ancestors([op.args[0]]), ancestors([op.args[1]])
+
+    def only(side: set[fx.Node], other: set[fx.Node]) -> fx.Node | None:
+        lin = [n for n in side - other if n in in_layer and n.target == torch.ops.aten.linear.default]
+        return lin[0] if len(lin) == 1 else None
+
+    return only(up_q, up_k), only(up_k, up_q)
+
+
 def _residual_input(nodes: list[fx.Node], downstream: set[fx.Node], hidden: int) -> fx.Node | str:
     cands = [a for a in external_inputs(nodes)
              if a in downstream and (s := shape(a)) is not None and len(s) == 3 and s[-1] == hidden]
@@ -84,14 +97,10 @@ def find_decoder_layers(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
         q, k, v = op.args[:3]
         mask = op.args[3] if len(op.args) > 3 else op.kwargs.get("attn_mask")
         att_path = module_stack(op)[-1][0]
-        # The key projection: the one linear op of this layer upstream of k but not of q.
-        in_layer = set(nodes)
-        q_side = ancestors([q])
-        k_lin = [n for n in ancestors([k]) if n in in_layer and n not in q_side
-                 and n.target == torch.ops.aten.linear.default]
+        _, k_lin = qk_projections(op, nodes)
         layers.append(DecoderLayer(
             index=len(layers), module=path, attention_module=att_path, attention=op, q=q, k=k, v=v,
             mask=mask, scale=op.kwargs.get("scale"), enable_gqa=bool(op.kwargs.get("enable_gqa", False)),
-            residual_input=res, k_proj=k_lin[0] if len(k_lin) == 1 else None, nodes=nodes))
+            residual_input=res, k_proj=k_lin, nodes=nodes))
     log.debug("found %d decoder layers", len(layers))
     return PassResult(gm, False, facts=layers, notes=declined)

@@ -21,16 +21,19 @@ from torch import fx
 from ..errors import VtrError
 from ..methods.tensor_ops import (
     apply_image_mix,
+    block_order,
     drop_block_index,
     first_image_row,
     gather_dim,
     gather_seq_dims,
     renumbered_index,
     sequence_index,
+    write_image_block,
 )
 from .analysis import analyze
 from .base import PassResult, finish_transform
 from .facts import DecoderLayer
+from .find_vision_taps import VisionTaps, find_vision_taps, projector_module
 from .graph_utils import refresh_meta, stable_topological_sort, tag_provenance
 from .provenance import descendants, val
 
@@ -49,12 +52,14 @@ class SelectorInputs:
     n_image_full: int  # N
     batch: int
     seq_len: fx.Node  # S_l
+    vision: VisionTaps | None = None  # site `vision` only
 
 
 # A selector returns (function, args, kwargs) for one inserted call. Its result is kept [B, keep]:
 # image-relative indices into the image tokens present at the site, in output order; for a merging
 # method (Reduction.merges) the pair (kept, mix [B, keep, n_image]) whose rows say what each kept
-# row becomes. keep == 0 (drop every image token) needs no selector.
+# row becomes. keep == 0 (drop every image token) needs no selector. At site `vision` the result is
+# the new vision tokens [B, keep, C] before the projector; the pass applies (a copy of) the projector.
 Selector = Callable[[SelectorInputs], tuple[Callable, tuple, dict]]
 
 
@@ -111,8 +116,23 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     inputs = SelectorInputs(start, facts.boundary.image_features, h,
                             facts.layers[red.layer - 1] if red.layer > 0 else None, n_here,
                             facts.boundary.n_image, facts.boundary.batch, seq)
-    mix = None
-    if red.selector is None:
+    mix = rows = None
+    if red.site == "vision":
+        if red.layer != 0 or n_here != facts.boundary.n_image:
+            raise VtrError(f"{red.method}: a vision-site reduction must come first, at the projector input")
+        inputs.vision = find_vision_taps(gm, facts)
+        fn, args, kwargs = red.selector(inputs)
+        feats = add(fn, args, kwargs, "selector")
+        name = f"vtrcompile_projector_{red.method}"
+        gm.add_submodule(name, projector_module(gm, facts))
+        with g.inserting_after(cursor):
+            rows = g.call_module(name, (feats,))
+        tag_provenance(rows, h, f"{red.method}.selector")
+        new.append(rows)
+        cursor = rows
+        kept = add(block_order, (rows,), None, "selector")
+        idx = add(sequence_index, (start, kept, seq), {"n_image": n_here}, "selector")
+    elif red.selector is None:
         idx = add(drop_block_index, (start, seq, n_here), None, "selector")
     else:
         fn, args, kwargs = red.selector(inputs)
@@ -123,6 +143,8 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     h2 = add(gather_dim, (h, idx, 1), None, "gather")
     if mix is not None:
         h2 = add(apply_image_mix, (h2, h, start, mix, n_here), None, "selector")
+    if rows is not None:
+        h2 = add(write_image_block, (h2, start, rows), None, "gather")
     pos = idx if red.positions == "keep" else add(renumbered_index, (idx,), None, "gather")
     s2 = add(torch.ops.aten.sym_size.int, (h2, 1), None, "gather")
 
