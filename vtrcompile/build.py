@@ -17,8 +17,10 @@ from .models.loading import ModelSource
 from .passes.analysis import analyze
 from .passes.base import run_pipeline
 from .passes.facts import GraphFacts
+from .passes.find_decoder_layers import SDPA
 from .passes.insert_token_reduction import Reduction
 from .passes.pipeline import build_pipeline
+from .passes.provenance import module_stack
 from .passes.strip_runtime_asserts import strip_runtime_asserts
 
 log = logging.getLogger(__name__)
@@ -37,13 +39,16 @@ class Build:
     timings: dict[str, float] = field(default_factory=dict)
 
     def llm_tokens(self, prompt_len: int) -> list[int]:
-        """Sequence length entering each decoder layer for a prompt of `prompt_len` tokens."""
-        facts = analyze(self.graph_module)
+        """Sequence length entering each decoder layer for a prompt of `prompt_len` tokens, read off the
+        query length of each layer's attention op in the rewritten graph (found by provenance: after a
+        vision-site reduction the original boundary op is gone)."""
         out = []
-        for layer in facts.layers:
-            s = layer.residual_input.meta["val"].shape[1]
+        for layer in self.facts.layers:
+            ops = [n for n in self.graph_module.graph.nodes if n.op == "call_function" and n.target == SDPA
+                   and module_stack(n) and module_stack(n)[-1][0] == layer.attention_module]
+            s = ops[0].meta["val"].shape[2]
             expr = s.node.expr if isinstance(s, torch.SymInt) else s
-            out.append(int(expr.subs(facts.seq_symbol, prompt_len)) if hasattr(expr, "subs") else int(expr))
+            out.append(int(expr.subs(self.facts.seq_symbol, prompt_len)) if hasattr(expr, "subs") else int(expr))
         return out
 
 

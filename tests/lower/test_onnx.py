@@ -24,6 +24,7 @@ from vtrcompile.reference.methods import (
     pyramiddrop_reference,
     vtw_reference,
 )
+from vtrcompile.reference.vision import prumerge_plus_reference, prumerge_reference, visionzip_reference
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,9 @@ def engines(tiny, tmp_path_factory):
                                ("pyramiddrop", "pyramiddrop", {}),
                                ("vtw", "vtw", {}),
                                ("pumer", "pumer", {}),
+                               ("prumerge", "prumerge", {"keep": 8}),
+                               ("prumerge-plus", "prumerge-plus", {}),
+                               ("visionzip", "visionzip", {"dominant": 8, "contextual": 4}),
                                ("none", "none", {})]:
         out[name] = optimize(tiny, method, opts, d / f"{name}.onnx")
     return out
@@ -75,8 +79,11 @@ def test_onnxruntime_gprune_equals_eager_reference(tiny, engines, name, keep):
     ("pyramiddrop", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
     ("vtw", lambda m, i, p: vtw_reference(m, i, p, 2)),
     ("pumer", lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3)),
+    ("prumerge", lambda m, i, p: prumerge_reference(m, i, p, 8)),
+    ("prumerge-plus", lambda m, i, p: prumerge_plus_reference(m, i, p, 0.125)),
+    ("visionzip", lambda m, i, p: visionzip_reference(m, i, p, 8, 4)),
 ])
-def test_onnxruntime_progressive_methods_equal_eager_reference(tiny, engines, name, ref):
+def test_onnxruntime_other_methods_equal_eager_reference(tiny, engines, name, ref):
     m = tiny.hf_model
     for ids, px in prompts(m.config):
         assert max_diff(_run(engines[name], ids, px), ref(m, ids, px)) <= REFERENCE_ATOL

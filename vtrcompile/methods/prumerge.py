@@ -32,7 +32,7 @@ def key_neighbour_merge(x: torch.Tensor, k: torch.Tensor, a: torch.Tensor, kept:
     """
     b, n_tok, c = x.shape
     kn = k.float() / k.float().norm(dim=-1, keepdim=True)
-    sims = torch.matmul(kn.gather(1, kept[..., None].expand(-1, -1, c)), kn.transpose(1, 2))  # [B, n, N]
+    sims = torch.matmul(kn.gather(1, kept[..., None].expand(-1, -1, kn.shape[-1])), kn.transpose(1, 2))
     sims = torch.where(kept[..., None] == torch.arange(n_tok, device=x.device), float("-inf"), sims)
     nb = torch.topk(sims, min(NEIGHBOURS, n_tok - 1), dim=-1).indices  # [B, n, m]
     weights = (_onehot(nb, n_tok) * a.gather(1, nb.flatten(1)).reshape(nb.shape)[..., None]).sum(dim=2)

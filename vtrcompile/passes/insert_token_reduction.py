@@ -140,7 +140,10 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
         if red.merges:
             kept, mix = (add(operator.getitem, (kept, i), None, "selector") for i in (0, 1))
         idx = add(sequence_index, (start, kept, seq), {"n_image": n_here}, "selector")
-    h2 = add(gather_dim, (h, idx, 1), None, "gather")
+    # At the vision site every image row is new: gather the text rows from the plain embeddings, so
+    # that the original projector and image merge become dead code and drop out of the engine.
+    source = facts.boundary.text_embeds if rows is not None else h
+    h2 = add(gather_dim, (source, idx, 1), None, "gather")
     if mix is not None:
         h2 = add(apply_image_mix, (h2, h, start, mix, n_here), None, "selector")
     if rows is not None:
