@@ -1,8 +1,9 @@
-"""Prefill benchmark on the LLaVA-1.5-geometry preset: FastV and G-Prune vs the unmodified engine.
+"""Prefill benchmark on the LLaVA-1.5-geometry preset: reduced engines vs the unmodified engine.
 
 Builds every engine with `vtrcompile.optimize`, measures each against the same baseline engine with the
-profile protocol (interleaved runs, warm-up discarded), and writes benchmarks/results/prefill.json plus a
-markdown table. Usage: python benchmarks/prefill.py [--reps 20] [--preset llava15-geometry]
+profile protocol (interleaved runs, warm-up discarded), and writes a JSON file plus a markdown table.
+Suites: `core` (FastV and G-Prune budgets), `methods` (every method at its defaults and at 64 and 144
+final image tokens). Usage: python benchmarks/prefill.py --suite methods --reps 10
 """
 
 from __future__ import annotations
@@ -17,13 +18,26 @@ from vtrcompile.models.loading import load_model
 from vtrcompile.optimize import optimize
 from vtrcompile.profile import compare
 
-CONFIGS = [
-    ("fastv", {"layer": 2, "keep": 288}),
-    ("fastv", {"layer": 2, "keep": 144}),
-    ("fastv", {"layer": 2, "keep": 64}),
-    ("gprune", {"keep_ratio": 0.5}),
-    ("gprune", {"keep_ratio": 0.25}),
-]
+SUITES = {
+    "core": [
+        ("fastv", {"layer": 2, "keep": 288}),
+        ("fastv", {"layer": 2, "keep": 144}),
+        ("fastv", {"layer": 2, "keep": 64}),
+        ("gprune", {"keep_ratio": 0.5}),
+        ("gprune", {"keep_ratio": 0.25}),
+    ],
+    # Defaults first, then budgets chosen so the last layers see 144 and 64 image tokens.
+    "methods": [
+        ("fastv", {}), ("fastv", {"keep": 144}), ("fastv", {"keep": 64}),
+        ("gprune", {}), ("gprune", {"keep": 144}), ("gprune", {"keep": 64}),
+        ("pumer", {}), ("pumer", {"keep": 144}), ("pumer", {"keep": 64}),
+        ("pyramiddrop", {}), ("pyramiddrop", {"keep_ratio": 0.631}), ("pyramiddrop", {"keep_ratio": 0.482}),
+        ("vtw", {}),
+        ("prumerge", {}), ("prumerge", {"keep": 143}), ("prumerge", {"keep": 63}),
+        ("prumerge-plus", {}), ("prumerge-plus", {"keep_ratio": 0.055}),
+        ("visionzip", {}), ("visionzip", {"dominant": 122, "contextual": 22}),
+    ],
+}
 
 
 def label(method: str, opts: dict) -> str:
@@ -36,7 +50,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--build-dir", default="build/bench")
-    ap.add_argument("--out", default="benchmarks/results/prefill.json")
+    ap.add_argument("--suite", choices=list(SUITES), default="core")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/prefill-<suite>.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     d = Path(args.build_dir)
@@ -44,7 +59,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = optimize(src, "none", {}, d / "baseline.onnx")
     rows = []
-    for method, opts in CONFIGS:
+    for method, opts in SUITES[args.suite]:
         name = label(method, opts).replace(" ", "_").replace("=", "")
         res = optimize(src, method, opts, d / f"{name}.onnx")
         rep = compare(res.files[-1], base.files[-1], warmup=args.warmup, reps=args.reps)
@@ -53,22 +68,35 @@ def main() -> None:
         rows.append(rep)
         logging.info("%s: %.2fx (ideal %.2fx)", rep["label"], rep["speedup_p50"], rep["flops_ratio"])
     out = {"preset": args.preset, "total_s": time.perf_counter() - t0, "runs": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    path = Path(args.out or f"benchmarks/results/prefill-{args.suite}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
     print(markdown(out))
+
+
+def compact(xs: list[int]) -> str:
+    """[576, 576, 64, 64, 64] -> '576x2, 64x3'."""
+    out: list[list[int]] = []
+    for x in xs:
+        if out and out[-1][0] == x:
+            out[-1][1] += 1
+        else:
+            out.append([x, 1])
+    return ", ".join(f"{v}x{n}" if n > 1 else str(v) for v, n in out)
 
 
 def markdown(out: dict) -> str:
     lines = [
-        "| method | image tokens kept | tokens into last layer | baseline p50 ms | reduced p50 ms | speedup p50 "
+        "| method | image tokens into each LLM layer | baseline p50 ms | reduced p50 ms | speedup p50 "
         "| FLOPs-ideal | measured/ideal | selector ms (% of reduced) | gathers ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["runs"]:
         e = r["engines"]
-        kept = e["reduced"]["llm_tokens_per_layer"][-1] - (r["prompt_tokens"] - e["reduced"]["image_tokens_in"])
+        text = r["prompt_tokens"] - e["reduced"]["image_tokens_in"]
+        per_layer = [t - text for t in e["reduced"]["llm_tokens_per_layer"]]
         lines.append(
-            f"| {r['label']} | {kept} | {e['reduced']['llm_tokens_per_layer'][-1]} "
+            f"| {r['label']} | {compact(per_layer)} "
             f"| {e['baseline']['latency']['p50_ms']:.1f} | {e['reduced']['latency']['p50_ms']:.1f} "
             f"| {r['speedup_p50']:.2f}x | {r['flops_ratio']:.2f}x | {r['speedup_p50'] / r['flops_ratio']:.2f} "
             f"| {r['selector']['ms']:.2f} ({100 * r['selector']['share']:.1f}%) | {r['selector']['gather_ms']:.2f} |")
