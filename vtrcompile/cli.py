@@ -51,6 +51,17 @@ def main(verbose: int, quiet: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _method_help(option: str, intro: str) -> str:
+    """Help text naming each method that takes `option`, with its default (from the registry)."""
+    def default(o) -> str:
+        if "default" in o.help:
+            return ""
+        return f"; default {o.default}" if o.default is not None else "; default: unset"
+
+    takes = [f"{m.name} ({o.help}{default(o)})" for m in METHODS.values() for o in m.options if o.name == option]
+    return f"{intro} Taken by: " + "; ".join(takes) + "."
+
+
 _model_arg = click.argument("model")
 _pickle_opt = click.option("--allow-pickle", is_flag=True,
                            help="Allow MODEL to be a pickled nn.Module. Unpickling runs arbitrary code: "
@@ -96,6 +107,24 @@ def methods(as_json: bool) -> None:
                    f"options: {opts}\n         source: {r['source']}")
 
 
+def _parse_keep(keep: str | None, method: str, calibration: Path | None) -> int | str | None:
+    if keep is None:
+        if calibration is not None:
+            raise VtrError("--calibration is only used with --keep auto")
+        return None
+    if keep == "auto":
+        if method != "prumerge":
+            raise VtrError(f"--keep auto is PruMerge's adaptive count; {method} takes a number")
+        if calibration is None:
+            raise VtrError("--keep auto needs --calibration DIR (a folder of images, see the README)")
+        return "auto"
+    if not keep.isdigit() or int(keep) < 1:
+        raise VtrError(f"--keep {keep}: give a count of at least 1" + (" or 'auto'" if method == "prumerge" else ""))
+    if calibration is not None:
+        raise VtrError("--calibration is only used with --keep auto")
+    return int(keep)
+
+
 def _profile_opts(f):
     f = click.option("--reps", default=20, show_default=True, type=click.IntRange(1), help="Timed runs per engine.")(f)
     f = click.option("--warmup", default=3, show_default=True, type=click.IntRange(0), help="Discarded runs.")(f)
@@ -107,15 +136,21 @@ def _profile_opts(f):
 @main.command()
 @_model_arg
 @click.option("--method", required=True, help="Reduction method (see `vtrcompile methods`); 'none' = baseline.")
-@click.option("--keep", type=click.IntRange(min=1), default=None, help="Image tokens to keep (count).")
-@click.option("--layer", type=int, default=None, help="FastV: K, the first decoder layer that sees fewer tokens.")
-@click.option("--drop-ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="FastV: R.")
+@click.option("--keep", type=str, default=None, help=_method_help("keep", "Image tokens to keep, a count."))
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Calibration folder (images + optional prompts.jsonl) for PruMerge's --keep auto.")
+@click.option("--layer", type=int, default=None, help=_method_help("layer", "Decoder layer K of the site."))
+@click.option("--drop-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help=_method_help("drop_ratio", "Fraction of image tokens dropped."))
 @click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="G-Prune: keep ratio; PyramidDrop: lambda.")
-@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), default=None, help="PuMer: p.")
-@click.option("--merge-ratio", type=click.FloatRange(0, 0.5), default=None, help="PuMer: r.")
-@click.option("--dominant", type=click.IntRange(1), default=None, help="VisionZip: dominant tokens.")
-@click.option("--contextual", type=click.IntRange(1), default=None, help="VisionZip: contextual tokens.")
+              help=_method_help("keep_ratio", "Fraction of image tokens kept."))
+@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help=_method_help("prune_ratio", "Fraction pruned at each site."))
+@click.option("--merge-ratio", type=click.FloatRange(0, 0.5), default=None,
+              help=_method_help("merge_ratio", "Fraction merged at each site."))
+@click.option("--dominant", type=click.IntRange(1), default=None, help=_method_help("dominant", "Dominant tokens."))
+@click.option("--contextual", type=click.IntRange(1), default=None,
+              help=_method_help("contextual", "Contextual tokens."))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file (.onnx).")
 @click.option("--backend", type=click.Choice(["onnxruntime"]), default=None, help="Override the backend picked by --out.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
@@ -124,7 +159,7 @@ def _profile_opts(f):
 @click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(2))
 @_pickle_opt
 @_profile_opts
-def optimize(model, method, keep, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant, contextual, out, backend, do_profile, baseline_out,
+def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant, contextual, out, backend, do_profile, baseline_out,
              max_prompt, allow_pickle, reps, warmup, threads, as_json) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.registry import resolve
@@ -133,6 +168,7 @@ def optimize(model, method, keep, layer, drop_ratio, keep_ratio, prune_ratio, me
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
+    keep = _parse_keep(keep, method, calibration)
     given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio,
              "prune_ratio": prune_ratio, "merge_ratio": merge_ratio, "dominant": dominant,
              "contextual": contextual}
@@ -140,6 +176,17 @@ def optimize(model, method, keep, layer, drop_ratio, keep_ratio, prune_ratio, me
         resolve(method, given, 1, 1)  # raises the one-line error before loading anything
     backend_for(out, backend)
     src = load_model(model, allow_pickle)
+    if keep == "auto":
+        from .calibration import load_calibration
+        from .methods.prumerge_auto import auto_keep
+
+        cfg = src.hf_model.config if src.hf_model is not None else None
+        if cfg is None:
+            raise VtrError("--keep auto needs an eager model (a preset, HF directory or pickle)")
+        calib = load_calibration(calibration, cfg.vision_config.image_size)
+        given["keep"], counts = auto_keep(src.hf_model, calib.pixel_values)
+        click.echo(f"--keep auto: IQR outlier counts over {len(counts)} calibration images {counts} -> "
+                   f"median {given['keep']}", err=True)
     res = run_optimize(src, method, given, out, max_prompt, backend)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)
     tokens = res.build.llm_tokens(res.build.example_inputs[0].shape[1])

@@ -71,3 +71,12 @@ def prumerge_plus_features(patches: torch.Tensor, q_next: torch.Tensor, k_next: 
     kept = torch.cat([top, grid], dim=1)
     y = key_neighbour_merge(patches, k_next[:, 1:], a, kept)
     return torch.cat([y, leftover_token(patches, a, kept)], dim=1)
+
+
+def iqr_outlier_count(a: torch.Tensor) -> int:
+    """#{a_j > Q3 + 1.5 (Q3 - Q1)} with numpy's linear percentiles: the official adaptive count."""
+    import numpy as np
+
+    x = a.detach().double().cpu().numpy()
+    q1, q3 = np.percentile(x, [25, 75])
+    return int((x > q3 + 1.5 * (q3 - q1)).sum())

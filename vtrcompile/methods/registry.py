@@ -231,7 +231,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "prumerge", "LLaVA-PruMerge: CLS-attention selection + key-neighbour merge (fixed count)", "vision",
             "renumber", "Shang et al. 2024, LLaVA-PruMerge (42Shawn/LLaVA-PruMerge)",
-            (Option("keep", int, 32, "n: tokens kept before the extra leftover token (n+1 in all)"),),
+            (Option("keep", int, 32, "n: tokens kept before the extra leftover token (n+1 in all); "
+                    "'auto' with --calibration: median IQR outlier count"),),
             _plan_prumerge),
         MethodSpec(
             "prumerge-plus", "PruMerge+: PruMerge plus uniform grid samples", "vision", "renumber",
