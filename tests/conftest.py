@@ -42,3 +42,14 @@ def prompts(config, cases=((5, 8), (1, 1), (20, 3), (0, 12))):
 
 def max_diff(a, b) -> float:
     return float((torch.as_tensor(a) - torch.as_tensor(b)).abs().max())
+
+
+def check_against_reference(engine, reference, source: ModelSource) -> None:
+    """engine(ids, px) equals reference(model, ids, px) within REFERENCE_ATOL over several prompts, and
+    differs from the unmodified model (so the reduction really happened)."""
+    m = source.hf_model
+    for ids, px in prompts(m.config):
+        with torch.no_grad():
+            got = engine(ids, px)
+            assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
+            assert max_diff(got, source.module(ids, px)) > 10 * REFERENCE_ATOL

@@ -41,6 +41,13 @@ def engines(tiny, tmp_path_factory):
                                ("prumerge", "prumerge", {"keep": 8}),
                                ("prumerge-plus", "prumerge-plus", {}),
                                ("visionzip", "visionzip", {"dominant": 8, "contextual": 4}),
+                               # second budgets
+                               ("pyramiddrop-0.7", "pyramiddrop", {"keep_ratio": 0.7}),
+                               ("vtw-1", "vtw", {"layer": 1}),
+                               ("pumer-0.2", "pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}),
+                               ("prumerge-20", "prumerge", {"keep": 20}),
+                               ("prumerge-plus-0.25", "prumerge-plus", {"keep_ratio": 0.25}),
+                               ("visionzip-20-6", "visionzip", {"dominant": 20, "contextual": 6}),
                                ("none", "none", {})]:
         out[name] = optimize(tiny, method, opts, d / f"{name}.onnx")
     return out
@@ -82,6 +89,12 @@ def test_onnxruntime_gprune_equals_eager_reference(tiny, engines, name, keep):
     ("prumerge", lambda m, i, p: prumerge_reference(m, i, p, 8)),
     ("prumerge-plus", lambda m, i, p: prumerge_plus_reference(m, i, p, 0.125)),
     ("visionzip", lambda m, i, p: visionzip_reference(m, i, p, 8, 4)),
+    ("pyramiddrop-0.7", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.7)),
+    ("vtw-1", lambda m, i, p: vtw_reference(m, i, p, 1)),
+    ("pumer-0.2", lambda m, i, p: pumer_reference(m, i, p, 0.2, 0.2)),
+    ("prumerge-20", lambda m, i, p: prumerge_reference(m, i, p, 20)),
+    ("prumerge-plus-0.25", lambda m, i, p: prumerge_plus_reference(m, i, p, 0.25)),
+    ("visionzip-20-6", lambda m, i, p: visionzip_reference(m, i, p, 20, 6)),
 ])
 def test_onnxruntime_other_methods_equal_eager_reference(tiny, engines, name, ref):
     m = tiny.hf_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from tests.conftest import check_against_reference
 from tests.passes.test_transforms import _count, _seq_exprs
 from vtrcompile.build import build
 from vtrcompile.errors import VtrError
@@ -25,13 +25,7 @@ CASES = [
 @pytest.mark.parametrize("method,opts,ref,image_tokens", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_matches_eager_reference_and_schedule(tiny, tiny_build, method, opts, ref, image_tokens):
     b = tiny_build(method, **opts)
-    f = b.program.module()
-    m = tiny.hf_model
-    for ids, px in prompts(m.config):
-        with torch.no_grad():
-            got = f(ids, px)
-            assert max_diff(got, ref(m, ids, px)) <= REFERENCE_ATOL
-            assert max_diff(got, tiny.module(ids, px)) > 10 * REFERENCE_ATOL
+    check_against_reference(b.program.module(), ref, tiny)
     # Tokens entering each layer: text (S - 36) plus the image tokens the schedule leaves.
     assert b.llm_tokens(60) == [24 + n for n in image_tokens]
     seq = b.facts.seq_symbol

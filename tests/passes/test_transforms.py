@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from tests.conftest import REFERENCE_ATOL, check_against_reference, max_diff, prompts
 from vtrcompile.build import build
 from vtrcompile.capture import capture, editable_module
 from vtrcompile.errors import VtrError
@@ -84,25 +84,14 @@ def test_eager_anchor_matches_the_hf_model(tiny):
 
 @pytest.mark.parametrize("layer,keep", [(1, 5), (2, 18), (3, 30)])
 def test_fastv_matches_eager_reference(tiny, tiny_build, layer, keep):
-    b = tiny_build("fastv", layer=layer, keep=keep)
-    f = b.program.module()
-    m = tiny.hf_model
-    for i2, p2 in prompts(m.config):
-        with torch.no_grad():
-            got, ref, full = f(i2, p2), fastv_reference(m, i2, p2, layer, keep), tiny.module(i2, p2)
-        assert max_diff(got, ref) <= REFERENCE_ATOL
-        assert max_diff(got, full) > 10 * REFERENCE_ATOL  # the reduction really changed the result
+    f = tiny_build("fastv", layer=layer, keep=keep).program.module()
+    check_against_reference(f, lambda m, i, p: fastv_reference(m, i, p, layer, keep), tiny)
 
 
 @pytest.mark.parametrize("keep", [4, 18])
 def test_gprune_matches_eager_reference(tiny, tiny_build, keep):
     f = tiny_build("gprune", keep=keep).program.module()
-    m = tiny.hf_model
-    for i2, p2 in prompts(m.config):
-        with torch.no_grad():
-            got, ref, full = f(i2, p2), gprune_reference(m, i2, p2, keep), tiny.module(i2, p2)
-        assert max_diff(got, ref) <= REFERENCE_ATOL
-        assert max_diff(got, full) > 10 * REFERENCE_ATOL
+    check_against_reference(f, lambda m, i, p: gprune_reference(m, i, p, keep), tiny)
 
 
 def test_fastv_structure(tiny_build):

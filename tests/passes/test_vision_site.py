@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from tests.conftest import check_against_reference
 from tests.passes.test_transforms import _seq_exprs
 from vtrcompile.build import build
 from vtrcompile.errors import VtrError
@@ -27,13 +27,7 @@ CASES = [
 @pytest.mark.parametrize("method,opts,ref,tokens", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_matches_eager_reference(tiny, tiny_build, method, opts, ref, tokens):
     b = tiny_build(method, **opts)
-    f = b.program.module()
-    m = tiny.hf_model
-    for ids, px in prompts(m.config):
-        with torch.no_grad():
-            got = f(ids, px)
-            assert max_diff(got, ref(m, ids, px)) <= REFERENCE_ATOL
-            assert max_diff(got, tiny.module(ids, px)) > 10 * REFERENCE_ATOL
+    check_against_reference(b.program.module(), ref, tiny)
     assert b.llm_tokens(60) == [24 + tokens] * 4
     assert _seq_exprs(b.program) == [b.facts.seq_symbol - (36 - tokens)] * 4
 

@@ -48,9 +48,9 @@ def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(lm.norm(hidden[:, -1:, :]))[:, -1, :].float()
 
 
-def last_row_attention(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Head-mean softmax attention of the last row in decoder layer `layer`, recomputed from its own
-    q/k projections and RoPE: [B, S]."""
+def _attention_logits(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Scaled q k^T of decoder layer `layer` [B, H, S, S] in float32, recomputed from its own q/k
+    projections and RoPE, GQA keys repeated to the query heads."""
     lm = model.model.language_model
     block = lm.layers[layer]
     att = block.self_attn
@@ -61,8 +61,13 @@ def last_row_attention(model, layer: int, hidden: torch.Tensor, positions: torch
     cos, sin = lm.rotary_emb(hidden, positions[None, :].expand(b, -1))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = repeat_kv(k, att.num_key_value_groups)
-    logits = (q[:, :, -1:, :].float() @ k.float().transpose(-1, -2)) * att.scaling
-    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, :]
+    return (q.float() @ k.float().transpose(-1, -2)) * att.scaling
+
+
+def last_row_attention(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax attention of the last row in decoder layer `layer`: [B, S]."""
+    logits = _attention_logits(model, layer, hidden, positions)[:, :, -1, :]
+    return torch.softmax(logits, dim=-1).mean(dim=1)
 
 
 def top_rows_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,20 +86,10 @@ def full_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> t
 
 def attention_probs(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention of every row in decoder layer `layer`, head-mean: [B, S, S]."""
-    lm = model.model.language_model
-    block = lm.layers[layer]
-    att = block.self_attn
-    b, s, _ = hidden.shape
-    x = block.input_layernorm(hidden)
-    q = att.q_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
-    k = att.k_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
-    cos, sin = lm.rotary_emb(hidden, positions[None, :].expand(b, -1))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = repeat_kv(k, att.num_key_value_groups)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * att.scaling
+    logits = _attention_logits(model, layer, hidden, positions)
+    s = logits.shape[-1]
     causal = torch.ones(s, s, dtype=torch.bool).tril()
-    logits = logits.masked_fill(~causal, float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(dim=1)
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).mean(dim=1)
 
 
 def pre_rope_keys(model, layer: int, hidden: torch.Tensor) -> torch.Tensor:
