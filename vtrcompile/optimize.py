@@ -119,12 +119,15 @@ def backend_for(out: Path, backend: str | None) -> str:
     raise VtrError(f"{out}: unknown output type '{ext}'; use .onnx")
 
 
+def write_engine(b: Build, source: ModelSource, out: Path) -> Optimized:
+    """Lower a build to an engine file, stamp its metadata, run the TensorRT preflight on it."""
+    meta = engine_metadata(b, source)
+    files = export_onnx(b.program, out, meta)
+    return Optimized(b, files, meta, preflight(out))
+
+
 def optimize(source: ModelSource, method: str, options: dict[str, Any], out: Path,
              max_prompt: int = 2048, backend: str | None = None) -> Optimized:
     backend_for(out, backend)
     check_writable(out)  # fail before minutes of work, not after
-    b = build(source, method, options, max_prompt)
-    meta = engine_metadata(b, source)
-    files = export_onnx(b.program, out, meta)
-    findings = preflight(out)
-    return Optimized(b, files, meta, findings)
+    return write_engine(build(source, method, options, max_prompt), source, out)

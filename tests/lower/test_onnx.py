@@ -16,7 +16,7 @@ from vtrcompile.lower.atomic import write_atomically
 from vtrcompile.lower.onnx import export_onnx, read_metadata
 from vtrcompile.lower.onnxruntime import OrtEngine, check_prompt
 from vtrcompile.lower.tensorrt_preflight import preflight
-from vtrcompile.optimize import optimize
+from vtrcompile.optimize import write_engine
 from vtrcompile.reference.methods import (
     fastv_reference,
     gprune_reference,
@@ -28,11 +28,11 @@ from vtrcompile.reference.vision import prumerge_plus_reference, prumerge_refere
 
 
 @pytest.fixture(scope="module")
-def engines(tiny, tmp_path_factory):
+def engines(tiny, tiny_build, tmp_path_factory):
     d = tmp_path_factory.mktemp("engines")
     out = {}
-    for name, method, opts in [("fastv-k2-12", "fastv", {"layer": 2, "keep": 12}),
-                               ("fastv-k1-30", "fastv", {"layer": 1, "keep": 30}),
+    for name, method, opts in [("fastv-k2-18", "fastv", {"layer": 2, "keep": 18}),
+                               ("fastv-k1-5", "fastv", {"layer": 1, "keep": 5}),
                                ("gprune-9", "gprune", {"keep": 9}),
                                ("gprune-default", "gprune", {}),
                                ("pyramiddrop", "pyramiddrop", {}),
@@ -49,7 +49,7 @@ def engines(tiny, tmp_path_factory):
                                ("prumerge-plus-0.25", "prumerge-plus", {"keep_ratio": 0.25}),
                                ("visionzip-20-6", "visionzip", {"dominant": 20, "contextual": 6}),
                                ("none", "none", {})]:
-        out[name] = optimize(tiny, method, opts, d / f"{name}.onnx")
+        out[name] = write_engine(tiny_build(method, **opts), tiny, d / f"{name}.onnx")
     return out
 
 
@@ -58,7 +58,7 @@ def _run(opt, ids, px):
 
 
 def test_engine_io_matches_the_contract(engines):
-    sess = OrtEngine(engines["fastv-k2-12"].files[-1]).session
+    sess = OrtEngine(engines["fastv-k2-18"].files[-1]).session
     ins = {i.name: i for i in sess.get_inputs()}
     assert list(ins) == ["input_ids", "pixel_values"]
     assert ins["input_ids"].type == "tensor(int64)" and ins["pixel_values"].type == "tensor(float)"
@@ -67,7 +67,7 @@ def test_engine_io_matches_the_contract(engines):
     assert out.name == "logits" and out.shape == [1, 320]
 
 
-@pytest.mark.parametrize("name,layer,keep", [("fastv-k2-12", 2, 12), ("fastv-k1-30", 1, 30)])
+@pytest.mark.parametrize("name,layer,keep", [("fastv-k2-18", 2, 18), ("fastv-k1-5", 1, 5)])
 def test_onnxruntime_fastv_equals_eager_reference(tiny, engines, name, layer, keep):
     m = tiny.hf_model
     for ids, px in prompts(m.config):  # several prompt lengths through one engine
@@ -114,10 +114,10 @@ def test_engines_pass_the_tensorrt_preflight(engines):
 
 
 def test_metadata_describes_the_engine(engines):
-    meta = read_metadata(engines["fastv-k2-12"].files[-1])
+    meta = read_metadata(engines["fastv-k2-18"].files[-1])
     assert meta["method"] == "fastv" and meta["n_image"] == 36 and meta["image_token_id"] == 319
-    assert meta["reductions"] == [{"site": "llm", "layer": 2, "keep": 12, "positions": "keep"}]
-    assert meta["llm_token_drop"] == [0, 0, 24, 24]
+    assert meta["reductions"] == [{"site": "llm", "layer": 2, "keep": 18, "positions": "keep"}]
+    assert meta["llm_token_drop"] == [0, 0, 18, 18]
     base = read_metadata(engines["none"].files[-1])
     assert base["model_id"] == meta["model_id"]
     a, b, c = meta["flops_poly"]
