@@ -77,3 +77,28 @@ def test_llava_without_image_input_has_no_boundary(tiny):
     gm = torch.export.export(_NoImages(tiny.hf_model), (ids, tiny.example_inputs[1])).module()
     with pytest.raises(AnalysisError, match="text-only model, or one called without images"):
         analyze(gm)
+
+
+class _UserWrapper(torch.nn.Module):
+    """A user's own module around the model: other attribute names, so other module paths."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.my_vlm = model
+
+    def forward(self, input_ids, pixel_values):
+        out = self.my_vlm(input_ids=input_ids, pixel_values=pixel_values, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+
+def test_a_users_own_module_is_found_by_structure(tiny):
+    from tests.conftest import check_against_reference
+    from vtrcompile.build import build
+    from vtrcompile.models.loading import ModelSource
+    from vtrcompile.reference.methods import fastv_reference
+
+    src = ModelSource("user", "pickle", _UserWrapper(tiny.hf_model), None, tiny.example_inputs,
+                      hf_model=tiny.hf_model)
+    b = build(src, "fastv", {"layer": 2, "keep": 9})
+    assert b.facts.layers[0].module.startswith("my_vlm.")
+    check_against_reference(b.program.module(), lambda m, i, p: fastv_reference(m, i, p, 2, 9), tiny)
