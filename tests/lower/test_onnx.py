@@ -67,22 +67,11 @@ def test_engine_io_matches_the_contract(engines):
     assert out.name == "logits" and out.shape == [1, 320]
 
 
-@pytest.mark.parametrize("name,layer,keep", [("fastv-k2-18", 2, 18), ("fastv-k1-5", 1, 5)])
-def test_onnxruntime_fastv_equals_eager_reference(tiny, engines, name, layer, keep):
-    m = tiny.hf_model
-    for ids, px in prompts(m.config):  # several prompt lengths through one engine
-        got = _run(engines[name], ids, px)
-        assert max_diff(got, fastv_reference(m, ids, px, layer, keep)) <= REFERENCE_ATOL
-
-
-@pytest.mark.parametrize("name,keep", [("gprune-9", 9), ("gprune-default", 18)])
-def test_onnxruntime_gprune_equals_eager_reference(tiny, engines, name, keep):
-    m = tiny.hf_model
-    for ids, px in prompts(m.config):
-        assert max_diff(_run(engines[name], ids, px), gprune_reference(m, ids, px, keep)) <= REFERENCE_ATOL
-
-
 @pytest.mark.parametrize("name,ref", [
+    ("fastv-k2-18", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
+    ("fastv-k1-5", lambda m, i, p: fastv_reference(m, i, p, 1, 5)),
+    ("gprune-9", lambda m, i, p: gprune_reference(m, i, p, 9)),
+    ("gprune-default", lambda m, i, p: gprune_reference(m, i, p, 18)),
     ("pyramiddrop", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
     ("vtw", lambda m, i, p: vtw_reference(m, i, p, 2)),
     ("pumer", lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3)),
@@ -96,7 +85,8 @@ def test_onnxruntime_gprune_equals_eager_reference(tiny, engines, name, keep):
     ("prumerge-plus-0.25", lambda m, i, p: prumerge_plus_reference(m, i, p, 0.25)),
     ("visionzip-20-6", lambda m, i, p: visionzip_reference(m, i, p, 20, 6)),
 ])
-def test_onnxruntime_other_methods_equal_eager_reference(tiny, engines, name, ref):
+def test_onnxruntime_equals_eager_reference(tiny, engines, name, ref):
+    """Every method, two budgets each, several prompt lengths through one engine."""
     m = tiny.hf_model
     for ids, px in prompts(m.config):
         assert max_diff(_run(engines[name], ids, px), ref(m, ids, px)) <= REFERENCE_ATOL
