@@ -52,7 +52,7 @@ def _fastv_selector(keep: int):
         if prev.enable_gqa:
             raise VtrError(f"fastv: {prev.attention_module} uses enable_gqa (keys not expanded); not supported yet")
         return fastv_keep, (prev.q, prev.k, prev.mask, s.image_start), {
-            "n_image": s.n_image, "keep": keep, "scale": _scale(prev)}
+            "n_image": s.n_image, "keep": keep, "scale": _scale(prev.attention)}
     return select
 
 
@@ -65,8 +65,10 @@ def _plan_fastv(opts: dict, n: int, layers: int) -> list[Reduction]:
     return [Reduction("fastv", k, keep, "keep", _fastv_selector(keep), options=dict(opts))]
 
 
-def _scale(prev) -> float:
-    return prev.scale if prev.scale is not None else float(prev.q.meta["val"].shape[-1]) ** -0.5
+def _scale(attention) -> float:
+    """The softmax scale an attention op applies: its `scale` kwarg, else SDPA's default d^-0.5."""
+    scale = attention.kwargs.get("scale")
+    return scale if scale is not None else float(attention.args[0].meta["val"].shape[-1]) ** -0.5
 
 
 def _plan_pyramiddrop(opts: dict, n: int, layers: int) -> list[Reduction]:
@@ -128,7 +130,7 @@ def _pumer_selector(n_prune: int, n_merge: int):
         n_kv = prev.k_proj.meta["val"].shape[-1] // head_dim
         return pumer_select, (prev.q, prev.k, prev.mask, prev.k_proj, s.image_start), {
             "n_image": s.n_image, "n_kv_heads": n_kv, "n_prune": n_prune, "n_merge": n_merge,
-            "scale": _scale(prev)}
+            "scale": _scale(prev.attention)}
     return select
 
 
@@ -192,9 +194,8 @@ def _plan_visionzip(opts: dict, n: int, layers: int) -> list[Reduction]:
     def select(s: SelectorInputs):
         t = _vision_taps(s, "visionzip", False)
         att = t.attention
-        scale = att.kwargs.get("scale") or float(att.args[0].meta["val"].shape[-1]) ** -0.5
         return visionzip_features, (t.features, att.args[0], att.args[1], t.k_proj), {
-            "scale": scale, "dominant": dom, "contextual": ctx}
+            "scale": _scale(att), "dominant": dom, "contextual": ctx}
 
     return [Reduction("visionzip", 0, dom + ctx, "renumber", select, site="vision", options=dict(opts))]
 

@@ -34,9 +34,6 @@ def item_index(path: str) -> int:
     return int(path.rsplit(".", 1)[-1])
 
 
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
-
 
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
@@ -70,9 +67,6 @@ def shape(node: fx.Node) -> tuple | None:
     v = val(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
-
-def is_call(node: fx.Node, *targets) -> bool:
-    return node.op == "call_function" and node.target in targets
 
 
 def through_unary(node: fx.Node, passthrough) -> fx.Node:
