@@ -151,20 +151,34 @@ def _profile_opts(f):
 @click.option("--dominant", type=click.IntRange(1), default=None, help=_method_help("dominant", "Dominant tokens."))
 @click.option("--contextual", type=click.IntRange(1), default=None,
               help=_method_help("contextual", "Contextual tokens."))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file (.onnx).")
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default=None, help="Override the backend picked by --out.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Engine file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt2 (AOTInductor).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "aoti"]), default=None,
+              help="Override the backend picked by --out's extension.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device an AOTInductor (.pt2) package is compiled for.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Precision the graph is exported in (TensorRT builds strongly typed: this is its precision).")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
 @click.option("--baseline-out", type=click.Path(path_type=Path), default=None,
-              help="Where --profile writes the unmodified engine (default: <out>.baseline.onnx).")
-@click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(2))
+              help="Where --profile / --triton-repo write the unmodified engine (default: <out>.baseline.<ext>).")
+@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+              help="Also write a Triton model repository with the reduced and the unmodified TensorRT engines.")
+@click.option("--min-prompt", default=None, type=click.IntRange(3),
+              help="Shortest prompt the TensorRT profile covers (default: N image tokens + 2).")
+@click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(3),
+              help="Longest prompt the engine accepts.")
+@click.option("--workspace", default=8.0, show_default=True, type=click.FloatRange(0.1),
+              help="TensorRT builder workspace limit, GiB.")
 @_pickle_opt
 @_profile_opts
-def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant, contextual, out, backend, do_profile, baseline_out,
-             max_prompt, allow_pickle, reps, warmup, threads, as_json) -> None:
+def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant,
+             contextual, out, backend, device, dtype, do_profile, baseline_out, triton_repo, min_prompt, max_prompt,
+             workspace, allow_pickle, reps, warmup, threads, as_json) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.registry import resolve
     from .models.loading import load_model
-    from .optimize import backend_for
+    from .optimize import Target, backend_for, check_target
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
@@ -174,7 +188,12 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
              "contextual": contextual}
     if method not in METHODS:
         resolve(method, given, 1, 1)  # raises the one-line error before loading anything
-    backend_for(out, backend)
+    target = Target(backend_for(out, backend), device, dtype, min_prompt, max_prompt, workspace)
+    if triton_repo is not None and target.backend != "tensorrt":
+        raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
+    if min_prompt is not None and min_prompt > max_prompt:
+        raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
+    check_target(target)  # a missing TensorRT or GPU fails here, before any work
     src = load_model(model, allow_pickle)
     if keep == "auto":
         from .calibration import load_calibration
@@ -187,7 +206,7 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
         given["keep"], counts = auto_keep(src.hf_model, calib.pixel_values)
         click.echo(f"--keep auto: IQR outlier counts over {len(counts)} calibration images {counts} -> "
                    f"median {given['keep']}", err=True)
-    res = run_optimize(src, method, given, out, max_prompt, backend)
+    res = run_optimize(src, method, given, out, target=target)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)
     tokens = res.build.llm_tokens(res.build.example_inputs[0].shape[1])
     click.echo(f"{method}: tokens entering each LLM layer (example prompt): {tokens}", err=True)
@@ -197,11 +216,19 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
             click.echo(f"  {f}", err=True)
     else:
         click.echo("TensorRT preflight: passes (no unsupported or data-dependent ops)", err=True)
-    if not do_profile:
+    if not (do_profile or triton_repo):
         return
     base_path = baseline_out or out.with_name(out.stem + ".baseline" + out.suffix)
-    run_optimize(src, "none", {}, base_path, max_prompt, backend)
+    run_optimize(src, "none", {}, base_path, target=target)
     click.echo(f"wrote {base_path}", err=True)
+    if triton_repo is not None:
+        from .lower.tensorrt import read_sidecar
+        from .lower.triton import model_name, write_model
+
+        for path in (out, base_path):
+            click.echo(f"wrote {write_model(triton_repo, model_name(path.stem), path, read_sidecar(path))}", err=True)
+    if not do_profile:
+        return
     report = compare(out, base_path, warmup, reps, threads)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 

@@ -107,27 +107,85 @@ class Optimized:
     findings: list[Finding]
 
 
+BACKENDS = {"onnxruntime": (".onnx",), "tensorrt": (".plan", ".engine"), "aoti": (".pt2",)}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to lower a build: backend, device, precision, the prompt range an engine must serve."""
+
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    dtype: str = "float32"
+    min_prompt: int | None = None
+    max_prompt: int = 2048
+    workspace_gb: float = 8.0
+
+
 def backend_for(out: Path, backend: str | None) -> str:
+    """The output's extension picks the backend; --backend overrides it."""
     if backend:
+        if backend not in BACKENDS:
+            raise VtrError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
         return backend
     ext = out.suffix.lower()
-    if ext == ".onnx":
-        return "onnxruntime"
-    if ext in (".plan", ".engine"):
-        raise VtrError(f"{out}: TensorRT engines are not built yet by this version; write .onnx "
-                       "(ONNX Runtime) instead")
-    raise VtrError(f"{out}: unknown output type '{ext}'; use .onnx")
+    for name, exts in BACKENDS.items():
+        if ext in exts:
+            return name
+    raise VtrError(f"{out}: unknown output type '{ext}'; use .onnx (ONNX Runtime), .plan/.engine (TensorRT) "
+                   "or .pt2 (AOTInductor), or pass --backend")
 
 
-def write_engine(b: Build, source: ModelSource, out: Path) -> Optimized:
-    """Lower a build to an engine file, stamp its metadata, run the TensorRT preflight on it."""
-    meta = engine_metadata(b, source)
-    files = export_onnx(b.program, out, meta)
-    return Optimized(b, files, meta, preflight(out))
+def check_target(t: Target) -> None:
+    """Fail at once, before any build work, when the target cannot be produced on this machine."""
+    if t.dtype not in DTYPES:
+        raise VtrError(f"--dtype {t.dtype}: use one of {', '.join(DTYPES)}")
+    if t.backend == "tensorrt":
+        from .lower.tensorrt import check_cuda, import_tensorrt
+
+        import_tensorrt()
+        check_cuda()
+    elif t.backend == "aoti":
+        from .lower.aoti import check_device
+
+        check_device(t.device)
+    elif t.device != "cpu":
+        raise VtrError(f"--device {t.device}: the {t.backend} backend here runs on the CPU; use .pt2 or .plan "
+                       "for a GPU engine")
+
+
+def cast_model(source: ModelSource, dtype: str) -> None:
+    """Reduced precision comes from the graph's own dtype (TensorRT 11 has no FP16/BF16 builder flags)."""
+    if dtype == "float32":
+        return
+    if source.module is None:
+        raise VtrError(f"--dtype {dtype} needs an eager model (a preset, a Hugging Face directory or a pickle); "
+                       "an exported program keeps the dtype it was exported in")
+    source.module.to(DTYPES[dtype])
+
+
+def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None = None) -> Optimized:
+    """Lower a build to an engine file, stamp its metadata, run the TensorRT preflight on what TensorRT eats."""
+    t = target or Target()
+    meta = {**engine_metadata(b, source), "dtype": t.dtype, "backend": t.backend}
+    if t.backend == "onnxruntime":
+        files = export_onnx(b.program, out, meta)
+        return Optimized(b, files, meta, preflight(out))
+    if t.backend == "tensorrt":
+        from .lower.tensorrt import export_plan
+
+        files = export_plan(b.program, out, meta, t.min_prompt, t.max_prompt, int(t.workspace_gb * 2**30))
+        return Optimized(b, files, meta, [])
+    from .lower.aoti import export_aoti
+
+    return Optimized(b, export_aoti(b.program, out, meta, t.device), meta, [])
 
 
 def optimize(source: ModelSource, method: str, options: dict[str, Any], out: Path,
-             max_prompt: int = 2048, backend: str | None = None) -> Optimized:
-    backend_for(out, backend)
+             max_prompt: int = 2048, backend: str | None = None, target: Target | None = None) -> Optimized:
+    t = target or Target(backend=backend_for(out, backend), max_prompt=max_prompt)
+    check_target(t)
     check_writable(out)  # fail before minutes of work, not after
-    return write_engine(build(source, method, options, max_prompt), source, out)
+    cast_model(source, t.dtype)
+    return write_engine(build(source, method, options, t.max_prompt), source, out, t)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .errors import VtrError
 from .lower.onnxruntime import OrtEngine, reduction_share
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ class Latency:
     reps: int
 
     @staticmethod
-    def of(samples_s: list[float]) -> Latency:
-        a = np.asarray(samples_s) * 1e3
+    def of(samples_ms: list[float]) -> Latency:
+        a = np.asarray(samples_ms)
         return Latency(float(np.percentile(a, 50)), float(np.percentile(a, 90)), float(np.percentile(a, 99)),
                        float(a.mean()), float(a.min()), len(a))
 
@@ -56,27 +56,62 @@ def llm_tokens(meta: dict, prompt_len: int) -> list[int]:
     return [prompt_len - d for d in meta["llm_token_drop"]]
 
 
-def time_interleaved(fns: list[Callable[[], object]], warmup: int, reps: int) -> list[list[float]]:
-    """Run fns round-robin so that drift in machine load hits all engines alike."""
+def time_interleaved(fns: list[Callable[[], float]], warmup: int, reps: int) -> list[list[float]]:
+    """Run fns (each returns its own run time in ms) round-robin so drift in machine load hits all alike."""
     for _ in range(warmup):
         for f in fns:
             f()
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
         for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            samples[i].append(time.perf_counter() - t0)
+            samples[i].append(f())
     return samples
 
 
-def environment(threads: int) -> dict:
-    import onnxruntime
+def open_engine(path: str | Path, threads: int | None = None):
+    """An engine file -> its runner, by extension (.onnx, .plan/.engine, .pt2)."""
+    ext = Path(path).suffix.lower()
+    if ext == ".onnx":
+        return OrtEngine(path, threads)
+    if ext in (".plan", ".engine"):
+        from .lower.tensorrt_runner import TrtEngine
+
+        return TrtEngine(path)
+    if ext == ".pt2":
+        from .lower.aoti import AotiEngine
+
+        return AotiEngine(path, threads)
+    raise VtrError(f"{path}: unknown engine type '{ext}'; expected .onnx, .plan/.engine or .pt2")
+
+
+def environment(threads: int, engine=None) -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "backend": "onnxruntime-cpu"}
+    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
+           "python": platform.python_version(), "torch": torch.__version__}
+    backend = getattr(engine, "backend", "onnxruntime")
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        env.update(onnxruntime=onnxruntime.__version__, backend="onnxruntime-cpu")
+    elif backend == "tensorrt":
+        env.update(backend="tensorrt", tensorrt=engine.sidecar["versions"]["tensorrt"],
+                   gpu=torch.cuda.get_device_name(), timer="cuda events (GPU compute time)")
+    else:
+        device = engine.metadata["device"]
+        env.update(backend=f"aoti-{device}",
+                   timer="cuda events (GPU compute time)" if device == "cuda" else "wall clock")
+        if device == "cuda":
+            env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def trtexec_summary(samples_ms: list[float]) -> dict:
+    """GPU compute time in trtexec's summary terms, so results sit next to `trtexec` output."""
+    a = np.asarray(samples_ms)
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "median": float(np.median(a)),
+            "percentile(90%)": float(np.percentile(a, 90)), "percentile(95%)": float(np.percentile(a, 95)),
+            "percentile(99%)": float(np.percentile(a, 99))}
 
 
 def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int = 20,
@@ -84,20 +119,25 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
             selector_reps: int = 5) -> dict:
     """Both engines, same backend, same inputs: latency, ratio, tokens, FLOPs, selector cost."""
     threads = threads or os.cpu_count() or 1
-    red, base = OrtEngine(engine, threads), OrtEngine(baseline, threads)
+    red, base = open_engine(engine, threads), open_engine(baseline, threads)
+    if red.backend != base.backend:
+        raise VtrError(f"{engine} is a {red.backend} engine and {baseline} a {base.backend} one; compare engines "
+                       "built for the same backend")
     if red.metadata["model_id"] != base.metadata["model_id"]:
         log.warning("engines come from different models: %s vs %s", red.metadata["model"], base.metadata["model"])
     ids, pixels = profile_prompt(red.metadata, prefix, suffix)
     s = ids.shape[1]
     log.info("profiling %s vs %s on a %d-token prompt (%d warm-up, %d reps)", engine, baseline, s, warmup, reps)
     red(ids, pixels)  # input check once; the timed calls skip it
-    t_red, t_base = time_interleaved([lambda: red(ids, pixels, check=False),
-                                      lambda: base(ids, pixels, check=False)], warmup, reps)
+    red.bind(ids, pixels)
+    base.bind(ids, pixels)
+    t_red, t_base = time_interleaved([red.time_ms, base.time_ms], warmup, reps)
     lr, lb = Latency.of(t_red), Latency.of(t_base)
-    share = reduction_share(engine, ids, pixels, 1, selector_reps, threads)
+    # Per-node timing exists for ONNX Runtime only; other backends fuse the selector into kernels.
+    share = reduction_share(engine, ids, pixels, 1, selector_reps, threads) if red.backend == "onnxruntime" else None
     out = {
         "prompt_tokens": s,
-        "environment": environment(threads),
+        "environment": environment(threads, red),
         "engines": {},
         "speedup_p50": lb.p50_ms / lr.p50_ms,
         "speedup_mean": lb.mean_ms / lr.mean_ms,
@@ -109,8 +149,11 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
             "latency": asdict(lat), "llm_tokens_per_layer": llm_tokens(m, s),
             "image_tokens_in": m["n_image"], "flops": flops_at(m, s),
         }
+        if red.backend != "onnxruntime":
+            out["engines"][name]["trtexec"] = {"gpuComputeTime": trtexec_summary(
+                t_red if name == "reduced" else t_base)}
     out["flops_ratio"] = out["engines"]["baseline"]["flops"] / out["engines"]["reduced"]["flops"]
-    out["selector"] = {
+    out["selector"] = None if share is None else {
         "share": share["selector"], "ms": share["selector"] * lr.p50_ms,
         "gather_share": share["gather"], "gather_ms": share["gather"] * lr.p50_ms,
     }
@@ -140,7 +183,8 @@ def format_report(r: dict) -> str:
         f"(interleaved), {r['environment']['threads']} threads, {r['environment']['backend']}",
         f"prefill speedup (p50): {r['speedup_p50']:.2f}x   FLOPs-ideal: {r['flops_ratio']:.2f}x   "
         f"measured/ideal: {r['speedup_p50'] / r['flops_ratio']:.2f}",
-        f"selector cost: {sel['ms']:.2f} ms ({100 * sel['share']:.1f}% of the reduced engine); "
-        f"sequence gathers: {sel['gather_ms']:.2f} ms ({100 * sel['gather_share']:.1f}%)",
+        (f"selector cost: {sel['ms']:.2f} ms ({100 * sel['share']:.1f}% of the reduced engine); "
+         f"sequence gathers: {sel['gather_ms']:.2f} ms ({100 * sel['gather_share']:.1f}%)") if sel else
+        "selector cost: not measured on this backend (no per-node timing; see the ONNX Runtime profile)",
     ]
     return "\n".join(lines)

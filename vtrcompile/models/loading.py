@@ -43,6 +43,9 @@ class NextTokenLogits(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.dtype
+        if pixel_values.dtype != dtype:  # engines take float32 pixels whatever precision they compute in
+            pixel_values = pixel_values.to(dtype)
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1, :].float()
 

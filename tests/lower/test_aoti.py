@@ -1,0 +1,67 @@
+"""AOTInductor (.pt2): compiles the rewritten graph for CPU, equals it within 1e-4 over prompt lengths,
+carries the metadata, and profiles like the other backends. CUDA runs are marked gpu."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from vtrcompile.errors import VtrError
+from vtrcompile.lower.aoti import AotiEngine, check_device
+from vtrcompile.optimize import Target, write_engine
+from vtrcompile.profile import compare
+
+
+@pytest.fixture(scope="module")
+def packages(tiny, tiny_build, tmp_path_factory):
+    d = tmp_path_factory.mktemp("aoti")
+    t = Target(backend="aoti", device="cpu", max_prompt=256)
+    return {name: write_engine(tiny_build(m, **o), tiny, d / f"{name}.pt2", t)
+            for name, m, o in (("fastv", "fastv", {"layer": 2, "keep": 8}), ("none", "none", {}))}
+
+
+def test_package_equals_the_rewritten_graph(tiny, tiny_build, packages):
+    b = tiny_build("fastv", layer=2, keep=8)
+    eng = AotiEngine(packages["fastv"].files[-1])
+    assert eng.metadata["method"] == "fastv" and eng.metadata["device"] == "cpu"
+    for ids, px in prompts(tiny.hf_model.config):
+        with torch.no_grad():
+            ref = b.graph_module(ids, px)
+        assert max_diff(eng(ids.numpy(), px.numpy()), ref) <= REFERENCE_ATOL
+
+
+def test_profile_compares_two_packages(packages):
+    r = compare(packages["fastv"].files[-1], packages["none"].files[-1], warmup=1, reps=3, prefix=5, suffix=8)
+    assert r["environment"]["backend"] == "aoti-cpu"
+    red = r["engines"]["reduced"]
+    assert red["llm_tokens_per_layer"][2] == red["llm_tokens_per_layer"][0] - 28  # 36 -> 8 image tokens
+    assert red["latency"]["reps"] == 3 and r["selector"] is None
+    assert set(red["trtexec"]["gpuComputeTime"]) >= {"median", "percentile(99%)"}
+
+
+def test_mixed_backends_are_refused(packages, tiny, tiny_build, tmp_path):
+    onnx_file = write_engine(tiny_build("none"), tiny, tmp_path / "b.onnx").files[-1]
+    with pytest.raises(VtrError, match="same backend"):
+        compare(packages["fastv"].files[-1], onnx_file, warmup=0, reps=1)
+
+
+def test_cuda_without_gpu_is_one_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(VtrError, match="no CUDA GPU"):
+        check_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_package_matches_cpu_graph(tiny, tiny_build, tmp_path):
+    b = tiny_build("fastv", layer=2, keep=8)
+    out = write_engine(b, tiny, tmp_path / "g.pt2", Target(backend="aoti", device="cuda", max_prompt=256))
+    eng = AotiEngine(out.files[-1])
+    ids, px = prompts(tiny.hf_model.config)[0]
+    with torch.no_grad():
+        ref = b.graph_module(ids, px)
+    assert np.isfinite(eng(ids.numpy(), px.numpy())).all()
+    assert max_diff(eng(ids.numpy(), px.numpy()), ref) < 1e-3

@@ -1,0 +1,189 @@
+"""TensorRT lowering up to the builder (CPU): profile shapes, sidecar, the ONNX handed to the parser, the
+builder calls (against a recording stand-in for the `tensorrt` module), and the missing-TensorRT error.
+The real build runs only where TensorRT and a GPU exist (marked, skipped here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from vtrcompile.errors import VtrError
+from vtrcompile.lower import tensorrt as trt_lower
+from vtrcompile.lower.tensorrt_preflight import preflight
+from vtrcompile.optimize import Target, check_target, engine_metadata
+
+
+@pytest.fixture(scope="module")
+def meta(tiny, tiny_build):
+    return {**engine_metadata(tiny_build("pumer"), tiny), "dtype": "float32", "backend": "tensorrt"}
+
+
+def test_profile_covers_the_requested_prompt_range(meta):
+    n, (lo, hi) = meta["n_image"], meta["prompt_range"]
+    assert lo == n + 2
+    p = trt_lower.profile_shapes(meta, None, None).shapes
+    assert p["input_ids"] == ((1, lo), (1, min(hi, n + 64)), (1, hi))
+    assert p["pixel_values"][0] == p["pixel_values"][2] == (1, 3, 84, 84)
+    p = trt_lower.profile_shapes(meta, 50, 200).shapes
+    assert p["input_ids"][0] == (1, 50) and p["input_ids"][2] == (1, 200) and 50 <= p["input_ids"][1][1] <= 200
+
+
+@pytest.mark.parametrize("lo,hi,words", [(10, None, "below"), (None, 10**6, "above"), (300, 100, "larger")])
+def test_profile_range_errors_name_the_problem(meta, lo, hi, words):
+    with pytest.raises(VtrError, match=words):
+        trt_lower.profile_shapes(meta, lo, hi)
+
+
+def test_sidecar_describes_io_ranges_and_reduction(meta):
+    shapes = trt_lower.profile_shapes(meta, 40, 300)
+    sc = trt_lower.sidecar(meta, shapes, {"tensorrt": "10.13.0", "torch": torch.__version__},
+                           {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    assert [i["name"] for i in sc["inputs"]] == ["input_ids", "pixel_values"]
+    assert sc["inputs"][0]["shape"] == [1, -1] and sc["inputs"][0]["profile"]["min"] == [1, 40]
+    assert sc["inputs"][0]["profile"]["max"] == [1, 300]
+    assert sc["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, meta["vocab"]]}]
+    assert sc["n_image"] == 36 and sc["kept_tokens"] == [r["keep"] for r in meta["reductions"]]
+    assert sc["method"] == "pumer" and len(sc["reductions"]) == len(meta["reductions"]) > 1
+    assert sc["gpu"]["compute_capability"] == "9.0" and sc["versions"]["tensorrt"] == "10.13.0"
+    json.dumps(sc)  # serialisable as is
+
+
+class _Recorder:
+    """Stands in for the tensorrt module: records the builder calls vtrcompile makes (TensorRT 10 names)."""
+
+    def __init__(self, version: str, has_fp16_flag: bool):
+        self.calls: list[tuple] = []
+        rec = self
+        m = types.ModuleType("tensorrt")
+        m.__version__ = version
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                rec.calls.append(("Logger", level))
+
+        class Parser:
+            def __init__(self, network, logger):
+                self.num_errors = 0
+
+            def parse_from_file(self, path):
+                rec.calls.append(("parse_from_file", path))
+                rec.onnx = onnx.load(path)
+                return True
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                rec.calls.append(("set_shape", name, list(lo), list(opt), list(hi)))
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                rec.calls.append(("workspace", pool, size))
+
+            def add_optimization_profile(self, p):
+                rec.calls.append(("add_optimization_profile",))
+
+            def set_flag(self, flag):
+                rec.calls.append(("set_flag", flag))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                rec.calls.append(("create_network", flags))
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                rec.calls.append(("build",))
+                return b"PLAN-BYTES"
+
+        m.Logger, m.Builder, m.OnnxParser = Logger, Builder, Parser
+        m.Dims = list
+        m.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+        m.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+        m.BuilderFlag = types.SimpleNamespace(**({"FP16": "FP16"} if has_fp16_flag else {}))
+        self.module = m
+
+
+@pytest.mark.parametrize("version,fp16_flag", [("10.13.0", True), ("11.2.0", False)])
+def test_plan_build_calls_and_outputs(tiny, tiny_build, meta, tmp_path, monkeypatch, version, fp16_flag):
+    """What reaches the builder: a strongly typed network from an ONNX that passes the preflight, the
+    workspace limit, one profile with the requested ranges; no precision flags on either version."""
+    rec = _Recorder(version, fp16_flag)
+    monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+    monkeypatch.setattr(trt_lower, "gpu_info", lambda: {"name": "test-gpu", "compute_capability": "9.0"})
+    out = tmp_path / "engine.plan"
+    files = trt_lower.export_plan(tiny_build("pumer").program, out, meta, 40, 300, 2 << 30)
+    assert files == [trt_lower.sidecar_path(out), out]
+    assert out.read_bytes() == b"PLAN-BYTES"
+    names = [c[0] for c in rec.calls]
+    assert names.index("create_network") < names.index("parse_from_file") < names.index("build")
+    assert ("create_network", 1 << 1) in rec.calls  # STRONGLY_TYPED bit
+    assert "set_flag" not in names  # precision comes from the graph's dtype, never from a flag
+    assert ("workspace", "WORKSPACE", 2 << 30) in rec.calls
+    shapes = {c[1]: c[2:] for c in rec.calls if c[0] == "set_shape"}
+    assert shapes["input_ids"][0] == [1, 40] and shapes["input_ids"][2] == [1, 300]
+    assert shapes["pixel_values"][0] == [1, 3, 84, 84]
+    assert [i.name for i in rec.onnx.graph.input] == ["input_ids", "pixel_values"]
+    parsed = tmp_path / "parsed.onnx"
+    onnx.save(rec.onnx, parsed)
+    assert preflight(parsed) == []
+    sc = json.loads(trt_lower.sidecar_path(out).read_text())
+    assert sc["versions"]["tensorrt"] == version and sc["prompt_min"] == 40 and sc["prompt_max"] == 300
+    assert not list(tmp_path.glob(".engine.plan.*"))  # no temp folder left behind
+
+
+def test_old_tensorrt_and_stub_only_installs_are_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # what tensorrt-stubs gives
+    with pytest.raises(VtrError, match="only its type stubs"):
+        trt_lower.import_tensorrt()
+    old = _Recorder("8.6.1", True).module
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    with pytest.raises(VtrError, match="too old"):
+        trt_lower.import_tensorrt()
+
+
+def test_plan_target_fails_at_once_without_tensorrt_or_gpu():
+    with pytest.raises(VtrError, match=r"TensorRT|CUDA") as e:
+        check_target(Target(backend="tensorrt"))
+    assert "\n" not in str(e.value) and (".onnx" in str(e.value) or "pip install" in str(e.value))
+
+
+def _have_trt_gpu() -> bool:
+    try:
+        trt_lower.import_tensorrt()
+        trt_lower.check_cuda()
+        return True
+    except VtrError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _have_trt_gpu(), reason="needs TensorRT and a CUDA GPU")
+def test_real_plan_matches_onnxruntime(tiny, tiny_build, tmp_path):
+    from tests.conftest import max_diff, prompts
+    from vtrcompile.lower.tensorrt_runner import TrtEngine
+    from vtrcompile.optimize import write_engine
+
+    b = tiny_build("fastv", layer=2, keep=18)
+    plan = write_engine(b, tiny, tmp_path / "e.plan", Target(backend="tensorrt", max_prompt=256)).files[-1]
+    eng = TrtEngine(plan)
+    for ids, px in prompts(tiny.hf_model.config):
+        with torch.no_grad():
+            ref = b.graph_module(ids, px)
+        assert max_diff(eng(ids.numpy(), px.numpy()), ref) < 1e-3
+    assert Path(str(plan) + ".json").is_file()

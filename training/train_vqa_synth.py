@@ -1,0 +1,176 @@
+"""Train the shipped demo model (a small LlavaForConditionalGeneration) on vqa-synth; not part of CI.
+
+    python training/train_vqa_synth.py --out models/vqa-synth-llava --minutes 60
+
+Seeded; every batch is fresh train-split samples (index = step * batch + i), so nothing repeats. The loss
+is cross-entropy of the one-word answer at the last prompt position (prompts are right-padded; causal
+attention means padding never reaches a real token). Every --eval-every steps it measures val accuracy per
+question class and keeps the best checkpoint; the test split is only read once, at the end, for the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from vtrcompile.datasets import vqa_synth as vs  # noqa: E402
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {w: i for i, w in enumerate(vs.vocabulary())}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", extra_special_tokens={"image_token": vs.IMAGE_TOKEN})
+
+
+def make_config(args) -> LlavaConfig:
+    vocab = vs.vocabulary()
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=args.vision_width, intermediate_size=4 * args.vision_width,
+                                       num_hidden_layers=args.vision_layers, num_attention_heads=4,
+                                       image_size=vs.SIZE, patch_size=vs.PATCH, projection_dim=args.vision_width),
+        text_config=LlamaConfig(hidden_size=args.width, intermediate_size=int(args.width * 8 / 3) // 8 * 8,
+                                num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                                vocab_size=len(vocab), max_position_embeddings=1024, pad_token_id=0,
+                                bos_token_id=2, eos_token_id=2),
+        image_token_id=vocab.index(vs.IMAGE_TOKEN), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return cfg
+
+
+def batch(split: str, start: int, size: int, vocab: list[str]):
+    ss = vs.samples(split, size, start)
+    ids = [vs.encode(s.prompt, vocab) for s in ss]
+    s_max = max(len(i) for i in ids)
+    padded = np.zeros((size, s_max), dtype=np.int64)
+    for r, i in enumerate(ids):
+        padded[r, :len(i)] = i
+    px = vs.pixel_values(np.stack([vs.render(s.scene) for s in ss]))
+    answers = torch.tensor([vocab.index(s.answer) for s in ss])
+    lengths = torch.tensor([len(i) for i in ids])
+    return torch.from_numpy(padded), torch.from_numpy(px), answers, lengths, ss
+
+
+def last_logits(model, ids, px, lengths):
+    h = model.model(input_ids=ids, pixel_values=px, use_cache=False).last_hidden_state
+    last = h[torch.arange(h.shape[0]), lengths - 1]
+    return model.lm_head(last)
+
+
+@torch.no_grad()
+def accuracy(model, split: str, count: int, vocab: list[str], bs: int = 32) -> dict:
+    model.eval()
+    right: dict[str, list[int]] = {}
+    for start in range(0, count, bs):
+        ids, px, ans, lengths, ss = batch(split, start, min(bs, count - start), vocab)
+        pred = last_logits(model, ids, px, lengths).argmax(-1)
+        for s, p, a in zip(ss, pred.tolist(), ans.tolist(), strict=True):
+            right.setdefault(s.kind, []).append(int(p == a))
+    model.train()
+    out = {k: float(np.mean(v)) for k, v in right.items()}
+    for cls in ("coarse", "fine"):
+        vals = [x for k, v in right.items() if vs.KINDS[k] == cls for x in v]
+        out[cls] = float(np.mean(vals))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "models" / "vqa-synth-llava"))
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--max-steps", type=int, default=100000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--vision-width", type=int, default=64)
+    ap.add_argument("--vision-layers", type=int, default=3)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-count", type=int, default=420)
+    ap.add_argument("--test-count", type=int, default=2100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    vocab = vs.vocabulary()
+    cfg = make_config(args)
+    model = LlavaForConditionalGeneration(cfg).to(args.device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f} M on {args.device}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    budget_s = args.minutes * 60
+    warmup = 100
+    t0 = time.time()
+    log: list[dict] = []
+    best = -1.0
+    out = Path(args.out)
+    step = 0
+    losses: list[float] = []
+    while step < args.max_steps:
+        elapsed = time.time() - t0
+        if elapsed > budget_s:
+            break
+        # Cosine decay over the wall-clock budget (the step count is unknown in advance on a CPU).
+        frac = min(elapsed / budget_s, 1.0)
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, px, ans, lengths, _ = batch("train", step * args.batch, args.batch, vocab)
+        logits = last_logits(model, ids.to(args.device), px.to(args.device), lengths.to(args.device))
+        loss = F.cross_entropy(logits, ans.to(args.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % args.eval_every == 0:
+            acc = accuracy(model.to("cpu") if args.device == "cpu" else model, "val", args.eval_count, vocab)
+            rec = {"step": step, "seconds": round(time.time() - t0), "lr": lr,
+                   "loss": float(np.mean(losses[-args.eval_every:])), "val": acc}
+            log.append(rec)
+            print(json.dumps(rec), flush=True)
+            score = acc["coarse"] + acc["fine"]
+            if score > best:
+                best = score
+                model.save_pretrained(out, safe_serialization=True)
+    train_s = time.time() - t0
+    if best < 0:
+        model.save_pretrained(out, safe_serialization=True)
+    make_tokenizer().save_pretrained(out)
+    final = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="sdpa").eval()
+    test = accuracy(final, "test", args.test_count, vocab)
+    report = {"args": vars(args), "params": n_params, "steps": step, "train_seconds": round(train_s),
+              "samples_seen": step * args.batch, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "test": test, "log": log}
+    (out / "training_log.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({"test": test}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

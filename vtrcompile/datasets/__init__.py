@@ -1,0 +1,1 @@
+"""Benchmarks with known answers (synthetic, generated on the fly, no download)."""

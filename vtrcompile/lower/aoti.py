@@ -1,0 +1,120 @@
+"""Rewritten program -> AOTInductor package (`.pt2`, torch._inductor.aoti_compile_and_package), and its runner.
+
+The package is compiled for one device (CPU or CUDA); vtrcompile's metadata rides inside the compiled
+model (`aot_inductor.metadata`), so `profile` and `eval` read it back with `get_metadata()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import VtrError
+from .atomic import write_atomically
+from .onnxruntime import check_prompt
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "vtrcompile"
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VtrError("--device cuda: no CUDA GPU is visible to PyTorch; compile with --device cpu or run on a "
+                       "machine with a GPU and a CUDA build of torch")
+    if device not in ("cpu", "cuda"):
+        raise VtrError(f"--device {device}: AOTInductor packages are compiled for 'cpu' or 'cuda'")
+
+
+def export_aoti(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any], device: str) -> list[Path]:
+    """Compile the program for `device` into a .pt2 package, written atomically."""
+    check_device(device)
+    t0 = time.perf_counter()
+    if device == "cuda":
+        ep = _move_program(ep, "cuda")
+    configs = {"aot_inductor.metadata": {METADATA_KEY: json.dumps({**metadata, "device": device}, sort_keys=True)}}
+
+    def save(tmp: Path) -> None:
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
+
+    files = write_atomically(Path(out), save)
+    log.info("compiled %s for %s in %.1fs", out, device, time.perf_counter() - t0)
+    return files
+
+
+def _move_program(ep: torch.export.ExportedProgram, device: str) -> torch.export.ExportedProgram:
+    """Re-export the program with its weights on `device` (inputs follow at run time)."""
+    module = ep.module()
+    module.to(device)
+    ids, px = (t.to(device) for t in ep.example_inputs[0])
+    dyn = {"input_ids": {1: _prompt_dim(ep)}, "pixel_values": None}
+    with torch.no_grad():
+        return torch.export.export(module, (ids, px), dynamic_shapes=dyn, strict=False)
+
+
+def _prompt_dim(ep: torch.export.ExportedProgram) -> Any:
+    from ..build import prompt_range
+
+    lo, hi = prompt_range(ep)
+    return torch.export.Dim("prompt", min=lo, max=hi)
+
+
+class AotiEngine:
+    """Runs a vtrcompile .pt2 package; inputs numpy, output numpy logits [B, vocab]."""
+
+    backend = "aoti"
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VtrError(f"engine not found: {self.path}")
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as e:
+            raise VtrError(f"{self.path}: not a loadable AOTInductor package ({type(e).__name__}); build it "
+                           "with `vtrcompile optimize --out x.pt2` using the same torch version") from None
+        raw = self.runner.get_metadata().get(METADATA_KEY)
+        if raw is None:
+            raise VtrError(f"{self.path}: no vtrcompile metadata; build engines with `vtrcompile optimize`")
+        self.metadata: dict[str, Any] = json.loads(raw)
+        self.device = self.metadata["device"]
+        if self.device == "cuda":
+            check_device("cuda")
+        self._bound: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bind(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> None:
+        self._bound = (torch.from_numpy(input_ids.astype(np.int64)).to(self.device),
+                       torch.from_numpy(pixel_values.astype(np.float32)).to(self.device))
+
+    def run(self) -> torch.Tensor:
+        assert self._bound is not None
+        with torch.no_grad():
+            out = self.runner(*self._bound)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def time_ms(self) -> float:
+        """One run: CUDA events on the current stream on a GPU, wall clock on a CPU."""
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.run()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        self.run()
+        return (time.perf_counter() - t0) * 1e3
+
+    def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
+        if check:
+            check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
+        self.bind(input_ids, pixel_values)
+        return self.run().float().cpu().numpy()

@@ -1,0 +1,92 @@
+"""A `.plan` file -> a callable engine on the GPU: named I/O tensors, execute_async_v3, CUDA-event timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import VtrError
+from .onnxruntime import check_prompt
+from .tensorrt import check_cuda, import_tensorrt, read_sidecar
+
+
+class TrtEngine:
+    """Runs a vtrcompile TensorRT engine. Buffers are torch CUDA tensors; their addresses go to the context."""
+
+    backend = "tensorrt"
+
+    def __init__(self, path: str | Path) -> None:
+        import torch
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VtrError(f"engine not found: {self.path}")
+        self.sidecar = read_sidecar(self.path)
+        self.metadata: dict[str, Any] = self.sidecar["vtrcompile_metadata"]
+        import_tensorrt()
+        check_cuda()
+        import tensorrt as trt  # typed by tensorrt-stubs in CI (mypy)
+
+        self._torch = torch
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise VtrError(f"{self.path}: TensorRT could not deserialize it (built by another TensorRT "
+                           f"version or GPU? sidecar says {self.sidecar['versions'].get('tensorrt')} on "
+                           f"{self.sidecar['gpu'].get('name')}); rebuild it with `vtrcompile optimize`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._dtypes = {n: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.stream = torch.cuda.Stream()
+        self._bound: dict[str, Any] = {}
+
+    def bind(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> None:
+        """Copy inputs to the GPU once, set shapes and addresses; `run()` then only launches."""
+        torch = self._torch
+        feeds = {"input_ids": input_ids.astype(np.int64), "pixel_values": pixel_values.astype(np.float32)}
+        for name in self.inputs:
+            t = torch.from_numpy(feeds[name]).to("cuda", self._dtypes[name])
+            self._bound[name] = t
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        for name in self.outputs:
+            dims = self.context.get_tensor_shape(name)
+            shape = [int(dims[i]) for i in range(len(dims))]
+            t = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
+            self._bound[name] = t
+            self.context.set_tensor_address(name, t.data_ptr())
+
+    def run(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise VtrError(f"{self.path}: TensorRT execution failed")
+
+    def time_ms(self) -> float:
+        """One launch timed with CUDA events on the engine's stream (GPU compute time)."""
+        torch = self._torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        self.run()
+        end.record(self.stream)
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
+        if check:
+            check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
+        self.bind(input_ids, pixel_values)
+        self.run()
+        self.stream.synchronize()
+        return self._bound[self.outputs[0]].float().cpu().numpy()
+
+
+def _torch_dtype(torch: Any, trt: Any, dt: Any) -> Any:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+    if dt not in table:
+        raise VtrError(f"engine I/O dtype {dt} is not supported by the vtrcompile runner")
+    return table[dt]
