@@ -247,5 +247,111 @@ def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json) ->
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@main.command("eval")
+@click.argument("engines", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="The unmodified engine (accuracy and speed are reported next to it).")
+@click.option("--benchmark", default="vqa-synth", show_default=True,
+              help="Labelled benchmark, optionally with a split: vqa-synth or vqa-synth:val.")
+@click.option("--split", default=None, help="Benchmark split (train, val, test); default test.")
+@click.option("--count", default=700, show_default=True, type=click.IntRange(1), help="Prompts to evaluate.")
+@click.option("--fidelity", is_flag=True,
+              help="Report top-1 agreement and mean KL of the next-token distribution against --baseline "
+                   "(no labels needed; with --calibration, on any model).")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Images folder (+ prompts.jsonl) for --fidelity instead of the benchmark.")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Also measure the prefill speedup against --baseline.")
+@click.option("--sweep", "sweep_model", default=None, metavar="MODEL",
+              help="Sweep methods x budgets on MODEL: build, evaluate and profile each; writes a table, JSON and "
+                   "a plot to --out-dir.")
+@click.option("--methods", default=None, help="Comma-separated methods for --sweep (default: all).")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build/sweep"), show_default=True)
+@_profile_opts
+def eval_cmd(engines, baseline, benchmark, split, count, fidelity, calibration, speed, sweep_model, methods, out_dir,
+             reps, warmup, threads, as_json) -> None:
+    """Accuracy of ENGINE(s) on a benchmark next to the unmodified engine, with the prefill speedup."""
+    from .evaluation import accuracy, benchmark_items, calibration_items
+    from .evaluation import fidelity as run_fidelity
+    from .profile import compare, open_engine
+
+    spec = benchmark if split is None else f"{benchmark.partition(':')[0]}:{split}"
+    if sweep_model is not None:
+        if engines:
+            raise VtrError("--sweep builds its own engines; give either ENGINE files or --sweep MODEL")
+        from . import sweep
+        from .models.loading import load_model
+
+        chosen = tuple(m.strip() for m in methods.split(",")) if methods else sweep.DEFAULT_METHODS
+        unknown = [m for m in chosen if m not in METHODS or m == "none"]
+        if unknown:
+            raise VtrError(f"--methods: unknown {', '.join(unknown)}; see `vtrcompile methods`")
+        items = benchmark_items(spec, count)
+        result = sweep.run(load_model(sweep_model), items, out_dir, chosen, reps, warmup, threads)
+        paths = sweep.write(result, out_dir)
+        click.echo(json.dumps(result, indent=2) if as_json else sweep.markdown(result))
+        click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+        return
+    if not engines:
+        raise VtrError("give ENGINE file(s) to evaluate, or --sweep MODEL")
+    if (fidelity or speed) and baseline is None:
+        raise VtrError("--baseline BASELINE (the unmodified engine) is needed for the speedup and --fidelity; "
+                       "pass --no-speed to report accuracy alone")
+    base = open_engine(baseline, threads) if baseline is not None else None
+    runners = [open_engine(e, threads) for e in engines]
+    report: dict = {"benchmark": spec, "engines": []}
+    if calibration is not None:
+        if not fidelity:
+            raise VtrError("--calibration has no labels; use it with --fidelity")
+        items = calibration_items(calibration, runners[0].metadata, count)
+    else:
+        items = benchmark_items(spec, count)
+        for r in [*runners, *([base] if base else [])]:
+            items.check_engine(r.metadata, str(r.path))
+        if base is not None:
+            report["baseline"] = accuracy(base, items, f"{baseline}")
+            report["baseline"].pop("predictions")
+    for path, r in zip(engines, runners, strict=True):
+        row: dict = {"path": str(path), "method": r.metadata["method"], "options": r.metadata["options"]}
+        if calibration is None:
+            row["accuracy"] = accuracy(r, items, str(path))
+            row["accuracy"].pop("predictions")
+        if fidelity:
+            row["fidelity"] = run_fidelity(r, base, items, f"{path} fidelity")
+        if speed:
+            rep = compare(path, baseline, warmup, reps, threads)
+            row["speedup_p50"], row["prefill_p50_ms"] = rep["speedup_p50"], rep["engines"]["reduced"]["latency"]["p50_ms"]
+            row["baseline_p50_ms"] = rep["engines"]["baseline"]["latency"]["p50_ms"]
+        report["engines"].append(row)
+    click.echo(json.dumps(report, indent=2) if as_json else _format_eval(report))
+
+
+def _format_eval(r: dict) -> str:
+    head = ["engine", "method", "coarse", "fine", "overall", "top-1 agree", "mean KL", "prefill p50", "speedup"]
+    rows = []
+    b = r.get("baseline")
+    if b:
+        rows.append(["(baseline)", "none", f"{100 * b['coarse']:.1f}", f"{100 * b['fine']:.1f}",
+                     f"{100 * b['overall']:.1f}", "", "", "", "1.00x"])
+    for e in r["engines"]:
+        a, f = e.get("accuracy"), e.get("fidelity")
+
+        def pct(k, a=a):
+            if not a or a.get(k) is None:
+                return ""
+            d = f" ({100 * (a[k] - b[k]):+.1f})" if b else ""
+            return f"{100 * a[k]:.1f}{d}"
+        rows.append([e["path"], e["method"], pct("coarse"), pct("fine"), pct("overall"),
+                     f"{100 * f['top1_agreement']:.1f}%" if f else "", f"{f['mean_kl']:.4f}" if f else "",
+                     f"{e['prefill_p50_ms']:.1f} ms" if "prefill_p50_ms" in e else "",
+                     f"{e['speedup_p50']:.2f}x" if "speedup_p50" in e else ""])
+    keep = [i for i in range(len(head)) if any(row[i] for row in rows)]
+    table = [[head[i] for i in keep]] + [[row[i] for i in keep] for row in rows]
+    w = [max(len(row[i]) for row in table) for i in range(len(keep))]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return f"{r['benchmark']}: accuracy in % (points vs the baseline)\n" + "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

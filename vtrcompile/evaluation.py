@@ -1,0 +1,149 @@
+"""Engines + a labelled benchmark (or any images/prompts) -> accuracy per question kind, fidelity to the
+unmodified engine, and the method/budget sweep (table, JSON, plot)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import VtrError
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS = ("vqa-synth",)
+
+
+@dataclass
+class Item:
+    """One prompt: ids [1, S] int64, pixels [1, 3, H, W] float32, the answer's token id and the question kind
+    (both None for unlabelled prompts)."""
+
+    ids: np.ndarray
+    pixels: np.ndarray
+    answer: int | None = None
+    kind: str | None = None
+
+
+class VqaSynthItems(Sequence):
+    """vqa-synth samples rendered on demand (576 image tokens each; a list of them would hold ~1 GB)."""
+
+    def __init__(self, split: str, count: int, start: int = 0) -> None:
+        from .datasets import vqa_synth as vs
+
+        if split not in vs.SPLIT_SEEDS:
+            raise VtrError(f"unknown split '{split}' for vqa-synth; use one of {', '.join(vs.SPLIT_SEEDS)}")
+        self.vs, self.split, self.count, self.start = vs, split, count, start
+        self.vocab = vs.vocabulary()
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        s = self.vs.sample(self.split, self.start + i)
+        ids = np.array([[self.index[w] for w in s.prompt]], dtype=np.int64)
+        px = self.vs.pixel_values(self.vs.render(s.scene)[None])
+        return Item(ids, px, self.index[s.answer], s.kind)
+
+    def check_engine(self, meta: dict[str, Any], path: str) -> None:
+        """The engine's model must speak the benchmark's vocabulary and image geometry."""
+        want = {"vocab": len(self.vocab), "image_token_id": self.index[self.vs.IMAGE_TOKEN],
+                "n_image": self.vs.GRID * self.vs.GRID, "pixel_shape": [3, self.vs.SIZE, self.vs.SIZE]}
+        bad = [f"{k} {meta.get(k)} (benchmark: {v})" for k, v in want.items() if meta.get(k) != v]
+        if bad:
+            raise VtrError(f"{path}: its model does not fit vqa-synth ({', '.join(bad)}); evaluate an engine built "
+                           "from a model trained on it, such as models/vqa-synth-llava")
+
+
+def benchmark_items(spec: str, count: int) -> VqaSynthItems:
+    """'vqa-synth' or 'vqa-synth:<split>' -> items; the split defaults to test."""
+    name, _, split = spec.partition(":")
+    if name not in BENCHMARKS:
+        raise VtrError(f"unknown benchmark '{name}'; available: {', '.join(BENCHMARKS)}")
+    return VqaSynthItems(split or "test", count)
+
+
+def calibration_items(folder: str | Path, meta: dict[str, Any], count: int | None = None, seed: int = 0
+                      ) -> list[Item]:
+    """Unlabelled prompts for fidelity on any model: the folder's images, each in a prompt
+    [prefix][N image tokens][suffix] whose text ids are drawn (seeded) from the model's vocabulary.
+
+    Without a tokenizer the text is random ids: fidelity then measures how well the reduction keeps the
+    next-token distribution for this image content, not for a particular question."""
+    from .calibration import load_calibration
+
+    calib = load_calibration(folder, int(meta["pixel_shape"][-1]))
+    rng = np.random.default_rng(seed)
+    n, img, vocab = meta["n_image"], meta["image_token_id"], meta["vocab"]
+    items = []
+    for k in range(len(calib.names) if count is None else min(count, len(calib.names))):
+        pre, suf = int(rng.integers(1, 40)), int(rng.integers(4, 24))
+        text = lambda m: (img + 1 + rng.integers(0, vocab - 1, (1, m))) % vocab  # noqa: E731
+        ids = np.concatenate([text(pre), np.full((1, n), img), text(suf)], axis=1).astype(np.int64)
+        items.append(Item(ids, calib.pixel_values[k:k + 1].numpy()))
+    return items
+
+
+def _progress(label: str, total: int) -> Callable[[int], None]:
+    t0, step = time.perf_counter(), max(1, total // 10)
+
+    def tick(done: int) -> None:
+        if done % step == 0 or done == total:
+            el = time.perf_counter() - t0
+            log.info("%s: %d/%d (%.0fs, about %.0fs left)", label, done, total, el, el / done * (total - done))
+    return tick
+
+
+def accuracy(engine, items: Sequence[Item], label: str = "eval") -> dict[str, Any]:
+    """Greedy single-token answers: argmax of the next-token logits == the answer's token id."""
+    from .datasets.vqa_synth import KINDS
+
+    right: dict[str, list[int]] = {}
+    preds: list[int] = []
+    tick = _progress(label, len(items))
+    for i, it in enumerate(_iter(items)):
+        p = int(np.argmax(engine(it.ids, it.pixels, check=False)[0]))
+        preds.append(p)
+        right.setdefault(it.kind or "?", []).append(int(p == it.answer))
+        tick(i + 1)
+    out: dict[str, Any] = {"n": len(items), "per_kind": {k: float(np.mean(v)) for k, v in sorted(right.items())}}
+    for cls in ("coarse", "fine"):
+        vals = [x for k, v in right.items() if KINDS.get(k) == cls for x in v]
+        out[cls] = float(np.mean(vals)) if vals else None
+    out["overall"] = float(np.mean([x for v in right.values() for x in v]))
+    out["predictions"] = preds
+    return out
+
+
+def _iter(items: Sequence[Item]) -> Iterator[Item]:
+    for i in range(len(items)):
+        yield items[i]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def fidelity(engine, baseline, items: Sequence[Item], label: str = "fidelity") -> dict[str, float]:
+    """Top-1 agreement and mean KL(baseline || engine) of the next-token distribution."""
+    agree, kls = [], []
+    tick = _progress(label, len(items))
+    for i, it in enumerate(_iter(items)):
+        lp = log_softmax(engine(it.ids, it.pixels, check=False)[0])
+        lb = log_softmax(baseline(it.ids, it.pixels, check=False)[0])
+        agree.append(int(lp.argmax() == lb.argmax()))
+        kls.append(float((np.exp(lb) * (lb - lp)).sum()))
+        tick(i + 1)
+    return {"n": len(items), "top1_agreement": float(np.mean(agree)), "mean_kl": float(np.mean(kls))}

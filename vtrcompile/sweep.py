@@ -1,0 +1,160 @@
+"""Methods x budgets on one model -> engines, accuracy and measured prefill speedup -> table, JSON, plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import VtrError
+
+log = logging.getLogger(__name__)
+
+# Final image-token budgets as fractions of N: 50%, 25%, 64/576, 32/576 (the papers' usual operating points).
+FRACTIONS = (0.5, 0.25, 64 / 576, 32 / 576)
+DEFAULT_METHODS = ("fastv", "pyramiddrop", "pumer", "gprune", "prumerge", "prumerge-plus", "visionzip", "vtw")
+
+
+def configs(method: str, n: int, layers: int) -> list[dict[str, Any]]:
+    """Options that put `method` at each budget of FRACTIONS (VTW has no token budget: its layer K)."""
+    out: list[dict[str, Any]] = []
+    for f in FRACTIONS:
+        k = max(1, round(f * n))
+        if method in ("fastv", "gprune", "pumer"):
+            out.append({"keep": k})
+        elif method == "pyramiddrop":  # three stages of lambda: N * lambda^3 left after the last one
+            out.append({"keep_ratio": round(f ** (1 / 3), 4)})
+        elif method == "prumerge":
+            out.append({"keep": max(1, k - 1)})  # n + the leftover token
+        elif method == "prumerge-plus":
+            out.append({"keep_ratio": round(f / 2, 4)})  # outliers plus the grid, about twice the ratio
+        elif method == "visionzip":
+            out.append({"dominant": max(2, round(k * 54 / 64)), "contextual": max(1, k - max(2, round(k * 54 / 64)))})
+    if method == "vtw":
+        out = [{"layer": k} for k in range(layers - 1, 0, -1)]
+    return out
+
+
+def label(method: str, opts: dict[str, Any]) -> str:
+    return method + "".join(f" {k}={v}" for k, v in opts.items())
+
+
+def run(source, items, out_dir: Path, methods: tuple[str, ...] = DEFAULT_METHODS, reps: int = 10,
+        warmup: int = 2, threads: int | None = None, max_prompt: int = 1024) -> dict[str, Any]:
+    """Build each engine with `optimize`, evaluate it on `items`, profile it against the same baseline."""
+    from .evaluation import accuracy
+    from .lower.onnxruntime import OrtEngine
+    from .optimize import optimize
+    from .profile import compare
+
+    out_dir = Path(out_dir)
+    eng_dir = out_dir / "engines"
+    base_path = eng_dir / "baseline.onnx"
+    base = optimize(source, "none", {}, base_path, max_prompt)
+    meta = base.metadata
+    items.check_engine(meta, str(base_path))
+    n, layers = meta["n_image"], meta["llm_layers"]
+    runs = [(m, o) for m in methods for o in configs(m, n, layers)]
+    log.info("sweep: %d engines + baseline, %d prompts each", len(runs), len(items))
+    base_acc = accuracy(OrtEngine(base_path, threads), items, "baseline")
+    rows: list[dict[str, Any]] = []
+    for i, (m, o) in enumerate(runs, 1):
+        name = label(m, o)
+        path = eng_dir / (name.replace(" ", "_").replace("=", "") + ".onnx")
+        log.info("[%d/%d] %s", i, len(runs), name)
+        try:
+            res = optimize(source, m, o, path, max_prompt)
+        except VtrError as e:  # e.g. a PuMer count its schedule cannot reach: recorded, not fatal
+            log.warning("%s: skipped (%s)", name, e)
+            rows.append({"method": m, "options": o, "label": name, "skipped": str(e)})
+            continue
+        acc = accuracy(OrtEngine(path, threads), items, name)
+        rep = compare(path, base_path, warmup, reps, threads)
+        red = rep["engines"]["reduced"]
+        rows.append({
+            "method": m, "options": o, "label": name,
+            "image_tokens_last_layer": red["llm_tokens_per_layer"][-1] - (rep["prompt_tokens"] - n),
+            "llm_tokens_per_layer": red["llm_tokens_per_layer"],
+            "coarse": acc["coarse"], "fine": acc["fine"], "overall": acc["overall"], "per_kind": acc["per_kind"],
+            "speedup_p50": rep["speedup_p50"], "flops_ratio": rep["flops_ratio"],
+            "prefill_p50_ms": red["latency"]["p50_ms"],
+            "baseline_p50_ms": rep["engines"]["baseline"]["latency"]["p50_ms"],
+            "selector_share": rep["selector"]["share"] if rep["selector"] else None,
+        })
+        for p in res.files:
+            p.unlink(missing_ok=True)  # engines are rebuilt on demand; keep the sweep folder small
+    return {"model": meta["model"], "model_id": meta["model_id"], "benchmark": f"vqa-synth:{items.split}",
+            "prompts": len(items), "n_image": n, "llm_layers": layers,
+            "baseline": {k: base_acc[k] for k in ("coarse", "fine", "overall", "per_kind")},
+            "environment": rep_env(threads), "rows": rows}
+
+
+def rep_env(threads: int | None) -> dict[str, Any]:
+    import os
+
+    from .profile import environment
+
+    return environment(threads or os.cpu_count() or 1)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    b = r["baseline"]
+    lines = [
+        f"Model `{r['model']}` ({r['model_id']}), {r['benchmark']}, {r['prompts']} prompts, N={r['n_image']}; "
+        f"speedup = measured prefill p50 ratio against the unmodified engine (ONNX Runtime, "
+        f"{r['environment']['threads']} threads).",
+        "",
+        "| method | options | image tokens (last layer) | coarse | fine | Δ coarse | Δ fine | prefill speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| none | | {r['n_image']} | {100 * b['coarse']:.1f} | {100 * b['fine']:.1f} | | | 1.00x |",
+    ]
+    for row in r["rows"]:
+        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        if "skipped" in row:
+            lines.append(f"| {row['method']} | {opts} | | | | | | skipped: {row['skipped'][:60]} |")
+            continue
+        lines.append(
+            f"| {row['method']} | {opts} | {row['image_tokens_last_layer']} | {100 * row['coarse']:.1f} | "
+            f"{100 * row['fine']:.1f} | {100 * (row['coarse'] - b['coarse']):+.1f} | "
+            f"{100 * (row['fine'] - b['fine']):+.1f} | {row['speedup_p50']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Accuracy against measured prefill speedup, one curve per method; coarse and fine side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    rows = [x for x in r["rows"] if "skipped" not in x]
+    for ax, cls in zip(axes, ("coarse", "fine"), strict=True):
+        base = 100 * r["baseline"][cls]
+        ax.axhline(base, color="gray", lw=0.8, ls="--")
+        ax.plot([1.0], [base], "ks", label="unmodified")
+        for m in dict.fromkeys(x["method"] for x in rows):
+            pts = sorted((x["speedup_p50"], 100 * x[cls]) for x in rows if x["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=m)
+        ax.set_title(f"{cls} questions")
+        ax.set_xlabel("measured prefill speedup (x)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{r['benchmark']} ({r['prompts']} prompts): accuracy vs prefill speedup")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(r: dict[str, Any], out_dir: Path) -> list[Path]:
+    from .lower.atomic import write_atomically
+
+    out_dir = Path(out_dir)
+    paths = []
+    for name, fn in (("sweep.json", lambda p: p.write_text(json.dumps(r, indent=1))),
+                     ("sweep.md", lambda p: p.write_text(markdown(r))),
+                     ("sweep.png", lambda p: plot(r, p))):
+        paths += write_atomically(out_dir / name, fn)
+    return paths
