@@ -24,7 +24,7 @@ def test_same_seed_same_bytes():
     assert _digest("test", 0) == GOLDEN_TEST_0
 
 
-GOLDEN_TEST_0 = "cbffca5136681b4c"
+GOLDEN_TEST_0 = "30a5a60e1b45faf9"
 
 
 def test_geometry_and_prompt_layout():
@@ -52,11 +52,10 @@ def _colour_of(rgb) -> str:
 
 
 def _read_digit(img: np.ndarray, row: int, col: int) -> int:
-    """An independent reader: which of the seven segments are black, by sampling each segment's centre."""
-    y, x = row * 14, col * 14
-    cell = img[y:y + 14, x:x + 14].sum(axis=2) < 100
-    centres = {"a": (2, 7), "d": (12, 7), "g": (7, 7), "f": (4, 4), "b": (4, 10), "e": (10, 4), "c": (10, 10)}
-    on = "".join(sorted(s for s, (r, c) in centres.items() if cell[r, c]))
+    """Read the drawn digit back: which segments are black at their centre pixel, then which digit that is."""
+    dark = img.sum(axis=2) < 100
+    rects = vs.segment_rects(row, col)
+    on = "".join(sorted(s for s, (x0, y0, x1, y1) in rects.items() if dark[(y0 + y1) // 2, (x0 + x1) // 2]))
     return next(d for d, segs in enumerate(vs._SEGMENTS) if "".join(sorted(segs)) == on)
 
 
@@ -78,11 +77,11 @@ def test_rendered_scene_agrees_with_every_answer(index):
     assert sc.answer("digit") == str(_read_digit(img, *sc.digit_cell))
     dot_px = (img == vs.RGB[sc.dot_colour]).all(axis=2)
     r, c = sc.digit_cell
-    dot_px[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = False  # the box is white with black strokes
+    dot_px[r * 14:(r + 2) * 14, c * 14:(c + 2) * 14] = False  # the box is white with black strokes
     per_dot = int(dot_px.sum()) // len(sc.dot_cells)
     assert per_dot * len(sc.dot_cells) == dot_px.sum()  # every dot has the same size: count = pixels / size
     assert sc.answer("dot_count") == vs.COUNT_WORDS[int(dot_px.sum()) // per_dot - 1]
-    assert per_dot < 14 * 14 < fill * (x1 - x0) ** 2  # the dots are the smallest objects
+    assert per_dot < 28 * 28 < fill * (x1 - x0) ** 2  # the dots are the smallest objects
     assert sc.answer("dot_colour") == sc.dot_colour
 
 

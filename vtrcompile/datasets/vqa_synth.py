@@ -1,7 +1,7 @@
 """Seeded scenes + questions -> (336x336 image, prompt tokens, one-token answer): the vqa-synth benchmark.
 
-A scene is a background colour, one big shape, a small white box holding a seven-segment digit (one
-14-pixel patch) and 1-4 small dots of one colour. Coarse questions are answerable from most of the image
+A scene is a background colour, one big shape, a small white box holding a seven-segment digit (2 x 2
+patches of 14 pixels) and 1-4 small dots of one colour (one patch each). Coarse questions are answerable from most of the image
 (background, big shape); fine-grained ones need the few patches holding the box or the dots.
 
 Every sample is a pure function of (split, index): numpy's PCG64 seeded with [SPLIT_SEED, index], so the
@@ -78,7 +78,7 @@ class Scene:
     shape_colour: str
     shape_box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
     digit: int
-    digit_cell: tuple[int, int]  # (row, col) of the patch holding the box
+    digit_cell: tuple[int, int]  # (row, col) of the top-left patch of the 2 x 2 box
     dot_colour: str
     dot_cells: tuple[tuple[int, int], ...]
 
@@ -130,33 +130,45 @@ def make_scene(rng: np.random.Generator) -> Scene:
     # Small things sit in cells clear of the big shape's bounding box (so they are never hidden).
     free = [(r, c) for r in range(GRID) for c in range(GRID)
             if (c + 1) * PATCH <= x0 or c * PATCH >= x0 + side or (r + 1) * PATCH <= y0 or r * PATCH >= y0 + side]
-    pick = rng.choice(len(free), size=5, replace=False)
-    cells = [free[int(i)] for i in pick]
+    free_set = set(free)
+    corners = [(r, c) for r, c in free if {(r + 1, c), (r, c + 1), (r + 1, c + 1)} <= free_set]
+    br, bc = corners[int(rng.integers(len(corners)))]
+    taken = {(br, bc), (br + 1, bc), (br, bc + 1), (br + 1, bc + 1)}
+    rest = [cell for cell in free if cell not in taken]
     n_dots = int(rng.integers(1, 5))
-    return Scene(background, shape, shape_colour, box, int(rng.integers(10)), cells[0],
-                 DOT_COLOURS[rng.integers(len(DOT_COLOURS))], tuple(cells[1:1 + n_dots]))
+    dots = tuple(rest[int(i)] for i in rng.choice(len(rest), size=n_dots, replace=False))
+    return Scene(background, shape, shape_colour, box, int(rng.integers(10)), (br, bc),
+                 DOT_COLOURS[rng.integers(len(DOT_COLOURS))], dots)
 
 
 # Seven-segment digits: segments a..g (top, top-right, bottom-right, bottom, bottom-left, top-left, middle).
 _SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg")
 
 
-def _draw_digit(img: np.ndarray, row: int, col: int, digit: int) -> None:
-    y, x = row * PATCH, col * PATCH
-    img[y:y + PATCH, x:x + PATCH] = RGB["white"]
-    black = RGB["black"]
-    # 8 wide x 12 high glyph with 2-pixel strokes, inset (3, 1) in the 14 x 14 cell.
-    gx, gy, w, h, t = x + 3, y + 1, 8, 12, 2
+BOX = 2 * PATCH  # the digit box covers 2 x 2 patches
+
+
+def segment_rects(row: int, col: int) -> dict[str, tuple[int, int, int, int]]:
+    """Pixel rectangles (x0, y0, x1, y1) of the seven segments in the box whose top-left patch is (row, col):
+    a 14 x 22 glyph with 3-pixel strokes, inset (7, 3)."""
+    x, y = col * PATCH, row * PATCH
+    gx, gy, w, h, t = x + 7, y + 3, 14, 22, 3
     half = h // 2
-    rects = {
+    return {
         "a": (gx, gy, gx + w, gy + t), "d": (gx, gy + h - t, gx + w, gy + h),
-        "g": (gx, gy + half - 1, gx + w, gy + half + 1),
+        "g": (gx, gy + half - 1, gx + w, gy + half + 2),
         "f": (gx, gy, gx + t, gy + half), "b": (gx + w - t, gy, gx + w, gy + half),
         "e": (gx, gy + half, gx + t, gy + h), "c": (gx + w - t, gy + half, gx + w, gy + h),
     }
+
+
+def _draw_digit(img: np.ndarray, row: int, col: int, digit: int) -> None:
+    y, x = row * PATCH, col * PATCH
+    img[y:y + BOX, x:x + BOX] = RGB["white"]
+    rects = segment_rects(row, col)
     for s in _SEGMENTS[digit]:
         a0, b0, a1, b1 = rects[s]
-        img[b0:b1, a0:a1] = black
+        img[b0:b1, a0:a1] = RGB["black"]
 
 
 def render(scene: Scene) -> np.ndarray:
