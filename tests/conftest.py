@@ -53,3 +53,16 @@ def check_against_reference(engine, reference, source: ModelSource) -> None:
             got = engine(ids, px)
             assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
             assert max_diff(got, source.module(ids, px)) > 10 * REFERENCE_ATOL
+
+
+@pytest.fixture(scope="session")
+def calibration_dir(tmp_path_factory):
+    """A calibration folder: a few vqa-synth images as PNG files (no prompts.jsonl)."""
+    from PIL import Image
+
+    from vtrcompile.datasets import vqa_synth as vs
+
+    d = tmp_path_factory.mktemp("calibration")
+    for i in range(6):
+        Image.fromarray(vs.render(vs.sample("val", i).scene)).save(d / f"img{i}.png")
+    return d

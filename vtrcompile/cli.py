@@ -151,6 +151,8 @@ def _profile_opts(f):
 @click.option("--dominant", type=click.IntRange(1), default=None, help=_method_help("dominant", "Dominant tokens."))
 @click.option("--contextual", type=click.IntRange(1), default=None,
               help=_method_help("contextual", "Contextual tokens."))
+@click.option("--schedule", "schedule_file", type=click.Path(path_type=Path), default=None,
+              help=_method_help("schedule", "A schedule.json from `vtrcompile search`."))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Engine file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt2 (AOTInductor).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "aoti"]), default=None,
@@ -173,7 +175,7 @@ def _profile_opts(f):
 @_pickle_opt
 @_profile_opts
 def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant,
-             contextual, out, backend, device, dtype, do_profile, baseline_out, triton_repo, min_prompt, max_prompt,
+             contextual, schedule_file, out, backend, device, dtype, do_profile, baseline_out, triton_repo, min_prompt, max_prompt,
              workspace, allow_pickle, reps, warmup, threads, as_json) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.registry import resolve
@@ -185,7 +187,7 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
     keep = _parse_keep(keep, method, calibration)
     given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio,
              "prune_ratio": prune_ratio, "merge_ratio": merge_ratio, "dominant": dominant,
-             "contextual": contextual}
+             "contextual": contextual, "schedule": str(schedule_file) if schedule_file else None}
     if method not in METHODS:
         resolve(method, given, 1, 1)  # raises the one-line error before loading anything
     target = Target(backend_for(out, backend), device, dtype, min_prompt, max_prompt, workspace)
@@ -194,7 +196,19 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
     if min_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
+    if method == "schedule":
+        from .search.schedule_file import load_schedule
+
+        sched = load_schedule(schedule_file) if schedule_file else None  # bad files fail before loading
     src = load_model(model, allow_pickle)
+    if method == "schedule" and sched is not None:
+        from .models.loading import image_token_count
+        from .optimize import model_id
+        from .search.schedule_file import check_model
+
+        cfg = src.hf_model.config if src.hf_model is not None else None
+        check_model(sched, model_id(src.module, src.program), image_token_count(cfg) if cfg else sched["n_image"],
+                    str(schedule_file))
     if keep == "auto":
         from .calibration import load_calibration
         from .methods.prumerge_auto import auto_keep
@@ -245,6 +259,48 @@ def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json) ->
 
     report = compare(engine, baseline, warmup, reps, threads, prefix, suffix)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@_model_arg
+@_pickle_opt
+@click.option("--algo", required=True, type=click.Choice(["gsearch", "psigmoid", "vtw"]),
+              help="gsearch: greedy per-layer grid; psigmoid: parametric schedule by Bayesian optimisation; "
+                   "vtw: VTW's layer K by the KL rule.")
+@click.option("--calibration", required=True,
+              help="vqa-synth:val (labelled: accuracy) or a folder of images + prompts.jsonl (fidelity).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="schedule.json to write.")
+@click.option("--count", default=280, show_default=True, type=click.IntRange(1), help="Calibration prompts.")
+@click.option("--tolerance", default=0.01, show_default=True, type=click.FloatRange(0),
+              help="gsearch: allowed drop of the metric (accuracy/agreement: fraction; kl: nats).")
+@click.option("--budget", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="psigmoid: mean keep fraction over the LLM layers (layer 0 keeps all).")
+@click.option("--trials", default=40, show_default=True, type=click.IntRange(1), help="psigmoid: trials.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--storage", default=None,
+              help="psigmoid: optuna storage URL (default sqlite next to --out; a postgresql:// or mysql:// URL lets "
+                   "several machines run trials of one study).")
+@click.option("--metric", type=click.Choice(["accuracy", "agreement", "kl"]), default=None,
+              help="Quality metric (default: accuracy with labels, agreement without).")
+def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget, trials, seed, storage,
+           metric) -> None:
+    """Search a per-layer keep schedule for MODEL on calibration data; compile it with --method schedule."""
+    from .lower.atomic import check_writable
+    from .models.loading import load_model
+    from .search.job import run_search
+
+    if algo == "psigmoid" and budget is None:
+        raise VtrError("--algo psigmoid needs --budget (mean keep fraction over the layers, e.g. 0.25)")
+    check_writable(out)
+    rec = run_search(load_model(model, allow_pickle), algo, calibration, out, count, tolerance, budget, trials, seed,
+                     storage, metric)
+    m = rec["metric"]
+    click.echo(f"{algo}: keep per layer {rec['keep']} (mean keep fraction {rec['budget']:.4f})")
+    click.echo(f"{m['name']}: {m['value']:.4f} (unreduced {m['baseline']:.4f}); {rec['evaluated_schedules']} "
+               f"schedules evaluated in {rec['seconds']:.0f}s on {rec['calibration']}")
+    if algo == "vtw":
+        click.echo(f"VTW layer K = {rec['vtw_layer']}: vtrcompile optimize MODEL --method vtw --layer {rec['vtw_layer']}")
+    click.echo(f"wrote {out}; compile it with: vtrcompile optimize MODEL --method schedule --schedule {out}")
 
 
 @main.command("eval")

@@ -16,6 +16,7 @@ from .fastv import fastv_keep
 from .gprune import gprune_keep
 from .prumerge import grid_indices, prumerge_features, prumerge_plus_features
 from .pumer import pumer_counts, pumer_select
+from .schedule import schedule_keep, schedule_sites
 from .visionzip import visionzip_features
 
 
@@ -211,6 +212,34 @@ def _plan_gprune(opts: dict, n: int, layers: int) -> list[Reduction]:
     return [Reduction("gprune", 0, keep, "keep", _gprune_selector(keep), site="projector", options=dict(opts))]
 
 
+def _schedule_selector(keep: int):
+    def select(s: SelectorInputs):
+        prev = s.previous
+        return schedule_keep, (prev.q, prev.k, prev.mask, s.image_start), {
+            "n_image": s.n_image, "keep": keep, "scale": _scale(prev.attention)}
+    return select
+
+
+def _plan_schedule(opts: dict, n: int, layers: int) -> list[Reduction]:
+    from ..search.schedule_file import load_schedule
+
+    path = opts.get("schedule")
+    if not path:
+        raise VtrError("schedule: give --schedule FILE (written by `vtrcompile search`)")
+    sched = load_schedule(path)
+    keeps = sched["keep"]
+    if sched["n_image"] != n or len(keeps) != layers:
+        raise VtrError(f"{path}: made for N={sched['n_image']} image tokens and {len(keeps)} layers, this model "
+                       f"has N={n} and {layers}; search again for this model")
+    out = []
+    for layer, keep in schedule_sites(keeps):
+        if keep == 0:  # nothing left to score: withdraw the rest (as VTW), and no later site remains
+            out.append(Reduction("schedule", layer, 0, "keep", None, options=dict(opts)))
+            break
+        out.append(Reduction("schedule", layer, keep, "keep", _schedule_selector(keep), options=dict(opts)))
+    return out
+
+
 _KEEP = Option("keep", int, None, "image tokens to keep (overrides the ratio)")
 
 METHODS: dict[str, MethodSpec] = {
@@ -261,6 +290,11 @@ METHODS: dict[str, MethodSpec] = {
             "vtw", "VTW: withdraw every image token at layer K", "llm@K", "keep",
             "Lin et al. 2024, Boosting Multimodal LLMs with Visual Token Withdrawal (arXiv 2405.05803)",
             (Option("layer", int, None, "K (default L/2)"),), _plan_vtw),
+        MethodSpec(
+            "schedule", "a searched per-layer schedule (G-Search / P-Sigmoid): top-n_l by suffix-text attention",
+            "llm@l where n_l drops", "keep",
+            "Zhao et al. 2024, Accelerating MLLMs by Searching Optimal Vision Token Reduction (arXiv 2412.00556)",
+            (Option("schedule", str, None, "schedule.json from `vtrcompile search`"),), _plan_schedule),
     ]
 }
 

@@ -141,3 +141,25 @@ def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, me
         return new_h, new_pos, len(out_rows)
 
     return _progressive(model, input_ids, pixel_values, sites, reduce)
+
+
+def suffix_scores(model, layer: int, h_prev: torch.Tensor, pos: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Head-mean attention of layer `layer` from every suffix-text row to each image token, row-mean: [n]."""
+    probs = attention_probs(model, layer, h_prev, pos)[0]
+    return probs[start + n:, start:start + n].mean(dim=0)
+
+
+@torch.no_grad()
+def schedule_reference(model, input_ids, pixel_values, keeps: list[int]) -> torch.Tensor:
+    """A keep schedule n_0..n_{L-1}: before layer l, keep the top n_l image tokens still present by layer
+    l-1's suffix-text attention (ascending, positions kept); n_l = 0 withdraws them all."""
+    sites = {layer: keeps[layer] for layer in range(1, len(keeps)) if keeps[layer] < keeps[layer - 1]}
+
+    def reduce(layer, h_prev, h, pos, start, n):
+        keep = sites[layer]
+        kept = top_rows_ascending(suffix_scores(model, layer - 1, h_prev, pos, start, n), keep) if keep else \
+            torch.arange(0)
+        rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
+        return h[:, rows], pos[rows], keep
+
+    return _progressive(model, input_ids, pixel_values, set(sites), reduce)

@@ -1,0 +1,130 @@
+"""The `schedule` method: structure, the compiled graph (and ONNX Runtime engine) against the eager reference
+and the search's evaluator, a schedule that must not fire, and the schedule file's guards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from vtrcompile.build import build
+from vtrcompile.cli import main
+from vtrcompile.errors import VtrError
+from vtrcompile.evaluation import Item
+from vtrcompile.lower.onnxruntime import OrtEngine
+from vtrcompile.optimize import model_id, write_engine
+from vtrcompile.reference.llava import full_logits
+from vtrcompile.reference.methods import schedule_reference
+from vtrcompile.search.evaluator import ScheduleEvaluator
+from vtrcompile.search.schedule_file import load_schedule, save_schedule
+
+SCHEDULES = {
+    "progressive": [36, 36, 20, 9],
+    "early-withdraw": [36, 12, 0, 0],
+    "one-site": [36, 36, 36, 5],
+}
+
+
+def _write(tmp_path, tiny, keeps, name="s.json", **over):
+    rec = {"algo": "gsearch", "settings": {}, "model": tiny.label, "model_id": model_id(tiny.module, None),
+           "n_image": 36, "llm_layers": 4, "keep": keeps, "complete": True, **over}
+    save_schedule(tmp_path / name, rec)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def builds(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sched")
+    return {name: build(tiny, "schedule", {"schedule": str(_write(d, tiny, k, f"{name}.json"))})
+            for name, k in SCHEDULES.items()}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_sites_and_tokens_follow_the_schedule(builds, name):
+    b, keeps = builds[name], SCHEDULES[name]
+    drops = [(layer, keeps[layer]) for layer in range(1, 4) if keeps[layer] < keeps[layer - 1]]
+    if 0 in keeps:
+        drops = drops[:drops.index(next(d for d in drops if d[1] == 0)) + 1]
+    assert [(r.layer, r.keep) for r in b.reductions] == drops
+    s = b.example_inputs[0].shape[1]
+    assert b.llm_tokens(s) == [s - 36 + k for k in keeps]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_graph_equals_reference_and_the_search_evaluator(tiny, builds, name):
+    m, keeps = tiny.hf_model, SCHEDULES[name]
+    cases = prompts(m.config)
+    ev = ScheduleEvaluator(m, [Item(ids.numpy(), px.numpy()) for ids, px in cases])
+    got_ev = ev.logits(keeps)
+    ev.checkpoint(keeps, 2)  # the G-Search path: start from cached states entering layer 2
+    got_cp = ev.logits(keeps)
+    for i, (ids, px) in enumerate(cases):
+        with torch.no_grad():
+            graph = builds[name].graph_module(ids, px)
+        ref = schedule_reference(m, ids, px, keeps)
+        assert max_diff(graph, ref) <= REFERENCE_ATOL
+        assert max_diff(got_ev[i], graph[0]) <= REFERENCE_ATOL
+        assert max_diff(got_cp[i], graph[0]) <= REFERENCE_ATOL
+        assert max_diff(graph, tiny.module(ids, px)) > 10 * REFERENCE_ATOL
+
+
+def test_onnxruntime_engine_equals_reference(tiny, builds, tmp_path):
+    eng = OrtEngine(write_engine(builds["progressive"], tiny, tmp_path / "s.onnx").files[-1], threads=1)
+    for ids, px in prompts(tiny.hf_model.config)[:2]:
+        ref = schedule_reference(tiny.hf_model, ids, px, SCHEDULES["progressive"])
+        assert max_diff(eng(ids.numpy(), px.numpy()), ref) <= REFERENCE_ATOL
+
+
+def test_schedule_without_drops_does_not_fire(tiny, tmp_path):
+    b = build(tiny, "schedule", {"schedule": str(_write(tmp_path, tiny, [36, 36, 36, 36]))})
+    assert b.reductions == []
+    ids, px = prompts(tiny.hf_model.config)[0]
+    with torch.no_grad():
+        assert max_diff(b.graph_module(ids, px), full_logits(tiny.hf_model, ids, px)) <= REFERENCE_ATOL
+        assert max_diff(ScheduleEvaluator(tiny.hf_model, [Item(ids.numpy(), px.numpy())]).full[0],
+                        b.graph_module(ids, px)[0]) <= REFERENCE_ATOL
+
+
+def test_schedule_file_guards(tiny, tmp_path):
+    with pytest.raises(VtrError, match="did not finish"):
+        load_schedule(_write(tmp_path, tiny, [36, 20, 10, 5], complete=False))
+    with pytest.raises(VtrError, match="non-increasing"):
+        load_schedule(_write(tmp_path, tiny, [36, 20, 25, 5]))
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(VtrError, match="not a JSON schedule"):
+        load_schedule(tmp_path / "x.json")
+
+
+def test_optimize_refuses_a_schedule_for_another_model(tiny, tmp_path):
+    other = _write(tmp_path, tiny, [36, 20, 10, 5], name="other.json", model_id="0123456789abcdef")
+    r = CliRunner().invoke(main, ["optimize", "tiny", "--method", "schedule", "--schedule", str(other),
+                                  "--out", str(tmp_path / "e.onnx")])
+    assert r.exit_code == 2 and "searched on model" in r.output and not (tmp_path / "e.onnx").exists()
+    wrong_n = _write(tmp_path, tiny, [36, 20, 10, 5], name="n.json", n_image=576)
+    r = CliRunner().invoke(main, ["optimize", "tiny", "--method", "schedule", "--schedule", str(wrong_n),
+                                  "--out", str(tmp_path / "e.onnx")])
+    assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_search_cli_end_to_end_and_resume(tiny, tmp_path, calibration_dir):
+    out = tmp_path / "g.json"
+    args = ["search", "tiny", "--algo", "gsearch", "--calibration", str(calibration_dir), "--out", str(out),
+            "--tolerance", "0.2", "--count", "4"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["complete"] and rec["model_id"] == model_id(tiny.module, None) and rec["metric"]["name"] == "agreement"
+    assert rec["keep"][0] == 36 and len(rec["keep"]) == 4 and rec["evaluations"]
+    # An interrupted run (complete: false) resumes from its evaluations: nothing is evaluated twice.
+    rec["complete"] = False
+    out.write_text(json.dumps(rec))
+    r = CliRunner().invoke(main, args)
+    again = json.loads(out.read_text())
+    assert r.exit_code == 0 and again["keep"] == rec["keep"]
+    assert len(again["evaluations"]) == len(rec["evaluations"])
+    r = CliRunner().invoke(main, ["optimize", "tiny", "--method", "schedule", "--schedule", str(out),
+                                  "--out", str(tmp_path / "s.onnx")])
+    assert r.exit_code == 0, r.output

@@ -1,0 +1,162 @@
+"""Candidate schedules -> next-token logits on calibration prompts, eagerly, from one prepared model.
+
+No re-export per candidate: image features and prompt embeddings are computed once per prompt, and the
+decoder runs the schedule with the reference building blocks (reference/llava.py). tests/search checks
+that these logits equal the compiled `schedule` engine's. G-Search also checkpoints the hidden states
+entering the layer it is deciding, so each candidate only runs the layers from there on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import VtrError
+from ..reference.llava import embed_prompt, image_features, image_start, next_token_logits, run_layers
+from ..reference.llava import top_rows_ascending as _top
+from ..reference.methods import suffix_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _State:
+    h_prev: torch.Tensor  # what entered layer l-1
+    h: torch.Tensor  # what enters layer l
+    pos: torch.Tensor
+    start: int
+    n: int
+
+
+class ScheduleEvaluator:
+    def __init__(self, model, items: list, answers: list[int] | None = None) -> None:
+        self.model = model.eval()
+        self.layers = len(model.model.language_model.layers)
+        self.answers = answers
+        self._h0: list[tuple[torch.Tensor, int]] = []
+        with torch.no_grad():
+            for it in items:
+                ids, px = torch.as_tensor(it.ids), torch.as_tensor(it.pixels)
+                feats = image_features(model, px.to(next(model.parameters()).dtype))
+                self._h0.append((embed_prompt(model, ids, feats), image_start(model, ids)))
+            self.n_image = int(feats.shape[1])
+        self._cp: tuple[int, tuple[int, ...], list[_State]] | None = None
+        self.evaluations = 0
+        self.full = self.logits([self.n_image] * self.layers)
+
+    def _start_state(self, i: int) -> _State:
+        h, start = self._h0[i]
+        return _State(h, h, torch.arange(h.shape[1]), start, self.n_image)
+
+    def _advance(self, st: _State, keeps: list[int], lo: int, hi: int) -> _State:
+        """Run layers lo..hi-1, reducing before each layer l where keeps[l] < keeps[l-1]."""
+        h_prev, h, pos, start, n = st.h_prev, st.h, st.pos, st.start, st.n
+        for layer in range(lo, hi):
+            if layer > 0 and keeps[layer] < n:
+                keep = keeps[layer]
+                kept = _top(suffix_scores(self.model, layer - 1, h_prev, pos, start, n), keep) if keep \
+                    else torch.arange(0)
+                rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
+                h, pos, n = h[:, rows], pos[rows], keep
+            h_prev, h = h, run_layers(self.model, h, pos, range(layer, layer + 1))
+        return _State(h_prev, h, pos, start, n)
+
+    @torch.no_grad()
+    def checkpoint(self, keeps: list[int], layer: int) -> None:
+        """Keep the states entering `layer` under keeps[:layer]; later candidates sharing it start there."""
+        self._cp = (layer, tuple(keeps[:layer]),
+                    [self._advance(self._start_state(i), keeps, 0, layer) for i in range(len(self._h0))])
+
+    @torch.no_grad()
+    def logits(self, keeps: list[int]) -> torch.Tensor:
+        """keeps n_0..n_{L-1} (non-increasing, n_0 = N) -> next-token logits [M, vocab]."""
+        if len(keeps) != self.layers or keeps[0] != self.n_image or any(
+                b > a for a, b in zip(keeps, keeps[1:], strict=False)):
+            raise VtrError(f"schedule {keeps}: needs {self.layers} non-increasing counts from N={self.n_image}")
+        self.evaluations += 1
+        out = []
+        for i in range(len(self._h0)):
+            if self._cp is not None and tuple(keeps[:self._cp[0]]) == self._cp[1]:
+                st, lo = self._cp[2][i], self._cp[0]
+            else:
+                st, lo = self._start_state(i), 0
+            st = self._advance(st, keeps, lo, self.layers)
+            out.append(next_token_logits(self.model, st.h)[0])
+        return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The quality a search keeps: 'accuracy' (labels), 'agreement' (top-1 with the unreduced model) or 'kl'
+    (mean KL(full || reduced)); `drop` is how far a value is from the unreduced model's, in its own units."""
+
+    name: str
+
+    def value(self, ev: ScheduleEvaluator, logits: torch.Tensor) -> float:
+        if self.name == "accuracy":
+            return float((logits.argmax(-1) == torch.tensor(ev.answers)).float().mean())
+        if self.name == "agreement":
+            return float((logits.argmax(-1) == ev.full.argmax(-1)).float().mean())
+        lf, lr = torch.log_softmax(ev.full.double(), -1), torch.log_softmax(logits.double(), -1)
+        return float((lf.exp() * (lf - lr)).sum(-1).mean())
+
+    def drop(self, baseline: float, v: float) -> float:
+        return v - baseline if self.name == "kl" else baseline - v
+
+
+def calibration_items(spec: str, model, count: int, source_dir: str | None = None
+                      ) -> tuple[list, list[int] | None, str]:
+    """'vqa-synth:<split>' (labelled) or a folder of images + prompts.jsonl (unlabelled) -> items, answers,
+    a description. Folder prompts are tokenized with the model directory's tokenizer when it has one."""
+    from ..evaluation import Item, VqaSynthItems
+
+    if spec.startswith("vqa-synth"):
+        split = spec.partition(":")[2] or "val"
+        if split == "test":
+            raise VtrError("the test split is never used for choices; calibrate on vqa-synth:val (or :train)")
+        items = VqaSynthItems(split, count)
+        if (model.config.text_config.vocab_size != len(items.vocab)
+                or model.config.image_token_id != items.index["<image>"]):
+            raise VtrError(f"--calibration {spec}: the model's vocabulary is not vqa-synth's; calibrate with a "
+                           "folder of images instead")
+        got = [items[i] for i in range(len(items))]
+        return got, [it.answer for it in got], f"vqa-synth:{split} ({len(got)} prompts, labelled)"
+    from ..calibration import load_calibration
+    from ..models.loading import image_token_count
+
+    cfg = model.config
+    calib = load_calibration(spec, cfg.vision_config.image_size)
+    n, img = image_token_count(cfg), cfg.image_token_id
+    tok = _tokenizer(source_dir)
+    rng = np.random.default_rng(0)
+    prompts = calib.prompts or [{"image": name, "prompt": ""} for name in calib.names]
+    items = []
+    for rec in prompts[:count]:
+        k = calib.names.index(rec["image"])
+        if tok is not None and rec["prompt"]:
+            pre, _, suf = rec["prompt"].partition("<image>")
+            pre_ids = tok(pre, add_special_tokens=False)["input_ids"] or [0]
+            suf_ids = tok(suf, add_special_tokens=False)["input_ids"] or [0]
+        else:  # no tokenizer: random text around the image (documented in the README)
+            vocab = cfg.text_config.vocab_size
+            pre_ids, suf_ids = [((img + 1 + int(x)) % vocab) for x in rng.integers(0, vocab - 1, 2 + k % 30)], \
+                [((img + 1 + int(x)) % vocab) for x in rng.integers(0, vocab - 1, 4 + k % 16)]
+        ids = np.array([pre_ids + [img] * n + suf_ids], dtype=np.int64)
+        items.append(Item(ids, calib.pixel_values[k:k + 1].numpy()))
+    how = "tokenized prompts" if tok is not None and calib.prompts else "random text ids"
+    return items, None, f"{spec} ({len(items)} prompts, unlabelled, {how})"
+
+
+def _tokenizer(source_dir: str | None) -> Any:
+    if not source_dir or not Path(source_dir).is_dir():
+        return None
+    if not any((Path(source_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
