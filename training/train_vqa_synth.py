@@ -111,13 +111,19 @@ def main() -> None:
     ap.add_argument("--eval-count", type=int, default=420)
     ap.add_argument("--test-count", type=int, default=2100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="continue from this checkpoint directory (same config)")
+    ap.add_argument("--start-step", type=int, default=0, help="with --init: steps already taken (new data)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     vocab = vs.vocabulary()
     cfg = make_config(args)
-    model = LlavaForConditionalGeneration(cfg).to(args.device)
+    if args.init:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa").to(args.device)
+        cfg = model.config
+    else:
+        model = LlavaForConditionalGeneration(cfg).to(args.device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M on {args.device}", flush=True)
@@ -128,7 +134,7 @@ def main() -> None:
     log: list[dict] = []
     best = -1.0
     out = Path(args.out)
-    step = 0
+    step = args.start_step
     losses: list[float] = []
     while step < args.max_steps:
         elapsed = time.time() - t0
@@ -136,7 +142,7 @@ def main() -> None:
             break
         # Cosine decay over the wall-clock budget (the step count is unknown in advance on a CPU).
         frac = min(elapsed / budget_s, 1.0)
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = args.lr * min(1.0, (step - args.start_step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         ids, px, ans, lengths, _ = batch("train", step * args.batch, args.batch, vocab)
