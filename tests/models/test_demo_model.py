@@ -1,0 +1,52 @@
+"""The shipped demo model loads with plain transformers and answers vqa-synth as its model card says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtrcompile.datasets import vqa_synth as vs
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "vqa-synth-llava"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(MODEL, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(MODEL, local_files_only=True)
+
+
+def test_checkpoint_is_small_and_complete():
+    size = sum(p.stat().st_size for p in MODEL.glob("*.safetensors"))
+    assert 0 < size <= 20e6
+    for f in ("config.json", "tokenizer.json", "README.md", "card.json"):
+        assert (MODEL / f).is_file()
+
+
+def test_tokenizer_speaks_the_benchmark_vocabulary(shipped):
+    _, tok = shipped
+    s = vs.sample("test", 0)
+    assert tok.convert_tokens_to_ids(list(s.prompt)) == vs.encode(s.prompt).tolist()
+    assert tok(" ".join(s.prompt), add_special_tokens=False)["input_ids"] == vs.encode(s.prompt).tolist()
+
+
+@torch.no_grad()
+def test_test_split_sample_matches_the_model_card(shipped):
+    model, tok = shipped
+    card = json.loads((MODEL / "card.json").read_text())["ci_sample"]
+    right = {"coarse": [], "fine": []}
+    for i in range(card["count"]):
+        s = vs.sample("test", i)
+        ids = torch.tensor([tok.convert_tokens_to_ids(list(s.prompt))])
+        px = torch.from_numpy(vs.pixel_values(vs.render(s.scene)[None]))
+        pred = model(input_ids=ids, pixel_values=px, use_cache=False, logits_to_keep=1).logits[0, -1].argmax()
+        right[vs.KINDS[s.kind]].append(int(tok.convert_ids_to_tokens(int(pred)) == s.answer))
+    for cls, hits in right.items():
+        # Same prompts, same weights: equal up to an argmax flipped by float noise.
+        assert abs(sum(hits) - round(card[cls] * len(hits))) <= 1, cls
+    assert card["coarse"] >= 0.9 and card["fine"] >= 0.7
