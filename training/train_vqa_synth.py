@@ -2,9 +2,11 @@
 
     python training/train_vqa_synth.py --out models/vqa-synth-llava --minutes 60
 
-Seeded; every batch is fresh train-split samples (index = step * batch + i), so nothing repeats. The loss
-is cross-entropy of the one-word answer at the last prompt position (prompts are right-padded; causal
-attention means padding never reaches a real token). Every --eval-every steps it measures val accuracy per
+Seeded; every batch is fresh train-split samples (index = step * batch + i), so nothing repeats. Each
+training prompt asks every question kind about its image (the first exactly in the benchmark's format, the
+others as follow-up turns) and the loss is the cross-entropy of each one-word answer (prompts are
+right-padded; causal attention means padding never reaches a real token). Evaluation uses the benchmark's
+single-question prompts. Every --eval-every steps it measures val accuracy per
 question class and keeps the best checkpoint; the test split is only read once, at the end, for the card.
 """
 
@@ -71,6 +73,38 @@ def batch(split: str, start: int, size: int, vocab: list[str]):
     answers = torch.tensor([vocab.index(s.answer) for s in ss])
     lengths = torch.tensor([len(i) for i in ids])
     return torch.from_numpy(padded), torch.from_numpy(px), answers, lengths, ss
+
+
+def multi_qa_batch(start: int, size: int, vocab: list[str]):
+    """Training prompts with every question kind about one image: the sample's own question first, in exactly
+    the benchmark's format (so answer 1 sees what an eval prompt shows), then the other six as follow-up
+    turns ("user : <question> assistant : <answer>"). Each answer is supervised: 7 targets per 600-token
+    sequence instead of 1, for about 15% more compute."""
+    index = {w: i for i, w in enumerate(vocab)}
+    seqs, targets, pixels = [], [], []
+    for j in range(start, start + size):
+        smp = vs.sample("train", j)
+        words = list(smp.prompt)
+        pos = [len(words) - 1]
+        words.append(smp.answer)
+        rng = np.random.default_rng([7, j])
+        others = [q for q in vs.QUESTIONS if q[0] != smp.kind]
+        for k in rng.permutation(len(others)):
+            kind, _, question = others[int(k)]
+            words += ["user", ":"] + question.split() + ["assistant", ":"]
+            pos.append(len(words) - 1)
+            words.append(smp.scene.answer(kind))
+        seqs.append([index[w] for w in words])
+        targets.append([(p, index[words[p + 1]]) for p in pos])
+        pixels.append(vs.render(smp.scene))
+    s_max = max(len(x) for x in seqs)
+    ids = np.zeros((size, s_max), dtype=np.int64)
+    for r, x in enumerate(seqs):
+        ids[r, :len(x)] = x
+    rows = torch.tensor([r for r, t in enumerate(targets) for _ in t])
+    cols = torch.tensor([p for t in targets for p, _ in t])
+    answers = torch.tensor([a for t in targets for _, a in t])
+    return torch.from_numpy(ids), torch.from_numpy(vs.pixel_values(np.stack(pixels))), rows, cols, answers
 
 
 def last_logits(model, ids, px, lengths):
@@ -145,8 +179,9 @@ def main() -> None:
         lr = args.lr * min(1.0, (step - args.start_step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, px, ans, lengths, _ = batch("train", step * args.batch, args.batch, vocab)
-        logits = last_logits(model, ids.to(args.device), px.to(args.device), lengths.to(args.device))
+        ids, px, rows, cols, ans = multi_qa_batch(step * args.batch, args.batch, vocab)
+        h = model.model(input_ids=ids.to(args.device), pixel_values=px.to(args.device), use_cache=False)
+        logits = model.lm_head(h.last_hidden_state[rows.to(args.device), cols.to(args.device)])
         loss = F.cross_entropy(logits, ans.to(args.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -31,8 +31,8 @@ def configs(method: str, n: int, layers: int) -> list[dict[str, Any]]:
             out.append({"keep_ratio": round(f / 2, 4)})  # outliers plus the grid, about twice the ratio
         elif method == "visionzip":
             out.append({"dominant": max(2, round(k * 54 / 64)), "contextual": max(1, k - max(2, round(k * 54 / 64)))})
-    if method == "vtw":
-        out = [{"layer": k} for k in range(layers - 1, 0, -1)]
+    if method == "vtw":  # K at 3L/4, L/2, L/4
+        out = [{"layer": k} for k in sorted({3 * layers // 4, layers // 2, max(1, layers // 4)}, reverse=True)]
     return out
 
 
