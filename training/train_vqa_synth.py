@@ -75,7 +75,15 @@ def batch(split: str, start: int, size: int, vocab: list[str]):
     return torch.from_numpy(padded), torch.from_numpy(px), answers, lengths, ss
 
 
-def multi_qa_batch(start: int, size: int, vocab: list[str]):
+def curriculum_sizes(step: int, start: int, steps: int) -> tuple[int, int]:
+    """(box patches, dot radius): 4/6 for the first third of the curriculum, 3/5, then 2/4, the benchmark's."""
+    if steps <= 0 or step - start >= steps:
+        return 2, 4
+    phase = 3 * (step - start) // steps
+    return (4, 6) if phase == 0 else (3, 5) if phase == 1 else (2, 4)
+
+
+def multi_qa_batch(start: int, size: int, vocab: list[str], box_patches: int = 2, dot_radius: int = 4):
     """Training prompts with every question kind about one image: the sample's own question first, in exactly
     the benchmark's format (so answer 1 sees what an eval prompt shows), then the other six as follow-up
     turns ("user : <question> assistant : <answer>"). Each answer is supervised: 7 targets per 600-token
@@ -83,7 +91,7 @@ def multi_qa_batch(start: int, size: int, vocab: list[str]):
     index = {w: i for i, w in enumerate(vocab)}
     seqs, targets, pixels = [], [], []
     for j in range(start, start + size):
-        smp = vs.sample("train", j)
+        smp = vs.sample("train", j, box_patches, dot_radius)
         words = list(smp.prompt)
         pos = [len(words) - 1]
         words.append(smp.answer)
@@ -147,6 +155,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", default=None, help="continue from this checkpoint directory (same config)")
     ap.add_argument("--start-step", type=int, default=0, help="with --init: steps already taken (new data)")
+    ap.add_argument("--curriculum", type=int, default=0,
+                    help="steps of larger digit boxes and dots (4, then 3 patches; radius 6, 5) before the "
+                         "benchmark's sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -179,7 +190,8 @@ def main() -> None:
         lr = args.lr * min(1.0, (step - args.start_step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, px, rows, cols, ans = multi_qa_batch(step * args.batch, args.batch, vocab)
+        box, radius = curriculum_sizes(step, args.start_step, args.curriculum)
+        ids, px, rows, cols, ans = multi_qa_batch(step * args.batch, args.batch, vocab, box, radius)
         h = model.model(input_ids=ids.to(args.device), pixel_values=px.to(args.device), use_cache=False)
         logits = model.lm_head(h.last_hidden_state[rows.to(args.device), cols.to(args.device)])
         loss = F.cross_entropy(logits, ans.to(args.device))

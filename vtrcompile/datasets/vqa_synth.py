@@ -81,6 +81,8 @@ class Scene:
     digit_cell: tuple[int, int]  # (row, col) of the top-left patch of the 2 x 2 box
     dot_colour: str
     dot_cells: tuple[tuple[int, int], ...]
+    box_patches: int = 2  # the benchmark's size; training curricula may start larger
+    dot_radius: int = 4
 
     def answer(self, kind: str) -> str:
         return {
@@ -114,7 +116,7 @@ def _rng(split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([SPLIT_SEEDS[split], index])
 
 
-def make_scene(rng: np.random.Generator) -> Scene:
+def make_scene(rng: np.random.Generator, box_patches: int = 2, dot_radius: int = 4) -> Scene:
     background = BIG_COLOURS[rng.integers(len(BIG_COLOURS))]
     # Red big shapes half the time (when the background allows), so "is there a red object" is balanced.
     others = [c for c in BIG_COLOURS if c != background]
@@ -131,28 +133,29 @@ def make_scene(rng: np.random.Generator) -> Scene:
     free = [(r, c) for r in range(GRID) for c in range(GRID)
             if (c + 1) * PATCH <= x0 or c * PATCH >= x0 + side or (r + 1) * PATCH <= y0 or r * PATCH >= y0 + side]
     free_set = set(free)
-    corners = [(r, c) for r, c in free if {(r + 1, c), (r, c + 1), (r + 1, c + 1)} <= free_set]
+    k = box_patches
+    corners = [(r, c) for r, c in free
+               if {(r + i, c + j) for i in range(k) for j in range(k)} <= free_set]
     br, bc = corners[int(rng.integers(len(corners)))]
-    taken = {(br, bc), (br + 1, bc), (br, bc + 1), (br + 1, bc + 1)}
+    taken = {(br + i, bc + j) for i in range(k) for j in range(k)}
     rest = [cell for cell in free if cell not in taken]
     n_dots = int(rng.integers(1, 5))
     dots = tuple(rest[int(i)] for i in rng.choice(len(rest), size=n_dots, replace=False))
     return Scene(background, shape, shape_colour, box, int(rng.integers(10)), (br, bc),
-                 DOT_COLOURS[rng.integers(len(DOT_COLOURS))], dots)
+                 DOT_COLOURS[rng.integers(len(DOT_COLOURS))], dots, box_patches, dot_radius)
 
 
 # Seven-segment digits: segments a..g (top, top-right, bottom-right, bottom, bottom-left, top-left, middle).
 _SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg")
 
 
-BOX = 2 * PATCH  # the digit box covers 2 x 2 patches
-
-
-def segment_rects(row: int, col: int) -> dict[str, tuple[int, int, int, int]]:
+def segment_rects(row: int, col: int, box_patches: int = 2) -> dict[str, tuple[int, int, int, int]]:
     """Pixel rectangles (x0, y0, x1, y1) of the seven segments in the box whose top-left patch is (row, col):
-    a 14 x 22 glyph with 3-pixel strokes, inset (7, 3)."""
+    for the benchmark's 2 x 2-patch box, a 14 x 22 glyph with 3-pixel strokes, inset (7, 3); other box
+    sizes scale it."""
+    k = box_patches
     x, y = col * PATCH, row * PATCH
-    gx, gy, w, h, t = x + 7, y + 3, 14, 22, 3
+    gx, gy, w, h, t = x + 7 * k // 2, y + 3 * k // 2, 7 * k, 11 * k, 3 * k // 2
     half = h // 2
     return {
         "a": (gx, gy, gx + w, gy + t), "d": (gx, gy + h - t, gx + w, gy + h),
@@ -162,10 +165,10 @@ def segment_rects(row: int, col: int) -> dict[str, tuple[int, int, int, int]]:
     }
 
 
-def _draw_digit(img: np.ndarray, row: int, col: int, digit: int) -> None:
-    y, x = row * PATCH, col * PATCH
-    img[y:y + BOX, x:x + BOX] = RGB["white"]
-    rects = segment_rects(row, col)
+def _draw_digit(img: np.ndarray, row: int, col: int, digit: int, box_patches: int = 2) -> None:
+    y, x, size = row * PATCH, col * PATCH, box_patches * PATCH
+    img[y:y + size, x:x + size] = RGB["white"]
+    rects = segment_rects(row, col, box_patches)
     for s in _SEGMENTS[digit]:
         a0, b0, a1, b1 = rects[s]
         img[b0:b1, a0:a1] = RGB["black"]
@@ -187,12 +190,13 @@ def render(scene: Scene) -> np.ndarray:
         rel_y = (yy - y0 + 0.5) / side
         mask = np.abs(xx - x0 + 0.5 - side / 2) <= rel_y * side / 2
     img[y0:y1, x0:x1][mask] = RGB[scene.shape_colour]
-    _draw_digit(img, *scene.digit_cell, scene.digit)
+    _draw_digit(img, *scene.digit_cell, scene.digit, scene.box_patches)
     for r, c in scene.dot_cells:
         cy, cx = r * PATCH + PATCH // 2, c * PATCH + PATCH // 2
-        dy, dx = np.mgrid[-4:5, -4:5]
-        m = dy ** 2 + dx ** 2 <= 16
-        img[cy - 4:cy + 5, cx - 4:cx + 5][m] = RGB[scene.dot_colour]
+        r = scene.dot_radius
+        dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+        m = dy ** 2 + dx ** 2 <= r * r
+        img[cy - r:cy + r + 1, cx - r:cx + r + 1][m] = RGB[scene.dot_colour]
     return img
 
 
@@ -201,10 +205,11 @@ def _words(rng: np.random.Generator, lo: int, hi: int) -> list[str]:
     return [PREFIX_WORDS[int(i)] for i in rng.integers(len(PREFIX_WORDS), size=k)]
 
 
-def sample(split: str, index: int) -> Sample:
-    """The index-th sample of a split; question kinds cycle so every kind is equally frequent."""
+def sample(split: str, index: int, box_patches: int = 2, dot_radius: int = 4) -> Sample:
+    """The index-th sample of a split; question kinds cycle so every kind is equally frequent. The size
+    arguments exist for training curricula; the benchmark is the defaults."""
     rng = _rng(split, index)
-    scene = make_scene(rng)
+    scene = make_scene(rng, box_patches, dot_radius)
     kind = QUESTIONS[index % len(QUESTIONS)][0]
     question = dict((q[0], q[2]) for q in QUESTIONS)[kind]
     prompt = (["<s>", "user", ":"] + _words(rng, 0, 6) + [IMAGE_TOKEN] * (GRID * GRID)
