@@ -118,31 +118,47 @@ class _Recorder:
         self.module = m
 
 
+@pytest.fixture(scope="module")
+def onnx_file(tiny_build, meta, tmp_path_factory):
+    from vtrcompile.lower.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("trt") / "model.onnx"
+    export_onnx(tiny_build("pumer").program, out, meta)
+    return out
+
+
 @pytest.mark.parametrize("version,fp16_flag", [("10.13.0", True), ("11.2.0", False)])
-def test_plan_build_calls_and_outputs(tiny, tiny_build, meta, tmp_path, monkeypatch, version, fp16_flag):
-    """What reaches the builder: a strongly typed network from an ONNX that passes the preflight, the
-    workspace limit, one profile with the requested ranges; no precision flags on either version."""
+def test_builder_calls_on_both_versions(onnx_file, meta, monkeypatch, version, fp16_flag):
+    """What reaches the builder: a strongly typed network parsed from the file, the workspace limit, one
+    profile with the requested ranges; no precision flag on either version (11 has none)."""
     rec = _Recorder(version, fp16_flag)
+    monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+    plan = trt_lower.build_plan(onnx_file, trt_lower.profile_shapes(meta, 40, 300), 2 << 30)
+    assert plan == b"PLAN-BYTES"
+    names = [c[0] for c in rec.calls]
+    assert names.index("create_network") < names.index("parse_from_file") < names.index("build")
+    assert ("create_network", 1 << 1) in rec.calls  # STRONGLY_TYPED bit
+    assert "set_flag" not in names
+    assert ("workspace", "WORKSPACE", 2 << 30) in rec.calls
+    shapes = {c[1]: c[2:] for c in rec.calls if c[0] == "set_shape"}
+    assert shapes["input_ids"][0] == [1, 40] and shapes["input_ids"][2] == [1, 300]
+    assert shapes["pixel_values"][0] == [1, 3, 84, 84]
+
+
+def test_export_plan_writes_plan_and_sidecar_from_a_preflighted_onnx(tiny_build, meta, tmp_path, monkeypatch):
+    rec = _Recorder("10.13.0", True)
     monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
     monkeypatch.setattr(trt_lower, "gpu_info", lambda: {"name": "test-gpu", "compute_capability": "9.0"})
     out = tmp_path / "engine.plan"
     files = trt_lower.export_plan(tiny_build("pumer").program, out, meta, 40, 300, 2 << 30)
     assert files == [trt_lower.sidecar_path(out), out]
     assert out.read_bytes() == b"PLAN-BYTES"
-    names = [c[0] for c in rec.calls]
-    assert names.index("create_network") < names.index("parse_from_file") < names.index("build")
-    assert ("create_network", 1 << 1) in rec.calls  # STRONGLY_TYPED bit
-    assert "set_flag" not in names  # precision comes from the graph's dtype, never from a flag
-    assert ("workspace", "WORKSPACE", 2 << 30) in rec.calls
-    shapes = {c[1]: c[2:] for c in rec.calls if c[0] == "set_shape"}
-    assert shapes["input_ids"][0] == [1, 40] and shapes["input_ids"][2] == [1, 300]
-    assert shapes["pixel_values"][0] == [1, 3, 84, 84]
     assert [i.name for i in rec.onnx.graph.input] == ["input_ids", "pixel_values"]
     parsed = tmp_path / "parsed.onnx"
     onnx.save(rec.onnx, parsed)
-    assert preflight(parsed) == []
+    assert preflight(parsed) == []  # what the parser received passes the preflight
     sc = json.loads(trt_lower.sidecar_path(out).read_text())
-    assert sc["versions"]["tensorrt"] == version and sc["prompt_min"] == 40 and sc["prompt_max"] == 300
+    assert sc["versions"]["tensorrt"] == "10.13.0" and sc["prompt_min"] == 40 and sc["prompt_max"] == 300
     assert not list(tmp_path.glob(".engine.plan.*"))  # no temp folder left behind
 
 
