@@ -75,15 +75,19 @@ def batch(split: str, start: int, size: int, vocab: list[str]):
     return torch.from_numpy(padded), torch.from_numpy(px), answers, lengths, ss
 
 
-def curriculum_sizes(step: int, start: int, steps: int) -> tuple[int, int]:
-    """(box patches, dot radius): 4/6 for the first third of the curriculum, 3/5, then 2/4, the benchmark's."""
+# (digit box patches, dot block patches, big-shape side range): large first, then the benchmark's sizes.
+CURRICULUM = [(8, 3, (56, 97)), (6, 2, (72, 121)), (4, 2, (96, 145)), (3, 1, (112, 169)), (2, 1, (112, 169))]
+
+
+def curriculum_sizes(step: int, start: int, steps: int) -> tuple[int, int, tuple[int, int]]:
+    """Equal shares of the curriculum's steps per stage; the benchmark's sizes after it."""
     if steps <= 0 or step - start >= steps:
-        return 2, 4
-    phase = 3 * (step - start) // steps
-    return (4, 6) if phase == 0 else (3, 5) if phase == 1 else (2, 4)
+        return 2, 1, (112, 169)
+    return CURRICULUM[len(CURRICULUM) * (step - start) // steps]
 
 
-def multi_qa_batch(start: int, size: int, vocab: list[str], box_patches: int = 2, dot_radius: int = 4):
+def multi_qa_batch(start: int, size: int, vocab: list[str], box_patches: int = 2, dot_patches: int = 1,
+                   shape_sides: tuple[int, int] = (112, 169)):
     """Training prompts with every question kind about one image: the sample's own question first, in exactly
     the benchmark's format (so answer 1 sees what an eval prompt shows), then the other six as follow-up
     turns ("user : <question> assistant : <answer>"). Each answer is supervised: 7 targets per 600-token
@@ -91,7 +95,7 @@ def multi_qa_batch(start: int, size: int, vocab: list[str], box_patches: int = 2
     index = {w: i for i, w in enumerate(vocab)}
     seqs, targets, pixels = [], [], []
     for j in range(start, start + size):
-        smp = vs.sample("train", j, box_patches, dot_radius)
+        smp = vs.sample("train", j, box_patches, dot_patches, shape_sides)
         words = list(smp.prompt)
         pos = [len(words) - 1]
         words.append(smp.answer)
@@ -156,8 +160,7 @@ def main() -> None:
     ap.add_argument("--init", default=None, help="continue from this checkpoint directory (same config)")
     ap.add_argument("--start-step", type=int, default=0, help="with --init: steps already taken (new data)")
     ap.add_argument("--curriculum", type=int, default=0,
-                    help="steps of larger digit boxes and dots (4, then 3 patches; radius 6, 5) before the "
-                         "benchmark's sizes")
+                    help="steps of larger digit boxes and dots (CURRICULUM stages) before the benchmark's sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -190,8 +193,8 @@ def main() -> None:
         lr = args.lr * min(1.0, (step - args.start_step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        box, radius = curriculum_sizes(step, args.start_step, args.curriculum)
-        ids, px, rows, cols, ans = multi_qa_batch(step * args.batch, args.batch, vocab, box, radius)
+        box, dots, sides = curriculum_sizes(step, args.start_step, args.curriculum)
+        ids, px, rows, cols, ans = multi_qa_batch(step * args.batch, args.batch, vocab, box, dots, sides)
         h = model.model(input_ids=ids.to(args.device), pixel_values=px.to(args.device), use_cache=False)
         logits = model.lm_head(h.last_hidden_state[rows.to(args.device), cols.to(args.device)])
         loss = F.cross_entropy(logits, ans.to(args.device))

@@ -81,8 +81,8 @@ class Scene:
     digit_cell: tuple[int, int]  # (row, col) of the top-left patch of the 2 x 2 box
     dot_colour: str
     dot_cells: tuple[tuple[int, int], ...]
-    box_patches: int = 2  # the benchmark's size; training curricula may start larger
-    dot_radius: int = 4
+    box_patches: int = 2  # the benchmark's sizes; training curricula may start larger
+    dot_patches: int = 1  # each dot sits in a dot_patches x dot_patches block, radius 7 * dot_patches - 3
 
     def answer(self, kind: str) -> str:
         return {
@@ -116,7 +116,8 @@ def _rng(split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([SPLIT_SEEDS[split], index])
 
 
-def make_scene(rng: np.random.Generator, box_patches: int = 2, dot_radius: int = 4) -> Scene:
+def make_scene(rng: np.random.Generator, box_patches: int = 2, dot_patches: int = 1,
+               shape_sides: tuple[int, int] = (112, 169)) -> Scene:
     background = BIG_COLOURS[rng.integers(len(BIG_COLOURS))]
     # Red big shapes half the time (when the background allows), so "is there a red object" is balanced.
     others = [c for c in BIG_COLOURS if c != background]
@@ -126,7 +127,7 @@ def make_scene(rng: np.random.Generator, box_patches: int = 2, dot_radius: int =
         others_nr = [c for c in others if c != "red"]
         shape_colour = others_nr[rng.integers(len(others_nr))]
     shape = SHAPES[rng.integers(len(SHAPES))]
-    side = int(rng.integers(112, 169))
+    side = int(rng.integers(*shape_sides))
     x0, y0 = (int(v) for v in rng.integers(0, SIZE - side, size=2))
     box = (x0, y0, x0 + side, y0 + side)
     # Small things sit in cells clear of the big shape's bounding box (so they are never hidden).
@@ -140,9 +141,21 @@ def make_scene(rng: np.random.Generator, box_patches: int = 2, dot_radius: int =
     taken = {(br + i, bc + j) for i in range(k) for j in range(k)}
     rest = [cell for cell in free if cell not in taken]
     n_dots = int(rng.integers(1, 5))
-    dots = tuple(rest[int(i)] for i in rng.choice(len(rest), size=n_dots, replace=False))
+    if dot_patches == 1:
+        dots = tuple(rest[int(i)] for i in rng.choice(len(rest), size=n_dots, replace=False))
+    else:  # curriculum only: non-overlapping d x d blocks
+        d, placed, used = dot_patches, [], set(taken)
+        for i in rng.permutation(len(rest)):
+            r, c = rest[int(i)]
+            block = {(r + a, c + b) for a in range(d) for b in range(d)}
+            if block <= free_set and not block & used:
+                placed.append((r, c))
+                used |= block
+                if len(placed) == n_dots:
+                    break
+        dots = tuple(placed)
     return Scene(background, shape, shape_colour, box, int(rng.integers(10)), (br, bc),
-                 DOT_COLOURS[rng.integers(len(DOT_COLOURS))], dots, box_patches, dot_radius)
+                 DOT_COLOURS[rng.integers(len(DOT_COLOURS))], dots, box_patches, dot_patches)
 
 
 # Seven-segment digits: segments a..g (top, top-right, bottom-right, bottom, bottom-left, top-left, middle).
@@ -191,9 +204,10 @@ def render(scene: Scene) -> np.ndarray:
         mask = np.abs(xx - x0 + 0.5 - side / 2) <= rel_y * side / 2
     img[y0:y1, x0:x1][mask] = RGB[scene.shape_colour]
     _draw_digit(img, *scene.digit_cell, scene.digit, scene.box_patches)
+    d = scene.dot_patches
     for r, c in scene.dot_cells:
-        cy, cx = r * PATCH + PATCH // 2, c * PATCH + PATCH // 2
-        r = scene.dot_radius
+        cy, cx = r * PATCH + d * PATCH // 2, c * PATCH + d * PATCH // 2
+        r = 7 * d - 3
         dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
         m = dy ** 2 + dx ** 2 <= r * r
         img[cy - r:cy + r + 1, cx - r:cx + r + 1][m] = RGB[scene.dot_colour]
@@ -205,11 +219,12 @@ def _words(rng: np.random.Generator, lo: int, hi: int) -> list[str]:
     return [PREFIX_WORDS[int(i)] for i in rng.integers(len(PREFIX_WORDS), size=k)]
 
 
-def sample(split: str, index: int, box_patches: int = 2, dot_radius: int = 4) -> Sample:
+def sample(split: str, index: int, box_patches: int = 2, dot_patches: int = 1,
+           shape_sides: tuple[int, int] = (112, 169)) -> Sample:
     """The index-th sample of a split; question kinds cycle so every kind is equally frequent. The size
     arguments exist for training curricula; the benchmark is the defaults."""
     rng = _rng(split, index)
-    scene = make_scene(rng, box_patches, dot_radius)
+    scene = make_scene(rng, box_patches, dot_patches, shape_sides)
     kind = QUESTIONS[index % len(QUESTIONS)][0]
     question = dict((q[0], q[2]) for q in QUESTIONS)[kind]
     prompt = (["<s>", "user", ":"] + _words(rng, 0, 6) + [IMAGE_TOKEN] * (GRID * GRID)
