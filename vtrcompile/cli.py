@@ -138,7 +138,8 @@ def _profile_opts(f):
 @click.option("--method", required=True, help="Reduction method (see `vtrcompile methods`); 'none' = baseline.")
 @click.option("--keep", type=str, default=None, help=_method_help("keep", "Image tokens to keep, a count."))
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="Calibration folder (images + optional prompts.jsonl) for PruMerge's --keep auto.")
+              help="Calibration folder (images + optional prompts.jsonl), or vqa-synth:val, for PruMerge's "
+                   "--keep auto.")
 @click.option("--layer", type=int, default=None, help=_method_help("layer", "Decoder layer K of the site."))
 @click.option("--drop-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
               help=_method_help("drop_ratio", "Fraction of image tokens dropped."))
@@ -216,8 +217,19 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
         cfg = src.hf_model.config if src.hf_model is not None else None
         if cfg is None:
             raise VtrError("--keep auto needs an eager model (a preset, HF directory or pickle)")
-        calib = load_calibration(calibration, cfg.vision_config.image_size)
-        given["keep"], counts = auto_keep(src.hf_model, calib.pixel_values)
+        if str(calibration).startswith("vqa-synth"):  # the benchmark's images, as `search` accepts them
+            import torch
+
+            from .evaluation import benchmark_items
+
+            split = str(calibration).partition(":")[2] or "val"
+            if split == "test":
+                raise VtrError("the test split is never used for choices; use --calibration vqa-synth:val")
+            items = benchmark_items(f"vqa-synth:{split}", 64)
+            pixels = torch.cat([torch.from_numpy(items[i].pixels) for i in range(len(items))])
+        else:
+            pixels = load_calibration(calibration, cfg.vision_config.image_size).pixel_values
+        given["keep"], counts = auto_keep(src.hf_model, pixels)
         click.echo(f"--keep auto: IQR outlier counts over {len(counts)} calibration images {counts} -> "
                    f"median {given['keep']}", err=True)
     res = run_optimize(src, method, given, out, target=target)

@@ -128,3 +128,9 @@ def test_search_cli_end_to_end_and_resume(tiny, tmp_path, calibration_dir):
     r = CliRunner().invoke(main, ["optimize", "tiny", "--method", "schedule", "--schedule", str(out),
                                   "--out", str(tmp_path / "s.onnx")])
     assert r.exit_code == 0, r.output
+
+
+def test_keep_auto_refuses_the_test_split():
+    r = CliRunner().invoke(main, ["optimize", "models/vqa-synth-llava", "--method", "prumerge", "--keep", "auto",
+                                  "--calibration", "vqa-synth:test", "--out", "/tmp/never-written.onnx"])
+    assert r.exit_code == 2 and "never used for choices" in r.output
