@@ -28,12 +28,7 @@ log = logging.getLogger("bench")
 
 def mean_budget(reductions, n: int, layers: int) -> float:
     """Mean fraction of the N image tokens present over the LLM layers, from a method's plan."""
-    present, per_layer = n, []
-    sites = {r.layer: r.keep for r in reductions}
-    for layer in range(layers):
-        present = sites.get(layer, present)
-        per_layer.append(present)
-    return sum(per_layer) / (n * layers)
+    return sum(_keeps(reductions, n, layers)) / (n * layers)
 
 
 def fastv_at(budget: float, n: int, layers: int) -> dict:

@@ -81,6 +81,7 @@ def calibration_items(folder: str | Path, meta: dict[str, Any], count: int | Non
     Without a tokenizer the text is random ids: fidelity then measures how well the reduction keeps the
     next-token distribution for this image content, not for a particular question."""
     from .calibration import load_calibration
+    from .models.loading import random_text_ids
 
     calib = load_calibration(folder, int(meta["pixel_shape"][-1]))
     rng = np.random.default_rng(seed)
@@ -88,8 +89,8 @@ def calibration_items(folder: str | Path, meta: dict[str, Any], count: int | Non
     items = []
     for k in range(len(calib.names) if count is None else min(count, len(calib.names))):
         pre, suf = int(rng.integers(1, 40)), int(rng.integers(4, 24))
-        text = lambda m: (img + 1 + rng.integers(0, vocab - 1, (1, m))) % vocab  # noqa: E731
-        ids = np.concatenate([text(pre), np.full((1, n), img), text(suf)], axis=1).astype(np.int64)
+        ids = np.concatenate([random_text_ids(rng, img, vocab, (1, pre)), np.full((1, n), img),
+                              random_text_ids(rng, img, vocab, (1, suf))], axis=1).astype(np.int64)
         items.append(Item(ids, calib.pixel_values[k:k + 1].numpy()))
     return items
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import VtrError
 from .lower.onnxruntime import OrtEngine, reduction_share
+from .models.loading import random_text_ids
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ def profile_prompt(meta: dict, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAU
     """[prefix][N image tokens][suffix] with random text ids and a random image, per the engine metadata."""
     rng = np.random.default_rng(seed)
     b, n, img = meta["batch"], meta["n_image"], meta["image_token_id"]
-    text = lambda k: (img + 1 + rng.integers(0, meta["vocab"] - 1, (b, k))) % meta["vocab"]  # noqa: E731
-    ids = np.concatenate([text(prefix), np.full((b, n), img), text(suffix)], axis=1).astype(np.int64)
+    ids = np.concatenate([random_text_ids(rng, img, meta["vocab"], (b, prefix)), np.full((b, n), img),
+                          random_text_ids(rng, img, meta["vocab"], (b, suffix))], axis=1).astype(np.int64)
     pixels = rng.standard_normal((b, *meta["pixel_shape"])).astype(np.float32)
     return ids, pixels
 

@@ -49,20 +49,12 @@ def export_aoti(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
 
 
 def _move_program(ep: torch.export.ExportedProgram, device: str) -> torch.export.ExportedProgram:
-    """Re-export the program with its weights on `device` (inputs follow at run time)."""
+    """Re-export the program with its weights on `device` (inputs follow at run time), same prompt range."""
+    from ..build import prompt_range, reexport
+
     module = ep.module()
     module.to(device)
-    ids, px = (t.to(device) for t in ep.example_inputs[0])
-    dyn = {"input_ids": {1: _prompt_dim(ep)}, "pixel_values": None}
-    with torch.no_grad():
-        return torch.export.export(module, (ids, px), dynamic_shapes=dyn, strict=False)
-
-
-def _prompt_dim(ep: torch.export.ExportedProgram) -> Any:
-    from ..build import prompt_range
-
-    lo, hi = prompt_range(ep)
-    return torch.export.Dim("prompt", min=lo, max=hi)
+    return reexport(module, [t.to(device) for t in ep.example_inputs[0]], *prompt_range(ep))
 
 
 class AotiEngine:

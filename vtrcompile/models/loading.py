@@ -8,6 +8,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +56,11 @@ def image_token_count(config) -> int:
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def random_text_ids(rng, image_token_id: int, vocab: int, shape) -> np.ndarray:
+    """Seeded text token ids (numpy Generator `rng`) that are never the image placeholder."""
+    return (image_token_id + 1 + rng.integers(0, vocab - 1, shape)) % vocab
 
 
 def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batch: int = 1

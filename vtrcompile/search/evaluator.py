@@ -127,7 +127,7 @@ def calibration_items(spec: str, model, count: int, source_dir: str | None = Non
         got = [items[i] for i in range(len(items))]
         return got, [it.answer for it in got], f"vqa-synth:{split} ({len(got)} prompts, labelled)"
     from ..calibration import load_calibration
-    from ..models.loading import image_token_count
+    from ..models.loading import image_token_count, random_text_ids
 
     cfg = model.config
     calib = load_calibration(spec, cfg.vision_config.image_size)
@@ -144,8 +144,8 @@ def calibration_items(spec: str, model, count: int, source_dir: str | None = Non
             suf_ids = tok(suf, add_special_tokens=False)["input_ids"] or [0]
         else:  # no tokenizer: random text around the image (documented in the README)
             vocab = cfg.text_config.vocab_size
-            pre_ids, suf_ids = [((img + 1 + int(x)) % vocab) for x in rng.integers(0, vocab - 1, 2 + k % 30)], \
-                [((img + 1 + int(x)) % vocab) for x in rng.integers(0, vocab - 1, 4 + k % 16)]
+            pre_ids = random_text_ids(rng, img, vocab, 2 + k % 30).tolist()
+            suf_ids = random_text_ids(rng, img, vocab, 4 + k % 16).tolist()
         ids = np.array([pre_ids + [img] * n + suf_ids], dtype=np.int64)
         items.append(Item(ids, calib.pixel_values[k:k + 1].numpy()))
     how = "tokenized prompts" if tok is not None and calib.prompts else "random text ids"

@@ -84,12 +84,12 @@ def run_search(source, algo: str, calibration: str, out: Path, count: int = 280,
     elif algo == "psigmoid":
         sign = -1.0 if m.name == "kl" else 1.0
         name = f"psigmoid-{mid}-{m.name}-b{budget}-{calibration.replace('/', '_')}-{len(items)}-s{seed}"
-        keeps, trials_log = psigmoid(lambda k: sign * evaluate(k), n, layers, budget, trials, seed,
-                                     storage or f"sqlite:///{out.with_suffix('.optuna.db')}", name)
+        storage = storage or f"sqlite:///{out.with_suffix('.optuna.db')}"
+        keeps, trials_log = psigmoid(lambda k: sign * evaluate(k), n, layers, budget, trials, seed, storage, name)
         for t in trials_log:
             t["value"] = sign * t["value"]
         record["trials"] = trials_log
-        record["study"] = {"name": name, "storage": storage or f"sqlite:///{out.with_suffix('.optuna.db')}"}
+        record["study"] = {"name": name, "storage": storage}
         value = memo[tuple(keeps)]
     elif algo == "vtw":
         k, steps = vtw_layer(lambda k: evaluate([n] * k + [0] * (layers - k)), layers)
