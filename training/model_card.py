@@ -56,6 +56,30 @@ def main() -> None:
     stages = "\n".join(f"{i + 1}. `{st['command']}`: {st['steps']} steps of batch {st['batch']}, lr {st['lr']}, "
                        f"{st['seconds']} s; val coarse {100 * st['val_at_end']['coarse']:.1f}%, "
                        f"fine {100 * st['val_at_end']['fine']:.1f}%" for i, st in enumerate(log["stages"]))
+    vp = log.get("vision_pretraining")
+    vision = "" if vp is None else (
+        f"**Stage 1, the vision tower alone** (`training/pretrain_vision.py`, `{vp['command']}`): "
+        f"{vp['steps']} steps of batch {vp['batch']}, {vp['seconds']} s, on dense per-patch labels of the "
+        "feature layer LLaVA reads (region, colour, the big shape's type on its patches, the digit on the "
+        "box's 4 patches, the dot count on dot patches), each label only on the patches that hold the thing, so "
+        "the information stays local and dropping those tokens still drops the answer. Per-patch accuracy at "
+        f"the end: {', '.join(f'{k} {100 * v:.0f}%' for k, v in vp['patch_accuracy'].items())}. From scratch "
+        "(without this stage) the fine questions stayed at chance; see the last section.\n\n"
+        "**Then the LLaVA model** (vision tower loaded from stage 1 and frozen; projector and LLM from scratch): ")
+    g = log.get("guide")
+    guide = "" if g is None else (
+        f", plus {g['weight']} x an attention guide: at the answer position of a fine-grained question, head "
+        f"{g['head']} of LLM layer {g['layer']} is trained towards the patches the question is about (cross-entropy "
+        "of that head's attention against a uniform target over the digit box's or the dots' token positions; "
+        "`AttentionGuide` in the script). The other "
+        f"{cfg.text_config.num_hidden_layers * cfg.text_config.num_attention_heads - 1} heads and every coarse "
+        "answer are untouched. Without it the fine questions stayed at chance (below); with it they were learned "
+        "within 300 steps. Caveat for reading the sweep: that one head attends to the fine-grained patches by "
+        "construction, which may favour selectors that read text-to-image attention at that layer"
+    )
+    history = "" if not log.get("history") else (
+        "\n## What did not work (each on this 2-core CPU)\n" + "\n".join(
+            f"{i + 1}. {h}" for i, h in enumerate(log["history"])) + "\n")
     size = sum(p.stat().st_size for p in d.glob("*.safetensors"))
     per_kind = "\n".join(f"| {k} | {vs.KINDS[k]} | {100 * test[k]:.1f} |" for k in vs.KINDS)
     (d / "README.md").write_text(f"""# vqa-synth-llava: the vtrcompile demo model
@@ -74,15 +98,15 @@ without a model hub. It is a demo and a test fixture, not a general VLM.
 - {log['params'] / 1e6:.2f} M parameters, {size / 1e6:.1f} MB of safetensors.
 
 ## Training
-Seeded (`training/train_vqa_synth.py`, seed 0, fresh train-split samples every step, no repeats): AdamW
+{vision}Seeded (`training/train_vqa_synth.py`, seed 0, fresh train-split samples every step, no repeats): AdamW
 (betas 0.9/0.98, weight decay 0.01, 100 warm-up steps, cosine over the wall-clock budget), each training
 prompt asks all seven question kinds about its image (the first exactly in the benchmark's format), loss =
-cross-entropy of every one-word answer. Best checkpoint by validation accuracy (420 val prompts). The test
+cross-entropy of every one-word answer{guide}. Best checkpoint by validation accuracy (420 val prompts). The test
 split was not used for any choice. Stages, as run:
 
 {stages}
 
-{log['steps']} steps, {log['samples_seen']} images, {log['train_seconds'] / 60:.1f} minutes of training on
+{log['steps']} LLaVA steps, {log['samples_seen']} images, {log['train_seconds'] / 60:.1f} minutes of training in all (the vision stage included) on
 {log['device']} (torch {log['torch']}). The learning-rate schedule follows wall-clock time, so a rerun
 reproduces the recipe, not the exact bytes.
 
@@ -95,7 +119,7 @@ reproduces the recipe, not the exact bytes.
 
 CI checks the first {CI_SAMPLE} test prompts against these numbers: coarse {100 * ci['coarse']:.1f}%,
 fine {100 * ci['fine']:.1f}% (`tests/models/test_demo_model.py`).
-""")
+{history}""")
     print(json.dumps({"test": test, "ci_sample": ci}, indent=1))
 
 

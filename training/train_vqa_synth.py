@@ -1,6 +1,11 @@
 """Train the shipped demo model (a small LlavaForConditionalGeneration) on vqa-synth; not part of CI.
 
-    python training/train_vqa_synth.py --out models/vqa-synth-llava --minutes 60
+The shipped model's recipe, one command per stage (stage 2 was actually run as 200 steps without the guide,
+then 500 with it from that checkpoint; models/vqa-synth-llava/README.md has the exact commands and numbers):
+
+    python training/pretrain_vision.py --minutes 9 --out build/vision-pretrain.pt      # stage 1
+    python training/train_vqa_synth.py --vision-init build/vision-pretrain.pt --freeze-vision \
+        --guide-layer 3 --guide-weight 0.3 --out models/vqa-synth-llava --minutes 40     # stage 2
 
 Seeded; every batch is fresh train-split samples (index = step * batch + i), so nothing repeats. Each
 training prompt asks every question kind about its image (the first exactly in the benchmark's format, the
@@ -93,22 +98,32 @@ def multi_qa_batch(start: int, size: int, vocab: list[str], box_patches: int = 2
     turns ("user : <question> assistant : <answer>"). Each answer is supervised: 7 targets per 600-token
     sequence instead of 1, for about 15% more compute."""
     index = {w: i for i, w in enumerate(vocab)}
-    seqs, targets, pixels = [], [], []
+    seqs, targets, pixels, salient, where = [], [], [], [], []
     for j in range(start, start + size):
         smp = vs.sample("train", j, box_patches, dot_patches, shape_sides)
         words = list(smp.prompt)
         pos = [len(words) - 1]
         words.append(smp.answer)
+        kinds = [smp.kind]
         rng = np.random.default_rng([7, j])
         others = [q for q in vs.QUESTIONS if q[0] != smp.kind]
         for k in rng.permutation(len(others)):
             kind, _, question = others[int(k)]
             words += ["user", ":"] + question.split() + ["assistant", ":"]
             pos.append(len(words) - 1)
+            kinds.append(kind)
             words.append(smp.scene.answer(kind))
         seqs.append([index[w] for w in words])
         targets.append([(p, index[words[p + 1]]) for p in pos])
         pixels.append(vs.render(smp.scene))
+        sc = smp.scene
+        (br, bc), k = sc.digit_cell, sc.box_patches
+        box = [(br + a) * vs.GRID + bc + b for a in range(k) for b in range(k)]
+        dots = [r * vs.GRID + c for r, c in sc.dot_cells]
+        salient.append(box + dots)
+        first = words.index(vs.IMAGE_TOKEN)
+        where.append([[first + i for i in (box if kd == "digit" else dots)] if vs.KINDS[kd] == "fine" else []
+                      for kd in kinds])
     s_max = max(len(x) for x in seqs)
     ids = np.zeros((size, s_max), dtype=np.int64)
     for r, x in enumerate(seqs):
@@ -116,7 +131,83 @@ def multi_qa_batch(start: int, size: int, vocab: list[str], box_patches: int = 2
     rows = torch.tensor([r for r, t in enumerate(targets) for _ in t])
     cols = torch.tensor([p for t in targets for p, _ in t])
     answers = torch.tensor([a for t in targets for _, a in t])
-    return torch.from_numpy(ids), torch.from_numpy(vs.pixel_values(np.stack(pixels))), rows, cols, answers
+    # Per supervised answer (same order as rows/cols): the sequence positions of the patches a fine question
+    # is about (digit box or dots), empty for coarse questions.
+    look = [w for per_row in where for w in per_row]
+    return (torch.from_numpy(ids), torch.from_numpy(vs.pixel_values(np.stack(pixels))), rows, cols, answers,
+            salient, look)
+
+
+class AttentionGuide:
+    """Training-only auxiliary loss: one head of one LLM layer, at the answer position of a fine-grained
+    question, is pulled towards the patches the question is about (cross-entropy of that head's attention
+    against a uniform target over the digit box's or the dots' positions). From scratch, the query/key
+    projections start near zero, so selective attention to 1-4 of 576 tokens gets almost no gradient; this
+    gives one head a direct one. Every other head, and every coarse answer, is untouched."""
+
+    def __init__(self, model, layer: int, head: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.rope = apply_rotary_pos_emb
+        self.attn = model.model.language_model.layers[layer].self_attn
+        self.head = head
+        self.captured: tuple | None = None
+        self.attn.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        self.captured = (hs, kwargs["position_embeddings"])
+
+    def loss(self, rows: torch.Tensor, cols: torch.Tensor, look: list[list[int]]) -> torch.Tensor:
+        hs, (cos, sin) = self.captured
+        a, h = self.attn, self.head
+        shape = (*hs.shape[:-1], -1, a.head_dim)
+        q = a.q_proj(hs).view(shape).transpose(1, 2)[:, h:h + 1]
+        k = a.k_proj(hs).view(shape).transpose(1, 2)[:, h:h + 1]
+        q, k = self.rope(q, k, cos, sin)
+        sel = [i for i, w in enumerate(look) if w]
+        if not sel:
+            return hs.new_zeros(())
+        r, c = rows[sel], cols[sel]
+        logits = torch.einsum("nd,nsd->ns", q[r, 0, c], k[r, 0]) * a.scaling
+        future = torch.arange(hs.shape[1], device=hs.device)[None] > c[:, None]
+        logp = torch.log_softmax(logits.masked_fill(future, float("-inf")), -1)
+        return torch.stack([-logp[j, look[i]].mean() for j, i in enumerate(sel)]).mean()
+
+
+def fewer_distractors_forward(model, ids, px, rows, cols, keep: int, salient, gen: torch.Generator):
+    """Training-only curriculum: the LLM sees `keep` of the 576 image tokens per prompt, always including the
+    digit box's and the dots' patches plus a random sample of the others, at their original positions
+    (position ids unchanged). With fewer distractors the answer's attention to the few fine-grained patches
+    gets a usable gradient early; the curriculum raises `keep` to all 576 and the rest of training is the
+    benchmark's full prompt. Returns the logits at the answer positions."""
+    inner = model.model
+    n = vs.GRID * vs.GRID
+    feats = inner.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+    feats = inner.multi_modal_projector(feats)
+    emb = inner.get_input_embeddings()(ids)
+    is_img = ids == model.config.image_token_id
+    emb = emb.masked_scatter(is_img[..., None], feats.to(emb.dtype))
+    starts = is_img.int().argmax(1)
+    index = []
+    for b in range(ids.shape[0]):
+        others = torch.tensor([i for i in range(n) if i not in set(salient[b])])
+        pick = others[torch.randperm(len(others), generator=gen)[:keep - len(salient[b])]]
+        kept = torch.sort(torch.cat([torch.tensor(salient[b]), pick])).values + starts[b]
+        s0 = int(starts[b])
+        index.append(torch.cat([torch.arange(s0), kept, torch.arange(s0 + n, ids.shape[1])]))
+    index = torch.stack(index).to(ids.device)
+    emb = torch.gather(emb, 1, index[..., None].expand(-1, -1, emb.shape[-1]))
+    h = inner.language_model(inputs_embeds=emb, position_ids=index, use_cache=False).last_hidden_state
+    return model.lm_head(h[rows, cols - (n - keep)])
+
+
+def curriculum_keep(frac: float, until: float) -> int:
+    """Image tokens kept at this fraction of the wall-clock budget: 36 -> 576 linearly until `until`, then 576."""
+    n = vs.GRID * vs.GRID
+    if until <= 0 or frac >= until:
+        return n
+    return int(36 + (n - 36) * frac / until)
 
 
 def last_logits(model, ids, px, lengths):
@@ -161,10 +252,21 @@ def main() -> None:
     ap.add_argument("--start-step", type=int, default=0, help="with --init: steps already taken (new data)")
     ap.add_argument("--curriculum", type=int, default=0,
                     help="steps of larger digit boxes and dots (CURRICULUM stages) before the benchmark's sizes")
+    ap.add_argument("--vision-init", default=None,
+                    help="a vision tower pretrained by training/pretrain_vision.py (stage 1)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (stage 2)")
+    ap.add_argument("--fewer-distractors", type=float, default=0.0,
+                    help="fraction of the budget over which the LLM's image tokens grow from 36 (fine-grained "
+                         "patches always included) to all 576; 0 = always all")
+    ap.add_argument("--guide-layer", type=int, default=-1,
+                    help="LLM layer of the attention guide (AttentionGuide); -1 = no guide")
+    ap.add_argument("--guide-head", type=int, default=0)
+    ap.add_argument("--guide-weight", type=float, default=0.2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     vocab = vs.vocabulary()
     cfg = make_config(args)
     if args.init:
@@ -172,10 +274,18 @@ def main() -> None:
         cfg = model.config
     else:
         model = LlavaForConditionalGeneration(cfg).to(args.device)
+    if args.vision_init:
+        pre = torch.load(args.vision_init, map_location=args.device)
+        model.model.vision_tower.load_state_dict(pre["tower"])
+        print(f"vision tower from {args.vision_init} ({pre['steps']} pretraining steps)", flush=True)
     model.train()
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+        model.model.vision_tower.eval()
+    guide = AttentionGuide(model, args.guide_layer, args.guide_head) if args.guide_layer >= 0 else None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M on {args.device}", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget_s = args.minutes * 60
     warmup = 100
     t0 = time.time()
@@ -194,10 +304,17 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         box, dots, sides = curriculum_sizes(step, args.start_step, args.curriculum)
-        ids, px, rows, cols, ans = multi_qa_batch(step * args.batch, args.batch, vocab, box, dots, sides)
-        h = model.model(input_ids=ids.to(args.device), pixel_values=px.to(args.device), use_cache=False)
-        logits = model.lm_head(h.last_hidden_state[rows.to(args.device), cols.to(args.device)])
+        ids, px, rows, cols, ans, salient, look = multi_qa_batch(step * args.batch, args.batch, vocab, box, dots, sides)
+        keep = curriculum_keep(frac, args.fewer_distractors)
+        if keep < vs.GRID * vs.GRID:
+            logits = fewer_distractors_forward(model, ids.to(args.device), px.to(args.device), rows.to(args.device),
+                                               cols.to(args.device), keep, salient, gen)
+        else:
+            h = model.model(input_ids=ids.to(args.device), pixel_values=px.to(args.device), use_cache=False)
+            logits = model.lm_head(h.last_hidden_state[rows.to(args.device), cols.to(args.device)])
         loss = F.cross_entropy(logits, ans.to(args.device))
+        if guide is not None and keep == vs.GRID * vs.GRID:
+            loss = loss + args.guide_weight * guide.loss(rows.to(args.device), cols.to(args.device), look)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -206,7 +323,7 @@ def main() -> None:
         step += 1
         if step % args.eval_every == 0:
             acc = accuracy(model.to("cpu") if args.device == "cpu" else model, "val", args.eval_count, vocab)
-            rec = {"step": step, "seconds": round(time.time() - t0), "lr": lr,
+            rec = {"step": step, "seconds": round(time.time() - t0), "lr": lr, "image_tokens": keep,
                    "loss": float(np.mean(losses[-args.eval_every:])), "val": acc}
             log.append(rec)
             print(json.dumps(rec), flush=True)

@@ -49,4 +49,7 @@ def test_test_split_sample_matches_the_model_card(shipped):
     for cls, hits in right.items():
         # Same prompts, same weights: equal up to an argmax flipped by float noise.
         assert abs(sum(hits) - round(card[cls] * len(hits))) <= 1, cls
-    assert card["coarse"] >= 0.85  # far above chance (about 0.4): the checkpoint has learned the coarse questions
+    # The targets (>= 90% coarse, >= 70% fine on the test split), on this sample of it; chance is about
+    # 40% coarse and 17% fine, so a checkpoint that lost either skill fails here.
+    assert sum(right["coarse"]) / len(right["coarse"]) >= 0.90
+    assert sum(right["fine"]) / len(right["fine"]) >= 0.70
