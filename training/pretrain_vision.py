@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from train_vqa_synth import lr_at, vision_config  # noqa: E402  (same folder: the script's sys.path[0])
+
 from vtrcompile.datasets import vqa_synth as vs  # noqa: E402
 
 COLOURS = tuple(vs.RGB)  # 12 colour classes
@@ -120,8 +122,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    cfg = CLIPVisionConfig(hidden_size=args.width, intermediate_size=4 * args.width, num_hidden_layers=args.layers,
-                           num_attention_heads=4, image_size=vs.SIZE, patch_size=vs.PATCH, projection_dim=args.width)
+    cfg = vision_config(args.width, args.layers)
     tower = CLIPVisionModel(cfg)
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(args.width, n) for k, n in HEADS.items()})
     params = list(tower.parameters()) + list(heads.parameters())
@@ -130,7 +131,7 @@ def main() -> None:
     budget = args.minutes * 60
     while time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
-        lr = args.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
+        lr = lr_at(args.lr, step, 50, frac)
         for gr in opt.param_groups:
             gr["lr"] = lr
         px, labels = make_batch(step * args.batch, args.batch)

@@ -52,12 +52,22 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
                                    bos_token="<s>", extra_special_tokens={"image_token": vs.IMAGE_TOKEN})
 
 
+def vision_config(width: int, layers: int) -> CLIPVisionConfig:
+    """The demo model's CLIP-style tower on vqa-synth's geometry (also what pretrain_vision.py trains)."""
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                            num_attention_heads=4, image_size=vs.SIZE, patch_size=vs.PATCH, projection_dim=width)
+
+
+def lr_at(base: float, steps_done: int, warmup: int, frac: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 5% over the wall-clock budget (`frac` of it
+    spent): the step count is unknown in advance on a CPU."""
+    return base * min(1.0, (steps_done + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def make_config(args) -> LlavaConfig:
     vocab = vs.vocabulary()
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=args.vision_width, intermediate_size=4 * args.vision_width,
-                                       num_hidden_layers=args.vision_layers, num_attention_heads=4,
-                                       image_size=vs.SIZE, patch_size=vs.PATCH, projection_dim=args.vision_width),
+        vision_config=vision_config(args.vision_width, args.vision_layers),
         text_config=LlamaConfig(hidden_size=args.width, intermediate_size=int(args.width * 8 / 3) // 8 * 8,
                                 num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
                                 vocab_size=len(vocab), max_position_embeddings=1024, pad_token_id=0,
@@ -191,7 +201,8 @@ def fewer_distractors_forward(model, ids, px, rows, cols, keep: int, salient, ge
     starts = is_img.int().argmax(1)
     index = []
     for b in range(ids.shape[0]):
-        others = torch.tensor([i for i in range(n) if i not in set(salient[b])])
+        fine = set(salient[b])
+        others = torch.tensor([i for i in range(n) if i not in fine])
         pick = others[torch.randperm(len(others), generator=gen)[:keep - len(salient[b])]]
         kept = torch.sort(torch.cat([torch.tensor(salient[b]), pick])).values + starts[b]
         s0 = int(starts[b])
@@ -298,9 +309,8 @@ def main() -> None:
         elapsed = time.time() - t0
         if elapsed > budget_s:
             break
-        # Cosine decay over the wall-clock budget (the step count is unknown in advance on a CPU).
         frac = min(elapsed / budget_s, 1.0)
-        lr = args.lr * min(1.0, (step - args.start_step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = lr_at(args.lr, step - args.start_step, warmup, frac)
         for g in opt.param_groups:
             g["lr"] = lr
         box, dots, sides = curriculum_sizes(step, args.start_step, args.curriculum)
