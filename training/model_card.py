@@ -73,8 +73,8 @@ def main() -> None:
         "of that head's attention against a uniform target over the digit box's or the dots' token positions; "
         "`AttentionGuide` in the script). The other "
         f"{cfg.text_config.num_hidden_layers * cfg.text_config.num_attention_heads - 1} heads and every coarse "
-        "answer are untouched. Without it the fine questions stayed at chance (below); with it they were learned "
-        "within 300 steps. Caveat for reading the sweep: that one head attends to the fine-grained patches by "
+        f"answer are untouched. {g['observed']} Caveat for reading the sweep: that one head attends to the "
+        "fine-grained patches by "
         "construction, which may favour selectors that read text-to-image attention at that layer"
     )
     history = "" if not log.get("history") else (
