@@ -56,6 +56,36 @@ def check_against_reference(engine, reference, source: ModelSource) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_engines(tiny, tiny_build, tmp_path_factory):
+    """ONNX Runtime engines of the tiny preset for every method (two budgets each), written once into one
+    folder, so they share one decode engine."""
+    from vtrcompile.optimize import write_engine
+
+    d = tmp_path_factory.mktemp("engines")
+    out = {}
+    for name, method, opts in [("fastv-k2-18", "fastv", {"layer": 2, "keep": 18}),
+                               ("fastv-k1-5", "fastv", {"layer": 1, "keep": 5}),
+                               ("gprune-9", "gprune", {"keep": 9}),
+                               ("gprune-default", "gprune", {}),
+                               ("pyramiddrop", "pyramiddrop", {}),
+                               ("vtw", "vtw", {}),
+                               ("pumer", "pumer", {}),
+                               ("prumerge", "prumerge", {"keep": 8}),
+                               ("prumerge-plus", "prumerge-plus", {}),
+                               ("visionzip", "visionzip", {"dominant": 8, "contextual": 4}),
+                               # second budgets
+                               ("pyramiddrop-0.7", "pyramiddrop", {"keep_ratio": 0.7}),
+                               ("vtw-1", "vtw", {"layer": 1}),
+                               ("pumer-0.2", "pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}),
+                               ("prumerge-20", "prumerge", {"keep": 20}),
+                               ("prumerge-plus-0.25", "prumerge-plus", {"keep_ratio": 0.25}),
+                               ("visionzip-20-6", "visionzip", {"dominant": 20, "contextual": 6}),
+                               ("none", "none", {})]:
+        out[name] = write_engine(tiny_build(method, **opts), tiny, d / f"{name}.onnx")
+    return out
+
+
+@pytest.fixture(scope="session")
 def calibration_dir(tmp_path_factory):
     """A calibration folder: a few vqa-synth images as PNG files (no prompts.jsonl)."""
     from PIL import Image

@@ -38,6 +38,10 @@ class Build:
     prompt_range: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)
 
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, vocab] of the rewritten graph (its first output; the rest is the KV cache)."""
+        return self.graph_module(input_ids, pixel_values)[0]
+
     def llm_tokens(self, prompt_len: int) -> list[int]:
         """Sequence length entering each decoder layer for a prompt of `prompt_len` tokens, read off the
         query length of each layer's attention op in the rewritten graph (found by provenance: after a
@@ -77,7 +81,7 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
     strip_runtime_asserts(gm)
     facts = analyze(gm)
     reductions = resolve(method, options, facts.boundary.n_image, len(facts.layers))
-    run_pipeline(gm, build_pipeline(reductions))
+    run_pipeline(gm, build_pipeline(reductions, [lay.attention_module for lay in facts.layers]))
     t2 = time.perf_counter()
     lo, hi = prompt_range(ep)
     device = next((t.device for t in ep.state_dict.values()), torch.device("cpu"))

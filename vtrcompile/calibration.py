@@ -28,8 +28,8 @@ class CalibrationSet:
     prompts: list[dict] = field(default_factory=list)  # {"image": name, "prompt": text}
 
 
-def preprocess(path: Path, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size` (bicubic), centre-crop to size x size, CLIP-normalise."""
+def preprocess(path: Path, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), centre-crop to size x size, normalise (CLIP's by default)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -43,8 +43,8 @@ def preprocess(path: Path, size: int) -> torch.Tensor:
             im = im.crop((left, top, left + size, top + size))
             a = np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
-        raise VtrError(f"{path}: not a readable image ({type(e).__name__}); remove it from the folder") from None
-    a = (a - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+        raise VtrError(f"{path}: not a readable image ({type(e).__name__})") from None
+    a = (a - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
 

@@ -133,6 +133,15 @@ def _profile_opts(f):
     return f
 
 
+def _generation_opts(f):
+    f = click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(0),
+                     help="Also profile generation of this many tokens (TTFT, time per output token, end to end, "
+                          "KV-cache bytes); 0 = prefill only.")(f)
+    f = click.option("--kv-budget-gb", default=None, type=click.FloatRange(0, min_open=True),
+                     help="Add a computed line: how many sequences' KV caches fit in this many GB.")(f)
+    return f
+
+
 @main.command()
 @_model_arg
 @click.option("--method", required=True, help="Reduction method (see `vtrcompile methods`); 'none' = baseline.")
@@ -175,9 +184,10 @@ def _profile_opts(f):
               help="TensorRT builder workspace limit, GiB.")
 @_pickle_opt
 @_profile_opts
+@_generation_opts
 def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant,
              contextual, schedule_file, out, backend, device, dtype, do_profile, baseline_out, triton_repo, min_prompt, max_prompt,
-             workspace, allow_pickle, reps, warmup, threads, as_json) -> None:
+             workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens, kv_budget_gb) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.registry import resolve
     from .models.loading import load_model
@@ -234,6 +244,8 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
                    f"median {given['keep']}", err=True)
     res = run_optimize(src, method, given, out, target=target)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)
+    if res.metadata.get("decode"):
+        click.echo(f"decode engine: {out.parent / res.metadata['decode']['file']}", err=True)
     tokens = res.build.llm_tokens(res.build.example_inputs[0].shape[1])
     click.echo(f"{method}: tokens entering each LLM layer (example prompt): {tokens}", err=True)
     if res.findings:
@@ -255,7 +267,7 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
             click.echo(f"wrote {write_model(triton_repo, model_name(path.stem), path, read_sidecar(path))}", err=True)
     if not do_profile:
         return
-    report = compare(out, base_path, warmup, reps, threads)
+    report = compare(out, base_path, warmup, reps, threads, new_tokens=new_tokens, kv_budget_gb=kv_budget_gb)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -265,12 +277,52 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
 @click.option("--prefix", default=35, show_default=True, type=click.IntRange(0), help="Text tokens before the image.")
 @click.option("--suffix", default=20, show_default=True, type=click.IntRange(1), help="Text tokens after the image.")
 @_profile_opts
-def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json) -> None:
+@_generation_opts
+def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, new_tokens, kv_budget_gb) -> None:
     """Compare ENGINE with the unmodified BASELINE: same backend, same inputs."""
     from .profile import compare, format_report
 
-    report = compare(engine, baseline, warmup, reps, threads, prefix, suffix)
+    report = compare(engine, baseline, warmup, reps, threads, prefix, suffix, new_tokens=new_tokens,
+                     kv_budget_gb=kv_budget_gb)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path), required=True, help="Image file (PNG, JPEG, ...).")
+@click.option("--prompt", default=None, help="Text prompt; tokenized with the tokenizer the engine carries.")
+@click.option("--ids", default=None,
+              help="Token ids instead of --prompt, e.g. '2,3,image,7' ('image' = the N image tokens).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many tokens.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="Runtime threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
+def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> None:
+    """Answer PROMPT about IMAGE with ENGINE (greedy, until EOS or --max-new-tokens)."""
+    from .engine.generate import load_engine
+    from .engine.prompting import image_pixels, load_tokenizer, parse_ids, prompt_ids
+
+    if max_new_tokens < 1:
+        raise VtrError(f"--max-new-tokens {max_new_tokens}: give at least 1")
+    if (prompt is None) == (ids is None):
+        raise VtrError("give the question as --prompt TEXT or as --ids '2,3,image,7', one of the two")
+    eng = load_engine(engine, threads)
+    tok = load_tokenizer(eng.path, eng.metadata) if prompt is not None else None
+    input_ids = prompt_ids(tok, eng.metadata, prompt) if tok is not None else parse_ids(ids, eng.metadata)
+    out = eng.generate(input_ids=input_ids, pixel_values=image_pixels(image, eng.metadata),
+                       max_new_tokens=max_new_tokens)
+    tokens = out.tokens[0].tolist()
+    text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else None
+    rec = {"tokens": tokens, "text": text, "eos": out.eos_reached, "prompt_tokens": int(input_ids.shape[1]),
+           "time_to_first_token_ms": out.prefill_ms,
+           "time_per_output_token_ms": (sum(out.decode_ms) / len(out.decode_ms)) if out.decode_ms else None,
+           "cached_tokens_per_layer": out.cache_lengths}
+    if as_json:
+        click.echo(json.dumps(rec, indent=2))
+        return
+    click.echo(text if text is not None else " ".join(map(str, tokens)))
+    tpot = f", {rec['time_per_output_token_ms']:.1f} ms per output token" if out.decode_ms else ""
+    click.echo(f"{len(tokens)} tokens ({'EOS' if out.eos_reached else 'max-new-tokens'}); time to first token "
+               f"{out.prefill_ms:.1f} ms{tpot}; prompt {rec['prompt_tokens']} tokens", err=True)
 
 
 @main.command()

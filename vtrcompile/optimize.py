@@ -15,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .build import Build, build
+from .engine.io import FORMAT_VERSION, PREFILL_INPUTS, describe, prefill_outputs
+from .engine.runners import BACKENDS
 from .errors import VtrError
 from .lower.atomic import check_writable
 from .lower.onnx import export_onnx
@@ -76,14 +78,38 @@ def model_id(module: torch.nn.Module | None, program: torch.export.ExportedProgr
     return h.hexdigest()[:16]
 
 
-def engine_metadata(b: Build, source: ModelSource) -> dict[str, Any]:
+def prefill_io(b: Build) -> dict[str, Any]:
+    ids = next(n for n in b.program.graph.nodes if n.op == "placeholder"
+               and n.name == b.program.graph_signature.user_inputs[0])
+    s = ids.meta["val"].shape[1]
+    return describe(b.program, PREFILL_INPUTS, prefill_outputs(len(b.facts.layers)), {s.node.expr: "prompt"})
+
+
+def generation_metadata(source: ModelSource, mid: str, target: Target) -> dict[str, Any]:
+    """What a prefill engine records for generation: its decode engine, EOS, cache geometry, preprocessing."""
+    m = source.hf_model
+    if m is None:
+        return {"decode": None}
+    from .decode import decode_file_name
+    from .engine.prompting import has_tokenizer, tokenizer_folder_name
+    from .models.llava import cache_geometry, eos_token_ids, processor_facts
+
+    model_dir = Path(source.label) if source.kind == "hf-dir" else None
+    processor = {**processor_facts(m, model_dir),
+                 "tokenizer": tokenizer_folder_name(mid) if has_tokenizer(model_dir) else None}
+    decode = None if target.backend == "tensorrt" else {
+        "file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device), "model_id": mid}
+    return {"decode": decode, "eos_token_ids": eos_token_ids(m), **cache_geometry(m), "processor": processor}
+
+
+def engine_metadata(b: Build, source: ModelSource, mid: str | None = None) -> dict[str, Any]:
     f = b.facts
     ids, px = b.example_inputs
     s = ids.shape[1]
     tokens = b.llm_tokens(s)
     return {
-        "vtrcompile": __version__, "torch": torch.__version__,
-        "model": source.label, "model_id": model_id(source.module, source.program),
+        "vtrcompile": __version__, "format": FORMAT_VERSION, "role": "prefill", "torch": torch.__version__,
+        "model": source.label, "model_id": mid or model_id(source.module, source.program), "io": prefill_io(b),
         "method": b.method, "options": b.options,
         "reductions": [{"site": r.site, "layer": r.layer, "keep": r.keep, "positions": r.positions}
                        for r in b.reductions],
@@ -99,6 +125,7 @@ def _vocab(b: Build) -> int:
     return int(out.args[0][0].meta["val"].shape[-1])
 
 
+
 @dataclass
 class Optimized:
     build: Build
@@ -107,7 +134,6 @@ class Optimized:
     findings: list[Finding]
 
 
-BACKENDS = {"onnxruntime": (".onnx",), "tensorrt": (".plan", ".engine"), "aoti": (".pt2",)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -165,21 +191,44 @@ def cast_model(source: ModelSource, dtype: str) -> None:
     source.module.to(DTYPES[dtype])
 
 
-def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None = None) -> Optimized:
-    """Lower a build to an engine file, stamp its metadata, run the TensorRT preflight on what TensorRT eats."""
-    t = target or Target()
-    meta = {**engine_metadata(b, source), "dtype": t.dtype, "backend": t.backend}
+def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[str, Any], t: Target) -> list[Path]:
+    """One program (prefill or decode) -> the target backend's engine file(s), written atomically."""
     if t.backend == "onnxruntime":
-        files = export_onnx(b.program, out, meta)
-        return Optimized(b, files, meta, preflight(out))
+        return export_onnx(program, out, meta)
     if t.backend == "tensorrt":
         from .lower.tensorrt import export_plan
 
-        files = export_plan(b.program, out, meta, t.min_prompt, t.max_prompt, int(t.workspace_gb * 2**30))
-        return Optimized(b, files, meta, [])
+        return export_plan(program, out, meta, t.min_prompt, t.max_prompt, int(t.workspace_gb * 2**30))
     from .lower.aoti import export_aoti
 
-    return Optimized(b, export_aoti(b.program, out, meta, t.device), meta, [])
+    return export_aoti(program, out, meta, t.device)
+
+
+def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None = None,
+                 decode: bool = True) -> Optimized:
+    """Lower a build to an engine file, stamp its metadata, run the TensorRT preflight on what TensorRT eats;
+    then make sure its decode engine is beside it (built once per model, dtype and backend)."""
+    t = target or Target()
+    mid = model_id(source.module, source.program)
+    meta = {**engine_metadata(b, source, mid), "dtype": t.dtype, "backend": t.backend,
+            **generation_metadata(source, mid, t)}
+    files = lower_program(b.program, out, meta, t)
+    findings = preflight(out) if t.backend == "onnxruntime" else []
+    if meta.get("processor", {}).get("tokenizer"):
+        from .engine.prompting import copy_tokenizer
+
+        copy_tokenizer(Path(source.label), out.parent, mid)
+    if decode and meta["decode"] is not None:
+        from .decode import ensure_decode_engine
+
+        assert source.hf_model is not None
+        ensure_decode_engine(source.hf_model, mid, source.label, out.parent, t, b.facts.boundary.batch)
+    elif source.hf_model is None:
+        log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
+                    "a Hugging Face directory, a preset or a pickled module)", out)
+    elif t.backend == "tensorrt":
+        log.warning("%s: no TensorRT decode engine is built yet; generate with an .onnx or .pt2 engine", out)
+    return Optimized(b, files, meta, findings)
 
 
 def optimize(source: ModelSource, method: str, options: dict[str, Any], out: Path,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine.runners import open_engine
 from .errors import VtrError
-from .lower.onnxruntime import OrtEngine, reduction_share
+from .lower.onnxruntime import reduction_share
 from .models.loading import random_text_ids
 
 log = logging.getLogger(__name__)
@@ -69,22 +70,6 @@ def time_interleaved(fns: list[Callable[[], float]], warmup: int, reps: int) -> 
     return samples
 
 
-def open_engine(path: str | Path, threads: int | None = None):
-    """An engine file -> its runner, by extension (.onnx, .plan/.engine, .pt2)."""
-    ext = Path(path).suffix.lower()
-    if ext == ".onnx":
-        return OrtEngine(path, threads)
-    if ext in (".plan", ".engine"):
-        from .lower.tensorrt_runner import TrtEngine
-
-        return TrtEngine(path)
-    if ext == ".pt2":
-        from .lower.aoti import AotiEngine
-
-        return AotiEngine(path, threads)
-    raise VtrError(f"{path}: unknown engine type '{ext}'; expected .onnx, .plan/.engine or .pt2")
-
-
 def environment(threads: int, engine=None) -> dict:
     import torch
 
@@ -115,10 +100,72 @@ def trtexec_summary(samples_ms: list[float]) -> dict:
             "percentile(99%)": float(np.percentile(a, 99))}
 
 
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def kv_bytes(meta: dict, cached_tokens: list[int]) -> int:
+    """Bytes of one sequence's KV cache: keys and values of every layer, in the engine's dtype."""
+    per_token = 2 * meta["batch"] * meta["kv_heads"] * meta["head_dim"] * _DTYPE_BYTES[meta.get("dtype", "float32")]
+    return per_token * sum(cached_tokens)
+
+
+def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray, pixels: np.ndarray,
+                       new_tokens: int, warmup: int, reps: int, threads: int, kv_budget_gb: float | None) -> dict:
+    """TTFT, time per output token at the prompt's context, end to end for `new_tokens`, KV-cache bytes."""
+    from .engine.generate import load_engine
+
+    engines = [load_engine(engine, threads), load_engine(baseline, threads)]
+    feeds = {"input_ids": ids, "pixel_values": pixels}
+    n = engines[0].metadata["llm_layers"]
+    from .engine.io import past_names, present_names
+
+    steps = []
+    for e in engines:  # one decode step fed with this engine's own prefill cache, re-run as is
+        out = e.prefill.run(feeds)
+        step = {"input_ids": out["logits"].argmax(-1)[:, None].astype(np.int64),
+                "layer_position_ids": out["next_layer_position_ids"],
+                **{p: out[q] for p, q in zip(past_names(n), present_names(n), strict=True)}}
+        e.decode.bind(step)
+        steps.append([int(out[f"present.{i}.key"].shape[2]) for i in range(n)])
+    t_dec = time_interleaved([e.decode.time_ms for e in engines], warmup, reps)
+
+    def e2e(e):
+        def run() -> float:
+            import time as _t
+
+            t0 = _t.perf_counter()
+            e.generate(max_new_tokens=new_tokens, eos_token_id=[], **feeds)
+            return (_t.perf_counter() - t0) * 1e3
+        return run
+    e2e_reps = max(3, reps // 4)
+    t_e2e = time_interleaved([e2e(e) for e in engines], 1, e2e_reps)
+    res: dict = {"new_tokens": new_tokens, "engines": {}}
+    for name, e, dec, total, cached in zip(("reduced", "baseline"), engines, t_dec, t_e2e, steps, strict=True):
+        m = e.metadata
+        final = [c + new_tokens - 1 for c in cached]  # the last new token is produced, never cached
+        res["engines"][name] = {
+            "decode_step": asdict(Latency.of(dec)), "end_to_end": asdict(Latency.of(total)),
+            "tokens_per_s": new_tokens / (float(np.median(total)) / 1e3),
+            "cached_tokens_per_layer": cached, "kv_bytes_after_prefill": kv_bytes(m, cached),
+            "kv_bytes_at_end": kv_bytes(m, final),
+        }
+    r, b = res["engines"]["reduced"], res["engines"]["baseline"]
+    res["decode_speedup_p50"] = b["decode_step"]["p50_ms"] / r["decode_step"]["p50_ms"]
+    res["end_to_end_speedup_p50"] = b["end_to_end"]["p50_ms"] / r["end_to_end"]["p50_ms"]
+    res["kv_ratio"] = r["kv_bytes_after_prefill"] / b["kv_bytes_after_prefill"]
+    if kv_budget_gb:
+        budget = kv_budget_gb * 1e9
+        res["kv_budget"] = {"gb": kv_budget_gb, "computed_not_measured": True,
+                            "sequences_reduced": int(budget // r["kv_bytes_at_end"]),
+                            "sequences_baseline": int(budget // b["kv_bytes_at_end"])}
+    return res
+
+
 def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int = 20,
             threads: int | None = None, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAULT_SUFFIX,
-            selector_reps: int = 5) -> dict:
-    """Both engines, same backend, same inputs: latency, ratio, tokens, FLOPs, selector cost."""
+            selector_reps: int = 5, new_tokens: int = 0, kv_budget_gb: float | None = None) -> dict:
+    """Both engines, same backend, same inputs: latency, ratio, tokens, FLOPs, selector cost; with
+    new_tokens > 0 also generation (TTFT = the prefill above, decode step, end to end, KV-cache bytes)."""
     threads = threads or os.cpu_count() or 1
     red, base = open_engine(engine, threads), open_engine(baseline, threads)
     if red.backend != base.backend:
@@ -130,8 +177,8 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     s = ids.shape[1]
     log.info("profiling %s vs %s on a %d-token prompt (%d warm-up, %d reps)", engine, baseline, s, warmup, reps)
     red(ids, pixels)  # input check once; the timed calls skip it
-    red.bind(ids, pixels)
-    base.bind(ids, pixels)
+    red.bind({"input_ids": ids, "pixel_values": pixels})
+    base.bind({"input_ids": ids, "pixel_values": pixels})
     t_red, t_base = time_interleaved([red.time_ms, base.time_ms], warmup, reps)
     lr, lb = Latency.of(t_red), Latency.of(t_base)
     # Per-node timing exists for ONNX Runtime only; other backends fuse the selector into kernels.
@@ -154,6 +201,17 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
             out["engines"][name]["trtexec"] = {"gpuComputeTime": trtexec_summary(
                 t_red if name == "reduced" else t_base)}
     out["flops_ratio"] = out["engines"]["baseline"]["flops"] / out["engines"]["reduced"]["flops"]
+    out["generation"] = None
+    if new_tokens > 0:
+        if not (red.metadata.get("decode") and base.metadata.get("decode")):
+            out["generation"] = {"skipped": "an engine has no decode engine (built from an exported program or "
+                                            "for TensorRT)"}
+        else:
+            from .engine.protocol import check_prompt_range
+
+            check_prompt_range(red.metadata, s, new_tokens)
+            out["generation"] = generation_profile(engine, baseline, ids, pixels, new_tokens, warmup, reps, threads,
+                                                   kv_budget_gb)
     out["selector"] = None if share is None else {
         "share": share["selector"], "ms": share["selector"] * lr.p50_ms,
         "gather_share": share["gather"], "gather_ms": share["gather"] * lr.p50_ms,
@@ -188,4 +246,29 @@ def format_report(r: dict) -> str:
          f"sequence gathers: {sel['gather_ms']:.2f} ms ({100 * sel['gather_share']:.1f}%)") if sel else
         "selector cost: not measured on this backend (no per-node timing; see the ONNX Runtime profile)",
     ]
+    g = r.get("generation")
+    if g and "skipped" in g:
+        lines.append(f"generation: not profiled ({g['skipped']})")
+    elif g:
+        gr, gb = g["engines"]["reduced"], g["engines"]["baseline"]
+        rows = [("", "baseline", "reduced", "ratio")]
+        ttft_b, ttft_r = e["baseline"]["latency"]["p50_ms"], e["reduced"]["latency"]["p50_ms"]
+        rows.append(("time to first token p50 (ms)", f"{ttft_b:.1f}", f"{ttft_r:.1f}", f"{ttft_b / ttft_r:.2f}x"))
+        for key, label in (("decode_step", "time per output token p50 (ms)"),
+                           ("end_to_end", f"end to end, {g['new_tokens']} tokens p50 (ms)")):
+            vb, vr = gb[key]["p50_ms"], gr[key]["p50_ms"]
+            rows.append((label, f"{vb:.2f}", f"{vr:.2f}", f"{vb / vr:.2f}x"))
+        rows.append(("tokens/s", f"{gb['tokens_per_s']:.1f}", f"{gr['tokens_per_s']:.1f}",
+                     f"{gr['tokens_per_s'] / gb['tokens_per_s']:.2f}x"))
+        rows.append(("KV cache after prefill (MB)", f"{gb['kv_bytes_after_prefill'] / 1e6:.3f}",
+                     f"{gr['kv_bytes_after_prefill'] / 1e6:.3f}", f"{g['kv_ratio']:.3f}"))
+        w = [max(len(row[i]) for row in rows) for i in range(4)]
+        table = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+        table.insert(1, "-" * len(table[0]))
+        lines += ["", *table, f"decode step measured at the prompt's context ({r['prompt_tokens']} tokens, cache as the "
+                  f"prefill left it); end to end = prefill + {g['new_tokens'] - 1} decode steps, greedy"]
+        if g.get("kv_budget"):
+            kb = g["kv_budget"]
+            lines.append(f"sequences whose KV cache fits in {kb['gb']:g} GB (computed from shapes, not measured): "
+                         f"baseline {kb['sequences_baseline']}, reduced {kb['sequences_reduced']}")
     return "\n".join(lines)

@@ -16,7 +16,6 @@ from vtrcompile.lower.atomic import write_atomically
 from vtrcompile.lower.onnx import export_onnx, read_metadata
 from vtrcompile.lower.onnxruntime import OrtEngine, check_prompt
 from vtrcompile.lower.tensorrt_preflight import preflight
-from vtrcompile.optimize import write_engine
 from vtrcompile.reference.methods import (
     fastv_reference,
     gprune_reference,
@@ -28,29 +27,8 @@ from vtrcompile.reference.vision import prumerge_plus_reference, prumerge_refere
 
 
 @pytest.fixture(scope="module")
-def engines(tiny, tiny_build, tmp_path_factory):
-    d = tmp_path_factory.mktemp("engines")
-    out = {}
-    for name, method, opts in [("fastv-k2-18", "fastv", {"layer": 2, "keep": 18}),
-                               ("fastv-k1-5", "fastv", {"layer": 1, "keep": 5}),
-                               ("gprune-9", "gprune", {"keep": 9}),
-                               ("gprune-default", "gprune", {}),
-                               ("pyramiddrop", "pyramiddrop", {}),
-                               ("vtw", "vtw", {}),
-                               ("pumer", "pumer", {}),
-                               ("prumerge", "prumerge", {"keep": 8}),
-                               ("prumerge-plus", "prumerge-plus", {}),
-                               ("visionzip", "visionzip", {"dominant": 8, "contextual": 4}),
-                               # second budgets
-                               ("pyramiddrop-0.7", "pyramiddrop", {"keep_ratio": 0.7}),
-                               ("vtw-1", "vtw", {"layer": 1}),
-                               ("pumer-0.2", "pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}),
-                               ("prumerge-20", "prumerge", {"keep": 20}),
-                               ("prumerge-plus-0.25", "prumerge-plus", {"keep_ratio": 0.25}),
-                               ("visionzip-20-6", "visionzip", {"dominant": 20, "contextual": 6}),
-                               ("none", "none", {})]:
-        out[name] = write_engine(tiny_build(method, **opts), tiny, d / f"{name}.onnx")
-    return out
+def engines(tiny_engines):
+    return tiny_engines
 
 
 def _run(opt, ids, px):

@@ -47,7 +47,9 @@ def test_sidecar_describes_io_ranges_and_reduction(meta):
     assert [i["name"] for i in sc["inputs"]] == ["input_ids", "pixel_values"]
     assert sc["inputs"][0]["shape"] == [1, -1] and sc["inputs"][0]["profile"]["min"] == [1, 40]
     assert sc["inputs"][0]["profile"]["max"] == [1, 300]
-    assert sc["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, meta["vocab"]]}]
+    assert sc["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": [1, meta["vocab"]]}
+    assert [o["name"] for o in sc["outputs"]] == [t["name"] for t in meta["io"]["outputs"]]
+    assert sc["outputs"][1]["name"] == "present.0.key" and sc["outputs"][1]["shape"][2] == -1
     assert sc["n_image"] == 36 and sc["kept_tokens"] == [r["keep"] for r in meta["reductions"]]
     assert sc["method"] == "pumer" and len(sc["reductions"]) == len(meta["reductions"]) > 1
     assert sc["gpu"]["compute_capability"] == "9.0" and sc["versions"]["tensorrt"] == "10.13.0"
@@ -200,6 +202,6 @@ def test_real_plan_matches_onnxruntime(tiny, tiny_build, tmp_path):
     eng = TrtEngine(plan)
     for ids, px in prompts(tiny.hf_model.config):
         with torch.no_grad():
-            ref = b.graph_module(ids, px)
+            ref = b.logits(ids, px)
         assert max_diff(eng(ids.numpy(), px.numpy()), ref) < 1e-3
     assert Path(str(plan) + ".json").is_file()

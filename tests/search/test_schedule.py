@@ -63,7 +63,7 @@ def test_graph_equals_reference_and_the_search_evaluator(tiny, builds, name):
     got_cp = ev.logits(keeps)
     for i, (ids, px) in enumerate(cases):
         with torch.no_grad():
-            graph = builds[name].graph_module(ids, px)
+            graph = builds[name].logits(ids, px)
         ref = schedule_reference(m, ids, px, keeps)
         assert max_diff(graph, ref) <= REFERENCE_ATOL
         assert max_diff(got_ev[i], graph[0]) <= REFERENCE_ATOL
@@ -83,9 +83,9 @@ def test_schedule_without_drops_does_not_fire(tiny, tmp_path):
     assert b.reductions == []
     ids, px = prompts(tiny.hf_model.config)[0]
     with torch.no_grad():
-        assert max_diff(b.graph_module(ids, px), full_logits(tiny.hf_model, ids, px)) <= REFERENCE_ATOL
+        assert max_diff(b.logits(ids, px), full_logits(tiny.hf_model, ids, px)) <= REFERENCE_ATOL
         assert max_diff(ScheduleEvaluator(tiny.hf_model, [Item(ids.numpy(), px.numpy())]).full[0],
-                        b.graph_module(ids, px)[0]) <= REFERENCE_ATOL
+                        b.logits(ids, px)[0]) <= REFERENCE_ATOL
 
 
 def test_schedule_file_guards(tiny, tmp_path):

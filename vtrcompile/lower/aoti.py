@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .atomic import write_atomically
-from .onnxruntime import check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,26 @@ class AotiEngine:
         self.device = self.metadata["device"]
         if self.device == "cuda":
             check_device("cuda")
-        self._bound: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bound: list[torch.Tensor] | None = None
 
-    def bind(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> None:
-        self._bound = (torch.from_numpy(input_ids.astype(np.int64)).to(self.device),
-                       torch.from_numpy(pixel_values.astype(np.float32)).to(self.device))
+    def bind(self, feeds: dict[str, np.ndarray]) -> None:
+        """Named inputs -> tensors on the package's device, in the order of the metadata's `io`."""
+        arrays = feed_arrays(self.metadata["io"], feeds)
+        self._bound = [torch.from_numpy(arrays[t["name"]]).to(self.device) for t in self.metadata["io"]["inputs"]]
 
-    def run(self) -> torch.Tensor:
+    def _outputs(self) -> list[torch.Tensor]:
         assert self._bound is not None
         with torch.no_grad():
             out = self.runner(*self._bound)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def run(self, feeds: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | list[torch.Tensor]:
+        """With feeds: every output by name, as numpy. Without: a launch of the bound inputs (for timing)."""
+        if feeds is None:
+            return self._outputs()
+        self.bind(feeds)
+        names = [t["name"] for t in self.metadata["io"]["outputs"]]
+        return {n: t.cpu().numpy() for n, t in zip(names, self._outputs(), strict=True)}
 
     def time_ms(self) -> float:
         """One run: CUDA events on the current stream on a GPU, wall clock on a CPU."""
@@ -108,5 +117,5 @@ class AotiEngine:
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
-        self.bind(input_ids, pixel_values)
-        return self.run().float().cpu().numpy()
+        self.bind({"input_ids": input_ids, "pixel_values": pixel_values})
+        return self._outputs()[0].float().cpu().numpy()

@@ -1,4 +1,4 @@
-"""Rewritten program -> ONNX file via the dynamo exporter (inputs input_ids, pixel_values; output logits)."""
+"""Rewritten program -> ONNX file via the dynamo exporter, I/O named as the engine metadata's `io` says."""
 
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ def param_bytes(ep: torch.export.ExportedProgram) -> int:
 def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any]) -> list[Path]:
     """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written."""
     t0 = time.perf_counter()
-    program = torch.onnx.export(ep, (), input_names=["input_ids", "pixel_values"], output_names=["logits"],
-                                dynamo=True, verbose=False, optimize=True)
+    io = metadata["io"]
+    program = torch.onnx.export(ep, (), input_names=[t["name"] for t in io["inputs"]],
+                                output_names=[t["name"] for t in io["outputs"]], dynamo=True, verbose=False,
+                                optimize=True)
+    _name_dims(program.model.graph, io)
     weights = not any(t.device.type == "meta" for t in ep.state_dict.values())
     if not weights:
         log.warning("%s: the model is on the meta device; writing the graph without weights", out)
@@ -41,6 +44,15 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     files = write_atomically(Path(out), save)
     log.debug("wrote %s in %.1fs", out, time.perf_counter() - t0)
     return files
+
+
+def _name_dims(graph, io: dict[str, Any]) -> None:
+    """Give the dynamic dims of the graph's inputs and outputs the metadata's names (prompt, past.3, ...)."""
+    for values, described in ((graph.inputs, io["inputs"]), (graph.outputs, io["outputs"])):
+        for value, d in zip(values, described, strict=True):
+            if value.shape is None:
+                continue
+            value.shape = type(value.shape)([s if isinstance(s, int) else str(s) for s in d["shape"]])
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -13,24 +13,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .onnx import read_metadata
 
+__all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"]
+
 log = logging.getLogger(__name__)
-
-
-def check_prompt(input_ids: np.ndarray, image_token_id: int, n_image: int) -> None:
-    """The engines assume one contiguous run of exactly N image placeholders per prompt."""
-    for b, row in enumerate(input_ids):
-        where = np.flatnonzero(row == image_token_id)
-        if len(where) != n_image or (len(where) and where[-1] - where[0] != n_image - 1):
-            raise VtrError(f"prompt {b}: needs one contiguous run of {n_image} image tokens "
-                           f"(id {image_token_id}), found {len(where)}")
-        if where[-1] == len(row) - 1:
-            raise VtrError(f"prompt {b}: the image block must be followed by at least one text token")
-        if len(row) < n_image + 2:
-            raise VtrError(f"prompt {b}: {len(row)} tokens; the engine takes at least {n_image + 2} "
-                           f"(N={n_image} image tokens and 2 text tokens)")
 
 
 def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:
@@ -50,14 +39,7 @@ class OrtEngine:
 
     def __init__(self, path: str | Path, threads: int | None = None, profile_dir: str | None = None) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise VtrError(f"engine not found: {self.path}")
-        try:
-            self.metadata = read_metadata(self.path)
-        except Exception as e:
-            raise VtrError(f"{self.path}: not a readable ONNX file ({type(e).__name__})") from None
-        if not self.metadata:
-            raise VtrError(f"{self.path}: no vtrcompile metadata; build engines with `vtrcompile optimize`")
+        self.metadata = engine_metadata(self.path)
         if not self.metadata.get("has_weights", True):
             raise VtrError(f"{self.path}: built from a meta-device model, it holds no weights and cannot run")
         so = ort.SessionOptions()
@@ -71,20 +53,41 @@ class OrtEngine:
             so.profile_file_prefix = str(Path(profile_dir) / "ort")
         self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
 
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named inputs (as the metadata's `io` lists them) -> every output by name."""
+        return dict(zip(self.output_names, self.session.run(None, feed_arrays(self.metadata["io"], feeds)),
+                        strict=True))
+
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
+        """Prefill only: next-token logits [B, vocab]."""
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
         return self.session.run(["logits"], {"input_ids": input_ids.astype(np.int64),
                                              "pixel_values": pixel_values.astype(np.float32)})[0]
 
-    def bind(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> None:
-        self._feeds = {"input_ids": input_ids.astype(np.int64), "pixel_values": pixel_values.astype(np.float32)}
+    def bind(self, feeds: dict[str, np.ndarray]) -> None:
+        self._feeds = feed_arrays(self.metadata["io"], feeds)
 
     def time_ms(self) -> float:
-        """One run of the bound inputs, wall clock."""
+        """One run of the bound inputs (every output produced, the KV cache included), wall clock."""
         t0 = time.perf_counter()
-        self.session.run(["logits"], self._feeds)
+        self.session.run(None, self._feeds)
         return (time.perf_counter() - t0) * 1e3
+
+
+def engine_metadata(path: Path) -> dict:
+    """The vtrcompile metadata of an ONNX engine, checked before any session is made."""
+    if not path.is_file():
+        raise VtrError(f"engine not found: {path}")
+    try:
+        meta = read_metadata(path)
+    except Exception as e:
+        raise VtrError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    if not meta:
+        raise VtrError(f"{path}: no vtrcompile metadata; build engines with `vtrcompile optimize`")
+    return meta
 
 
 def reduction_share(path: str | Path, input_ids: np.ndarray, pixel_values: np.ndarray,

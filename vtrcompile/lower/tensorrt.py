@@ -106,7 +106,9 @@ def sidecar(meta: dict[str, Any], shapes: ProfileShapes, versions: dict[str, str
             {"name": "pixel_values", "dtype": "float32", "shape": list(shapes.shapes["pixel_values"][0]),
              "profile": shapes.to_json()["pixel_values"]},
         ],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [ids[0][0], meta["vocab"]]}],
+        # logits, then each layer's KV cache and the next positions (dynamic dims -1, as Triton writes them)
+        "outputs": [{"name": t["name"], "dtype": t["dtype"], "shape": [d if isinstance(d, int) else -1 for d in t["shape"]]}
+                    for t in meta["io"]["outputs"]],
         "batch": meta["batch"],
         "prompt_min": ids[0][1], "prompt_opt": ids[1][1], "prompt_max": ids[2][1],
         "n_image": meta["n_image"],

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from .onnxruntime import check_prompt
 from .tensorrt import check_cuda, import_tensorrt, read_sidecar
 
 
@@ -45,10 +45,10 @@ class TrtEngine:
         self.stream = torch.cuda.Stream()
         self._bound: dict[str, Any] = {}
 
-    def bind(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> None:
+    def bind(self, named: dict[str, np.ndarray]) -> None:
         """Copy inputs to the GPU once, set shapes and addresses; `run()` then only launches."""
         torch = self._torch
-        feeds = {"input_ids": input_ids.astype(np.int64), "pixel_values": pixel_values.astype(np.float32)}
+        feeds = feed_arrays(self.metadata["io"], named)
         for name in self.inputs:
             t = torch.from_numpy(feeds[name]).to("cuda", self._dtypes[name])
             self._bound[name] = t
@@ -61,16 +61,24 @@ class TrtEngine:
             self._bound[name] = t
             self.context.set_tensor_address(name, t.data_ptr())
 
-    def run(self) -> None:
+    def launch(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise VtrError(f"{self.path}: TensorRT execution failed")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named inputs -> every output by name, as numpy (float32 for float outputs)."""
+        self.bind(feeds)
+        self.launch()
+        self.stream.synchronize()
+        return {n: self._bound[n].cpu().numpy() if not self._bound[n].is_floating_point()
+                else self._bound[n].float().cpu().numpy() for n in self.outputs}
 
     def time_ms(self) -> float:
         """One launch timed with CUDA events on the engine's stream (GPU compute time)."""
         torch = self._torch
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(self.stream)
-        self.run()
+        self.launch()
         end.record(self.stream)
         end.synchronize()
         return float(start.elapsed_time(end))
@@ -78,10 +86,10 @@ class TrtEngine:
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
-        self.bind(input_ids, pixel_values)
-        self.run()
+        self.bind({"input_ids": input_ids, "pixel_values": pixel_values})
+        self.launch()
         self.stream.synchronize()
-        return self._bound[self.outputs[0]].float().cpu().numpy()
+        return self._bound["logits"].float().cpu().numpy()
 
 
 def _torch_dtype(torch: Any, trt: Any, dt: Any) -> Any:

@@ -17,7 +17,7 @@ from .presets import PRESETS, build_preset
 
 log = logging.getLogger(__name__)
 
-# Vision-language families we recognise but do not compile yet (see shared/specs/graph-facts.md).
+# Vision-language families we recognise but do not compile yet (each needs its own module under models/ first).
 _LATER_FAMILIES = {
     "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
     "internvl", "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",

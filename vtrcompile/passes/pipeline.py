@@ -6,17 +6,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Pass
+from .insert_cache_outputs import insert_cache_outputs
 from .insert_token_reduction import Reduction, insert_token_reduction
 from .replace_masked_scatter import replace_masked_scatter
 from .strip_runtime_asserts import strip_runtime_asserts
 
 
-def build_pipeline(reductions: Sequence[Reduction]) -> list[tuple[Pass, Any]]:
-    """strip asserts -> fixed-size image merge -> one reduction per site, shallow to deep.
+def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[str]) -> list[tuple[Pass, Any]]:
+    """strip asserts -> fixed-size image merge -> one reduction per site, shallow to deep -> KV cache outputs.
 
     The baseline engine runs the same list with no reductions, so both engines differ only there.
+    attention_modules: each decoder layer's attention module path (from the analysis of the unmodified graph).
     """
     passes: list[tuple[Pass, Any]] = [(strip_runtime_asserts, None), (replace_masked_scatter, None)]
     for red in sorted(reductions, key=lambda r: r.layer):
         passes.append((insert_token_reduction, red))
+    passes.append((insert_cache_outputs, (list(attention_modules), list(reductions))))
     return passes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
@@ -27,19 +29,26 @@ def image_start(model, input_ids: torch.Tensor) -> int:
     return int(rows[0])
 
 
+# While a generation reference records (reference/generation.py), every decoder layer run here also
+# stores the keys/values of the rows it processed in this HF cache.
+KV_RECORDER: ContextVar = ContextVar("kv_recorder", default=None)
+
+
 def run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: range) -> torch.Tensor:
     """Run decoder layers on hidden [B, S', D] whose rows sit at `positions` [S'] (ascending).
 
     The mask is causal over the rows as given (HF's own mask builder would read gaps in the
     positions as packed sequences, so it is not used here).
     """
+    cache = KV_RECORDER.get()
     lm = model.model.language_model
     n = hidden.shape[1]
     pos = positions[None, :].expand(hidden.shape[0], -1)
     mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
     rope = lm.rotary_emb(hidden, pos)
     for i in layers:
-        hidden = lm.layers[i](hidden, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+        hidden = lm.layers[i](hidden, attention_mask=mask, position_ids=pos, position_embeddings=rope,
+                              past_key_values=cache)
     return hidden
 
 

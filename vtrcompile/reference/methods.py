@@ -1,4 +1,4 @@
-"""Eager references of FastV and G-Prune, written from shared/specs/methods.md (batch 1)."""
+"""Eager references of FastV and G-Prune, written from docs/methods.md (batch 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""G-Search, P-Sigmoid and VTW's KL rule as pure functions over a quality callable (shared/specs/methods.md).
+"""G-Search, P-Sigmoid and VTW's KL rule as pure functions over a quality callable (docs/methods.md).
 
 `evaluate(keeps) -> float` scores a schedule n_0..n_{L-1}; nothing here knows about models, so the unit
 tests drive these with synthetic quality functions whose optimum is known.

@@ -1,0 +1,93 @@
+"""Model source -> the decode-step engine: one per model, dtype and backend, shared by every method's prefill.
+
+The decode step is never reduced: it appends one token to each layer's cache, whatever length that cache
+has. Its file is named by the model identity and dtype (`decode-<id>-<dtype>.<ext>`) and sits next to
+the prefill engines that pair with it; a matching file already there is reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .engine.io import FORMAT_VERSION, decode_inputs, decode_outputs, describe
+from .engine.runners import read_engine_metadata
+from .errors import VtrError
+from .models.llava import DecodeStep, cache_geometry, eos_token_ids
+
+log = logging.getLogger(__name__)
+
+# A cache is never shorter than the two text tokens every prompt keeps (export must not specialise 0/1).
+MIN_PAST = 2
+
+
+def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu") -> str:
+    return f"decode-{model_id[:12]}-{dtype}{'' if device == 'cpu' else '-' + device}{ext}"
+
+
+def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """torch.export of DecodeStep with every layer's past length its own dynamic dim."""
+    geo = cache_geometry(model)
+    n, kv, d = geo["llm_layers"], geo["kv_heads"], geo["head_dim"]
+    p = next(iter(model.parameters()))
+    past = []
+    for i in range(n):  # distinct example lengths, so no two layers' dims can be merged by accident
+        t = torch.zeros(batch, kv, MIN_PAST + 3 + i, d, dtype=p.dtype, device=p.device)
+        past += [t, t.clone()]
+    ids = torch.zeros(batch, 1, dtype=torch.int64, device=p.device)
+    pos = torch.full((batch, n), MIN_PAST + 3, dtype=torch.int64, device=p.device)
+    dims = {"input_ids": None, "layer_position_ids": None,
+            "past": tuple({2: torch.export.Dim.DYNAMIC(min=MIN_PAST, max=geo["max_context"] - 1)}
+                          for _ in range(2 * n))}
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(DecodeStep(model).eval(), (ids, pos, *past), dynamic_shapes=dims, strict=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VtrError(f"torch.export of the decode step failed: {first}") from e
+    log.info("decode step exported in %.1fs (%d nodes)", time.perf_counter() - t0, len(ep.graph.nodes))
+    sig = ep.graph_signature
+    nodes = {nd.name: nd for nd in ep.graph.nodes}
+    dim_names = {}
+    for i in range(n):
+        s = nodes[sig.user_inputs[2 + 2 * i]].meta["val"].shape[2]
+        dim_names[s.node.expr] = f"past.{i}"
+    return ep, dim_names
+
+
+def decode_metadata(model: torch.nn.Module, model_id: str, label: str, dtype: str, backend: str,
+                    io: dict[str, Any]) -> dict[str, Any]:
+    geo = cache_geometry(model)
+    return {"vtrcompile": __version__, "format": FORMAT_VERSION, "torch": torch.__version__, "role": "decode",
+            "model": label, "model_id": model_id, "dtype": dtype, "backend": backend, **geo,
+            "vocab": int(model.config.text_config.vocab_size), "eos_token_ids": eos_token_ids(model),
+            "io": io}
+
+
+def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, folder: Path, target,
+                         batch: int) -> Path:
+    """The decode engine for (model, dtype, backend) in `folder`: reused when one is there, else built."""
+    from .optimize import BACKENDS
+
+    ext = BACKENDS[target.backend][0]
+    path = folder / decode_file_name(model_id, target.dtype, ext, target.device)
+    meta = read_engine_metadata(path) if path.is_file() else None
+    if meta and meta.get("role") == "decode" and meta.get("model_id") == model_id and \
+            meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype:
+        log.info("decode engine %s already built for this model; reused", path)
+        return path
+    ep, dim_names = capture_decode(model, batch)
+    n = cache_geometry(model)["llm_layers"]
+    io = describe(ep, decode_inputs(n), decode_outputs(n), dim_names)
+    meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io)
+    from .optimize import lower_program
+
+    lower_program(ep, path, meta, target)
+    log.info("wrote decode engine %s", path)
+    return path

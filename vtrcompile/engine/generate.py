@@ -1,0 +1,146 @@
+"""A prefill engine + the decode engine it pairs with -> a generating engine (greedy), the public Python API.
+
+    engine = load_engine("build/fastv.onnx")
+    engine(input_ids=..., pixel_values=...)                   # prefill alone: next-token logits [B, vocab]
+    out = engine.generate(input_ids=..., pixel_values=..., max_new_tokens=32)
+    out.tokens, out.logits                                    # [B, T] int64, [B, T, vocab] float32
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import VtrError
+from .io import past_names, present_names
+from .protocol import check_prompt, check_prompt_range
+from .runners import open_engine, read_engine_metadata
+
+log = logging.getLogger(__name__)
+
+# Keys a Hugging Face processor returns that the engines do not take as tensors.
+_PROCESSOR_EXTRAS = ("attention_mask",)
+
+
+@dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # int64 [B, T], EOS included when it was produced
+    logits: np.ndarray  # float32 [B, T, vocab]: the distribution each token was taken from
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)  # one per decode step
+    cache_lengths: list[int] = field(default_factory=list)  # per layer, after the prefill
+    eos_reached: bool = False  # every sequence ended with an EOS token
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+class Engine:
+    """A vtrcompile prefill engine and (lazily) its decode engine."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.prefill = open_engine(self.path, threads)
+        self.metadata: dict[str, Any] = self.prefill.metadata
+        if self.metadata.get("role") != "prefill":
+            raise VtrError(f"{self.path} is a decode engine; load the prefill engine that pairs with it "
+                           "(the file `vtrcompile optimize --out` wrote)")
+        self._threads = threads
+        self._decode: Any = None
+
+    @property
+    def decode_path(self) -> Path:
+        d = self.metadata.get("decode")
+        if not d:
+            raise VtrError(f"{self.path}: built from an exported program, it has no decode engine; build it from "
+                           "a Hugging Face directory, a preset or a pickled module to generate")
+        return self.path.parent / d["file"]
+
+    @property
+    def decode(self):
+        """The decode engine beside the prefill, checked to pair with it before any run."""
+        if self._decode is None:
+            p = self.decode_path
+            if not p.is_file():
+                raise VtrError(f"{self.path}: its decode engine {p.name} is missing from {p.parent}; rebuild with "
+                               "`vtrcompile optimize` (it writes both) or copy the file next to the prefill engine")
+            meta = read_engine_metadata(p)
+            if meta is None:
+                raise VtrError(f"{p}: not a readable vtrcompile decode engine; rebuild with `vtrcompile optimize`")
+            want = {"role": "decode", "model_id": self.metadata["model_id"], "dtype": self.metadata.get("dtype"),
+                    "backend": self.metadata.get("backend"), "llm_layers": self.metadata.get("llm_layers")}
+            bad = [f"{k} {meta.get(k)!r} (prefill: {v!r})" for k, v in want.items() if meta.get(k) != v]
+            if bad:
+                raise VtrError(f"{p} does not pair with {self.path.name}: {', '.join(bad)}; rebuild both with "
+                               "`vtrcompile optimize`")
+            self._decode = open_engine(p, self._threads)
+        return self._decode
+
+    def _inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        feeds = {k: _numpy(v) for k, v in inputs.items()}
+        mask = feeds.pop("attention_mask", None)
+        if mask is not None and not np.all(mask == 1):
+            raise VtrError("attention_mask has zeros: the engines take unpadded prompts (batch "
+                           f"{self.metadata['batch']}); pass each prompt without padding")
+        ids = feeds.get("input_ids")
+        if ids is None:
+            raise VtrError("input_ids is required")
+        if ids.ndim == 1:
+            ids = ids[None]
+        feeds["input_ids"] = ids.astype(np.int64)
+        check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
+        return feeds
+
+    def __call__(self, **inputs: Any) -> np.ndarray:
+        """The prefill alone: next-token logits [B, vocab] float32."""
+        feeds = self._inputs(inputs)
+        check_prompt_range(self.metadata, feeds["input_ids"].shape[1])
+        return self.prefill.run(feeds)["logits"].astype(np.float32)
+
+    def generate(self, max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
+                 **inputs: Any) -> GenerateOutput:
+        """Greedy decoding: prefill, then one decode step per new token, until EOS or max_new_tokens.
+        eos_token_id defaults to the model's (recorded in the engine); [] never stops early."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise VtrError(f"max_new_tokens {max_new_tokens}: give at least 1")
+        feeds = self._inputs(inputs)
+        s = feeds["input_ids"].shape[1]
+        check_prompt_range(self.metadata, s, max_new_tokens)
+        eos = set(self.metadata.get("eos_token_ids", []) if eos_token_id is None else
+                  ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+        decode = self.decode if max_new_tokens > 1 else None
+        n = self.metadata["llm_layers"]
+        present, past = present_names(n), past_names(n)
+        t0 = time.perf_counter()
+        out = self.prefill.run(feeds)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        b = feeds["input_ids"].shape[0]
+        cache = [int(out[present[2 * i]].shape[2]) for i in range(n)]
+        tokens, logits, steps = [], [], []
+        done = np.zeros(b, dtype=bool)
+        while True:
+            lg = out["logits"].astype(np.float32)
+            tok = lg.argmax(axis=-1).astype(np.int64)  # ties: the lower index
+            tokens.append(tok)
+            logits.append(lg)
+            done |= np.isin(tok, list(eos))
+            if done.all() or len(tokens) == max_new_tokens:
+                break
+            step = {"input_ids": tok[:, None], "layer_position_ids": out["next_layer_position_ids"],
+                    **{p: out[q] for p, q in zip(past, present, strict=True)}}
+            t1 = time.perf_counter()
+            out = decode.run(step)
+            steps.append((time.perf_counter() - t1) * 1e3)
+        return GenerateOutput(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_ms, steps, cache,
+                              bool(done.all()))
+
+
+def load_engine(path: str | Path, threads: int | None = None) -> Engine:
+    """Open a vtrcompile engine for inference and generation (any backend that runs on this machine)."""
+    return Engine(path, threads)

@@ -1,0 +1,101 @@
+"""An image file and a text prompt -> engine inputs, with the tokenizer an engine carries beside it.
+
+`optimize` copies the model directory's tokenizer files into `tokenizer-<model id>/` next to the engines,
+so an engine folder generates text without the original model directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import VtrError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_folder_name(model_id: str) -> str:
+    return f"tokenizer-{model_id[:12]}"
+
+
+def has_tokenizer(model_dir: Path | None) -> bool:
+    return model_dir is not None and any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def copy_tokenizer(model_dir: Path, folder: Path, model_id: str) -> Path:
+    """Copy the tokenizer files once (atomically: a temporary folder renamed into place)."""
+    dest = folder / tokenizer_folder_name(model_id)
+    if dest.is_dir():
+        return dest
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
+    try:
+        for f in TOKENIZER_FILES:
+            if (model_dir / f).is_file():
+                shutil.copy2(model_dir / f, tmp / f)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def load_tokenizer(engine_path: Path, meta: dict[str, Any]):
+    name = (meta.get("processor") or {}).get("tokenizer")
+    if not name or not (engine_path.parent / name).is_dir():
+        raise VtrError(f"{engine_path}: its model has no tokenizer (a preset, or a model directory without "
+                       "tokenizer files); pass token ids with --ids, e.g. --ids '2,3,image,7' ('image' marks "
+                       "where the image tokens go)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(engine_path.parent / name), local_files_only=True)
+    except Exception as e:
+        raise VtrError(f"{engine_path.parent / name}: the tokenizer files do not load ({type(e).__name__}); "
+                       "rebuild the engine with `vtrcompile optimize`") from None
+
+
+def prompt_ids(tokenizer, meta: dict[str, Any], prompt: str) -> np.ndarray:
+    """The prompt through the tokenizer's chat template (else the family's layout), with its one image
+    placeholder expanded to the engine's N image tokens: int64 [1, S]."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = meta["processor"]["template"].format(prompt=prompt)
+    ids = list(tokenizer(text, add_special_tokens=getattr(tokenizer, "chat_template", None) is None)["input_ids"])
+    image = meta["image_token_id"]
+    if ids.count(image) != 1:
+        raise VtrError(f"the prompt template gave {ids.count(image)} image placeholders (id {image}); it needs one")
+    i = ids.index(image)
+    return np.array([ids[:i] + [image] * meta["n_image"] + ids[i + 1:]], dtype=np.int64)
+
+
+def parse_ids(text: str, meta: dict[str, Any]) -> np.ndarray:
+    """'2,3,image,7' -> int64 [1, S] with 'image' expanded to the N image tokens."""
+    out: list[int] = []
+    for tok in text.replace(",", " ").split():
+        if tok == "image":
+            out += [meta["image_token_id"]] * meta["n_image"]
+        elif tok.isdigit() and int(tok) < meta["vocab"]:
+            out.append(int(tok))
+        else:
+            raise VtrError(f"--ids: '{tok}' is neither a token id below {meta['vocab']} nor 'image'")
+    return np.array([out], dtype=np.int64)
+
+
+def image_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
+    """An image file -> float32 [1, 3, H, W] as the model's processor prepares it (recorded in the engine)."""
+    from ..calibration import preprocess
+
+    if not path.is_file():
+        raise VtrError(f"image not found: {path}")
+    p = meta["processor"]
+    return preprocess(path, p["image_size"], p["image_mean"], p["image_std"]).numpy()[None]

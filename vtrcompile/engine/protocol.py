@@ -1,0 +1,58 @@
+"""What every runner shares: host-side checks of a prompt and of named feeds against the engine's `io`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import VtrError
+
+NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16, "bool": np.bool_}
+
+
+def check_prompt(input_ids: np.ndarray, image_token_id: int, n_image: int) -> None:
+    """The engines assume one contiguous run of exactly N image placeholders per prompt."""
+    for b, row in enumerate(input_ids):
+        where = np.flatnonzero(row == image_token_id)
+        if len(where) != n_image or (len(where) and where[-1] - where[0] != n_image - 1):
+            raise VtrError(f"prompt {b}: needs one contiguous run of {n_image} image tokens "
+                           f"(id {image_token_id}), found {len(where)}")
+        if where[-1] == len(row) - 1:
+            raise VtrError(f"prompt {b}: the image block must be followed by at least one text token")
+        if len(row) < n_image + 2:
+            raise VtrError(f"prompt {b}: {len(row)} tokens; the engine takes at least {n_image + 2} "
+                           f"(N={n_image} image tokens and 2 text tokens)")
+
+
+def check_prompt_range(meta: dict[str, Any], prompt_len: int, new_tokens: int = 0) -> None:
+    """A prompt (plus the tokens to generate) must fit the range the engines were built for."""
+    lo, hi = meta["prompt_range"]
+    if not lo <= prompt_len <= hi:
+        raise VtrError(f"the prompt has {prompt_len} tokens; this engine takes {lo}..{hi} (rebuild it with "
+                       "`vtrcompile optimize --max-prompt N` for longer prompts)")
+    ctx = meta.get("max_context")
+    if new_tokens and ctx is not None and prompt_len + new_tokens > ctx:
+        raise VtrError(f"{prompt_len} prompt tokens + {new_tokens} new tokens exceed the model's context of {ctx} "
+                       "positions; lower --max-new-tokens or shorten the prompt")
+
+
+def feed_arrays(io: dict[str, Any], feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Feeds by name -> contiguous numpy arrays in the dtypes the engine declares; unknown or missing names
+    are errors (a user passing a processor's output sees which key the engine does not take)."""
+    want = {t["name"]: t for t in io["inputs"]}
+    missing = [n for n in want if n not in feeds]
+    extra = [n for n in feeds if n not in want]
+    if missing:
+        raise VtrError(f"missing engine input(s) {', '.join(missing)}; the engine takes {', '.join(want)}")
+    if extra:
+        raise VtrError(f"the engine takes no input {', '.join(extra)}; it takes {', '.join(want)}")
+    out = {}
+    for name, spec in want.items():
+        a = feeds[name]
+        if hasattr(a, "detach"):  # a torch tensor
+            a = a.detach().cpu().numpy()
+        dt = NUMPY_DTYPES.get(spec["dtype"])
+        a = np.asarray(a)
+        out[name] = np.ascontiguousarray(a if dt is None or a.dtype == dt else a.astype(dt))
+    return out

@@ -1,0 +1,72 @@
+"""Engine file -> its runner, by extension (one table for every command), and metadata checks on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import VtrError
+from .io import FORMAT_VERSION
+
+# Output extension -> backend; the first extension is the one vtrcompile writes.
+BACKENDS = {"onnxruntime": (".onnx",), "tensorrt": (".plan", ".engine"), "aoti": (".pt2",)}
+
+
+def backend_of(path: str | Path) -> str:
+    ext = Path(path).suffix.lower()
+    for name, exts in BACKENDS.items():
+        if ext in exts:
+            return name
+    raise VtrError(f"{path}: unknown engine type '{ext}'; expected .onnx, .plan/.engine or .pt2")
+
+
+def check_metadata(meta: dict[str, Any], path: Path) -> None:
+    """Refuse, before any run, an engine written in another vtrcompile engine format."""
+    fmt = meta.get("format", 1)
+    if fmt != FORMAT_VERSION:
+        raise VtrError(f"{path}: an engine of vtrcompile engine format {fmt}; this vtrcompile reads format "
+                       f"{FORMAT_VERSION}; rebuild it with `vtrcompile optimize`")
+    missing = [k for k in ("model_id", "method" if meta.get("role") == "prefill" else "role", "io") if k not in meta]
+    if missing:
+        raise VtrError(f"{path}: its vtrcompile metadata lacks {', '.join(missing)}; rebuild it with "
+                       "`vtrcompile optimize`")
+
+
+def open_engine(path: str | Path, threads: int | None = None):
+    """An engine file -> its runner (.onnx ONNX Runtime, .plan/.engine TensorRT, .pt2 AOTInductor)."""
+    backend = backend_of(path)
+    if backend == "onnxruntime":
+        from ..lower.onnxruntime import OrtEngine
+
+        eng: Any = OrtEngine(path, threads)
+    elif backend == "tensorrt":
+        from ..lower.tensorrt_runner import TrtEngine
+
+        eng = TrtEngine(path)
+    else:
+        from ..lower.aoti import AotiEngine
+
+        eng = AotiEngine(path, threads)
+    check_metadata(eng.metadata, Path(path))
+    return eng
+
+
+def read_engine_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The vtrcompile metadata of an engine file, without building a session where the format allows;
+    None when the file is not a readable vtrcompile engine."""
+    p = Path(path)
+    try:
+        backend = backend_of(p)
+        if backend == "onnxruntime":
+            from ..lower.onnxruntime import engine_metadata
+
+            return engine_metadata(p)
+        if backend == "tensorrt":
+            from ..lower.tensorrt import read_sidecar
+
+            return read_sidecar(p)["vtrcompile_metadata"]
+        from ..lower.aoti import AotiEngine
+
+        return AotiEngine(p).metadata
+    except VtrError:
+        return None
