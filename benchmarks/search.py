@@ -115,7 +115,7 @@ def main() -> None:
 
 def _keeps(reductions, n: int, layers: int) -> list[int]:
     present, out = n, []
-    sites = {r.layer: r.keep for r in reductions}
+    sites = {r.layer: r.count for r in reductions}
     for layer in range(layers):
         present = sites.get(layer, present)
         out.append(present)

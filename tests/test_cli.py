@@ -58,6 +58,40 @@ def test_optimize_profile_and_profile_command(tmp_path):
     res = _run("profile", str(out), "--baseline", str(tmp_path / "fastv.baseline.onnx"), "--reps", "2")
     assert res.exit_code == 0, res.output
     assert "prefill speedup (p50)" in res.output and "selector cost" in res.output
+    # generation profile (default 32 new tokens): TTFT, TPOT, end to end, KV bytes, computed sequence count
+    res = _run("profile", str(out), "--baseline", str(tmp_path / "fastv.baseline.onnx"), "--reps", "2",
+               "--new-tokens", "4", "--kv-budget-gb", "1", "--json")
+    assert res.exit_code == 0, res.output
+    g = json.loads(res.output[res.output.index("{\n"):])["generation"]
+    red, base = g["engines"]["reduced"], g["engines"]["baseline"]
+    assert red["cached_tokens_per_layer"] == [base["cached_tokens_per_layer"][0]] * 2 + \
+        [base["cached_tokens_per_layer"][0] - 28] * 2
+    assert g["kv_ratio"] == pytest.approx(sum(red["cached_tokens_per_layer"]) / sum(base["cached_tokens_per_layer"]))
+    assert red["kv_bytes_after_prefill"] == 2 * 2 * 16 * 4 * sum(red["cached_tokens_per_layer"])  # k+v, 2 heads, d 16, f32
+    assert g["kv_budget"]["sequences_reduced"] >= g["kv_budget"]["sequences_baseline"] > 0
+    # generate from token ids (the tiny preset has no tokenizer)
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(img)
+    res = _run("generate", str(out), "--image", str(img), "--ids", "5,6,image,7,8", "--max-new-tokens", "5", "--json")
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output[res.output.index("{\n"):])
+    assert len(rec["tokens"]) == 5 and rec["prompt_tokens"] == 4 + 36 and rec["text"] is None
+    assert rec["cached_tokens_per_layer"] == [40, 40, 12, 12]
+    # bad generation requests: one line, exit 2
+    for args, words in [(("--ids", "5,image,7", "--max-new-tokens", "0"), ("at least 1",)),
+                        (("--prompt", "hello"), ("no tokenizer", "--ids")),
+                        (("--ids", "5,image,99999"), ("99999",)),
+                        ((), ("--prompt", "--ids")),
+                        (("--ids", "5,image,7", "--max-new-tokens", "2000"), ("exceed",))]:
+        _assert_clean_error(_run("generate", str(out), "--image", str(img), *args), tmp_path / "none", *words)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    _assert_clean_error(_run("generate", str(out), "--image", str(broken), "--ids", "5,image,7"), tmp_path / "none",
+                        "broken.png", "not a readable image")
+    _assert_clean_error(_run("generate", str(out), "--image", str(tmp_path / "nope.png"), "--ids", "5,image,7"),
+                        tmp_path / "none", "image not found")
 
 
 @pytest.mark.parametrize("args,words", [

@@ -94,7 +94,9 @@ without a model hub. It is a demo and a test fixture, not a general VLM.
 - Projector: LLaVA's 2-layer MLP (GELU).
 - LLM: Llama-style, {cfg.text_config.num_hidden_layers} layers, width {cfg.text_config.hidden_size},
   {cfg.text_config.num_attention_heads} heads, vocabulary {cfg.text_config.vocab_size} words (word-level
-  tokenizer shipped here; `<image>` is id {cfg.image_token_id}).
+  tokenizer shipped here; `<image>` is id {cfg.image_token_id}). `chat_template.jinja` lays a question out
+  as the training data does (`<s> user : <image> QUESTION assistant :`), so `vtrcompile generate --prompt`
+  works; `examples/test-3.png` is vqa-synth test sample 3 (the big shape is red).
 - {log['params'] / 1e6:.2f} M parameters, {size / 1e6:.1f} MB of safetensors.
 
 ## Training

@@ -57,8 +57,12 @@ def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.Exporte
     if max_prompt <= n_image + 2:
         raise VtrError(f"--max-prompt {max_prompt} leaves no room for text around {n_image} image tokens")
     device = module_device(source.module)  # a meta-device model (analysis only) takes meta inputs
-    example = tuple(t.to(device) for t in source.example_inputs)
-    return export_program(source.module, example, n_image, max_prompt)
+    p = next(iter(source.module.parameters()), None)
+    key = (max_prompt, p.dtype if p is not None else None, device.type)
+    if key not in source.captured:
+        example = tuple(t.to(device) for t in source.example_inputs)
+        source.captured[key] = export_program(source.module, example, n_image, max_prompt)
+    return source.captured[key]
 
 
 def editable_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:

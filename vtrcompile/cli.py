@@ -107,22 +107,18 @@ def methods(as_json: bool) -> None:
                    f"options: {opts}\n         source: {r['source']}")
 
 
-def _parse_keep(keep: str | None, method: str, calibration: Path | None) -> int | str | None:
-    if keep is None:
-        if calibration is not None:
-            raise VtrError("--calibration is only used with --keep auto")
-        return None
-    if keep == "auto":
-        if method != "prumerge":
-            raise VtrError(f"--keep auto is PruMerge's adaptive count; {method} takes a number")
-        if calibration is None:
-            raise VtrError("--keep auto needs --calibration DIR (a folder of images, see the README)")
-        return "auto"
-    if not keep.isdigit() or int(keep) < 1:
-        raise VtrError(f"--keep {keep}: give a count of at least 1" + (" or 'auto'" if method == "prumerge" else ""))
-    if calibration is not None:
-        raise VtrError("--calibration is only used with --keep auto")
-    return int(keep)
+def _method_flags(f):
+    """One flag per option that any method declares (methods/<name>.py), typed and described from there."""
+    seen: dict[str, object] = {}
+    for m in METHODS.values():
+        for o in m.options:
+            seen.setdefault(o.name, o.type)
+    for name, typ in reversed(list(seen.items())):
+        intro = {"keep": "Image tokens to keep: a count (PruMerge: also 'auto', with --calibration).",
+                 "schedule": "A schedule.json from `vtrcompile search`."}.get(name, "")
+        f = click.option(f"--{name.replace('_', '-')}", name, type=typ, default=None,
+                         help=_method_help(name, intro))(f)
+    return f
 
 
 def _profile_opts(f):
@@ -145,24 +141,10 @@ def _generation_opts(f):
 @main.command()
 @_model_arg
 @click.option("--method", required=True, help="Reduction method (see `vtrcompile methods`); 'none' = baseline.")
-@click.option("--keep", type=str, default=None, help=_method_help("keep", "Image tokens to keep, a count."))
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Calibration folder (images + optional prompts.jsonl), or vqa-synth:val, for PruMerge's "
                    "--keep auto.")
-@click.option("--layer", type=int, default=None, help=_method_help("layer", "Decoder layer K of the site."))
-@click.option("--drop-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help=_method_help("drop_ratio", "Fraction of image tokens dropped."))
-@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help=_method_help("keep_ratio", "Fraction of image tokens kept."))
-@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help=_method_help("prune_ratio", "Fraction pruned at each site."))
-@click.option("--merge-ratio", type=click.FloatRange(0, 0.5), default=None,
-              help=_method_help("merge_ratio", "Fraction merged at each site."))
-@click.option("--dominant", type=click.IntRange(1), default=None, help=_method_help("dominant", "Dominant tokens."))
-@click.option("--contextual", type=click.IntRange(1), default=None,
-              help=_method_help("contextual", "Contextual tokens."))
-@click.option("--schedule", "schedule_file", type=click.Path(path_type=Path), default=None,
-              help=_method_help("schedule", "A schedule.json from `vtrcompile search`."))
+@_method_flags
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Engine file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt2 (AOTInductor).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "aoti"]), default=None,
@@ -185,63 +167,26 @@ def _generation_opts(f):
 @_pickle_opt
 @_profile_opts
 @_generation_opts
-def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, prune_ratio, merge_ratio, dominant,
-             contextual, schedule_file, out, backend, device, dtype, do_profile, baseline_out, triton_repo, min_prompt, max_prompt,
-             workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens, kv_budget_gb) -> None:
+def optimize(model, method, calibration, out, backend, device, dtype, do_profile, baseline_out, triton_repo,
+             min_prompt, max_prompt, workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens, kv_budget_gb,
+             **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
-    from .methods.registry import resolve
+    from .methods.options import check_options, prepare_options
     from .models.loading import load_model
     from .optimize import Target, backend_for, check_target
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
-    keep = _parse_keep(keep, method, calibration)
-    given = {"keep": keep, "layer": layer, "drop_ratio": drop_ratio, "keep_ratio": keep_ratio,
-             "prune_ratio": prune_ratio, "merge_ratio": merge_ratio, "dominant": dominant,
-             "contextual": contextual, "schedule": str(schedule_file) if schedule_file else None}
-    if method not in METHODS:
-        resolve(method, given, 1, 1)  # raises the one-line error before loading anything
+    given = {k: v for k, v in method_options.items() if v is not None}
+    check_options(method, given, calibration)  # a bad method or option fails before loading anything
     target = Target(backend_for(out, backend), device, dtype, min_prompt, max_prompt, workspace)
     if triton_repo is not None and target.backend != "tensorrt":
         raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
     if min_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
-    if method == "schedule":
-        from .search.schedule_file import load_schedule
-
-        sched = load_schedule(schedule_file) if schedule_file else None  # bad files fail before loading
     src = load_model(model, allow_pickle)
-    if method == "schedule" and sched is not None:
-        from .models.loading import image_token_count
-        from .optimize import model_id
-        from .search.schedule_file import check_model
-
-        cfg = src.hf_model.config if src.hf_model is not None else None
-        check_model(sched, model_id(src.module, src.program), image_token_count(cfg) if cfg else sched["n_image"],
-                    str(schedule_file))
-    if keep == "auto":
-        from .calibration import load_calibration
-        from .methods.prumerge_auto import auto_keep
-
-        cfg = src.hf_model.config if src.hf_model is not None else None
-        if cfg is None:
-            raise VtrError("--keep auto needs an eager model (a preset, HF directory or pickle)")
-        if str(calibration).startswith("vqa-synth"):  # the benchmark's images, as `search` accepts them
-            import torch
-
-            from .evaluation import benchmark_items
-
-            split = str(calibration).partition(":")[2] or "val"
-            if split == "test":
-                raise VtrError("the test split is never used for choices; use --calibration vqa-synth:val")
-            items = benchmark_items(f"vqa-synth:{split}", 64)
-            pixels = torch.cat([torch.from_numpy(items[i].pixels) for i in range(len(items))])
-        else:
-            pixels = load_calibration(calibration, cfg.vision_config.image_size).pixel_values
-        given["keep"], counts = auto_keep(src.hf_model, pixels)
-        click.echo(f"--keep auto: IQR outlier counts over {len(counts)} calibration images {counts} -> "
-                   f"median {given['keep']}", err=True)
+    given = prepare_options(src, method, given, calibration)
     res = run_optimize(src, method, given, out, target=target)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)
     if res.metadata.get("decode"):
@@ -263,7 +208,10 @@ def optimize(model, method, keep, calibration, layer, drop_ratio, keep_ratio, pr
         from .lower.tensorrt import read_sidecar
         from .lower.triton import model_name, write_model
 
-        for path in (out, base_path):
+        paths = [out, base_path]
+        if res.metadata.get("decode"):  # the decode engine both prefill engines pair with
+            paths.append(out.parent / res.metadata["decode"]["file"])
+        for path in paths:
             click.echo(f"wrote {write_model(triton_repo, model_name(path.stem), path, read_sidecar(path))}", err=True)
     if not do_profile:
         return
@@ -387,63 +335,55 @@ def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget
                    "a plot to --out-dir.")
 @click.option("--methods", default=None, help="Comma-separated methods for --sweep (default: all).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build/sweep"), show_default=True)
+@click.option("--max-new-tokens", default=1, show_default=True, type=click.IntRange(1),
+              help="Above 1: answers are generated (prefill + decode engine) until EOS or this many tokens; the "
+                   "first generated token is scored.")
 @_profile_opts
 def eval_cmd(engines, baseline, benchmark, split, count, fidelity, calibration, speed, sweep_model, methods, out_dir,
-             reps, warmup, threads, as_json) -> None:
+             max_new_tokens, reps, warmup, threads, as_json) -> None:
     """Accuracy of ENGINE(s) on a benchmark next to the unmodified engine, with the prefill speedup."""
-    from .evaluation import accuracy, benchmark_items, calibration_items
-    from .evaluation import fidelity as run_fidelity
-    from .profile import compare, open_engine
+    from .evaluation import evaluate
 
     spec = benchmark if split is None else f"{benchmark.partition(':')[0]}:{split}"
-    if sweep_model is not None:
+    if sweep_model is not None:  # the alias of `vtrcompile sweep MODEL`
         if engines:
             raise VtrError("--sweep builds its own engines; give either ENGINE files or --sweep MODEL")
-        from . import sweep
-        from .models.loading import load_model
-
-        chosen = tuple(m.strip() for m in methods.split(",")) if methods else sweep.DEFAULT_METHODS
-        unknown = [m for m in chosen if m not in METHODS or m == "none"]
-        if unknown:
-            raise VtrError(f"--methods: unknown {', '.join(unknown)}; see `vtrcompile methods`")
-        items = benchmark_items(spec, count)
-        result = sweep.run(load_model(sweep_model), items, out_dir, chosen, reps, warmup, threads)
-        paths = sweep.write(result, out_dir)
-        click.echo(json.dumps(result, indent=2) if as_json else sweep.markdown(result))
-        click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+        _sweep(sweep_model, spec, count, methods, out_dir, reps, warmup, threads, as_json)
         return
     if not engines:
         raise VtrError("give ENGINE file(s) to evaluate, or --sweep MODEL")
-    if (fidelity or speed) and baseline is None:
-        raise VtrError("--baseline BASELINE (the unmodified engine) is needed for the speedup and --fidelity; "
-                       "pass --no-speed to report accuracy alone")
-    base = open_engine(baseline, threads) if baseline is not None else None
-    runners = [open_engine(e, threads) for e in engines]
-    report: dict = {"benchmark": spec, "engines": []}
-    if calibration is not None:
-        if not fidelity:
-            raise VtrError("--calibration has no labels; use it with --fidelity")
-        items = calibration_items(calibration, runners[0].metadata, count)
-    else:
-        items = benchmark_items(spec, count)
-        for r in [*runners, *([base] if base else [])]:
-            items.check_engine(r.metadata, str(r.path))
-        if base is not None:
-            report["baseline"] = accuracy(base, items, f"{baseline}")
-            report["baseline"].pop("predictions")
-    for path, r in zip(engines, runners, strict=True):
-        row: dict = {"path": str(path), "method": r.metadata["method"], "options": r.metadata["options"]}
-        if calibration is None:
-            row["accuracy"] = accuracy(r, items, str(path))
-            row["accuracy"].pop("predictions")
-        if fidelity:
-            row["fidelity"] = run_fidelity(r, base, items, f"{path} fidelity")
-        if speed:
-            rep = compare(path, baseline, warmup, reps, threads)
-            row["speedup_p50"], row["prefill_p50_ms"] = rep["speedup_p50"], rep["engines"]["reduced"]["latency"]["p50_ms"]
-            row["baseline_p50_ms"] = rep["engines"]["baseline"]["latency"]["p50_ms"]
-        report["engines"].append(row)
+    report = evaluate(engines, baseline, spec, count, fidelity, calibration, speed, max_new_tokens, reps, warmup,
+                      threads)
     click.echo(json.dumps(report, indent=2) if as_json else _format_eval(report))
+
+
+def _sweep(model, spec, count, methods, out_dir, reps, warmup, threads, as_json) -> None:
+    from . import sweep
+    from .evaluation import benchmark_items
+    from .models.loading import load_model
+
+    chosen = tuple(m.strip() for m in methods.split(",")) if methods else sweep.DEFAULT_METHODS
+    unknown = [m for m in chosen if m not in METHODS or m == "none"]
+    if unknown:
+        raise VtrError(f"--methods: unknown {', '.join(unknown)}; see `vtrcompile methods`")
+    items = benchmark_items(spec, count)
+    result = sweep.run(load_model(model), items, out_dir, chosen, reps, warmup, threads)
+    paths = sweep.write(result, out_dir)
+    click.echo(json.dumps(result, indent=2) if as_json else sweep.markdown(result))
+    click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+
+
+@main.command("sweep")
+@_model_arg
+@click.option("--benchmark", default="vqa-synth:test", show_default=True, help="Labelled benchmark and split.")
+@click.option("--count", default=700, show_default=True, type=click.IntRange(1), help="Prompts to evaluate.")
+@click.option("--methods", default=None, help="Comma-separated methods (default: all).")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build/sweep"), show_default=True)
+@_profile_opts
+def sweep_cmd(model, benchmark, count, methods, out_dir, reps, warmup, threads, as_json) -> None:
+    """Methods x budgets on MODEL: build, evaluate and profile each against one baseline; writes a table, JSON
+    and an accuracy-vs-speedup plot to --out-dir (`eval --sweep MODEL` is the same)."""
+    _sweep(model, benchmark, count, methods, out_dir, reps, warmup, threads, as_json)
 
 
 def _format_eval(r: dict) -> str:
@@ -470,6 +410,11 @@ def _format_eval(r: dict) -> str:
     w = [max(len(row[i]) for row in table) for i in range(len(keep))]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in table]
     lines.insert(1, "-" * len(lines[0]))
+    gen = [e["accuracy"]["generated"] for e in r["engines"] if e.get("accuracy", {}).get("generated")]
+    if gen:
+        ended = ", ".join(f"{100 * g['ended_at_eos']:.0f}%" for g in gen)
+        lines.append(f"answers generated (prefill + decode engines) until EOS or {gen[0]['max_new_tokens']} tokens; "
+                     f"ended at EOS: {ended}; first token scored")
     return f"{r['benchmark']}: accuracy in % (points vs the baseline)\n" + "\n".join(lines)
 
 

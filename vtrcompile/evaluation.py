@@ -105,15 +105,23 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
     return tick
 
 
-def accuracy(engine, items: Sequence[Item], label: str = "eval") -> dict[str, Any]:
-    """Greedy single-token answers: argmax of the next-token logits == the answer's token id."""
+def accuracy(engine, items: Sequence[Item], label: str = "eval", max_new_tokens: int = 1) -> dict[str, Any]:
+    """Greedy answers scored against the one-word label: with max_new_tokens 1 the argmax of the prefill's
+    next-token logits; above 1 the engine generates (prefill + decode, `engine` an Engine from load_engine)
+    until EOS or max_new_tokens, and the answer is the first generated token (the benchmark's answers are one
+    word, one token)."""
     from .datasets.vqa_synth import KINDS
 
     right: dict[str, list[int]] = {}
     preds: list[int] = []
+    eos = 0
     tick = _progress(label, len(items))
     for i, it in enumerate(_iter(items)):
-        p = int(np.argmax(engine(it.ids, it.pixels, check=False)[0]))
+        if max_new_tokens > 1:
+            gen = engine.generate(input_ids=it.ids, pixel_values=it.pixels, max_new_tokens=max_new_tokens)
+            p, eos = int(gen.tokens[0, 0]), eos + int(gen.eos_reached)
+        else:
+            p = int(np.argmax(engine(it.ids, it.pixels, check=False)[0]))
         preds.append(p)
         right.setdefault(it.kind or "?", []).append(int(p == it.answer))
         tick(i + 1)
@@ -122,6 +130,8 @@ def accuracy(engine, items: Sequence[Item], label: str = "eval") -> dict[str, An
         vals = [x for k, v in right.items() if KINDS.get(k) == cls for x in v]
         out[cls] = float(np.mean(vals)) if vals else None
     out["overall"] = float(np.mean([x for v in right.values() for x in v]))
+    if max_new_tokens > 1:
+        out["generated"] = {"max_new_tokens": max_new_tokens, "ended_at_eos": eos / max(1, len(items))}
     out["predictions"] = preds
     return out
 
@@ -148,3 +158,53 @@ def fidelity(engine, baseline, items: Sequence[Item], label: str = "fidelity") -
         kls.append(float((np.exp(lb) * (lb - lp)).sum()))
         tick(i + 1)
     return {"n": len(items), "top1_agreement": float(np.mean(agree)), "mean_kl": float(np.mean(kls))}
+
+
+def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: str, count: int, with_fidelity: bool,
+             calibration: str | Path | None, speed: bool, max_new_tokens: int = 1, reps: int = 20, warmup: int = 3,
+             threads: int | None = None) -> dict[str, Any]:
+    """The `eval` job: accuracy per question kind next to the baseline engine, fidelity (top-1, KL) and the
+    prefill speedup, for each engine."""
+    from .engine.runners import open_engine
+    from .profile import compare
+
+    if (with_fidelity or speed) and baseline is None:
+        raise VtrError("--baseline BASELINE (the unmodified engine) is needed for the speedup and --fidelity; "
+                       "pass --no-speed to report accuracy alone")
+    if calibration is not None and not with_fidelity:
+        raise VtrError("--calibration has no labels; use it with --fidelity")
+    gen: dict[str, Any] = {}
+    if max_new_tokens > 1:
+        from .engine.generate import load_engine
+
+        gen = {str(p): load_engine(p, threads) for p in [*engines, *([baseline] if baseline else [])]}
+    base = open_engine(baseline, threads) if baseline is not None else None
+    runners = [open_engine(e, threads) for e in engines]
+
+    def scored(path, runner):
+        return gen[str(path)] if max_new_tokens > 1 else runner
+
+    report: dict[str, Any] = {"benchmark": spec, "engines": []}
+    if calibration is not None:
+        items: Any = calibration_items(calibration, runners[0].metadata, count)
+    else:
+        items = benchmark_items(spec, count)
+        for r in [*runners, *([base] if base else [])]:
+            items.check_engine(r.metadata, str(r.path))
+        if base is not None:
+            report["baseline"] = accuracy(scored(baseline, base), items, f"{baseline}", max_new_tokens)
+            report["baseline"].pop("predictions")
+    for path, r in zip(engines, runners, strict=True):
+        row: dict[str, Any] = {"path": str(path), "method": r.metadata["method"], "options": r.metadata["options"]}
+        if calibration is None:
+            row["accuracy"] = accuracy(scored(path, r), items, str(path), max_new_tokens)
+            row["accuracy"].pop("predictions")
+        if with_fidelity:
+            row["fidelity"] = fidelity(r, base, items, f"{path} fidelity")
+        if speed:
+            assert baseline is not None
+            rep = compare(path, baseline, warmup, reps, threads)
+            row["speedup_p50"], row["prefill_p50_ms"] = rep["speedup_p50"], rep["engines"]["reduced"]["latency"]["p50_ms"]
+            row["baseline_p50_ms"] = rep["engines"]["baseline"]["latency"]["p50_ms"]
+        report["engines"].append(row)
+    return report

@@ -97,8 +97,7 @@ def generation_metadata(source: ModelSource, mid: str, target: Target) -> dict[s
     model_dir = Path(source.label) if source.kind == "hf-dir" else None
     processor = {**processor_facts(m, model_dir),
                  "tokenizer": tokenizer_folder_name(mid) if has_tokenizer(model_dir) else None}
-    decode = None if target.backend == "tensorrt" else {
-        "file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device), "model_id": mid}
+    decode = {"file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device), "model_id": mid}
     return {"decode": decode, "eos_token_ids": eos_token_ids(m), **cache_geometry(m), "processor": processor}
 
 
@@ -111,7 +110,7 @@ def engine_metadata(b: Build, source: ModelSource, mid: str | None = None) -> di
         "vtrcompile": __version__, "format": FORMAT_VERSION, "role": "prefill", "torch": torch.__version__,
         "model": source.label, "model_id": mid or model_id(source.module, source.program), "io": prefill_io(b),
         "method": b.method, "options": b.options,
-        "reductions": [{"site": r.site, "layer": r.layer, "keep": r.keep, "positions": r.positions}
+        "reductions": [{"site": r.site, "layer": r.layer, "count": r.count, "positions": r.positions}
                        for r in b.reductions],
         "image_token_id": f.boundary.image_token_id, "n_image": f.boundary.n_image, "batch": f.boundary.batch,
         "pixel_shape": list(px.shape[1:]), "vocab": _vocab(b), "llm_layers": len(f.layers), "prompt_range": list(b.prompt_range),
@@ -226,8 +225,6 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
     elif source.hf_model is None:
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
-    elif t.backend == "tensorrt":
-        log.warning("%s: no TensorRT decode engine is built yet; generate with an .onnx or .pt2 engine", out)
     return Optimized(b, files, meta, findings)
 
 

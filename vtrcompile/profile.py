@@ -112,7 +112,7 @@ def kv_bytes(meta: dict, cached_tokens: list[int]) -> int:
 def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray, pixels: np.ndarray,
                        new_tokens: int, warmup: int, reps: int, threads: int, kv_budget_gb: float | None) -> dict:
     """TTFT, time per output token at the prompt's context, end to end for `new_tokens`, KV-cache bytes."""
-    from .engine.generate import load_engine
+    from .engine.generate import _length, load_engine
 
     engines = [load_engine(engine, threads), load_engine(baseline, threads)]
     feeds = {"input_ids": ids, "pixel_values": pixels}
@@ -126,7 +126,7 @@ def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray
                 "layer_position_ids": out["next_layer_position_ids"],
                 **{p: out[q] for p, q in zip(past_names(n), present_names(n), strict=True)}}
         e.decode.bind(step)
-        steps.append([int(out[f"present.{i}.key"].shape[2]) for i in range(n)])
+        steps.append([_length(out[f"present.{i}.key"]) for i in range(n)])
     t_dec = time_interleaved([e.decode.time_ms for e in engines], warmup, reps)
 
     def e2e(e):

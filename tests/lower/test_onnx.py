@@ -40,9 +40,16 @@ def test_engine_io_matches_the_contract(engines):
     ins = {i.name: i for i in sess.get_inputs()}
     assert list(ins) == ["input_ids", "pixel_values"]
     assert ins["input_ids"].type == "tensor(int64)" and ins["pixel_values"].type == "tensor(float)"
-    assert isinstance(ins["input_ids"].shape[1], str)  # dynamic prompt length
-    (out,) = sess.get_outputs()
-    assert out.name == "logits" and out.shape == [1, 320]
+    assert ins["input_ids"].shape == [1, "prompt"]  # dynamic prompt length, named as the metadata says
+    outs = sess.get_outputs()
+    assert outs[0].name == "logits" and outs[0].shape == [1, 320] and outs[0].type == "tensor(float)"
+    # every decoder layer's cache, [B, kv_heads, S_l, head_dim], then the next positions
+    assert [o.name for o in outs[1:-1]] == [f"present.{i}.{kv}" for i in range(4) for kv in ("key", "value")]
+    assert outs[1].shape == [1, 2, "prompt", 16] and outs[-3].shape == [1, 2, "prompt - 18", 16]
+    assert outs[-1].name == "next_layer_position_ids" and outs[-1].shape == [1, 4]
+    meta = engines["fastv-k2-18"].metadata
+    assert [t["name"] for t in meta["io"]["outputs"]] == [o.name for o in outs]
+    assert meta["format"] == 2 and meta["role"] == "prefill" and meta["decode"]["model_id"] == meta["model_id"]
 
 
 @pytest.mark.parametrize("name,ref", [

@@ -50,7 +50,7 @@ def test_sidecar_describes_io_ranges_and_reduction(meta):
     assert sc["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": [1, meta["vocab"]]}
     assert [o["name"] for o in sc["outputs"]] == [t["name"] for t in meta["io"]["outputs"]]
     assert sc["outputs"][1]["name"] == "present.0.key" and sc["outputs"][1]["shape"][2] == -1
-    assert sc["n_image"] == 36 and sc["kept_tokens"] == [r["keep"] for r in meta["reductions"]]
+    assert sc["n_image"] == 36 and sc["kept_tokens"] == [r["count"] for r in meta["reductions"]]
     assert sc["method"] == "pumer" and len(sc["reductions"]) == len(meta["reductions"]) > 1
     assert sc["gpu"]["compute_capability"] == "9.0" and sc["versions"]["tensorrt"] == "10.13.0"
     json.dumps(sc)  # serialisable as is
@@ -205,3 +205,32 @@ def test_real_plan_matches_onnxruntime(tiny, tiny_build, tmp_path):
             ref = b.logits(ids, px)
         assert max_diff(eng(ids.numpy(), px.numpy()), ref) < 1e-3
     assert Path(str(plan) + ".json").is_file()
+
+
+def test_decode_engine_profile_covers_every_layers_cache_and_reaches_the_builder(tiny, tmp_path, monkeypatch):
+    """The TensorRT decode engine: its own profile over each layer's cache length, parsed from the decode ONNX,
+    written with a sidecar that says it is a decode engine."""
+    from vtrcompile.decode import capture_decode, decode_metadata
+    from vtrcompile.engine.io import decode_inputs, decode_outputs, describe
+
+    ep, dims = capture_decode(tiny.hf_model, 1)
+    io = describe(ep, decode_inputs(4), decode_outputs(4), dims)
+    meta = decode_metadata(tiny.hf_model, "0123456789abcdef", "preset:tiny", "float32", "tensorrt", io)
+    shapes = trt_lower.engine_profile(meta, None, 256).shapes
+    assert shapes["input_ids"] == ((1, 1), (1, 1), (1, 1)) and shapes["layer_position_ids"][0] == (1, 4)
+    for i in range(4):
+        for kv in ("key", "value"):
+            lo, opt, hi = shapes[f"past_key_values.{i}.{kv}"]
+            assert lo == (1, 2, 2, 16) and hi == (1, 2, 256 + trt_lower.DECODE_NEW_TOKENS, 16) and lo <= opt <= hi
+    rec = _Recorder("11.2.0", False)
+    monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+    monkeypatch.setattr(trt_lower, "gpu_info", lambda: {"name": "test-gpu", "compute_capability": "9.0"})
+    out = tmp_path / "decode.plan"
+    files = trt_lower.export_plan(ep, out, meta, None, 256, 1 << 30)
+    assert files == [trt_lower.sidecar_path(out), out]
+    assert [i.name for i in rec.onnx.graph.input] == decode_inputs(4)
+    assert [o.name for o in rec.onnx.graph.output] == decode_outputs(4)
+    set_shapes = {c[1]: c[2:] for c in rec.calls if c[0] == "set_shape"}
+    assert set(set_shapes) == set(decode_inputs(4))
+    sc = json.loads(trt_lower.sidecar_path(out).read_text())
+    assert sc["role"] == "decode" and sc["inputs"][2]["shape"] == [1, 2, -1, 16]

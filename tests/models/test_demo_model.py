@@ -53,3 +53,37 @@ def test_test_split_sample_matches_the_model_card(shipped):
     # 40% coarse and 17% fine, so a checkpoint that lost either skill fails here.
     assert sum(right["coarse"]) / len(right["coarse"]) >= 0.90
     assert sum(right["fine"]) / len(right["fine"]) >= 0.70
+
+
+def test_generate_answers_from_the_engine_folder_alone(tmp_path):
+    """optimize -> generate with an image file and a text prompt: the tokenizer and chat template travel with
+    the engine (the model directory is not read by generate); the answer is the benchmark's."""
+    from PIL import Image
+
+    from tests.test_cli import _run
+
+    out = tmp_path / "fastv.onnx"
+    res = _run("optimize", str(MODEL), "--method", "fastv", "--keep", "288", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["tokenizer-" + json.loads(
+        _meta(out))["model_id"][:12]]
+    hits = 0
+    for i in (3, 10, 17):  # "what colour is the big shape ?" (question kinds cycle with period 7)
+        s = vs.sample("test", i)
+        assert s.kind == "shape_colour"
+        img = tmp_path / f"{i}.png"
+        Image.fromarray(vs.render(s.scene)).save(img)
+        res = _run("generate", str(out), "--image", str(img), "--prompt", "what colour is the big shape ?",
+                   "--max-new-tokens", "3", "--json")
+        assert res.exit_code == 0, res.output
+        rec = json.loads(res.output[res.output.index("{\n"):])
+        assert len(rec["tokens"]) == 3 and rec["cached_tokens_per_layer"][-1] == rec["prompt_tokens"] - 288
+        hits += rec["text"].split()[0] == s.answer
+    assert hits >= 2  # the model answers this kind at ~96%; one miss is allowed
+
+
+def _meta(path: Path) -> str:
+    from vtrcompile.lower.onnx import METADATA_KEY, read_metadata
+
+    assert METADATA_KEY == "vtrcompile"
+    return json.dumps(read_metadata(path))

@@ -43,7 +43,7 @@ def test_pumer_structure(tiny_build):
 
 def test_pumer_keep_solves_the_merge_ratio(tiny_build):
     b = tiny_build("pumer", keep=12)
-    assert b.reductions[-1].keep == 12
+    assert b.reductions[-1].count == 12
     assert b.llm_tokens(60)[-1] == 24 + 12
     r = b.reductions[0].options["merge_ratio"]
     assert 0 < r < 0.3  # fewer merges than the default to end at 12 instead of 8

@@ -48,7 +48,7 @@ def test_sites_and_tokens_follow_the_schedule(builds, name):
     drops = [(layer, keeps[layer]) for layer in range(1, 4) if keeps[layer] < keeps[layer - 1]]
     if 0 in keeps:
         drops = drops[:drops.index(next(d for d in drops if d[1] == 0)) + 1]
-    assert [(r.layer, r.keep) for r in b.reductions] == drops
+    assert [(r.layer, r.count) for r in b.reductions] == drops
     s = b.example_inputs[0].shape[1]
     assert b.llm_tokens(s) == [s - 36 + k for k in keeps]
 

@@ -37,6 +37,12 @@ class GenerateOutput:
     eos_reached: bool = False  # every sequence ended with an EOS token
 
 
+def _length(kv: Any) -> int:
+    """Cache length of a [B, heads, S, d] output (a numpy array, torch tensor or ONNX Runtime OrtValue)."""
+    shape = kv.shape() if callable(getattr(kv, "shape", None)) else kv.shape
+    return int(shape[2])
+
+
 def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
@@ -121,7 +127,7 @@ class Engine:
         out = self.prefill.run(feeds)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         b = feeds["input_ids"].shape[0]
-        cache = [int(out[present[2 * i]].shape[2]) for i in range(n)]
+        cache = [_length(out[present[2 * i]]) for i in range(n)]
         tokens, logits, steps = [], [], []
         done = np.zeros(b, dtype=bool)
         while True:

@@ -37,10 +37,11 @@ def check_prompt_range(meta: dict[str, Any], prompt_len: int, new_tokens: int = 
                        "positions; lower --max-new-tokens or shorten the prompt")
 
 
-def feed_arrays(io: dict[str, Any], feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+def feed_arrays(io: dict[str, Any], feeds: dict[str, Any], passed: set[str] = frozenset()) -> dict[str, np.ndarray]:
     """Feeds by name -> contiguous numpy arrays in the dtypes the engine declares; unknown or missing names
-    are errors (a user passing a processor's output sees which key the engine does not take)."""
-    want = {t["name"]: t for t in io["inputs"]}
+    are errors (a user passing a processor's output sees which key the engine does not take). `passed`:
+    names the caller binds itself (runtime-native values)."""
+    want = {t["name"]: t for t in io["inputs"] if t["name"] not in passed}
     missing = [n for n in want if n not in feeds]
     extra = [n for n in feeds if n not in want]
     if missing:

@@ -82,10 +82,13 @@ class AotiEngine:
             check_device("cuda")
         self._bound: list[torch.Tensor] | None = None
 
-    def bind(self, feeds: dict[str, np.ndarray]) -> None:
-        """Named inputs -> tensors on the package's device, in the order of the metadata's `io`."""
-        arrays = feed_arrays(self.metadata["io"], feeds)
-        self._bound = [torch.from_numpy(arrays[t["name"]]).to(self.device) for t in self.metadata["io"]["inputs"]]
+    def bind(self, feeds: dict[str, Any]) -> None:
+        """Named inputs -> tensors on the package's device, in the order of the metadata's `io`. Tensors handed
+        back from an earlier run (bfloat16 caches, which numpy cannot hold) pass through as they are."""
+        kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16}
+        arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in kept}, set(kept))
+        self._bound = [kept[t["name"]].to(self.device) if t["name"] in kept else
+                       torch.from_numpy(arrays[t["name"]]).to(self.device) for t in self.metadata["io"]["inputs"]]
 
     def _outputs(self) -> list[torch.Tensor]:
         assert self._bound is not None
@@ -93,13 +96,14 @@ class AotiEngine:
             out = self.runner(*self._bound)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def run(self, feeds: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | list[torch.Tensor]:
+    def run(self, feeds: dict[str, Any] | None = None) -> dict[str, Any] | list[torch.Tensor]:
         """With feeds: every output by name, as numpy. Without: a launch of the bound inputs (for timing)."""
         if feeds is None:
             return self._outputs()
         self.bind(feeds)
         names = [t["name"] for t in self.metadata["io"]["outputs"]]
-        return {n: t.cpu().numpy() for n, t in zip(names, self._outputs(), strict=True)}
+        return {n: t if t.dtype == torch.bfloat16 else t.cpu().numpy()
+                for n, t in zip(names, self._outputs(), strict=True)}
 
     def time_ms(self) -> float:
         """One run: CUDA events on the current stream on a GPU, wall clock on a CPU."""

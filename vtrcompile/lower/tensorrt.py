@@ -95,9 +95,44 @@ def profile_shapes(meta: dict[str, Any], min_prompt: int | None, max_prompt: int
     })
 
 
+# A decode engine's profile covers caches up to the longest prompt plus this many generated tokens.
+DECODE_NEW_TOKENS = 512
+
+
+def decode_profile_shapes(meta: dict[str, Any], max_prompt: int) -> ProfileShapes:
+    """The decode engine's profile: one new token; every layer's cache from 2 tokens (a prompt's text, all
+    image tokens withdrawn) to max_prompt + DECODE_NEW_TOKENS (capped by the model's context), each layer
+    its own dimension."""
+    b, kv, d, n = meta["batch"], meta["kv_heads"], meta["head_dim"], meta["llm_layers"]
+    hi = min(meta["max_context"] - 1, max_prompt + DECODE_NEW_TOKENS)
+    opt = min(hi, max(2, max_prompt // 2))
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+        "input_ids": ((b, 1), (b, 1), (b, 1)), "layer_position_ids": ((b, n), (b, n), (b, n))}
+    for t in meta["io"]["inputs"][2:]:
+        shapes[t["name"]] = ((b, kv, 2, d), (b, kv, opt, d), (b, kv, hi, d))
+    return ProfileShapes(shapes)
+
+
+def engine_profile(meta: dict[str, Any], min_prompt: int | None, max_prompt: int | None) -> ProfileShapes:
+    """The optimization profile of a prefill or a decode engine."""
+    if meta.get("role") == "decode":
+        return decode_profile_shapes(meta, max_prompt or meta["max_context"] - 1 - DECODE_NEW_TOKENS)
+    return profile_shapes(meta, min_prompt, max_prompt)
+
+
 def sidecar(meta: dict[str, Any], shapes: ProfileShapes, versions: dict[str, str], gpu: dict[str, Any]
             ) -> dict[str, Any]:
     """What a deployer needs next to the .plan: I/O, ranges, what was reduced, and what built it."""
+    if meta.get("role") == "decode":
+        return {"format": "vtrcompile-tensorrt-sidecar/1", "role": "decode",
+                "inputs": [{"name": t["name"], "dtype": t["dtype"],
+                            "shape": [x if isinstance(x, int) else -1 for x in t["shape"]],
+                            "profile": shapes.to_json()[t["name"]]} for t in meta["io"]["inputs"]],
+                "outputs": [{"name": t["name"], "dtype": t["dtype"],
+                             "shape": [x if isinstance(x, int) else -1 for x in t["shape"]]}
+                            for t in meta["io"]["outputs"]],
+                "dtype": meta["dtype"], "model": meta["model"], "model_id": meta["model_id"], "versions": versions,
+                "gpu": gpu, "vtrcompile_metadata": meta}
     ids = shapes.shapes["input_ids"]
     return {
         "format": "vtrcompile-tensorrt-sidecar/1",
@@ -113,7 +148,7 @@ def sidecar(meta: dict[str, Any], shapes: ProfileShapes, versions: dict[str, str
         "prompt_min": ids[0][1], "prompt_opt": ids[1][1], "prompt_max": ids[2][1],
         "n_image": meta["n_image"],
         "image_token_id": meta["image_token_id"],
-        "kept_tokens": [r["keep"] for r in meta["reductions"]],
+        "kept_tokens": [r["count"] for r in meta["reductions"]],
         "method": meta["method"], "options": meta["options"], "reductions": meta["reductions"],
         "dtype": meta.get("dtype", "float32"),
         "model": meta["model"], "model_id": meta["model_id"],
@@ -180,7 +215,7 @@ def export_plan(ep: Any, out: Path, meta: dict[str, Any], min_prompt: int | None
     from .onnx import export_onnx
     from .tensorrt_preflight import preflight
 
-    shapes = profile_shapes(meta, min_prompt, max_prompt)
+    shapes = engine_profile(meta, min_prompt, max_prompt)
     trt = import_tensorrt()
     with tempfile.TemporaryDirectory() as d:
         onnx_path = Path(d) / "model.onnx"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import VtrError
+from ..passes.insert_token_reduction import Reduction, SelectorInputs
+from .spec import KEEP, MethodSpec, Option, attention_scale, count_option
 from .tensor_ops import head_mean_attention_rows, take_image_block, topk_ascending
 
 
@@ -23,3 +26,30 @@ def fastv_keep(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, imag
                n_image: int, keep: int, scale: float) -> torch.Tensor:
     """-> kept [B, keep] image-relative indices, ascending."""
     return topk_ascending(fastv_scores(q, k, mask, image_start, n_image, scale), keep)
+
+
+def fastv_selector(keep: int):
+    def select(s: SelectorInputs):
+        prev = s.previous
+        if prev.enable_gqa:
+            raise VtrError(f"fastv: {prev.attention_module} uses enable_gqa (keys not expanded); not supported yet")
+        return fastv_keep, (prev.q, prev.k, prev.mask, s.image_start), {
+            "n_image": s.n_image, "keep": keep, "scale": attention_scale(prev.attention)}
+    return select
+
+
+def plan_fastv(opts: dict, n: int, layers: int) -> list[Reduction]:
+    k = opts["layer"]
+    if not 1 <= k <= layers - 1:
+        raise VtrError(f"fastv: --layer {k} is outside 1..{layers - 1} (the LLM has {layers} decoder layers; "
+                       "the signal comes from layer K-1)")
+    keep = count_option(opts, n, "fastv", round(n * (1 - opts["drop_ratio"])))
+    return [Reduction("fastv", k, keep, "keep", fastv_selector(keep), options=dict(opts))]
+
+
+SPEC = MethodSpec(
+    "fastv", "FastV: prune by the last token's attention", "llm@K", "keep",
+    "Chen et al. 2024, An Image is Worth 1/2 Tokens After Layer 2 (pkunlp-icler/FastV)",
+    (Option("layer", int, 2, "K: layers 0..K-1 see all tokens, the signal is layer K-1's attention"),
+     Option("drop_ratio", float, 0.5, "R: keep round(N*(1-R)) image tokens", "[0, 1)"), KEEP),
+    plan_fastv)

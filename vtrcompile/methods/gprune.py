@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..passes.insert_token_reduction import Reduction, SelectorInputs
+from .spec import KEEP, MethodSpec, Option, count_option
 from .tensor_ops import topk_ascending
 
 SIM_THRESHOLD = 0.5
@@ -35,3 +37,21 @@ def gprune_keep(image_features: torch.Tensor, batch: int, n_image: int, keep: in
     """image_features [B*N, D] (the projector output) -> kept [B, keep] ascending."""
     feats = image_features.reshape(batch, n_image, image_features.shape[-1])
     return topk_ascending(gprune_scores(feats), keep)
+
+
+def _gprune_selector(keep: int):
+    def select(s: SelectorInputs):
+        return gprune_keep, (s.image_features,), {"batch": s.batch, "n_image": s.n_image_full, "keep": keep}
+    return select
+
+
+def plan_gprune(opts: dict, n: int, layers: int) -> list[Reduction]:
+    keep = count_option(opts, n, "gprune", int(opts["keep_ratio"] * n))
+    return [Reduction("gprune", 0, keep, "keep", _gprune_selector(keep), site="projector", options=dict(opts))]
+
+
+SPEC = MethodSpec(
+    "gprune", "G-Prune: graph propagation over projected tokens (text-agnostic)", "projector", "keep",
+    "Jiang et al. 2025, What Kind of Visual Tokens Do We Need? (jytmelon/G-Prune)",
+    (Option("keep_ratio", float, 0.5, "keep int(ratio*N) image tokens", "(0, 1]"), KEEP),
+    plan_gprune)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import VtrError
+from ..passes.insert_token_reduction import Reduction, SelectorInputs
+from .spec import MethodSpec, Option, vision_taps
 from .tensor_ops import topk_descending
 
 NEIGHBOURS = 32
@@ -80,3 +83,23 @@ def iqr_outlier_count(a: torch.Tensor) -> int:
     x = a.detach().double().cpu().numpy()
     q1, q3 = np.percentile(x, [25, 75])
     return int((x > q3 + 1.5 * (q3 - q1)).sum())
+
+
+def plan_prumerge(opts: dict, n: int, layers: int) -> list[Reduction]:
+    keep = opts["keep"]
+    if not 1 <= keep <= n - 1:
+        raise VtrError(f"prumerge: --keep {keep} is outside 1..{n - 1} (the model has {n} image tokens)")
+
+    def select(s: SelectorInputs):
+        t = vision_taps(s, "prumerge", True)
+        return prumerge_features, (t.patches, t.next_q_proj, t.next_k_proj), {"keep": keep}
+
+    return [Reduction("prumerge", 0, keep + 1, "renumber", select, site="vision", options=dict(opts))]
+
+
+SPEC = MethodSpec(
+    "prumerge", "LLaVA-PruMerge: CLS-attention selection + key-neighbour merge (fixed count)", "vision",
+    "renumber", "Shang et al. 2024, LLaVA-PruMerge (42Shawn/LLaVA-PruMerge)",
+    (Option("keep", str, 32, "n: tokens kept before the extra leftover token (n+1 in all); "
+            "'auto' with --calibration: median IQR outlier count"),),
+    plan_prumerge)

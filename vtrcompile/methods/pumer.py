@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import VtrError
+from ..passes.insert_token_reduction import Reduction, SelectorInputs
+from .spec import MethodSpec, Option, attention_scale
 from .tensor_ops import suffix_attention_to_image, take_image_block, topk_ascending
 
 
@@ -60,3 +63,68 @@ def pumer_select(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, k_
     bsz, s, width = k_proj.shape
     keys = k_proj.reshape(bsz, s, n_kv_heads, width // n_kv_heads).float().mean(dim=2)
     return bipartite_merge(take_image_block(keys, image_start, n_image), kept, n_merge)
+
+
+def pumer_sites(layers: int) -> list[int]:
+    return sorted({round(2 * layers / 12), round(5 * layers / 12), round(8 * layers / 12)} - {0})
+
+
+def pumer_schedule(n: int, layers: int, prune: float, merge: float) -> list[tuple[int, int, int, int]]:
+    """[(layer, image tokens in, n_prune, n_merge)] for PuMer's three sites."""
+    out, present = [], n
+    for layer in pumer_sites(layers):
+        n_prune, n_merge = pumer_counts(present, prune, merge)
+        out.append((layer, present, n_prune, n_merge))
+        present = present - n_prune - n_merge
+    return out
+
+
+def _solve_merge_ratio(n: int, layers: int, prune: float, keep: int) -> float:
+    """The smallest merge ratio (on a 1e-4 grid) whose schedule ends with exactly `keep` tokens."""
+    finals = {}
+    for i in range(10001):
+        r = i / 10000
+        final = pumer_schedule(n, layers, prune, r)[-1]
+        final = final[1] - final[2] - final[3]
+        finals.setdefault(final, r)
+    if keep not in finals:
+        lo, hi = min(finals), max(finals)
+        raise VtrError(f"pumer: --keep {keep} cannot be reached with --prune-ratio {prune} "
+                       f"(reachable final counts: {lo}..{hi}, not every one); pick another --keep")
+    return finals[keep]
+
+
+def _pumer_selector(n_prune: int, n_merge: int):
+    def select(s: SelectorInputs):
+        prev = s.previous
+        if prev.k_proj is None:
+            raise VtrError(f"pumer: cannot find the key projection of {prev.module}")
+        head_dim = prev.q.meta["val"].shape[-1]
+        n_kv = prev.k_proj.meta["val"].shape[-1] // head_dim
+        return pumer_select, (prev.q, prev.k, prev.mask, prev.k_proj, s.image_start), {
+            "n_image": s.n_image, "n_kv_heads": n_kv, "n_prune": n_prune, "n_merge": n_merge,
+            "scale": attention_scale(prev.attention)}
+    return select
+
+
+def plan_pumer(opts: dict, n: int, layers: int) -> list[Reduction]:
+    prune, merge = opts["prune_ratio"], opts["merge_ratio"]
+    if opts.get("keep") is not None:
+        if not 1 <= opts["keep"] <= n:
+            raise VtrError(f"pumer: --keep {opts['keep']} is outside 1..{n} (the model has {n} image tokens)")
+        merge = _solve_merge_ratio(n, layers, prune, opts["keep"])
+    out = []
+    for layer, present, n_prune, n_merge in pumer_schedule(n, layers, prune, merge):
+        keep = present - n_prune - n_merge
+        out.append(Reduction("pumer", layer, keep, "keep", _pumer_selector(n_prune, n_merge), merges=True,
+                             options={**opts, "merge_ratio": merge}))
+    return out
+
+
+SPEC = MethodSpec(
+    "pumer", "PuMer: text-informed pruning + bipartite merging at three depths", "llm@{2L,5L,8L}/12",
+    "keep", "Cao et al. 2023, PuMer (csarron/PuMer), ported to decoder LLMs",
+    (Option("prune_ratio", float, 0.1, "p: prune round(p*I) tokens at each site", "[0, 1)"),
+     Option("merge_ratio", float, 0.3, "r: merge min(round(r*I), kept//2) tokens at each site", "[0, 0.5]"),
+     Option("keep", str, None, "final image-token count (solves r with p fixed)")),
+    plan_pumer)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import VtrError
+from ..passes.insert_token_reduction import Reduction, SelectorInputs
+from .spec import MethodSpec, Option, attention_scale, vision_taps
 from .tensor_ops import topk_descending
 
 
@@ -45,3 +48,26 @@ def visionzip_features(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, k
     mean = torch.matmul(assign.transpose(1, 2), h_other) / counts.clamp(min=1)[..., None]
     ctx = hidden.gather(1, targets[..., None].expand(-1, -1, c)) + mean.to(hidden.dtype)
     return torch.cat([dom, ctx], dim=1)
+
+
+def plan_visionzip(opts: dict, n: int, layers: int) -> list[Reduction]:
+    dom, ctx = opts["dominant"], opts["contextual"]
+    if dom < 1 or ctx < 1 or dom + ctx > n:
+        raise VtrError(f"visionzip: --dominant {dom} + --contextual {ctx} must be at least 1 each and at "
+                       f"most N={n} in all")
+
+    def select(s: SelectorInputs):
+        t = vision_taps(s, "visionzip", False)
+        att = t.attention
+        return visionzip_features, (t.features, att.args[0], att.args[1], t.k_proj), {
+            "scale": attention_scale(att), "dominant": dom, "contextual": ctx}
+
+    return [Reduction("visionzip", 0, dom + ctx, "renumber", select, site="vision", options=dict(opts))]
+
+
+SPEC = MethodSpec(
+    "visionzip", "VisionZip: dominant tokens by CLS attention + merged contextual tokens", "vision",
+    "renumber", "Yang et al. 2024, VisionZip (dvlab-research/VisionZip)",
+    (Option("dominant", int, 54, "dominant tokens, CLS included", "[1, inf)"),
+     Option("contextual", int, 10, "contextual tokens", "[1, inf)")),
+    plan_visionzip)

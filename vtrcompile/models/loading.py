@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,9 @@ class ModelSource:
     program: torch.export.ExportedProgram | None
     example_inputs: tuple[torch.Tensor, torch.Tensor]
     hf_model: nn.Module | None = None  # the LlavaForConditionalGeneration, when there is one
+    # Captured programs by (max_prompt, dtype): every build starts from a fresh ep.module() copy, so one
+    # capture serves all of them (the reduced and the baseline engine of one `optimize --profile`).
+    captured: dict = field(default_factory=dict, repr=False)
 
 
 class NextTokenLogits(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import fx
@@ -19,7 +19,6 @@ class PassResult:
     graph_module: fx.GraphModule
     modified: bool
     facts: Any = None  # what an analysis pass found (a dataclass), or a transform's report
-    notes: list[str] = field(default_factory=list)
 
 
 Pass = Callable[[fx.GraphModule, Any], PassResult]

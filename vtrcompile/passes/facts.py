@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import fx
 
@@ -19,7 +19,6 @@ class Boundary:
     n_image: int
     batch: int
     hidden_size: int
-    declined: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -29,7 +28,6 @@ class VisionTower:
     layers: list[str]  # encoder layer module paths, in order
     feature_layer: int  # index of the encoder layer whose output is selected
     drops_cls: bool  # a slice [:, 1:] between the feature layer and the projector
-    attention_ops: list[fx.Node]
 
 
 @dataclass

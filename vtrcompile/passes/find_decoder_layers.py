@@ -103,4 +103,4 @@ def find_decoder_layers(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
             mask=mask, scale=op.kwargs.get("scale"), enable_gqa=bool(op.kwargs.get("enable_gqa", False)),
             residual_input=res, k_proj=k_lin, nodes=nodes))
     log.debug("found %d decoder layers", len(layers))
-    return PassResult(gm, False, facts=layers, notes=declined)
+    return PassResult(gm, False, facts=layers)

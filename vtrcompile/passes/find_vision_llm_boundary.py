@@ -71,6 +71,5 @@ def find_vision_llm_boundary(gm: fx.GraphModule, config=None) -> PassResult:
         raise AnalysisError(f"found {len(found)} places where visual tokens enter the LLM; "
                             "only one image block per prompt is supported")
     b = found[0]
-    b.declined = declined
     log.debug("boundary: %s (image token %d, N=%d)", b.node, b.image_token_id, b.n_image)
     return PassResult(gm, False, facts=b)

@@ -72,6 +72,6 @@ def find_vision_tower(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
     drops_cls = any(
         n.target == torch.ops.aten.slice.Tensor and n.args[1] == 1 and n.args[2] == 1
         for n in between if order[n] < order[proj_nodes[0]])
-    vt = VisionTower(tower[0], tower[1], layer_paths, feature_layer, drops_cls, att)
+    vt = VisionTower(tower[0], tower[1], layer_paths, feature_layer, drops_cls)
     pj = Projector(proj_path, proj_cls, proj_in[0], proj_nodes[-1])
     return PassResult(gm, False, facts=(vt, pj))

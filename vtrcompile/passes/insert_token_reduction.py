@@ -67,7 +67,7 @@ Selector = Callable[[SelectorInputs], tuple[Callable, tuple, dict]]
 class Reduction:
     method: str
     layer: int  # the decoder layer whose input is reduced (0 for site `projector`)
-    keep: int
+    count: int  # image tokens this site leaves (the `keep` of `positions` is a different thing)
     positions: str  # "keep" | "renumber"
     selector: Selector | None
     site: str = "llm"
@@ -92,8 +92,8 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
         raise VtrError(f"{layer.module}: the sequence length there ({_size_expr(h, 1)}) is not the prompt "
                        "length minus a constant; cannot place a reduction")
     n_here = facts.boundary.n_image - int(dropped)
-    if not (0 if red.selector is None else 1) <= red.keep <= n_here:
-        raise VtrError(f"{red.method}: keep {red.keep} is outside 1..{n_here}, the image tokens at {layer.module}")
+    if not (0 if red.selector is None else 1) <= red.count <= n_here:
+        raise VtrError(f"{red.method}: keep {red.count} is outside 1..{n_here}, the image tokens at {layer.module}")
 
     g = gm.graph
     new: list[fx.Node] = []
@@ -171,6 +171,6 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     stable_topological_sort(g)
     finish_transform(gm)
     refresh_meta(gm)
-    log.info("%s: layer %d keeps %d of %d image tokens", red.method, red.layer, red.keep, n_here)
-    return PassResult(gm, True, facts={"layer": red.layer, "keep": red.keep, "n_image": n_here,
+    log.info("%s: layer %d keeps %d of %d image tokens", red.method, red.layer, red.count, n_here)
+    return PassResult(gm, True, facts={"layer": red.layer, "count": red.count, "n_image": n_here,
                                         "inserted": len(new)})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import fx
 
@@ -9,6 +11,8 @@ from ..methods.tensor_ops import merge_image_block
 from .base import PassResult, finish_transform
 from .find_vision_llm_boundary import find_vision_llm_boundary
 from .graph_utils import refresh_meta
+
+log = logging.getLogger(__name__)
 
 
 def replace_masked_scatter(gm: fx.GraphModule, config=None) -> PassResult:
@@ -20,7 +24,8 @@ def replace_masked_scatter(gm: fx.GraphModule, config=None) -> PassResult:
     boundary = find_vision_llm_boundary(gm).facts
     node = boundary.node
     if not (node.op == "call_function" and node.target == torch.ops.aten.masked_scatter.default):
-        return PassResult(gm, False, notes=[f"{node.name} is not a masked_scatter; nothing to replace"])
+        log.debug("replace_masked_scatter: declined, %s is not a masked_scatter", node.name)
+        return PassResult(gm, False)
     g = gm.graph
     with g.inserting_before(node):
         merged = g.call_function(

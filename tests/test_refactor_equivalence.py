@@ -1,0 +1,32 @@
+"""The method-module refactor changed no engine: for every method configuration of the engine tests, the
+rewritten program has the same op histogram and the same logits (1e-6) as the code before it.
+
+tests/data/programs_before_method_modules.json was written by the pre-refactor code (commit "Generation:
+prefill engines return each layer's KV cache..."), with the snapshot logic below: ops of the re-exported
+program, logits on two fixed prompts."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtrcompile.models.loading import example_prompt
+
+BEFORE = json.loads((Path(__file__).parent / "data" / "programs_before_method_modules.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_program_unchanged(tiny, tiny_build, name):
+    want = BEFORE[name]
+    b = tiny_build(want["method"], **want["options"])
+    ops = collections.Counter(str(n.target) for n in b.program.graph.nodes if n.op == "call_function")
+    assert dict(sorted(ops.items())) == want["ops"]
+    for (pre, suf, seed), logits in zip(((5, 8, 10), (20, 3, 12)), want["logits"], strict=True):
+        ids, px = example_prompt(tiny.hf_model.config, pre, suf, seed=seed)
+        with torch.no_grad():
+            got = b.program.module()(ids, px)[0][0]
+        assert float((got - torch.tensor(logits)).abs().max()) <= 1e-6

@@ -1,0 +1,71 @@
+"""User options -> the options a method plans with: checks that need no model, then what needs one
+(PruMerge's --keep auto from calibration images, a schedule file checked against the model)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import VtrError
+from .registry import validate
+
+log = logging.getLogger(__name__)
+
+
+def check_options(method: str, given: dict[str, Any], calibration: Path | None) -> None:
+    """Everything that can be refused before the model is loaded (one line each)."""
+    keep = given.get("keep")
+    if keep == "auto":
+        if method != "prumerge":
+            raise VtrError(f"--keep auto is PruMerge's adaptive count; {method} takes a number")
+        if calibration is None:
+            raise VtrError("--keep auto needs --calibration DIR (a folder of images, see the README)")
+    elif calibration is not None:
+        raise VtrError("--calibration is only used with --keep auto")
+    validate(method, given)  # unknown methods/options, bad counts and intervals
+    if method == "schedule" and given.get("schedule"):
+        from ..search.schedule_file import load_schedule
+
+        load_schedule(given["schedule"])  # a bad file fails before loading the model
+
+
+def prepare_options(src, method: str, given: dict[str, Any], calibration: Path | None) -> dict[str, Any]:
+    """The options with --keep auto resolved (PruMerge's IQR rule over the calibration images) and a
+    schedule checked against this model's identity and N."""
+    out = dict(given)
+    cfg = src.hf_model.config if src.hf_model is not None else None
+    if method == "schedule" and given.get("schedule"):
+        from ..models.loading import image_token_count
+        from ..optimize import model_id
+        from ..search.schedule_file import check_model, load_schedule
+
+        sched = load_schedule(given["schedule"])
+        check_model(sched, model_id(src.module, src.program), image_token_count(cfg) if cfg else sched["n_image"],
+                    str(given["schedule"]))
+    if given.get("keep") == "auto":
+        from .prumerge_auto import auto_keep
+
+        if cfg is None:
+            raise VtrError("--keep auto needs an eager model (a preset, HF directory or pickle)")
+        out["keep"], counts = auto_keep(src.hf_model, calibration_pixels(calibration, cfg.vision_config.image_size))
+        log.info("--keep auto: IQR outlier counts over %d calibration images %s -> median %d", len(counts), counts,
+                 out["keep"])
+    return out
+
+
+def calibration_pixels(calibration: Path | str, image_size: int):
+    """Pixels [M, 3, H, W] of a calibration folder, or of vqa-synth's val split ('vqa-synth:val')."""
+    if str(calibration).startswith("vqa-synth"):  # the benchmark's images, as `search` accepts them
+        import torch
+
+        from ..evaluation import benchmark_items
+
+        split = str(calibration).partition(":")[2] or "val"
+        if split == "test":
+            raise VtrError("the test split is never used for choices; use --calibration vqa-synth:val")
+        items = benchmark_items(f"vqa-synth:{split}", 64)
+        return torch.cat([torch.from_numpy(items[i].pixels) for i in range(len(items))])
+    from ..calibration import load_calibration
+
+    return load_calibration(calibration, image_size).pixel_values
