@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vtrcompile.methods.pumer import bipartite_merge, pumer_counts
-from vtrcompile.methods.pumer import pumer_schedule, pumer_sites
+from vtrcompile.methods.pumer import bipartite_merge, pumer_counts, pumer_schedule, pumer_sites
 
 
 def _keys(*rows):
