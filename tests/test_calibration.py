@@ -75,7 +75,7 @@ def test_cli_keep_auto(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     c = load_calibration(d, 84)
     keep, _ = auto_keep(tiny.hf_model, c.pixel_values)
-    assert read_metadata(out)["reductions"][0]["keep"] == keep + 1
+    assert read_metadata(out)["reductions"][0]["count"] == keep + 1
     bad = CliRunner().invoke(main, ["optimize", "tiny", "--method", "fastv", "--keep", "auto",
                                     "--calibration", str(d), "--out", str(tmp_path / "x.onnx")])
     assert bad.exit_code == 2 and "PruMerge's adaptive count" in bad.output

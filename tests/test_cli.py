@@ -66,6 +66,7 @@ def test_optimize_profile_and_profile_command(tmp_path):
     red, base = g["engines"]["reduced"], g["engines"]["baseline"]
     assert red["cached_tokens_per_layer"] == [base["cached_tokens_per_layer"][0]] * 2 + \
         [base["cached_tokens_per_layer"][0] - 28] * 2
+    assert red["cache_matches_schedule"] and base["cache_matches_schedule"]
     assert g["kv_ratio"] == pytest.approx(sum(red["cached_tokens_per_layer"]) / sum(base["cached_tokens_per_layer"]))
     assert red["kv_bytes_after_prefill"] == 2 * 2 * 16 * 4 * sum(red["cached_tokens_per_layer"])  # k+v, 2 heads, d 16, f32
     assert g["kv_budget"]["sequences_reduced"] >= g["kv_budget"]["sequences_baseline"] > 0
@@ -101,6 +102,8 @@ def test_optimize_profile_and_profile_command(tmp_path):
     (["tiny", "--method", "fastv", "--keep", "0"], ["--keep"]),
     (["tiny", "--method", "fastv", "--layer", "9"], ["--layer 9 is outside 1..3"]),
     (["tiny", "--method", "gprune", "--drop-ratio", "0.3"], ["gprune does not take --drop-ratio"]),
+    (["tiny", "--method", "fastv", "--drop-ratio", "1.5"], ["--drop-ratio 1.5 is outside [0, 1)"]),
+    (["tiny", "--method", "pumer", "--keep", "auto"], ["--keep auto is PruMerge's"]),
 ])
 def test_bad_optimize_arguments(tmp_path, args, words):
     model, *rest = args
@@ -154,6 +157,31 @@ def test_output_path_under_a_file(tmp_path):
     f.write_text("x")
     res = _run("optimize", "tiny", "--method", "fastv", "--out", str(f / "x.onnx"))
     _assert_clean_error(res, tmp_path, "is not a directory")
+
+
+def test_os_refuses_the_output_path(tmp_path):
+    """/proc looks writable to root but the kernel refuses new files there: one line, before any build."""
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc")
+    res = _run("optimize", "tiny", "--method", "fastv", "--out", "/proc/x.onnx")
+    _assert_clean_error(res, tmp_path, "cannot write /proc/x.onnx")
+    assert "built" not in res.output
+
+
+def test_engine_given_as_a_model_and_invalid_config(tmp_path):
+    engine = tmp_path / "e.onnx"
+    assert _run("optimize", "tiny", "--method", "none", "--out", str(engine)).exit_code == 0
+    res = _run("inspect", str(engine))
+    _assert_clean_error(res, tmp_path / "none", "is a vtrcompile prefill engine", "not a model")
+    assert "--allow-pickle" not in res.output
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = json.loads((Path(__file__).parents[1] / "models" / "vqa-synth-llava" / "config.json").read_text())
+    cfg["text_config"]["num_attention_heads"] = "many"
+    (hf / "config.json").write_text(json.dumps(cfg))
+    res = _run("inspect", str(hf))
+    _assert_clean_error(res, tmp_path / "none", "config.json", "not a valid LLaVA config")
+    assert "safetensors" not in res.output
 
 
 def test_unknown_output_extension(tmp_path):

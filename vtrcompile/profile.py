@@ -147,6 +147,8 @@ def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray
             "decode_step": asdict(Latency.of(dec)), "end_to_end": asdict(Latency.of(total)),
             "tokens_per_s": new_tokens / (float(np.median(total)) / 1e3),
             "cached_tokens_per_layer": cached, "kv_bytes_after_prefill": kv_bytes(m, cached),
+            # what the engine's outputs hold vs what its metadata's schedule says each layer processes
+            "cache_matches_schedule": cached == llm_tokens(m, int(ids.shape[1])),
             "kv_bytes_at_end": kv_bytes(m, final),
         }
     r, b = res["engines"]["reduced"], res["engines"]["baseline"]

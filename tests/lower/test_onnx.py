@@ -91,7 +91,7 @@ def test_engines_pass_the_tensorrt_preflight(engines):
 def test_metadata_describes_the_engine(engines):
     meta = read_metadata(engines["fastv-k2-18"].files[-1])
     assert meta["method"] == "fastv" and meta["n_image"] == 36 and meta["image_token_id"] == 319
-    assert meta["reductions"] == [{"site": "llm", "layer": 2, "keep": 18, "positions": "keep"}]
+    assert meta["reductions"] == [{"site": "llm", "layer": 2, "count": 18, "positions": "keep"}]
     assert meta["llm_token_drop"] == [0, 0, 18, 18]
     base = read_metadata(engines["none"].files[-1])
     assert base["model_id"] == meta["model_id"]

@@ -23,13 +23,22 @@ def check_writable(out: Path) -> None:
         raise VtrError(f"cannot write {out}: directory {parent} is not writable; choose another --out")
     if out.is_dir():
         raise VtrError(f"cannot write {out}: it is a directory; give a file name such as {out}/engine.onnx")
+    try:  # the OS may refuse even where permissions look fine (/proc, a read-only mount): ask it now
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=parent))
+    except OSError as e:
+        raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__} in {parent}; choose another "
+                       "--out") from None
 
 
 def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
     """Call write(tmp_path) inside a temporary folder next to `out`, then rename every file it made
     (the main file and sidecars such as `<name>.data`) into place. Returns the final paths."""
     check_writable(out)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__} in {out.parent}; choose another "
+                       "--out") from None
     try:
         write(tmpdir / out.name)
         made = sorted(tmpdir.iterdir(), key=lambda p: p.name != out.name)
@@ -41,5 +50,7 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
             os.replace(p, dest)
             final.append(dest)
         return final
+    except OSError as e:  # disk full, file system gone read-only, ...: nothing partial stays behind
+        raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

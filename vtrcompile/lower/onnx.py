@@ -27,11 +27,13 @@ def param_bytes(ep: torch.export.ExportedProgram) -> int:
 def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any]) -> list[Path]:
     """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written."""
     t0 = time.perf_counter()
-    io = metadata["io"]
-    program = torch.onnx.export(ep, (), input_names=[t["name"] for t in io["inputs"]],
-                                output_names=[t["name"] for t in io["outputs"]], dynamo=True, verbose=False,
-                                optimize=True)
-    _name_dims(program.model.graph, io)
+    io = metadata.get("io")  # absent only for a bare program (input_ids, pixel_values) -> logits
+    program = torch.onnx.export(ep, (), input_names=[t["name"] for t in io["inputs"]] if io else
+                                ["input_ids", "pixel_values"],
+                                output_names=[t["name"] for t in io["outputs"]] if io else ["logits"], dynamo=True,
+                                verbose=False, optimize=True)
+    if io:
+        _name_dims(program.model.graph, io)
     weights = not any(t.device.type == "meta" for t in ep.state_dict.values())
     if not weights:
         log.warning("%s: the model is on the meta device; writing the graph without weights", out)

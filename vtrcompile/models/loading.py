@@ -113,12 +113,19 @@ def _load_hf_dir(path: Path) -> ModelSource:
         raise VtrError(f"{cfg_file}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
                        "fix or re-save the checkpoint") from None
     _check_llava_config(cfg, str(path))
+    from transformers import LlavaConfig
+
+    try:
+        config = LlavaConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # a config.json that parses as JSON but not as a LlavaConfig
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VtrError(f"{cfg_file}: not a valid LLaVA config ({first}); fix or re-save config.json") from None
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32)
+            path, config=config, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32)
     except Exception as e:  # transformers raises many types for broken checkpoints
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VtrError(f"{path}: could not load the checkpoint ({first}); check the safetensors files") from None
+        raise VtrError(f"{path}: could not load the weights ({first}); check the safetensors files") from None
     model.eval()
     return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None,
                        example_prompt(model.config), hf_model=model)
@@ -154,6 +161,31 @@ def _load_pickle(path: Path) -> ModelSource:
     return ModelSource(str(path), "pickle", NextTokenLogits(obj), None, example_prompt(cfg), hf_model=obj)
 
 
+def _refuse_engine(path: Path) -> None:
+    """An engine file given where a model is expected: say so, and what to run instead."""
+    from ..engine.runners import BACKENDS, read_engine_metadata
+
+    if path.suffix.lower() not in {e for exts in BACKENDS.values() for e in exts} - {".pt2"} and not (
+            path.suffix.lower() == ".pt2" and _is_aoti_package(path)):
+        return
+    meta = read_engine_metadata(path)
+    if meta is not None:
+        what = f"a vtrcompile {meta.get('role', 'prefill')} engine of {meta.get('model', '?')}"
+        if meta.get("method"):
+            what += f" (method {meta['method']})"
+        raise VtrError(f"{path} is {what}, not a model; run `vtrcompile profile`, `generate` or `eval` on it, or "
+                       f"give the model it was built from")
+    raise VtrError(f"{path}: an engine file ({path.suffix}), not a model; give a Hugging Face model directory, a "
+                   ".pt2 program from torch.export.save, or a preset")
+
+
+def _is_aoti_package(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("aotinductor" in n for n in z.namelist())
+
+
 def load_model(spec: str, allow_pickle: bool = False) -> ModelSource:
     """Resolve the MODEL argument of the CLI."""
     if spec in PRESETS:
@@ -168,6 +200,7 @@ def load_model(spec: str, allow_pickle: bool = False) -> ModelSource:
                        f"{', '.join(PRESETS)})")
     if path.is_dir():
         return _load_hf_dir(path)
+    _refuse_engine(path)
     with path.open("rb") as f:
         head = f.read(4)
     if zipfile.is_zipfile(path):
