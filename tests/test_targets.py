@@ -36,8 +36,11 @@ def test_float16_graph_keeps_float32_io_and_passes_preflight(tmp_path):
     weights = {i.data_type for i in m.graph.initializer if len(i.dims) >= 2 and i.data_type in floats}
     assert weights == {onnx.TensorProto.FLOAT16}
     io = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.output]}
-    assert io == {"input_ids": onnx.TensorProto.INT64, "pixel_values": onnx.TensorProto.FLOAT,
-                  "logits": onnx.TensorProto.FLOAT}
+    cache = {k: v for k, v in io.items() if k.startswith("present.")}
+    assert len(cache) == 8 and set(cache.values()) == {onnx.TensorProto.FLOAT16}  # the KV cache in the engine dtype
+    assert {k: v for k, v in io.items() if k not in cache} == {
+        "input_ids": onnx.TensorProto.INT64, "pixel_values": onnx.TensorProto.FLOAT, "logits": onnx.TensorProto.FLOAT,
+        "next_layer_position_ids": onnx.TensorProto.INT64}
     assert preflight(out) == [] and res.metadata["dtype"] == "float16"
 
 

@@ -62,10 +62,10 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
 
 
 def decode_metadata(model: torch.nn.Module, model_id: str, label: str, dtype: str, backend: str,
-                    io: dict[str, Any]) -> dict[str, Any]:
+                    io: dict[str, Any], batch: int = 1) -> dict[str, Any]:
     geo = cache_geometry(model)
     return {"vtrcompile": __version__, "format": FORMAT_VERSION, "torch": torch.__version__, "role": "decode",
-            "model": label, "model_id": model_id, "dtype": dtype, "backend": backend, **geo,
+            "batch": batch, "model": label, "model_id": model_id, "dtype": dtype, "backend": backend, **geo,
             "vocab": int(model.config.text_config.vocab_size), "eos_token_ids": eos_token_ids(model),
             "io": io}
 
@@ -85,7 +85,7 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     ep, dim_names = capture_decode(model, batch)
     n = cache_geometry(model)["llm_layers"]
     io = describe(ep, decode_inputs(n), decode_outputs(n), dim_names)
-    meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io)
+    meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io, batch)
     from .optimize import lower_program
 
     lower_program(ep, path, meta, target)

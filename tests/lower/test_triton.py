@@ -39,8 +39,11 @@ def test_config_matches_engine(sidecars):
     assert ins["input_ids"].data_type == model_config_pb2.TYPE_INT64
     assert list(ins["pixel_values"].dims) == [1, 3, 84, 84]
     assert ins["pixel_values"].data_type == model_config_pb2.TYPE_FP32
-    (out,) = cfg.output
+    out, *cache, pos = cfg.output
     assert out.name == "logits" and list(out.dims) == [1, 320] and out.data_type == model_config_pb2.TYPE_FP32
+    assert [c.name for c in cache[:2]] == ["present.0.key", "present.0.value"] and len(cache) == 8
+    assert list(cache[0].dims) == [1, 2, -1, 16]  # each layer's cache length follows the prompt
+    assert pos.name == "next_layer_position_ids" and pos.data_type == model_config_pb2.TYPE_INT64
     assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
