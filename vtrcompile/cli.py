@@ -249,8 +249,6 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
     from .engine.generate import load_engine
     from .engine.prompting import image_pixels, load_tokenizer, parse_ids, prompt_ids
 
-    if max_new_tokens < 1:
-        raise VtrError(f"--max-new-tokens {max_new_tokens}: give at least 1")
     if (prompt is None) == (ids is None):
         raise VtrError("give the question as --prompt TEXT or as --ids '2,3,image,7', one of the two")
     eng = load_engine(engine, threads)

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import VtrError
 from .io import past_names, present_names
 from .protocol import check_prompt, check_prompt_range
-from .runners import open_engine, read_engine_metadata
+from .runners import open_engine
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,15 @@ class Engine:
             if not p.is_file():
                 raise VtrError(f"{self.path}: its decode engine {p.name} is missing from {p.parent}; rebuild with "
                                "`vtrcompile optimize` (it writes both) or copy the file next to the prefill engine")
-            meta = read_engine_metadata(p)
-            if meta is None:
-                raise VtrError(f"{p}: not a readable vtrcompile decode engine; rebuild with `vtrcompile optimize`")
+            decode = open_engine(p, self._threads)  # an unreadable file or another format: one line
+            meta = decode.metadata
             want = {"role": "decode", "model_id": self.metadata["model_id"], "dtype": self.metadata.get("dtype"),
                     "backend": self.metadata.get("backend"), "llm_layers": self.metadata.get("llm_layers")}
             bad = [f"{k} {meta.get(k)!r} (prefill: {v!r})" for k, v in want.items() if meta.get(k) != v]
             if bad:
                 raise VtrError(f"{p} does not pair with {self.path.name}: {', '.join(bad)}; rebuild both with "
                                "`vtrcompile optimize`")
-            self._decode = open_engine(p, self._threads)
+            self._decode = decode
         return self._decode
 
     def _inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
