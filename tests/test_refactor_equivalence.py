@@ -16,7 +16,6 @@ import torch
 
 from vtrcompile.models.loading import example_prompt
 
-pytestmark = pytest.mark.xdist_group("tiny_engines")  # shares the tiny builds of the engine tests' worker
 
 BEFORE = json.loads((Path(__file__).parent / "data" / "programs_before_method_modules.json").read_text())
 

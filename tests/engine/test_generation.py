@@ -20,7 +20,6 @@ from vtrcompile.reference.methods import (
 )
 from vtrcompile.reference.vision import prumerge_reference
 
-pytestmark = pytest.mark.xdist_group("tiny_engines")  # built once, in one worker
 
 STEPS = 8
 

@@ -25,8 +25,6 @@ from vtrcompile.reference.methods import (
 )
 from vtrcompile.reference.vision import prumerge_plus_reference, prumerge_reference, visionzip_reference
 
-pytestmark = pytest.mark.xdist_group("tiny_engines")  # built once, in one worker
-
 
 @pytest.fixture(scope="module")
 def engines(tiny_engines):
