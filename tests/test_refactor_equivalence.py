@@ -16,7 +16,6 @@ import torch
 
 from vtrcompile.models.loading import example_prompt
 
-
 BEFORE = json.loads((Path(__file__).parent / "data" / "programs_before_method_modules.json").read_text())
 
 

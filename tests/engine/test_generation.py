@@ -20,7 +20,6 @@ from vtrcompile.reference.methods import (
 )
 from vtrcompile.reference.vision import prumerge_reference
 
-
 STEPS = 8
 
 
