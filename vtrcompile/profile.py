@@ -112,21 +112,16 @@ def kv_bytes(meta: dict, cached_tokens: list[int]) -> int:
 def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray, pixels: np.ndarray,
                        new_tokens: int, warmup: int, reps: int, threads: int, kv_budget_gb: float | None) -> dict:
     """TTFT, time per output token at the prompt's context, end to end for `new_tokens`, KV-cache bytes."""
-    from .engine.generate import _length, load_engine
+    from .engine.generate import cache_length, decode_feeds, load_engine
 
     engines = [load_engine(engine, threads), load_engine(baseline, threads)]
     feeds = {"input_ids": ids, "pixel_values": pixels}
     n = engines[0].metadata["llm_layers"]
-    from .engine.io import past_names, present_names
-
     steps = []
     for e in engines:  # one decode step fed with this engine's own prefill cache, re-run as is
         out = e.prefill.run(feeds)
-        step = {"input_ids": out["logits"].argmax(-1)[:, None].astype(np.int64),
-                "layer_position_ids": out["next_layer_position_ids"],
-                **{p: out[q] for p, q in zip(past_names(n), present_names(n), strict=True)}}
-        e.decode.bind(step)
-        steps.append([_length(out[f"present.{i}.key"]) for i in range(n)])
+        e.decode.bind(decode_feeds(out, out["logits"].argmax(-1), n))
+        steps.append([cache_length(out[f"present.{i}.key"]) for i in range(n)])
     t_dec = time_interleaved([e.decode.time_ms for e in engines], warmup, reps)
 
     def e2e(e):

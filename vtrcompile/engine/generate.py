@@ -37,10 +37,17 @@ class GenerateOutput:
     eos_reached: bool = False  # every sequence ended with an EOS token
 
 
-def _length(kv: Any) -> int:
+def cache_length(kv: Any) -> int:
     """Cache length of a [B, heads, S, d] output (a numpy array, torch tensor or ONNX Runtime OrtValue)."""
     shape = kv.shape() if callable(getattr(kv, "shape", None)) else kv.shape
     return int(shape[2])
+
+
+def decode_feeds(out: dict[str, Any], token: np.ndarray, n_layers: int) -> dict[str, Any]:
+    """The decode engine's inputs for `token` [B] after a prefill or decode step's outputs `out`: its caches
+    (present.* -> past_key_values.*) and next positions, passed through as they are."""
+    return {"input_ids": token[:, None].astype(np.int64), "layer_position_ids": out["next_layer_position_ids"],
+            **{p: out[q] for p, q in zip(past_names(n_layers), present_names(n_layers), strict=True)}}
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -121,12 +128,11 @@ class Engine:
                   ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
         decode = self.decode if max_new_tokens > 1 else None
         n = self.metadata["llm_layers"]
-        present, past = present_names(n), past_names(n)
         t0 = time.perf_counter()
         out = self.prefill.run(feeds)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         b = feeds["input_ids"].shape[0]
-        cache = [_length(out[present[2 * i]]) for i in range(n)]
+        cache = [cache_length(out[f"present.{i}.key"]) for i in range(n)]
         tokens, logits, steps = [], [], []
         done = np.zeros(b, dtype=bool)
         while True:
@@ -137,10 +143,8 @@ class Engine:
             done |= np.isin(tok, list(eos))
             if done.all() or len(tokens) == max_new_tokens:
                 break
-            step = {"input_ids": tok[:, None], "layer_position_ids": out["next_layer_position_ids"],
-                    **{p: out[q] for p, q in zip(past, present, strict=True)}}
             t1 = time.perf_counter()
-            out = decode.run(step)
+            out = decode.run(decode_feeds(out, tok, n))
             steps.append((time.perf_counter() - t1) * 1e3)
         return GenerateOutput(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_ms, steps, cache,
                               bool(done.all()))
