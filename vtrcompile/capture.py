@@ -9,7 +9,8 @@ import torch
 from torch import fx
 
 from .errors import VtrError
-from .models.loading import ModelSource, image_token_count
+from .models.llava import image_token_count
+from .models.loading import ModelSource
 
 log = logging.getLogger(__name__)
 

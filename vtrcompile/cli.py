@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,18 +23,33 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+_SIGNAL: list[int] = []  # the signal that interrupted this run, if any
+
+
+def _on_terminate(signum: int, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every temporary file and folder is removed on the way out."""
+    _SIGNAL.append(signum)
+    raise KeyboardInterrupt
+
+
 class _Cli(click.Group):
-    """Every failure ends as one `error: ...` line and exit code 2 (click's usage errors included)."""
+    """Every failure ends as one `error: ...` line and exit code 2 (click's usage errors included); an
+    interrupt (SIGINT, SIGTERM) removes what it had begun to write and exits 128 + the signal number."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_terminate)
         try:
             rv = super().main(*args, **kwargs)
         except click.UsageError as e:
             where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
             _fail(where + e.format_message())
-        except click.Abort:
-            _fail("aborted")
+        except (click.Abort, KeyboardInterrupt):
+            signum = _SIGNAL[-1] if _SIGNAL else signal.SIGINT
+            click.echo(f"error: interrupted by {signal.Signals(signum).name}; temporary files were removed and no "
+                       "partial output was left (a search resumes from its last saved evaluation)", err=True)
+            sys.exit(128 + signum)
         except VtrError as e:
             _fail(str(e))
         sys.exit(rv if isinstance(rv, int) else 0)

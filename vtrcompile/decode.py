@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .engine.io import FORMAT_VERSION, decode_inputs, decode_outputs, describe
+from .engine.metadata import DECODE, stamp
 from .engine.runners import read_engine_metadata
 from .errors import VtrError
 from .models.llava import DecodeStep, cache_geometry, eos_token_ids
@@ -63,11 +63,9 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
 
 def decode_metadata(model: torch.nn.Module, model_id: str, label: str, dtype: str, backend: str,
                     io: dict[str, Any], batch: int = 1) -> dict[str, Any]:
-    geo = cache_geometry(model)
-    return {"vtrcompile": __version__, "format": FORMAT_VERSION, "torch": torch.__version__, "role": "decode",
-            "batch": batch, "model": label, "model_id": model_id, "dtype": dtype, "backend": backend, **geo,
-            "vocab": int(model.config.text_config.vocab_size), "eos_token_ids": eos_token_ids(model),
-            "io": io}
+    return stamp(DECODE, {"batch": batch, "model": label, "model_id": model_id, "dtype": dtype, "backend": backend,
+                          **cache_geometry(model), "vocab": int(model.config.text_config.vocab_size),
+                          "eos_token_ids": eos_token_ids(model), "io": io})
 
 
 def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, folder: Path, target,

@@ -73,26 +73,60 @@ def benchmark_items(spec: str, count: int) -> VqaSynthItems:
     return VqaSynthItems(split or "test", count)
 
 
-def calibration_items(folder: str | Path, meta: dict[str, Any], count: int | None = None, seed: int = 0
-                      ) -> list[Item]:
-    """Unlabelled prompts for fidelity on any model: the folder's images, each in a prompt
-    [prefix][N image tokens][suffix] whose text ids are drawn (seeded) from the model's vocabulary.
+def calibration_items(spec: str | Path, facts: dict[str, Any], count: int | None = None, tokenizer: Any = None,
+                      for_choices: bool = True, seed: int = 0) -> tuple[list, list[int] | None, str]:
+    """The one source of calibration prompts (search, `--keep auto` fidelity, eval --calibration):
+    'vqa-synth[:split]' (labelled; split val by default; the test split is refused when the items make
+    choices) or a folder of images with an optional prompts.jsonl (unlabelled) -> items, answers (or None),
+    a description. `facts`: what a valid prompt is (`models.llava.prompt_facts` or an engine's metadata).
 
-    Without a tokenizer the text is random ids: fidelity then measures how well the reduction keeps the
-    next-token distribution for this image content, not for a particular question."""
+    A folder's prompt is tokenized with `tokenizer` when there is one and the folder has prompts.jsonl (the
+    text before and after `<image>` around the N image tokens); otherwise each image gets random text ids
+    (seeded) around it, and fidelity then measures how well the reduction keeps the next-token distribution
+    for this image content, not for a particular question."""
     from .calibration import load_calibration
-    from .models.loading import random_text_ids
+    from .models.llava import layout_prompt, random_text_ids
 
-    calib = load_calibration(folder, int(meta["pixel_shape"][-1]))
+    spec = str(spec)
+    if spec.startswith("vqa-synth"):
+        split = spec.partition(":")[2] or "val"
+        if split == "test" and for_choices:
+            raise VtrError("the test split is never used for choices; calibrate on vqa-synth:val (or :train)")
+        items = VqaSynthItems(split, count if count is not None else 280)
+        if facts["vocab"] != len(items.vocab) or facts["image_token_id"] != items.index["<image>"]:
+            raise VtrError(f"{spec}: the model's vocabulary is not vqa-synth's; calibrate with a folder of images "
+                           "instead")
+        got = [items[i] for i in range(len(items))]
+        return got, [it.answer for it in got], f"vqa-synth:{split} ({len(got)} prompts, labelled)"
+    calib = load_calibration(spec, int(facts["pixel_shape"][-1]))
+    n, img, vocab = facts["n_image"], facts["image_token_id"], facts["vocab"]
     rng = np.random.default_rng(seed)
-    n, img, vocab = meta["n_image"], meta["image_token_id"], meta["vocab"]
+    records = calib.prompts or [{"image": name, "prompt": ""} for name in calib.names]
     items = []
-    for k in range(len(calib.names) if count is None else min(count, len(calib.names))):
-        pre, suf = int(rng.integers(1, 40)), int(rng.integers(4, 24))
-        ids = np.concatenate([random_text_ids(rng, img, vocab, (1, pre)), np.full((1, n), img),
-                              random_text_ids(rng, img, vocab, (1, suf))], axis=1).astype(np.int64)
-        items.append(Item(ids, calib.pixel_values[k:k + 1].numpy()))
-    return items
+    for rec in records if count is None else records[:count]:
+        k = calib.names.index(rec["image"])
+        if tokenizer is not None and rec["prompt"]:
+            pre, _, suf = rec["prompt"].partition("<image>")
+            pre_ids = tokenizer(pre, add_special_tokens=False)["input_ids"] or [0]
+            suf_ids = tokenizer(suf, add_special_tokens=False)["input_ids"] or [0]
+        else:
+            pre_len, suf_len = int(rng.integers(1, 40)), int(rng.integers(4, 24))
+            pre_ids = random_text_ids(rng, img, vocab, (1, pre_len))
+            suf_ids = random_text_ids(rng, img, vocab, (1, suf_len))
+        items.append(Item(layout_prompt(pre_ids, suf_ids, n, img), calib.pixel_values[k:k + 1].numpy()))
+    how = "tokenized prompts" if tokenizer is not None and calib.prompts else "random text ids"
+    return items, None, f"{spec} ({len(items)} prompts, unlabelled, {how})"
+
+
+def _engine_tokenizer(path: str | Path) -> Any:
+    """The tokenizer copied beside an engine, or None (a preset or a model directory without one)."""
+    from .engine.prompting import load_tokenizer
+    from .engine.runners import read_engine_metadata
+
+    try:
+        return load_tokenizer(Path(path), read_engine_metadata(path))
+    except VtrError:
+        return None
 
 
 def _progress(label: str, total: int) -> Callable[[int], None]:
@@ -186,7 +220,8 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
 
     report: dict[str, Any] = {"benchmark": spec, "engines": []}
     if calibration is not None:
-        items: Any = calibration_items(calibration, runners[0].metadata, count)
+        items: Any = calibration_items(calibration, runners[0].metadata, count, _engine_tokenizer(engines[0]),
+                                       for_choices=False)[0]
     else:
         items = benchmark_items(spec, count)
         for r in [*runners, *([base] if base else [])]:

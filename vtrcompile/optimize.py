@@ -13,9 +13,9 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import __version__
 from .build import Build, build
-from .engine.io import FORMAT_VERSION, PREFILL_INPUTS, describe, prefill_outputs
+from .engine.io import PREFILL_INPUTS, describe, prefill_outputs
+from .engine.metadata import PREFILL, stamp
 from .engine.runners import BACKENDS
 from .errors import VtrError
 from .lower.atomic import check_writable
@@ -85,11 +85,14 @@ def prefill_io(b: Build) -> dict[str, Any]:
     return describe(b.program, PREFILL_INPUTS, prefill_outputs(len(b.facts.layers)), {s.node.expr: "prompt"})
 
 
-def generation_metadata(source: ModelSource, mid: str, target: Target) -> dict[str, Any]:
-    """What a prefill engine records for generation: its decode engine, EOS, cache geometry, preprocessing."""
+def generation_metadata(source: ModelSource, mid: str, target: Target, n_layers: int) -> dict[str, Any]:
+    """What a prefill engine records for generation: its decode engine, EOS, cache geometry, preprocessing.
+    Built from an exported program (no eager model) it records no decode engine and what it cannot know as
+    null."""
     m = source.hf_model
     if m is None:
-        return {"decode": None}
+        return {"decode": None, "processor": None, "eos_token_ids": [], "llm_layers": n_layers, "kv_heads": None,
+                "head_dim": None, "max_context": None}
     from .decode import decode_file_name
     from .engine.prompting import has_tokenizer, tokenizer_folder_name
     from .models.llava import cache_geometry, eos_token_ids, processor_facts
@@ -101,22 +104,26 @@ def generation_metadata(source: ModelSource, mid: str, target: Target) -> dict[s
     return {"decode": decode, "eos_token_ids": eos_token_ids(m), **cache_geometry(m), "processor": processor}
 
 
-def engine_metadata(b: Build, source: ModelSource, mid: str | None = None) -> dict[str, Any]:
+def engine_metadata(b: Build, source: ModelSource, mid: str | None = None, target: Target | None = None
+                    ) -> dict[str, Any]:
+    """A prefill engine's metadata (keys declared in engine/metadata.py)."""
     f = b.facts
+    t = target or Target()
     ids, px = b.example_inputs
     s = ids.shape[1]
     tokens = b.llm_tokens(s)
-    return {
-        "vtrcompile": __version__, "format": FORMAT_VERSION, "role": "prefill", "torch": torch.__version__,
-        "model": source.label, "model_id": mid or model_id(source.module, source.program), "io": prefill_io(b),
+    mid = mid or model_id(source.module, source.program)
+    return stamp(PREFILL, {
+        "model": source.label, "model_id": mid, "io": prefill_io(b), "dtype": t.dtype, "backend": t.backend,
         "method": b.method, "options": b.options,
         "reductions": [{"site": r.site, "layer": r.layer, "count": r.count, "positions": r.positions}
                        for r in b.reductions],
         "image_token_id": f.boundary.image_token_id, "n_image": f.boundary.n_image, "batch": f.boundary.batch,
-        "pixel_shape": list(px.shape[1:]), "vocab": _vocab(b), "llm_layers": len(f.layers), "prompt_range": list(b.prompt_range),
+        "pixel_shape": list(px.shape[1:]), "vocab": _vocab(b), "prompt_range": list(b.prompt_range),
         "llm_token_drop": [s - t for t in tokens],
         "flops_poly": flops_polynomial(b, f.boundary.image_token_id),
-    }
+        **generation_metadata(source, mid, t, len(f.layers)),
+    })
 
 
 def _vocab(b: Build) -> int:
@@ -205,15 +212,15 @@ def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[s
 
 def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None = None,
                  decode: bool = True) -> Optimized:
-    """Lower a build to an engine file, stamp its metadata, run the TensorRT preflight on what TensorRT eats;
-    then make sure its decode engine is beside it (built once per model, dtype and backend)."""
+    """Lower a build to an engine file, stamp its metadata, run the TensorRT preflight on what TensorRT eats.
+    Its tokenizer copy and decode engine (built once per model, dtype and backend) are written first, so the
+    prefill file appears only when everything it names is beside it: an interrupted run leaves at most those
+    complete, reusable files."""
     t = target or Target()
     mid = model_id(source.module, source.program)
-    meta = {**engine_metadata(b, source, mid), "dtype": t.dtype, "backend": t.backend,
-            **generation_metadata(source, mid, t)}
-    files = lower_program(b.program, out, meta, t)
-    findings = preflight(out) if t.backend == "onnxruntime" else []
-    if meta.get("processor", {}).get("tokenizer"):
+    meta = engine_metadata(b, source, mid, t)
+    check_writable(out)
+    if (meta["processor"] or {}).get("tokenizer"):
         from .engine.prompting import copy_tokenizer
 
         copy_tokenizer(Path(source.label), out.parent, mid)
@@ -225,6 +232,8 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
     elif source.hf_model is None:
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
+    files = lower_program(b.program, out, meta, t)
+    findings = preflight(out) if t.backend == "onnxruntime" else []
     return Optimized(b, files, meta, findings)
 
 

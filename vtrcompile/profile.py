@@ -14,7 +14,7 @@ import numpy as np
 from .engine.runners import open_engine
 from .errors import VtrError
 from .lower.onnxruntime import reduction_share
-from .models.loading import random_text_ids
+from .models.llava import random_prompt
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,8 @@ def profile_prompt(meta: dict, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAU
                    ) -> tuple[np.ndarray, np.ndarray]:
     """[prefix][N image tokens][suffix] with random text ids and a random image, per the engine metadata."""
     rng = np.random.default_rng(seed)
-    b, n, img = meta["batch"], meta["n_image"], meta["image_token_id"]
-    ids = np.concatenate([random_text_ids(rng, img, meta["vocab"], (b, prefix)), np.full((b, n), img),
-                          random_text_ids(rng, img, meta["vocab"], (b, suffix))], axis=1).astype(np.int64)
-    pixels = rng.standard_normal((b, *meta["pixel_shape"])).astype(np.float32)
+    ids = random_prompt(rng, meta, prefix, suffix, meta["batch"])
+    pixels = rng.standard_normal((meta["batch"], *meta["pixel_shape"])).astype(np.float32)
     return ids, pixels
 
 

@@ -21,7 +21,7 @@ from vtrcompile.optimize import Target, check_target, engine_metadata
 
 @pytest.fixture(scope="module")
 def meta(tiny, tiny_build):
-    return {**engine_metadata(tiny_build("pumer"), tiny), "dtype": "float32", "backend": "tensorrt"}
+    return engine_metadata(tiny_build("pumer"), tiny, target=Target(backend="tensorrt", device="cuda"))
 
 
 def test_profile_covers_the_requested_prompt_range(meta):

@@ -8,7 +8,7 @@ import pytest
 from vtrcompile.errors import VtrError
 from vtrcompile.lower import tensorrt as trt_lower
 from vtrcompile.lower.triton import MARKER, config_pbtxt, model_name, write_model
-from vtrcompile.optimize import engine_metadata
+from vtrcompile.optimize import Target, engine_metadata
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -18,7 +18,7 @@ text_format = pytest.importorskip("google.protobuf.text_format")
 def sidecars(tiny, tiny_build):
     out = {}
     for name, method, opts in (("reduced", "fastv", {"layer": 2, "keep": 18}), ("baseline", "none", {})):
-        meta = {**engine_metadata(tiny_build(method, **opts), tiny), "dtype": "float32", "backend": "tensorrt"}
+        meta = engine_metadata(tiny_build(method, **opts), tiny, target=Target(backend="tensorrt", device="cuda"))
         out[name] = trt_lower.sidecar(meta, trt_lower.profile_shapes(meta, 40, 300),
                                       {"tensorrt": "10.13.0"}, {"name": "gpu", "compute_capability": "9.0"})
     return out

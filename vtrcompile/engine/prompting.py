@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VtrError
+from ..models.llava import layout_prompt
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +76,20 @@ def prompt_ids(tokenizer, meta: dict[str, Any], prompt: str) -> np.ndarray:
     if ids.count(image) != 1:
         raise VtrError(f"the prompt template gave {ids.count(image)} image placeholders (id {image}); it needs one")
     i = ids.index(image)
-    return np.array([ids[:i] + [image] * meta["n_image"] + ids[i + 1:]], dtype=np.int64)
+    return layout_prompt(ids[:i], ids[i + 1:], meta["n_image"], image)
 
 
 def parse_ids(text: str, meta: dict[str, Any]) -> np.ndarray:
     """'2,3,image,7' -> int64 [1, S] with 'image' expanded to the N image tokens."""
-    out: list[int] = []
-    for tok in text.replace(",", " ").split():
-        if tok == "image":
-            out += [meta["image_token_id"]] * meta["n_image"]
-        elif tok.isdigit() and int(tok) < meta["vocab"]:
-            out.append(int(tok))
-        else:
+    toks = text.replace(",", " ").split()
+    if toks.count("image") != 1:
+        raise VtrError(f"--ids: needs exactly one 'image' (where the N image tokens go), got {toks.count('image')}")
+    for tok in toks:
+        if tok != "image" and not (tok.isdigit() and int(tok) < meta["vocab"]):
             raise VtrError(f"--ids: '{tok}' is neither a token id below {meta['vocab']} nor 'image'")
-    return np.array([out], dtype=np.int64)
+    i = toks.index("image")
+    return layout_prompt([int(t) for t in toks[:i]], [int(t) for t in toks[i + 1:]], meta["n_image"],
+                         meta["image_token_id"])
 
 
 def image_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
@@ -98,4 +99,7 @@ def image_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
     if not path.is_file():
         raise VtrError(f"image not found: {path}")
     p = meta["processor"]
+    if p is None:
+        raise VtrError("this engine records no image preprocessing (it was built from an exported program); "
+                       "pass pixel values through the Python API (vtrcompile.load_engine) instead")
     return preprocess(path, p["image_size"], p["image_mean"], p["image_std"]).numpy()[None]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VtrError
-from .io import FORMAT_VERSION
+from .metadata import check_metadata
 
 # Output extension -> backend; the first extension is the one vtrcompile writes.
 BACKENDS = {"onnxruntime": (".onnx",), "tensorrt": (".plan", ".engine"), "aoti": (".pt2",)}
@@ -18,18 +18,6 @@ def backend_of(path: str | Path) -> str:
         if ext in exts:
             return name
     raise VtrError(f"{path}: unknown engine type '{ext}'; expected .onnx, .plan/.engine or .pt2")
-
-
-def check_metadata(meta: dict[str, Any], path: Path) -> None:
-    """Refuse, before any run, an engine written in another vtrcompile engine format."""
-    fmt = meta.get("format", 1)
-    if fmt != FORMAT_VERSION:
-        raise VtrError(f"{path}: an engine of vtrcompile engine format {fmt}; this vtrcompile reads format "
-                       f"{FORMAT_VERSION}; rebuild it with `vtrcompile optimize`")
-    missing = [k for k in ("model_id", "method" if meta.get("role") == "prefill" else "role", "io") if k not in meta]
-    if missing:
-        raise VtrError(f"{path}: its vtrcompile metadata lacks {', '.join(missing)}; rebuild it with "
-                       "`vtrcompile optimize`")
 
 
 def open_engine(path: str | Path, threads: int | None = None):

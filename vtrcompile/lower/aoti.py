@@ -76,8 +76,12 @@ class AotiEngine:
         raw = self.runner.get_metadata().get(METADATA_KEY)
         if raw is None:
             raise VtrError(f"{self.path}: no vtrcompile metadata; build engines with `vtrcompile optimize`")
-        self.metadata: dict[str, Any] = json.loads(raw)
-        self.device = self.metadata["device"]
+        try:
+            self.metadata: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            raise VtrError(f"{self.path}: its vtrcompile metadata is damaged; rebuild it with "
+                           "`vtrcompile optimize`") from None
+        self.device = self.metadata.get("device", "cpu")
         if self.device == "cuda":
             check_device("cuda")
         self._bound: list[torch.Tensor] | None = None

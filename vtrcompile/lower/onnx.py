@@ -58,8 +58,31 @@ def _name_dims(graph, io: dict[str, Any]) -> None:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    model = onnx.load(str(path), load_external_data=False)
+    return metadata_of(onnx.load(str(path), load_external_data=False))
+
+
+def metadata_of(model: onnx.ModelProto) -> dict[str, Any]:
     for p in model.metadata_props:
         if p.key == METADATA_KEY:
             return json.loads(p.value)
     return {}
+
+
+def external_data_problem(model: onnx.ModelProto, folder: Path) -> str | None:
+    """Why the weights a model keeps in external files cannot all be read (a file missing, or shorter than an
+    initializer's offset + length), or None when they can."""
+    sizes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if loc not in sizes:
+            f = folder / loc
+            if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts or not f.is_file():
+                return f"its weights file {loc or '(unnamed)'} is missing"
+            sizes[loc] = f.stat().st_size
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if end > sizes[loc]:
+            return f"its weights file {loc} is truncated ({sizes[loc]} bytes, needs {end})"
+    return None

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from .onnx import read_metadata
+from .onnx import external_data_problem, metadata_of
 
 __all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"]
 
@@ -52,7 +52,12 @@ class OrtEngine:
         if profile_dir is not None:
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(profile_dir) / "ort")
-        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # a damaged graph that still parses: ORT's own reason, first line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise VtrError(f"{self.path}: ONNX Runtime cannot load this engine ({reason}); rebuild it with "
+                           "`vtrcompile optimize`") from None
 
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -101,11 +106,16 @@ def engine_metadata(path: Path) -> dict:
     if not path.is_file():
         raise VtrError(f"engine not found: {path}")
     try:
-        meta = read_metadata(path)
+        model = onnx.load(str(path), load_external_data=False)
+        meta = metadata_of(model)
     except Exception as e:
-        raise VtrError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+        raise VtrError(f"{path}: not a readable ONNX file ({type(e).__name__}); rebuild it with "
+                       "`vtrcompile optimize`") from None
     if not meta:
         raise VtrError(f"{path}: no vtrcompile metadata; build engines with `vtrcompile optimize`")
+    problem = external_data_problem(model, path.parent)
+    if problem:
+        raise VtrError(f"{path}: {problem}; copy the engine together with its .data file, or rebuild it")
     return meta
 
 

@@ -36,7 +36,7 @@ def prepare_options(src, method: str, given: dict[str, Any], calibration: Path |
     out = dict(given)
     cfg = src.hf_model.config if src.hf_model is not None else None
     if method == "schedule" and given.get("schedule"):
-        from ..models.loading import image_token_count
+        from ..models.llava import image_token_count
         from ..optimize import model_id
         from ..search.schedule_file import check_model, load_schedule
 

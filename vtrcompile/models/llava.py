@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,6 +16,45 @@ from ..calibration import CLIP_MEAN, CLIP_STD
 
 # LLaVA-1.5's conversation layout, used when the tokenizer has no chat template.
 DEFAULT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+def image_token_count(config) -> int:
+    """Placeholders per image (CLS removed unless the feature strategy is 'full')."""
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def prompt_facts(config) -> dict[str, Any]:
+    """What a valid prompt is, in the engine metadata's words: N, the placeholder id, vocab, pixel shape."""
+    size = config.vision_config.image_size
+    return {"n_image": image_token_count(config), "image_token_id": int(config.image_token_id),
+            "vocab": int(config.text_config.vocab_size), "pixel_shape": [3, size, size]}
+
+
+def layout_prompt(prefix, suffix, n_image: int, image_token_id: int) -> np.ndarray:
+    """The family's prompt layout, built here and nowhere else: [prefix][n_image placeholders][suffix].
+    `prefix`/`suffix`: token ids, [B, k] arrays or flat lists (one row) -> int64 [B, S]."""
+    pre, suf = np.atleast_2d(np.asarray(prefix, dtype=np.int64)), np.atleast_2d(np.asarray(suffix, dtype=np.int64))
+    if pre.size == 0:
+        pre = pre.reshape(suf.shape[0], 0)
+    if suf.size == 0:
+        suf = suf.reshape(pre.shape[0], 0)
+    return np.concatenate([pre, np.full((pre.shape[0], n_image), image_token_id, dtype=np.int64), suf], axis=1)
+
+
+def random_text_ids(rng: np.random.Generator, image_token_id: int, vocab: int, shape) -> np.ndarray:
+    """Seeded text token ids that are never the image placeholder."""
+    return (image_token_id + 1 + rng.integers(0, vocab - 1, shape)) % vocab
+
+
+def random_prompt(rng: np.random.Generator, facts: dict[str, Any], prefix: int, suffix: int, batch: int = 1
+                  ) -> np.ndarray:
+    """[prefix random text ids][N placeholders][suffix random text ids], int64 [batch, S]; `facts` as
+    `prompt_facts` (or an engine's metadata)."""
+    img, vocab = facts["image_token_id"], facts["vocab"]
+    pre = random_text_ids(rng, img, vocab, (batch, prefix))
+    return layout_prompt(pre, random_text_ids(rng, img, vocab, (batch, suffix)), facts["n_image"], img)
 
 
 class _PerLayerCache:

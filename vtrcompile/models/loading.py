@@ -54,31 +54,21 @@ class NextTokenLogits(nn.Module):
         return out.logits[:, -1, :].float()
 
 
-def image_token_count(config) -> int:
-    """Placeholders per image for a LLaVA-1.5 style config (CLS removed unless strategy is 'full')."""
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
-
-
-def random_text_ids(rng, image_token_id: int, vocab: int, shape) -> np.ndarray:
-    """Seeded text token ids (numpy Generator `rng`) that are never the image placeholder."""
-    return (image_token_id + 1 + rng.integers(0, vocab - 1, shape)) % vocab
-
-
 def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batch: int = 1
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """A prompt [prefix][N image placeholders][suffix] and a random image, for capture and tests."""
+    from .llava import image_token_count, layout_prompt
+
     g = torch.Generator().manual_seed(seed)
     vocab = config.text_config.vocab_size
-    n = image_token_count(config)
     image_id = config.image_token_id
 
-    def text(k: int) -> torch.Tensor:
+    def text(k: int) -> np.ndarray:
         t = torch.randint(0, vocab - 1, (batch, k), generator=g)
-        return torch.where(t >= image_id, t + 1, t) % vocab
+        return (torch.where(t >= image_id, t + 1, t) % vocab).numpy()
 
-    ids = torch.cat([text(prefix), torch.full((batch, n), image_id), text(suffix)], dim=1)
+    pre = text(prefix)
+    ids = torch.from_numpy(layout_prompt(pre, text(suffix), image_token_count(config), image_id))
     size = config.vision_config.image_size
     pixels = torch.randn(batch, 3, size, size, generator=g)
     return ids, pixels

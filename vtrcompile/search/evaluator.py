@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import VtrError
@@ -111,45 +110,12 @@ class Metric:
 
 def calibration_items(spec: str, model, count: int, source_dir: str | None = None
                       ) -> tuple[list, list[int] | None, str]:
-    """'vqa-synth:<split>' (labelled) or a folder of images + prompts.jsonl (unlabelled) -> items, answers,
-    a description. Folder prompts are tokenized with the model directory's tokenizer when it has one."""
-    from ..evaluation import Item, VqaSynthItems
+    """The search's calibration prompts (evaluation.calibration_items), tokenized with the model directory's
+    tokenizer when it has one."""
+    from ..evaluation import calibration_items as items_for
+    from ..models.llava import prompt_facts
 
-    if spec.startswith("vqa-synth"):
-        split = spec.partition(":")[2] or "val"
-        if split == "test":
-            raise VtrError("the test split is never used for choices; calibrate on vqa-synth:val (or :train)")
-        items = VqaSynthItems(split, count)
-        if (model.config.text_config.vocab_size != len(items.vocab)
-                or model.config.image_token_id != items.index["<image>"]):
-            raise VtrError(f"--calibration {spec}: the model's vocabulary is not vqa-synth's; calibrate with a "
-                           "folder of images instead")
-        got = [items[i] for i in range(len(items))]
-        return got, [it.answer for it in got], f"vqa-synth:{split} ({len(got)} prompts, labelled)"
-    from ..calibration import load_calibration
-    from ..models.loading import image_token_count, random_text_ids
-
-    cfg = model.config
-    calib = load_calibration(spec, cfg.vision_config.image_size)
-    n, img = image_token_count(cfg), cfg.image_token_id
-    tok = _tokenizer(source_dir)
-    rng = np.random.default_rng(0)
-    prompts = calib.prompts or [{"image": name, "prompt": ""} for name in calib.names]
-    items = []
-    for rec in prompts[:count]:
-        k = calib.names.index(rec["image"])
-        if tok is not None and rec["prompt"]:
-            pre, _, suf = rec["prompt"].partition("<image>")
-            pre_ids = tok(pre, add_special_tokens=False)["input_ids"] or [0]
-            suf_ids = tok(suf, add_special_tokens=False)["input_ids"] or [0]
-        else:  # no tokenizer: random text around the image (documented in the README)
-            vocab = cfg.text_config.vocab_size
-            pre_ids = random_text_ids(rng, img, vocab, 2 + k % 30).tolist()
-            suf_ids = random_text_ids(rng, img, vocab, 4 + k % 16).tolist()
-        ids = np.array([pre_ids + [img] * n + suf_ids], dtype=np.int64)
-        items.append(Item(ids, calib.pixel_values[k:k + 1].numpy()))
-    how = "tokenized prompts" if tok is not None and calib.prompts else "random text ids"
-    return items, None, f"{spec} ({len(items)} prompts, unlabelled, {how})"
+    return items_for(spec, prompt_facts(model.config), count, _tokenizer(source_dir))
 
 
 def _tokenizer(source_dir: str | None) -> Any:

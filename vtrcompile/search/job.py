@@ -23,12 +23,21 @@ def _partial(out: Path, algo: str, settings: dict, model_id: str) -> dict[str, l
     try:
         rec = json.loads(out.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
+        rec = None
+    if not isinstance(rec, dict):
+        raise VtrError(f"{out}: exists and is not a vtrcompile schedule (not a JSON object); move it away or "
+                       "choose another --out")
     if rec.get("format") != FORMAT or rec.get("complete") or rec.get("algo") != algo \
             or rec.get("settings") != settings or rec.get("model_id") != model_id:
         return {}
-    log.info("resuming from %s: %d evaluations already done", out, len(rec.get("evaluations", [])))
-    return {tuple(e["keep"]): e["value"] for e in rec.get("evaluations", [])}
+    evals = rec.get("evaluations", [])
+    try:
+        done = {tuple(int(k) for k in e["keep"]): float(e["value"]) for e in evals}
+    except (TypeError, KeyError, ValueError):
+        raise VtrError(f"{out}: the evaluations of this interrupted search are damaged; delete the file to "
+                       "start the search again") from None
+    log.info("resuming from %s: %d evaluations already done", out, len(done))
+    return done
 
 
 def run_search(source, algo: str, calibration: str, out: Path, count: int = 280, tolerance: float = 0.01,

@@ -1,0 +1,88 @@
+"""Every key of an engine's metadata, defined once: which roles carry it and what it means.
+
+The writers (`optimize.engine_metadata`, `decode.decode_metadata`) go through `stamp`, which refuses a key
+that is not declared here or a declared one that is missing; the runners go through `check_metadata` on
+load. docs/engine.md documents the same table (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import VtrError
+from .io import FORMAT_VERSION
+
+PREFILL, DECODE = "prefill", "decode"
+BOTH = (PREFILL, DECODE)
+
+# key -> (roles that carry it, meaning). Keys marked LOWERING are added by the backend's writer.
+KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "vtrcompile": (BOTH, "the vtrcompile version that wrote the engine"),
+    "torch": (BOTH, "the torch version it was captured with"),
+    "format": (BOTH, "engine format version"),
+    "role": (BOTH, "prefill or decode"),
+    "model": (BOTH, "the model's label (path or preset)"),
+    "model_id": (BOTH, "hash of the model's parameter names, shapes and values"),
+    "dtype": (BOTH, "compute precision of the graph"),
+    "backend": (BOTH, "onnxruntime, aoti or tensorrt"),
+    "io": (BOTH, "names, dtypes and shapes of the inputs and outputs"),
+    "batch": (BOTH, "the fixed batch size"),
+    "vocab": (BOTH, "vocabulary size (width of logits)"),
+    "llm_layers": (BOTH, "decoder layers (cache geometry)"),
+    "kv_heads": (BOTH, "key/value heads per layer (cache geometry)"),
+    "head_dim": (BOTH, "width of one head (cache geometry)"),
+    "max_context": (BOTH, "the model's max_position_embeddings"),
+    "eos_token_ids": (BOTH, "token ids that end generation"),
+    "decode": ((PREFILL,), "the paired decode engine: {file, model_id}, or null"),
+    "processor": ((PREFILL,), "image preprocessing, prompt template and tokenizer folder"),
+    "method": ((PREFILL,), "the reduction method"),
+    "options": ((PREFILL,), "the method's options as given"),
+    "reductions": ((PREFILL,), "each reduction site: {site, layer, count, positions}"),
+    "image_token_id": ((PREFILL,), "the image placeholder id"),
+    "n_image": ((PREFILL,), "image placeholders per prompt"),
+    "pixel_shape": ((PREFILL,), "[3, H, W] of pixel_values"),
+    "prompt_range": ((PREFILL,), "[min, max] prompt length the engine accepts"),
+    "llm_token_drop": ((PREFILL,), "per decoder layer: S - S_l"),
+    "flops_poly": ((PREFILL,), "prefill FLOPs = a + b S + c S^2"),
+    "has_weights": (BOTH, "LOWERING (ONNX): false when written without weights"),
+    "device": (BOTH, "LOWERING (AOTInductor): the device it was compiled for"),
+}
+
+STAMPED = ("vtrcompile", "torch", "format", "role")
+
+
+def keys_for(role: str, lowering: bool = False) -> set[str]:
+    """The keys an engine of `role` carries (with `lowering`, also those a backend's writer may add)."""
+    return {k for k, (roles, meaning) in KEYS.items()
+            if role in roles and (lowering or not meaning.startswith("LOWERING"))}
+
+
+def stamp(role: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` plus the version stamps; every declared key of the role present, nothing undeclared."""
+    meta = {"vtrcompile": __version__, "format": FORMAT_VERSION, "torch": torch.__version__, "role": role,
+            **fields}
+    want = keys_for(role)
+    if set(meta) != want:
+        raise AssertionError(f"{role} metadata: missing {sorted(want - set(meta))}, "
+                             f"undeclared {sorted(set(meta) - want)} (declare keys in engine/metadata.py)")
+    return meta
+
+
+def check_metadata(meta: dict[str, Any], path: Path) -> None:
+    """Refuse, before any run, an engine written in another vtrcompile engine format or missing keys."""
+    fmt = meta.get("format", 1)
+    if fmt != FORMAT_VERSION:
+        raise VtrError(f"{path}: an engine of vtrcompile engine format {fmt}; this vtrcompile reads format "
+                       f"{FORMAT_VERSION}; rebuild it with `vtrcompile optimize`")
+    role = meta.get("role")
+    if role not in BOTH:
+        raise VtrError(f"{path}: its vtrcompile metadata has role {role!r}, not prefill or decode; rebuild it "
+                       "with `vtrcompile optimize`")
+    missing = sorted(keys_for(role) - set(meta))
+    if missing:
+        raise VtrError(f"{path}: its vtrcompile metadata lacks {', '.join(missing)}; rebuild it with "
+                       "`vtrcompile optimize`")
