@@ -59,7 +59,11 @@ def load_calibration(folder: str | Path, image_size: int) -> CalibrationSet:
     pf = d / PROMPTS_FILE
     if pf.is_file():
         names = {p.name for p in files}
-        for i, line in enumerate(pf.read_text().splitlines(), 1):
+        try:
+            text = pf.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise VtrError(f"{pf}: not UTF-8 text (byte {e.start}); write it as UTF-8 JSON lines") from None
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -17,9 +18,22 @@ from .methods.registry import METHODS
 
 log = logging.getLogger("vtrcompile")
 
+# Upper bounds on counts a user types: far above any real use, low enough that a typo cannot run for days.
+MAX_RUNS, MAX_THREADS, MAX_PROMPTS = 100_000, 1024, 1_000_000
+
+
+class Finite(click.FloatRange):
+    """A float range that also refuses nan and inf."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
 
 def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
+    click.echo("error: " + " ".join(msg.split()), err=True)  # one line, whatever the message held
     sys.exit(2)
 
 
@@ -38,6 +52,10 @@ class _Cli(click.Group):
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        argv = kwargs.get("args") if "args" in kwargs else (args[0] if args else sys.argv[1:])
+        nul = next((a for a in argv or [] if isinstance(a, str) and "\x00" in a), None)
+        if nul is not None:
+            _fail(f"argument {nul!r} holds a NUL byte, which no file name or option value may contain")
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_terminate)
         try:
@@ -46,13 +64,18 @@ class _Cli(click.Group):
             where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
             _fail(where + e.format_message())
         except (click.Abort, KeyboardInterrupt):
-            signum = _SIGNAL[-1] if _SIGNAL else signal.SIGINT
-            click.echo(f"error: interrupted by {signal.Signals(signum).name}; temporary files were removed and no "
-                       "partial output was left (a search resumes from its last saved evaluation)", err=True)
-            sys.exit(128 + signum)
+            _interrupted(_SIGNAL[-1] if _SIGNAL else signal.SIGINT)
         except VtrError as e:
             _fail(str(e))
+        if _SIGNAL:  # the interrupt arrived where Python could not raise it (inside a C callback): still say so
+            _interrupted(_SIGNAL[-1])
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _interrupted(signum: int) -> None:
+    click.echo(f"error: interrupted by {signal.Signals(signum).name}; temporary files were removed and no "
+               "partial output was left (a search resumes from its last saved evaluation)", err=True)
+    sys.exit(128 + signum)
 
 
 @click.group(cls=_Cli)
@@ -139,18 +162,18 @@ def _method_flags(f):
 
 
 def _profile_opts(f):
-    f = click.option("--reps", default=20, show_default=True, type=click.IntRange(1), help="Timed runs per engine.")(f)
-    f = click.option("--warmup", default=3, show_default=True, type=click.IntRange(0), help="Discarded runs.")(f)
-    f = click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads (default: all cores).")(f)
+    f = click.option("--reps", default=20, show_default=True, type=click.IntRange(1, MAX_RUNS), help="Timed runs per engine.")(f)
+    f = click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, MAX_RUNS), help="Discarded runs.")(f)
+    f = click.option("--threads", default=None, type=click.IntRange(1, MAX_THREADS), help="ONNX Runtime threads (default: all cores).")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(f)
     return f
 
 
 def _generation_opts(f):
-    f = click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(0),
+    f = click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(0, MAX_RUNS),
                      help="Also profile generation of this many tokens (TTFT, time per output token, end to end, "
                           "KV-cache bytes); 0 = prefill only.")(f)
-    f = click.option("--kv-budget-gb", default=None, type=click.FloatRange(0, min_open=True),
+    f = click.option("--kv-budget-gb", default=None, type=Finite(0, min_open=True),
                      help="Add a computed line: how many sequences' KV caches fit in this many GB.")(f)
     return f
 
@@ -163,8 +186,8 @@ def _generation_opts(f):
                    "--keep auto.")
 @_method_flags
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Engine file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt2 (AOTInductor).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "aoti"]), default=None,
+              help="Engine file: .onnx (ONNX Runtime), .xml (OpenVINO IR), .plan/.engine (TensorRT), .pt2 (AOTInductor).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "aoti"]), default=None,
               help="Override the backend picked by --out's extension.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device an AOTInductor (.pt2) package is compiled for.")
@@ -179,7 +202,7 @@ def _generation_opts(f):
               help="Shortest prompt the TensorRT profile covers (default: N image tokens + 2).")
 @click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(3),
               help="Longest prompt the engine accepts.")
-@click.option("--workspace", default=8.0, show_default=True, type=click.FloatRange(0.1),
+@click.option("--workspace", default=8.0, show_default=True, type=Finite(0.1),
               help="TensorRT builder workspace limit, GiB.")
 @_pickle_opt
 @_profile_opts
@@ -259,7 +282,7 @@ def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, ne
 @click.option("--ids", default=None,
               help="Token ids instead of --prompt, e.g. '2,3,image,7' ('image' = the N image tokens).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many tokens.")
-@click.option("--threads", default=None, type=click.IntRange(1), help="Runtime threads (default: all cores).")
+@click.option("--threads", default=None, type=click.IntRange(1, MAX_THREADS), help="Runtime threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
 def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> None:
     """Answer PROMPT about IMAGE with ENGINE (greedy, until EOS or --max-new-tokens)."""
@@ -297,13 +320,13 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
 @click.option("--calibration", required=True,
               help="vqa-synth:val (labelled: accuracy) or a folder of images + prompts.jsonl (fidelity).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="schedule.json to write.")
-@click.option("--count", default=280, show_default=True, type=click.IntRange(1), help="Calibration prompts.")
-@click.option("--tolerance", default=0.01, show_default=True, type=click.FloatRange(0),
+@click.option("--count", default=280, show_default=True, type=click.IntRange(1, MAX_PROMPTS), help="Calibration prompts.")
+@click.option("--tolerance", default=0.01, show_default=True, type=Finite(0),
               help="gsearch: allowed drop of the metric (accuracy/agreement: fraction; kl: nats).")
-@click.option("--budget", default=None, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--budget", default=None, type=Finite(0, 1, min_open=True),
               help="psigmoid: mean keep fraction over the LLM layers (layer 0 keeps all).")
-@click.option("--trials", default=40, show_default=True, type=click.IntRange(1), help="psigmoid: trials.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--trials", default=40, show_default=True, type=click.IntRange(1, MAX_RUNS), help="psigmoid: trials.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--storage", default=None,
               help="psigmoid: optuna storage URL (default sqlite next to --out; a postgresql:// or mysql:// URL lets "
                    "several machines run trials of one study).")
@@ -337,7 +360,7 @@ def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget
 @click.option("--benchmark", default="vqa-synth", show_default=True,
               help="Labelled benchmark, optionally with a split: vqa-synth or vqa-synth:val.")
 @click.option("--split", default=None, help="Benchmark split (train, val, test); default test.")
-@click.option("--count", default=700, show_default=True, type=click.IntRange(1), help="Prompts to evaluate.")
+@click.option("--count", default=700, show_default=True, type=click.IntRange(1, MAX_PROMPTS), help="Prompts to evaluate.")
 @click.option("--fidelity", is_flag=True,
               help="Report top-1 agreement and mean KL of the next-token distribution against --baseline "
                    "(no labels needed; with --calibration, on any model).")
@@ -377,8 +400,8 @@ def _sweep(model, spec, count, methods, out_dir, reps, warmup, threads, as_json)
     from .evaluation import benchmark_items
     from .models.loading import load_model
 
-    chosen = tuple(m.strip() for m in methods.split(",")) if methods else sweep.DEFAULT_METHODS
-    unknown = [m for m in chosen if m not in METHODS or m == "none"]
+    chosen = tuple(m.strip() for m in methods.split(",")) if methods is not None else sweep.DEFAULT_METHODS
+    unknown = [m or "''" for m in chosen if m not in METHODS or m == "none"]
     if unknown:
         raise VtrError(f"--methods: unknown {', '.join(unknown)}; see `vtrcompile methods`")
     items = benchmark_items(spec, count)
@@ -391,7 +414,7 @@ def _sweep(model, spec, count, methods, out_dir, reps, warmup, threads, as_json)
 @main.command("sweep")
 @_model_arg
 @click.option("--benchmark", default="vqa-synth:test", show_default=True, help="Labelled benchmark and split.")
-@click.option("--count", default=700, show_default=True, type=click.IntRange(1), help="Prompts to evaluate.")
+@click.option("--count", default=700, show_default=True, type=click.IntRange(1, MAX_PROMPTS), help="Prompts to evaluate.")
 @click.option("--methods", default=None, help="Comma-separated methods (default: all).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build/sweep"), show_default=True)
 @_profile_opts

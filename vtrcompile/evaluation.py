@@ -199,7 +199,7 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
              threads: int | None = None) -> dict[str, Any]:
     """The `eval` job: accuracy per question kind next to the baseline engine, fidelity (top-1, KL) and the
     prefill speedup, for each engine."""
-    from .engine.runners import open_engine
+    from .engine.runners import open_prefill
     from .profile import compare
 
     if (with_fidelity or speed) and baseline is None:
@@ -212,8 +212,8 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
         from .engine.generate import load_engine
 
         gen = {str(p): load_engine(p, threads) for p in [*engines, *([baseline] if baseline else [])]}
-    base = open_engine(baseline, threads) if baseline is not None else None
-    runners = [open_engine(e, threads) for e in engines]
+    base = open_prefill(baseline, threads) if baseline is not None else None
+    runners = [open_prefill(e, threads) for e in engines]
 
     def scored(path, runner):
         return gen[str(path)] if max_new_tokens > 1 else runner

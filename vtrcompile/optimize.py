@@ -165,8 +165,8 @@ def backend_for(out: Path, backend: str | None) -> str:
     for name, exts in BACKENDS.items():
         if ext in exts:
             return name
-    raise VtrError(f"{out}: unknown output type '{ext}'; use .onnx (ONNX Runtime), .plan/.engine (TensorRT) "
-                   "or .pt2 (AOTInductor), or pass --backend")
+    raise VtrError(f"{out}: unknown output type '{ext}'; use .onnx (ONNX Runtime), .xml (OpenVINO), .plan/.engine "
+                   "(TensorRT) or .pt2 (AOTInductor), or pass --backend")
 
 
 def check_target(t: Target) -> None:
@@ -185,6 +185,10 @@ def check_target(t: Target) -> None:
     elif t.device != "cpu":
         raise VtrError(f"--device {t.device}: the {t.backend} backend here runs on the CPU; use .pt2 or .plan "
                        "for a GPU engine")
+    if t.backend == "openvino":
+        from .lower.openvino import check_precision
+
+        check_precision(t.dtype)
 
 
 def cast_model(source: ModelSource, dtype: str) -> None:
@@ -201,6 +205,10 @@ def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[s
     """One program (prefill or decode) -> the target backend's engine file(s), written atomically."""
     if t.backend == "onnxruntime":
         return export_onnx(program, out, meta)
+    if t.backend == "openvino":
+        from .lower.openvino import export_openvino
+
+        return export_openvino(program, out, meta)
     if t.backend == "tensorrt":
         from .lower.tensorrt import export_plan
 

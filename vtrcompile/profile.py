@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.runners import open_engine
+from .engine.protocol import check_prompt_range
+from .engine.runners import open_prefill
 from .errors import VtrError
 from .lower.onnxruntime import reduction_share
 from .models.llava import random_prompt
@@ -78,6 +79,11 @@ def environment(threads: int, engine=None) -> dict:
         import onnxruntime
 
         env.update(onnxruntime=onnxruntime.__version__, backend="onnxruntime-cpu")
+    elif backend == "openvino":
+        import openvino
+
+        env.update(openvino=openvino.__version__, backend="openvino-cpu",
+                   precision=str(engine.compiled.get_property("INFERENCE_PRECISION_HINT")))
     elif backend == "tensorrt":
         env.update(backend="tensorrt", tensorrt=engine.sidecar["versions"]["tensorrt"],
                    gpu=torch.cuda.get_device_name(), timer="cuda events (GPU compute time)")
@@ -162,12 +168,17 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     """Both engines, same backend, same inputs: latency, ratio, tokens, FLOPs, selector cost; with
     new_tokens > 0 also generation (TTFT = the prefill above, decode step, end to end, KV-cache bytes)."""
     threads = threads or os.cpu_count() or 1
-    red, base = open_engine(engine, threads), open_engine(baseline, threads)
+    red, base = open_prefill(engine, threads), open_prefill(baseline, threads)
     if red.backend != base.backend:
         raise VtrError(f"{engine} is a {red.backend} engine and {baseline} a {base.backend} one; compare engines "
                        "built for the same backend")
     if red.metadata["model_id"] != base.metadata["model_id"]:
         log.warning("engines come from different models: %s vs %s", red.metadata["model"], base.metadata["model"])
+    for meta, path in ((red.metadata, engine), (base.metadata, baseline)):
+        try:
+            check_prompt_range(meta, prefix + meta["n_image"] + suffix, new_tokens)
+        except VtrError as e:
+            raise VtrError(f"{path}: --prefix {prefix} / --suffix {suffix}: {e}") from None
     ids, pixels = profile_prompt(red.metadata, prefix, suffix)
     s = ids.shape[1]
     log.info("profiling %s vs %s on a %d-token prompt (%d warm-up, %d reps)", engine, baseline, s, warmup, reps)
@@ -202,9 +213,6 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
             out["generation"] = {"skipped": "an engine has no decode engine (built from an exported program or "
                                             "for TensorRT)"}
         else:
-            from .engine.protocol import check_prompt_range
-
-            check_prompt_range(red.metadata, s, new_tokens)
             out["generation"] = generation_profile(engine, baseline, ids, pixels, new_tokens, warmup, reps, threads,
                                                    kv_budget_gb)
     out["selector"] = None if share is None else {

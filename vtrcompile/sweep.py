@@ -44,6 +44,7 @@ def run(source, items, out_dir: Path, methods: tuple[str, ...] = DEFAULT_METHODS
         warmup: int = 2, threads: int | None = None, max_prompt: int = 1024) -> dict[str, Any]:
     """Build each engine with `optimize`, evaluate it on `items`, profile it against the same baseline."""
     from .evaluation import accuracy
+    from .lower.atomic import check_writable
     from .lower.onnxruntime import OrtEngine
     from .optimize import optimize
     from .profile import compare
@@ -51,6 +52,12 @@ def run(source, items, out_dir: Path, methods: tuple[str, ...] = DEFAULT_METHODS
     out_dir = Path(out_dir)
     eng_dir = out_dir / "engines"
     base_path = eng_dir / "baseline.onnx"
+    check_writable(out_dir / "sweep.json")
+    check_writable(base_path)
+    if source.hf_model is not None:  # refuse a model that cannot answer the benchmark before building anything
+        from .models.llava import prompt_facts
+
+        items.check_engine(prompt_facts(source.hf_model.config), source.label)
     base = optimize(source, "none", {}, base_path, max_prompt)
     meta = base.metadata
     items.check_engine(meta, str(base_path))

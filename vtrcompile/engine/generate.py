@@ -50,8 +50,18 @@ def decode_feeds(out: dict[str, Any], token: np.ndarray, n_layers: int) -> dict[
             **{p: out[q] for p, q in zip(past_names(n_layers), present_names(n_layers), strict=True)}}
 
 
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+def _numpy(name: str, x: Any) -> np.ndarray:
+    """An input as a numeric numpy array (torch tensors, arrays, nested lists), or a one-line error."""
+    if hasattr(x, "detach"):  # a torch tensor (bfloat16 has no numpy dtype: widened)
+        x = x.detach().cpu()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+    try:
+        a = np.asarray(x)
+    except ValueError as e:
+        raise VtrError(f"{name}: not an array ({e})") from None
+    if a.dtype.kind not in "biuf":
+        raise VtrError(f"{name}: numbers expected, got {type(x).__name__} of {a.dtype}")
+    return a
 
 
 class Engine:
@@ -95,7 +105,7 @@ class Engine:
         return self._decode
 
     def _inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        feeds = {k: _numpy(v) for k, v in inputs.items()}
+        feeds = {k: _numpy(k, v) for k, v in inputs.items()}
         mask = feeds.pop("attention_mask", None)
         if mask is not None and not np.all(mask == 1):
             raise VtrError("attention_mask has zeros: the engines take unpadded prompts (batch "
@@ -105,6 +115,8 @@ class Engine:
             raise VtrError("input_ids is required")
         if ids.ndim == 1:
             ids = ids[None]
+        if ids.ndim != 2 or ids.dtype.kind == "f":
+            raise VtrError(f"input_ids: integer token ids [batch, length] expected, got {ids.dtype} {list(ids.shape)}")
         feeds["input_ids"] = ids.astype(np.int64)
         check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
         return feeds

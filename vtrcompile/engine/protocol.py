@@ -54,6 +54,22 @@ def feed_arrays(io: dict[str, Any], feeds: dict[str, Any], passed: set[str] = fr
         if hasattr(a, "detach"):  # a torch tensor
             a = a.detach().cpu().numpy()
         dt = NUMPY_DTYPES.get(spec["dtype"])
-        a = np.asarray(a)
+        try:
+            a = np.asarray(a)
+        except ValueError as e:  # ragged nested lists
+            raise VtrError(f"{name}: not an array ({e})") from None
+        if a.dtype.kind not in "biuf":
+            raise VtrError(f"{name}: {spec['dtype']} numbers expected, got an array of {a.dtype}")
+        if dt is not None and np.issubdtype(dt, np.integer) and a.dtype.kind == "f":
+            raise VtrError(f"{name}: integer token ids expected, got {a.dtype}")
+        check_shape(name, a.shape, spec["shape"])
         out[name] = np.ascontiguousarray(a if dt is None or a.dtype == dt else a.astype(dt))
     return out
+
+
+def check_shape(name: str, shape: tuple[int, ...], declared: list[int | str]) -> None:
+    """Rank and every static dim as the engine's io declares (dynamic dims are strings there)."""
+    if len(shape) != len(declared) or any(isinstance(d, int) and d != s for s, d in zip(shape, declared,
+                                                                                         strict=False)):
+        want = "[" + ", ".join(str(d) for d in declared) + "]"
+        raise VtrError(f"{name}: shape {list(shape)}; this engine takes {want}")

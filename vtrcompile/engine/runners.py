@@ -9,7 +9,7 @@ from ..errors import VtrError
 from .metadata import check_metadata
 
 # Output extension -> backend; the first extension is the one vtrcompile writes.
-BACKENDS = {"onnxruntime": (".onnx",), "tensorrt": (".plan", ".engine"), "aoti": (".pt2",)}
+BACKENDS = {"onnxruntime": (".onnx",), "openvino": (".xml",), "tensorrt": (".plan", ".engine"), "aoti": (".pt2",)}
 
 
 def backend_of(path: str | Path) -> str:
@@ -17,7 +17,16 @@ def backend_of(path: str | Path) -> str:
     for name, exts in BACKENDS.items():
         if ext in exts:
             return name
-    raise VtrError(f"{path}: unknown engine type '{ext}'; expected .onnx, .plan/.engine or .pt2")
+    raise VtrError(f"{path}: unknown engine type '{ext}'; expected .onnx, .xml, .plan/.engine or .pt2")
+
+
+def open_prefill(path: str | Path, threads: int | None = None):
+    """open_engine for commands that run prompts (profile, eval): a decode engine is refused in one line."""
+    eng = open_engine(path, threads)
+    if eng.metadata.get("role") != "prefill":
+        raise VtrError(f"{path} is a decode engine; give the prefill engine that pairs with it (the file "
+                       "`vtrcompile optimize --out` wrote)")
+    return eng
 
 
 def open_engine(path: str | Path, threads: int | None = None):
@@ -27,6 +36,10 @@ def open_engine(path: str | Path, threads: int | None = None):
         from ..lower.onnxruntime import OrtEngine
 
         eng: Any = OrtEngine(path, threads)
+    elif backend == "openvino":
+        from ..lower.openvino import OvEngine
+
+        eng = OvEngine(path, threads)
     elif backend == "tensorrt":
         from ..lower.tensorrt_runner import TrtEngine
 
@@ -49,6 +62,10 @@ def read_engine_metadata(path: str | Path) -> dict[str, Any] | None:
             from ..lower.onnxruntime import engine_metadata
 
             return engine_metadata(p)
+        if backend == "openvino":
+            from ..lower.openvino import read_ir
+
+            return read_ir(p)[1]
         if backend == "tensorrt":
             from ..lower.tensorrt import read_sidecar
 

@@ -12,22 +12,32 @@ from ..errors import VtrError
 
 
 def check_writable(out: Path) -> None:
+    """Refuse, before any work, an output path the OS will not let us write, naming it and the reason."""
+    try:
+        _check_writable(out)
+    except OSError as e:  # name too long, symlink loop, a file system that refuses: the OS's own reason
+        raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__}; choose another --out") from None
+    except ValueError as e:  # an embedded NUL byte
+        raise VtrError(f"cannot write {out!r}: {e}; choose another --out") from None
+
+
+def _check_writable(out: Path) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise VtrError(f"cannot write {out}: {parent} is not a directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise VtrError(f"cannot create output directory {parent}: {e.strerror}") from None
+        raise VtrError(f"cannot write {out}: cannot create its directory {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
         raise VtrError(f"cannot write {out}: directory {parent} is not writable; choose another --out")
     if out.is_dir():
         raise VtrError(f"cannot write {out}: it is a directory; give a file name such as {out}/engine.onnx")
-    try:  # the OS may refuse even where permissions look fine (/proc, a read-only mount): ask it now
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=parent))
-    except OSError as e:
-        raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__} in {parent}; choose another "
-                       "--out") from None
+    # the OS may refuse even where permissions look fine (/proc, a read-only mount, a name too long): ask it now
+    os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.probe.", dir=parent))
+    probe = parent / f".{out.name}.vtr-probe"
+    probe.touch()
+    probe.unlink()
 
 
 def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
@@ -35,7 +45,7 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
     (the main file and sidecars such as `<name>.data`) into place. Returns the final paths."""
     check_writable(out)
     try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", dir=out.parent))
     except OSError as e:
         raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__} in {out.parent}; choose another "
                        "--out") from None

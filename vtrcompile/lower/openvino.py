@@ -1,0 +1,139 @@
+"""Rewritten program -> OpenVINO IR (.xml + .bin) with OpenVINO's own converter, and the CPU runner.
+
+The program goes through the same ONNX export as the ONNX Runtime backend (I/O named from the metadata),
+then `openvino.convert_model` reads that file and `openvino.save_model` writes the IR without compressing
+weights (the engine's dtype is the graph's). The engine metadata is stored in the IR's runtime info under
+`vtrcompile`, as a JSON string. The runner compiles for CPU with an explicit thread count and an explicit
+inference precision: the graph's own (f32 for a float32 engine, bf16 for a bfloat16 one), so OpenVINO
+never lowers a float32 engine's precision behind the user's back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine.protocol import check_prompt, feed_arrays
+from ..errors import VtrError
+from .atomic import write_atomically
+from .onnx import METADATA_KEY, export_onnx
+
+log = logging.getLogger(__name__)
+
+# engine dtype -> (OpenVINO inference precision, the CPU capability it needs)
+PRECISIONS = {"float32": ("f32", "FP32"), "bfloat16": ("bf16", "BF16"), "float16": ("f16", "FP16")}
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError:
+        raise VtrError("the OpenVINO backend (.xml) needs OpenVINO: pip install 'vtrcompile[openvino]'; or "
+                       "write .onnx (ONNX Runtime)") from None
+    return openvino
+
+
+def check_precision(dtype: str) -> None:
+    """Refuse, before any work, a precision this CPU cannot run natively."""
+    ov = _ov()
+    hint, needs = PRECISIONS[dtype]
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if needs not in caps:
+        raise VtrError(f"--dtype {dtype}: this CPU has no native {needs} support for OpenVINO (it offers "
+                       f"{', '.join(caps)}); use --dtype float32")
+
+
+def export_openvino(program: Any, out: Path, metadata: dict[str, Any]) -> list[Path]:
+    """ONNX export to a scratch folder, OpenVINO conversion, IR written atomically (.xml and .bin)."""
+    ov = _ov()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".vtr-onnx.", dir=out.parent if out.parent.is_dir() else None) as d:
+        onnx_path = Path(d) / (out.stem + ".onnx")
+        export_onnx(program, onnx_path, metadata)
+        model = ov.convert_model(str(onnx_path))
+    model.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
+
+    def save(tmp: Path) -> None:
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+
+    files = write_atomically(out, save)
+    log.debug("wrote %s in %.1fs", out, time.perf_counter() - t0)
+    return files
+
+
+def read_ir(path: Path):
+    """The IR's model and its vtrcompile metadata; a missing or short .bin, or a damaged .xml, in one line."""
+    ov = _ov()
+    if not path.is_file():
+        raise VtrError(f"engine not found: {path}")
+    if not path.with_suffix(".bin").is_file():
+        raise VtrError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing; copy the engine "
+                       "together with its .bin file, or rebuild it")
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise VtrError(f"{path}: not a readable OpenVINO IR ({reason}); rebuild it with `vtrcompile optimize`"
+                       ) from None
+    try:
+        meta = json.loads(str(model.get_rt_info([METADATA_KEY]).astype(str)))
+    except Exception:
+        raise VtrError(f"{path}: no vtrcompile metadata; build engines with `vtrcompile optimize`") from None
+    return model, meta
+
+
+class OvEngine:
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        ov = _ov()
+        self.path = Path(path)
+        model, self.metadata = read_ir(self.path)
+        hint = PRECISIONS.get(self.metadata.get("dtype", "float32"), ("f32", "FP32"))[0]
+        self.threads = threads or os.cpu_count() or 1
+        config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": hint,
+                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        try:
+            self.compiled = ov.Core().compile_model(model, "CPU", config)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise VtrError(f"{self.path}: OpenVINO cannot compile this engine ({reason}); rebuild it with "
+                           "`vtrcompile optimize`") from None
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self._feeds: dict[str, np.ndarray] | None = None
+
+    def bind(self, feeds: dict[str, Any]) -> None:
+        self._feeds = feed_arrays(self.metadata["io"], feeds)
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Named inputs -> every output by name (numpy; copies, so they outlive the next run)."""
+        self.bind(feeds)
+        res = self.request.infer(self._feeds)
+        return {name: np.array(res[out]) for name, out in zip(self.output_names, self.compiled.outputs, strict=True)}
+
+    def time_ms(self) -> float:
+        t0 = time.perf_counter()
+        self.request.infer(self._feeds)
+        return (time.perf_counter() - t0) * 1e3
+
+    def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
+        if check:
+            check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
+        return self.run({"input_ids": input_ids, "pixel_values": pixel_values})["logits"]
+
+    def execution_precisions(self) -> dict[str, str]:
+        """Layer name -> the precision OpenVINO runs it in (from the compiled model's runtime graph)."""
+        out = {}
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if "runtimePrecision" in info:
+                out[op.get_friendly_name()] = str(info["runtimePrecision"].astype(str))
+        return out
