@@ -3,7 +3,8 @@
     python benchmarks/backends.py --model models/vqa-synth-llava --device cpu
     python benchmarks/backends.py --model llava15-geometry --device cuda --dtype float16   # on a GPU machine
 
-ONNX Runtime (CPU) and AOTInductor (.pt2, CPU or CUDA); TensorRT (.plan) where TensorRT and a GPU exist.
+ONNX Runtime (CPU), OpenVINO (.xml, CPU) and AOTInductor (.pt2, CPU or CUDA); TensorRT (.plan) where
+TensorRT and a GPU exist.
 Writes benchmarks/results/backends-<model>-<device>.json and prints a markdown table.
 """
 
@@ -20,7 +21,7 @@ from vtrcompile.models.loading import load_model
 from vtrcompile.optimize import Target, optimize
 from vtrcompile.profile import compare
 
-CONFIGS = [("fastv", {"keep": 64}), ("gprune", {"keep": 64}), ("pyramiddrop", {})]
+CONFIGS = [("fastv", {"keep": 64}), ("gprune", {"keep": 64}), ("pyramiddrop", {}), ("prumerge", {})]
 
 
 def main() -> None:
@@ -31,10 +32,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--build-dir", default="build/backends")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--backends", default=None, help="comma-separated subset, e.g. onnxruntime,openvino")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     d = Path(args.build_dir)
-    backends = [("aoti", ".pt2")] + ([("onnxruntime", ".onnx")] if args.device == "cpu" else [("tensorrt", ".plan")])
+    ap_backends = args.backends.split(",") if args.backends else None
+    backends = [("aoti", ".pt2")] + ([("onnxruntime", ".onnx"), ("openvino", ".xml")] if args.device == "cpu"
+                                     else [("tensorrt", ".plan")])
+    backends = [b for b in backends if ap_backends is None or b[0] in ap_backends]
     rows = []
     for backend, ext in backends:
         t = Target(backend=backend, device=args.device, dtype=args.dtype, max_prompt=1024)

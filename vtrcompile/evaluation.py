@@ -50,8 +50,13 @@ class VqaSynthItems(Sequence):
             return [self[j] for j in range(*i.indices(self.count))]
         if not 0 <= i < self.count:
             raise IndexError(i)
+        from .models.llava import layout_prompt
+
         s = self.vs.sample(self.split, self.start + i)
-        ids = np.array([[self.index[w] for w in s.prompt]], dtype=np.int64)
+        words, img = list(s.prompt), self.vs.IMAGE_TOKEN
+        at, n = words.index(img), words.count(img)
+        ids = layout_prompt([self.index[w] for w in words[:at]], [self.index[w] for w in words[at + n:]], n,
+                            self.index[img])
         px = self.vs.pixel_values(self.vs.render(s.scene)[None])
         return Item(ids, px, self.index[s.answer], s.kind)
 

@@ -246,6 +246,7 @@ def build_corpus(root: Path, prefill: Path | None = None) -> Corpus:
     from vtrcompile.capture import capture
     from vtrcompile.datasets import vqa_synth as vs
     from vtrcompile.engine.runners import read_engine_metadata
+    from vtrcompile.errors import VtrError
     from vtrcompile.lower import onnx as onnx_lower
     from vtrcompile.models.loading import load_model
     from vtrcompile.models.presets import build_preset
@@ -289,6 +290,14 @@ def build_corpus(root: Path, prefill: Path | None = None) -> Corpus:
         onnx_lower.export_onnx(b.program, engines / "external.onnx", engine_metadata(b, tiny))
     finally:
         onnx_lower.EXTERNAL_DATA_BYTES = old
+
+    try:  # the same engines as OpenVINO IR (when OpenVINO is installed)
+        from vtrcompile.lower.openvino import ir_from_onnx
+
+        for f in (engines / "prefill.onnx", engines / meta["decode"]["file"]):
+            ir_from_onnx(f, f.with_suffix(".xml"), read_engine_metadata(f))
+    except VtrError:
+        pass
 
     image = root / "image.png"
     Image.fromarray(vs.render(vs.sample("val", 0).scene)).save(image)
@@ -405,6 +414,33 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
         p.rename(q)
         res.append(Case("profile", f".pt2 engine {how}", ["profile", str(q), "--baseline", str(c.prefill), *prof],
                         names=(q.name,), watch=w))
+    xml = c.engines / "prefill.xml"
+    if xml.is_file():  # OpenVINO IR: damaged .xml, damaged or missing .bin
+        for part in (".xml", ".bin"):
+            for how, p in damaged_copies(xml.with_suffix(part), damaged, rng, per_kind):
+                for f in c.engines.glob("*"):
+                    if f.suffix in (".xml", ".bin") and f.name != p.name:
+                        shutil.copy(f, p.parent / f.name)
+                res.append(Case("profile", f"OpenVINO {part} {how}",
+                                ["profile", str(p.parent / "prefill.xml"), "--baseline", str(xml), *prof],
+                                names=("prefill.xml",), watch=w))
+        d = damaged / "ir-no-bin"
+        d.mkdir()
+        shutil.copy(xml, d / xml.name)
+        res.append(Case("profile", "OpenVINO .bin missing", ["profile", str(d / xml.name), "--baseline", str(xml),
+                                                             *prof], names=("prefill.xml",), watch=w))
+    # TensorRT: a .plan with its sidecar (this machine has no TensorRT: the sidecar is still read first)
+    plan_dir = damaged / "plan"
+    plan_dir.mkdir()
+    (plan_dir / "e.plan").write_bytes(bytes(rng.integers(0, 256, 256, dtype=np.uint8)))
+    write_json(plan_dir / "e.plan.json", {"vtrcompile_metadata": _meta(c.prefill), "versions": {}})
+    for how, p in damaged_copies(plan_dir / "e.plan.json", damaged, rng, per_kind):
+        shutil.copy(plan_dir / "e.plan", p.parent / "e.plan")
+        res.append(Case("profile", f"TensorRT sidecar {how}", ["profile", str(p.parent / "e.plan"), "--baseline",
+                                                               str(p.parent / "e.plan"), *prof],
+                        names=("e.plan",), watch=w))
+        res.append(Case("inspect", f"TensorRT engine (sidecar {how}) as a model", ["inspect", str(p.parent / "e.plan")],
+                        names=("e.plan",), watch=w))
     res += _options_cases("profile", ["profile", str(c.prefill), "--baseline", str(c.prefill)],
                           ["--reps", "--warmup", "--prefix", "--suffix", "--threads", "--new-tokens"], rng, per_kind, w)
 
@@ -512,6 +548,12 @@ def _retarget_tokenizer(engine: Path, folder: str) -> None:
             meta["processor"]["tokenizer"] = folder
             p.value = json.dumps(meta, sort_keys=True)
     onnx.save(m, str(engine))
+
+
+def _meta(engine: Path) -> dict:
+    from vtrcompile.engine.runners import read_engine_metadata
+
+    return read_engine_metadata(engine)
 
 
 def _inputs(c: Corpus) -> dict[str, np.ndarray]:

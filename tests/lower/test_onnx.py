@@ -52,7 +52,8 @@ def test_engine_io_matches_the_contract(engines):
     assert meta["format"] == 2 and meta["role"] == "prefill" and meta["decode"]["model_id"] == meta["model_id"]
 
 
-@pytest.mark.parametrize("name,ref", [
+# tiny engine -> the eager reference it must equal (every method, two budgets each)
+REFERENCES = [
     ("fastv-k2-18", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
     ("fastv-k1-5", lambda m, i, p: fastv_reference(m, i, p, 1, 5)),
     ("gprune-9", lambda m, i, p: gprune_reference(m, i, p, 9)),
@@ -69,7 +70,10 @@ def test_engine_io_matches_the_contract(engines):
     ("prumerge-20", lambda m, i, p: prumerge_reference(m, i, p, 20)),
     ("prumerge-plus-0.25", lambda m, i, p: prumerge_plus_reference(m, i, p, 0.25)),
     ("visionzip-20-6", lambda m, i, p: visionzip_reference(m, i, p, 20, 6)),
-])
+]
+
+
+@pytest.mark.parametrize("name,ref", REFERENCES)
 def test_onnxruntime_equals_eager_reference(tiny, engines, name, ref):
     """Every method, two budgets each, several prompt lengths through one engine."""
     m = tiny.hf_model

@@ -27,6 +27,12 @@ from .onnx import METADATA_KEY, export_onnx
 
 log = logging.getLogger(__name__)
 
+
+def _reason(e: Exception) -> str:
+    """OpenVINO's message without its source-location lines: the last line that says something."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("Exception from", "Check "))]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
 # engine dtype -> (OpenVINO inference precision, the CPU capability it needs)
 PRECISIONS = {"float32": ("f32", "FP32"), "bfloat16": ("bf16", "BF16"), "float16": ("f16", "FP16")}
 
@@ -40,25 +46,36 @@ def _ov():
     return openvino
 
 
-def check_precision(dtype: str) -> None:
-    """Refuse, before any work, a precision this CPU cannot run natively."""
-    ov = _ov()
+def check_precision(dtype: str, caps: list[str] | None = None) -> None:
+    """Refuse, before any work, a precision this CPU cannot run natively (`caps`: OpenVINO's CPU
+    OPTIMIZATION_CAPABILITIES, read from this machine when not given)."""
     hint, needs = PRECISIONS[dtype]
-    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if caps is None:
+        caps = list(_ov().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     if needs not in caps:
         raise VtrError(f"--dtype {dtype}: this CPU has no native {needs} support for OpenVINO (it offers "
                        f"{', '.join(caps)}); use --dtype float32")
 
 
 def export_openvino(program: Any, out: Path, metadata: dict[str, Any]) -> list[Path]:
-    """ONNX export to a scratch folder, OpenVINO conversion, IR written atomically (.xml and .bin)."""
-    ov = _ov()
-    t0 = time.perf_counter()
+    """ONNX export to a scratch folder, then OpenVINO's conversion of that file (`ir_from_onnx`)."""
+    _ov()
     with tempfile.TemporaryDirectory(prefix=".vtr-onnx.", dir=out.parent if out.parent.is_dir() else None) as d:
         onnx_path = Path(d) / (out.stem + ".onnx")
         export_onnx(program, onnx_path, metadata)
-        model = ov.convert_model(str(onnx_path))
-    model.set_rt_info(json.dumps(metadata, sort_keys=True), [METADATA_KEY])
+        return ir_from_onnx(onnx_path, out, metadata)
+
+
+def ir_from_onnx(onnx_path: Path, out: Path, metadata: dict[str, Any]) -> list[Path]:
+    """An ONNX engine -> OpenVINO IR (.xml + .bin, written atomically) carrying `metadata` (backend set to
+    openvino) in its runtime info."""
+    ov = _ov()
+    t0 = time.perf_counter()
+    model = ov.convert_model(str(onnx_path))
+    meta = {**metadata, "backend": "openvino"}
+    if meta.get("decode"):  # the paired decode engine is an IR too
+        meta["decode"] = {**meta["decode"], "file": str(Path(meta["decode"]["file"]).with_suffix(".xml"))}
+    model.set_rt_info(json.dumps(meta, sort_keys=True), [METADATA_KEY])
 
     def save(tmp: Path) -> None:
         ov.save_model(model, str(tmp), compress_to_fp16=False)
@@ -70,17 +87,19 @@ def export_openvino(program: Any, out: Path, metadata: dict[str, Any]) -> list[P
 
 def read_ir(path: Path):
     """The IR's model and its vtrcompile metadata; a missing or short .bin, or a damaged .xml, in one line."""
-    ov = _ov()
+    _ov()
     if not path.is_file():
         raise VtrError(f"engine not found: {path}")
     if not path.with_suffix(".bin").is_file():
         raise VtrError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing; copy the engine "
                        "together with its .bin file, or rebuild it")
-    try:
-        model = ov.Core().read_model(str(path))
+    try:  # the IR frontend alone: Core.read_model would also try other frameworks' parsers on a damaged file
+        from openvino.frontend import FrontEndManager
+
+        fe = FrontEndManager().load_by_framework("ir")
+        model = fe.convert(fe.load(str(path)))
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise VtrError(f"{path}: not a readable OpenVINO IR ({reason}); rebuild it with `vtrcompile optimize`"
+        raise VtrError(f"{path}: not a readable OpenVINO IR ({_reason(e)}); rebuild it with `vtrcompile optimize`"
                        ) from None
     try:
         meta = json.loads(str(model.get_rt_info([METADATA_KEY]).astype(str)))
@@ -103,8 +122,7 @@ class OvEngine:
         try:
             self.compiled = ov.Core().compile_model(model, "CPU", config)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise VtrError(f"{self.path}: OpenVINO cannot compile this engine ({reason}); rebuild it with "
+            raise VtrError(f"{self.path}: OpenVINO cannot compile this engine ({_reason(e)}); rebuild it with "
                            "`vtrcompile optimize`") from None
         self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]

@@ -166,7 +166,15 @@ def read_sidecar(plan: Path) -> dict[str, Any]:
     p = sidecar_path(plan)
     if not p.is_file():
         raise VtrError(f"{plan}: no sidecar {p.name} next to it; build engines with `vtrcompile optimize`")
-    return json.loads(p.read_text())
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VtrError(f"{p}: the engine's sidecar is not JSON ({getattr(e, 'msg', type(e).__name__)}); rebuild "
+                       "the engine with `vtrcompile optimize`") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("vtrcompile_metadata"), dict):
+        raise VtrError(f"{p}: the engine's sidecar has no vtrcompile metadata; rebuild the engine with "
+                       "`vtrcompile optimize`")
+    return rec
 
 
 def build_plan(onnx_path: Path, shapes: ProfileShapes, workspace_bytes: int) -> bytes:
