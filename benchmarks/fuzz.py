@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fuzz.harness import build_corpus, cases, run_case  # noqa: E402
+from tests.fuzz.harness import aoti_cases, build_corpus, cases, run_case  # noqa: E402
 
 
 def main() -> None:
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--timeout", type=int, default=300, help="seconds before a case counts as a hang")
     ap.add_argument("--out", default="benchmarks/results/fuzz.json")
+    ap.add_argument("--aoti", type=int, default=8, help="damaged copies of a real AOTInductor package (0: none)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -38,8 +39,20 @@ def main() -> None:
                                                         "max_s": 0.0})
     with tempfile.TemporaryDirectory() as tmp:
         corpus = build_corpus(Path(tmp) / "corpus")
+        extra = []
+        if args.aoti:  # one real package of the tiny preset, then damaged copies of it
+            from vtrcompile.build import build
+            from vtrcompile.models.loading import load_model
+            from vtrcompile.optimize import Target, write_engine
+
+            tiny = load_model("tiny")
+            pkg = write_engine(build(tiny, "none", {}), tiny, Path(tmp) / "aoti" / "e.pt2", Target(backend="aoti"),
+                               decode=False).files[-1]
+            extra = aoti_cases(pkg, pkg, Path(tmp), np.random.default_rng(args.seeds[0]), args.aoti)
         for seed in args.seeds:
-            for case in cases(corpus, np.random.default_rng(seed), args.per_kind, Path(tmp) / f"work-{seed}"):
+            work = Path(tmp) / f"work-{seed}"
+            for case in [*cases(corpus, np.random.default_rng(seed), args.per_kind, work),
+                         *(extra if seed == args.seeds[0] else [])]:
                 o = run_case(case, args.timeout)
                 row = per_command[o.command]
                 row["cases"] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -58,34 +59,53 @@ def check_against_reference(engine, reference, source: ModelSource) -> None:
             assert max_diff(got, source.module(ids, px)) > 10 * REFERENCE_ATOL
 
 
+# name -> (method, options) of the tiny ONNX engines; the second budgets are only used by tests marked slow
+TINY_ENGINES = {
+    "fastv-k2-18": ("fastv", {"layer": 2, "keep": 18}), "fastv-k1-5": ("fastv", {"layer": 1, "keep": 5}),
+    "gprune-9": ("gprune", {"keep": 9}), "gprune-default": ("gprune", {}), "pyramiddrop": ("pyramiddrop", {}),
+    "vtw": ("vtw", {}), "pumer": ("pumer", {}), "prumerge": ("prumerge", {"keep": 8}),
+    "prumerge-plus": ("prumerge-plus", {}), "visionzip": ("visionzip", {"dominant": 8, "contextual": 4}),
+    "none": ("none", {}),
+    # second budgets
+    "pyramiddrop-0.7": ("pyramiddrop", {"keep_ratio": 0.7}), "vtw-1": ("vtw", {"layer": 1}),
+    "pumer-0.2": ("pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}), "prumerge-20": ("prumerge", {"keep": 20}),
+    "prumerge-plus-0.25": ("prumerge-plus", {"keep_ratio": 0.25}),
+    "visionzip-20-6": ("visionzip", {"dominant": 20, "contextual": 6}),
+}
+SECOND_BUDGETS = {"pyramiddrop-0.7", "vtw-1", "pumer-0.2", "prumerge-20", "prumerge-plus-0.25", "visionzip-20-6"}
+
+
+class _Engines(Mapping):
+    """Engines built on first use (so a run builds only those its selected tests need), into one folder so
+    they share one decode engine."""
+
+    def __init__(self, tiny, tiny_build, folder) -> None:
+        self._tiny, self._build, self._folder, self._done = tiny, tiny_build, folder, {}
+
+    def __getitem__(self, name: str):
+        if name not in self._done:
+            from vtrcompile.optimize import write_engine
+
+            method, opts = TINY_ENGINES[name]
+            self._done[name] = write_engine(self._build(method, **opts), self._tiny, self._folder / f"{name}.onnx")
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(TINY_ENGINES)
+
+    def __len__(self) -> int:
+        return len(TINY_ENGINES)
+
+
 @pytest.fixture(scope="session")
 def tiny_engines(tiny, tiny_build, tmp_path_factory):
-    """ONNX Runtime engines of the tiny preset for every method (two budgets each), written once into one
-    folder, so they share one decode engine."""
-    from vtrcompile.optimize import write_engine
+    """ONNX Runtime engines of the tiny preset for every method (two budgets each), built on first use."""
+    return _Engines(tiny, tiny_build, tmp_path_factory.mktemp("engines"))
 
-    d = tmp_path_factory.mktemp("engines")
-    out = {}
-    for name, method, opts in [("fastv-k2-18", "fastv", {"layer": 2, "keep": 18}),
-                               ("fastv-k1-5", "fastv", {"layer": 1, "keep": 5}),
-                               ("gprune-9", "gprune", {"keep": 9}),
-                               ("gprune-default", "gprune", {}),
-                               ("pyramiddrop", "pyramiddrop", {}),
-                               ("vtw", "vtw", {}),
-                               ("pumer", "pumer", {}),
-                               ("prumerge", "prumerge", {"keep": 8}),
-                               ("prumerge-plus", "prumerge-plus", {}),
-                               ("visionzip", "visionzip", {"dominant": 8, "contextual": 4}),
-                               # second budgets
-                               ("pyramiddrop-0.7", "pyramiddrop", {"keep_ratio": 0.7}),
-                               ("vtw-1", "vtw", {"layer": 1}),
-                               ("pumer-0.2", "pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}),
-                               ("prumerge-20", "prumerge", {"keep": 20}),
-                               ("prumerge-plus-0.25", "prumerge-plus", {"keep_ratio": 0.25}),
-                               ("visionzip-20-6", "visionzip", {"dominant": 20, "contextual": 6}),
-                               ("none", "none", {})]:
-        out[name] = write_engine(tiny_build(method, **opts), tiny, d / f"{name}.onnx")
-    return out
+
+def budget_params(pairs):
+    """pytest params over (engine name, ...) tuples; the second-budget engines marked slow."""
+    return [pytest.param(*p, marks=pytest.mark.slow) if p[0] in SECOND_BUDGETS else p for p in pairs]
 
 
 @pytest.fixture(scope="session")

@@ -193,6 +193,8 @@ def _generation_opts(f):
               help="Device an AOTInductor (.pt2) package is compiled for.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Precision the graph is exported in (TensorRT builds strongly typed: this is its precision).")
+@click.option("--weights", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="OpenVINO (.xml) only: int8 = NNCF weight-only compression of the linear layers.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
 @click.option("--baseline-out", type=click.Path(path_type=Path), default=None,
               help="Where --profile / --triton-repo write the unmodified engine (default: <out>.baseline.<ext>).")
@@ -207,7 +209,7 @@ def _generation_opts(f):
 @_pickle_opt
 @_profile_opts
 @_generation_opts
-def optimize(model, method, calibration, out, backend, device, dtype, do_profile, baseline_out, triton_repo,
+def optimize(model, method, calibration, out, backend, device, dtype, weights, do_profile, baseline_out, triton_repo,
              min_prompt, max_prompt, workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens, kv_budget_gb,
              **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
@@ -219,7 +221,7 @@ def optimize(model, method, calibration, out, backend, device, dtype, do_profile
 
     given = {k: v for k, v in method_options.items() if v is not None}
     check_options(method, given, calibration)  # a bad method or option fails before loading anything
-    target = Target(backend_for(out, backend), device, dtype, min_prompt, max_prompt, workspace)
+    target = Target(backend_for(out, backend), device, dtype, min_prompt, max_prompt, workspace, weights)
     if triton_repo is not None and target.backend != "tensorrt":
         raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
     if min_prompt is not None and min_prompt > max_prompt:

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 MIN_PAST = 2
 
 
-def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu") -> str:
-    return f"decode-{model_id[:12]}-{dtype}{'' if device == 'cpu' else '-' + device}{ext}"
+def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu", weights: str = "none") -> str:
+    return (f"decode-{model_id[:12]}-{dtype}{'' if weights == 'none' else '-' + weights}"
+            f"{'' if device == 'cpu' else '-' + device}{ext}")
 
 
 def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
@@ -74,7 +75,7 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     from .optimize import BACKENDS
 
     ext = BACKENDS[target.backend][0]
-    path = folder / decode_file_name(model_id, target.dtype, ext, target.device)
+    path = folder / decode_file_name(model_id, target.dtype, ext, target.device, target.weights)
     meta = read_engine_metadata(path) if path.is_file() else None
     if meta and meta.get("role") == "decode" and meta.get("model_id") == model_id and \
             meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype:

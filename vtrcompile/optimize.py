@@ -100,7 +100,8 @@ def generation_metadata(source: ModelSource, mid: str, target: Target, n_layers:
     model_dir = Path(source.label) if source.kind == "hf-dir" else None
     processor = {**processor_facts(m, model_dir),
                  "tokenizer": tokenizer_folder_name(mid) if has_tokenizer(model_dir) else None}
-    decode = {"file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device), "model_id": mid}
+    decode = {"file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device, target.weights),
+              "model_id": mid}
     return {"decode": decode, "eos_token_ids": eos_token_ids(m), **cache_geometry(m), "processor": processor}
 
 
@@ -143,6 +144,9 @@ class Optimized:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+WEIGHTS = ("none", "int8")
+
+
 @dataclass(frozen=True)
 class Target:
     """How to lower a build: backend, device, precision, the prompt range an engine must serve."""
@@ -153,6 +157,7 @@ class Target:
     min_prompt: int | None = None
     max_prompt: int = 2048
     workspace_gb: float = 8.0
+    weights: str = "none"  # "int8": NNCF weight-only compression of the linear layers (OpenVINO)
 
 
 def backend_for(out: Path, backend: str | None) -> str:
@@ -185,10 +190,16 @@ def check_target(t: Target) -> None:
     elif t.device != "cpu":
         raise VtrError(f"--device {t.device}: the {t.backend} backend here runs on the CPU; use .pt2 or .plan "
                        "for a GPU engine")
+    if t.weights not in WEIGHTS:
+        raise VtrError(f"--weights {t.weights}: use one of {', '.join(WEIGHTS)}")
+    if t.weights != "none" and t.backend != "openvino":
+        raise VtrError(f"--weights {t.weights} compresses OpenVINO engines: write --out engine.xml")
     if t.backend == "openvino":
-        from .lower.openvino import check_precision
+        from .lower.openvino import check_nncf, check_precision
 
         check_precision(t.dtype)
+        if t.weights != "none":
+            check_nncf()
 
 
 def cast_model(source: ModelSource, dtype: str) -> None:
@@ -208,7 +219,7 @@ def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[s
     if t.backend == "openvino":
         from .lower.openvino import export_openvino
 
-        return export_openvino(program, out, meta)
+        return export_openvino(program, out, meta, t.weights)
     if t.backend == "tensorrt":
         from .lower.tensorrt import export_plan
 

@@ -60,6 +60,7 @@ class Case:
     names: tuple[str, ...] = ()
     watch: tuple[Path, ...] = ()
     may_create: tuple[str, ...] = ()  # file names (glob) a successful run may leave in `watch`
+    isolated: bool = False  # run the CLI in a child process (inputs that load native code may crash it)
 
 
 @dataclass
@@ -109,6 +110,8 @@ def run_case(case: Case, timeout_s: int = 120) -> Outcome:
         with _alarm(timeout_s):
             if case.call is not None:
                 code, output = _call_api(case.call)
+            elif case.isolated:
+                code, output = _child(case.args, timeout_s)
             else:
                 res = CliRunner().invoke(main, case.args)
                 code, output = res.exit_code, res.output
@@ -130,6 +133,30 @@ def run_case(case: Case, timeout_s: int = 120) -> Outcome:
 
 def _root(p: Path, dirs: tuple[Path, ...]) -> Path:
     return next(d for d in dirs if d == p or d in p.parents)
+
+
+def _child(args: list[str], timeout_s: int) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    try:
+        p = subprocess.run([sys.executable, "-c", "from vtrcompile.cli import main; main()", *args],
+                           capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return -1, f"Traceback: no answer within {timeout_s}s"
+    if p.returncode < 0:
+        return p.returncode, f"Traceback: killed by signal {-p.returncode}\n{p.stderr[-300:]}"
+    return p.returncode, p.stdout + p.stderr
+
+
+def aoti_cases(package: Path, baseline: Path, work: Path, rng: np.random.Generator, n: int) -> list[Case]:
+    """Damaged copies of a real AOTInductor package (native code inside: each run in a child process)."""
+    out = []
+    for how, p in damaged_copies(package, work / "damaged-aoti", rng, n):
+        out.append(Case("profile", f"AOTInductor .pt2 engine {how}",
+                        ["profile", str(p), "--baseline", str(baseline), "--reps", "1", "--warmup", "0",
+                         "--new-tokens", "0"], names=(p.name,), watch=(p.parent,), isolated=True))
+    return out
 
 
 def _call_api(call: Callable[[], object]) -> tuple[int, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from tests.conftest import REFERENCE_ATOL, budget_params, max_diff, prompts
 from tests.lower.test_onnx import REFERENCES
 from vtrcompile.engine.runners import read_engine_metadata
 from vtrcompile.errors import VtrError
@@ -17,18 +17,22 @@ ov = pytest.importorskip("openvino")
 
 @pytest.fixture(scope="module")
 def irs(tiny_engines, tmp_path_factory):
-    """Each tiny ONNX engine and the shared decode engine as OpenVINO IR, in one folder."""
+    """name -> the tiny ONNX engine converted to OpenVINO IR (on first use), with the decode engine as IR
+    beside them."""
     from vtrcompile.lower.openvino import ir_from_onnx
 
     d = tmp_path_factory.mktemp("openvino")
-    out = {}
-    for name, opt in tiny_engines.items():
-        path = opt.files[-1]
-        out[name] = ir_from_onnx(path, d / f"{name}.xml", read_engine_metadata(path))[-1]
     first = tiny_engines["none"].files[-1]
     decode = first.parent / read_engine_metadata(first)["decode"]["file"]
     ir_from_onnx(decode, d / decode.with_suffix(".xml").name, read_engine_metadata(decode))
-    return out
+
+    class Irs(dict):
+        def __missing__(self, name):
+            path = tiny_engines[name].files[-1]
+            self[name] = ir_from_onnx(path, d / f"{name}.xml", read_engine_metadata(path))[-1]
+            return self[name]
+
+    return Irs()
 
 
 def test_ir_files_and_metadata(irs):
@@ -46,7 +50,7 @@ def test_ir_files_and_metadata(irs):
     assert "f32" in precisions and not precisions & {"bf16", "f16"}, precisions
 
 
-@pytest.mark.parametrize("name,ref", REFERENCES)
+@pytest.mark.parametrize("name,ref", budget_params(REFERENCES))
 def test_openvino_equals_eager_reference_and_onnxruntime(tiny, tiny_engines, irs, name, ref):
     from vtrcompile.lower.onnxruntime import OrtEngine
     from vtrcompile.lower.openvino import OvEngine
@@ -119,3 +123,33 @@ def test_reduced_bf16_engine_runs_its_decoder_matmuls_in_bf16(tiny, tiny_build, 
     eng = OvEngine(out, threads=1)
     matmuls = {n: p for n, p in eng.execution_precisions().items() if "layers" in n and "MatMul" in n}
     assert matmuls and all(p == "bf16" for p in matmuls.values()), matmuls
+
+
+def test_int8_weights_compress_the_linear_layers_and_keep_top1(tiny, tiny_engines, tmp_path):
+    """NNCF weight-only int8: the .bin shrinks, the logits stay close and the argmax is the same."""
+    pytest.importorskip("nncf")
+    from vtrcompile.lower.openvino import OvEngine, ir_from_onnx
+
+    src = tiny_engines["fastv-k2-18"].files[-1]
+    f32 = ir_from_onnx(src, tmp_path / "f32.xml", read_engine_metadata(src))[-1]
+    q = ir_from_onnx(src, tmp_path / "q.xml", read_engine_metadata(src), weights="int8")[-1]
+    assert read_engine_metadata(q)["weights"] == "int8"
+    assert q.with_suffix(".bin").stat().st_size < 0.5 * f32.with_suffix(".bin").stat().st_size
+    a, b = OvEngine(f32, threads=1), OvEngine(q, threads=1)
+    assert "i8" in set(b.execution_precisions().values()) | {str(t) for t in _weight_types(b)}
+    for ids, px in prompts(tiny.hf_model.config):
+        la, lb = a(ids.numpy(), px.numpy()), b(ids.numpy(), px.numpy())
+        assert np.abs(la - lb).max() <= 0.05 * np.abs(la).max()
+        assert (la.argmax(-1) == lb.argmax(-1)).all()
+
+
+def _weight_types(engine) -> set:
+    return {op.get_output_element_type(0).get_type_name() for op in engine.compiled.get_runtime_model().get_ordered_ops()
+            if op.get_type_name() == "Constant"}
+
+
+def test_weights_option_refused_where_it_does_not_apply():
+    from vtrcompile.optimize import Target, check_target
+
+    with pytest.raises(VtrError, match="--weights int8 compresses OpenVINO engines"):
+        check_target(Target(backend="onnxruntime", weights="int8"))

@@ -96,6 +96,7 @@ class Engine:
             decode = open_engine(p, self._threads)  # an unreadable file or another format: one line
             meta = decode.metadata
             want = {"role": "decode", "model_id": self.metadata["model_id"], "dtype": self.metadata.get("dtype"),
+                    "weights": self.metadata.get("weights"),
                     "backend": self.metadata.get("backend"), "llm_layers": self.metadata.get("llm_layers")}
             bad = [f"{k} {meta.get(k)!r} (prefill: {v!r})" for k, v in want.items() if meta.get(k) != v]
             if bad:

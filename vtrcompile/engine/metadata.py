@@ -50,6 +50,7 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "flops_poly": ((PREFILL,), "prefill FLOPs = a + b S + c S^2"),
     "has_weights": (BOTH, "LOWERING (ONNX): false when written without weights"),
     "device": (BOTH, "LOWERING (AOTInductor): the device it was compiled for"),
+    "weights": (BOTH, "LOWERING (OpenVINO): none, or int8 (NNCF weight-only compression)"),
 }
 
 STAMPED = ("vtrcompile", "torch", "format", "role")

@@ -57,22 +57,35 @@ def check_precision(dtype: str, caps: list[str] | None = None) -> None:
                        f"{', '.join(caps)}); use --dtype float32")
 
 
-def export_openvino(program: Any, out: Path, metadata: dict[str, Any]) -> list[Path]:
+def check_nncf() -> None:
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        raise VtrError("--weights int8 needs NNCF: pip install 'vtrcompile[openvino]' (or pip install nncf)") from None
+
+
+def export_openvino(program: Any, out: Path, metadata: dict[str, Any], weights: str = "none") -> list[Path]:
     """ONNX export to a scratch folder, then OpenVINO's conversion of that file (`ir_from_onnx`)."""
     _ov()
     with tempfile.TemporaryDirectory(prefix=".vtr-onnx.", dir=out.parent if out.parent.is_dir() else None) as d:
         onnx_path = Path(d) / (out.stem + ".onnx")
         export_onnx(program, onnx_path, metadata)
-        return ir_from_onnx(onnx_path, out, metadata)
+        return ir_from_onnx(onnx_path, out, metadata, weights)
 
 
-def ir_from_onnx(onnx_path: Path, out: Path, metadata: dict[str, Any]) -> list[Path]:
+def ir_from_onnx(onnx_path: Path, out: Path, metadata: dict[str, Any], weights: str = "none") -> list[Path]:
     """An ONNX engine -> OpenVINO IR (.xml + .bin, written atomically) carrying `metadata` (backend set to
-    openvino) in its runtime info."""
+    openvino) in its runtime info. weights "int8": NNCF's weight-only int8 compression (asymmetric, per output
+    channel) of the MatMul and embedding weights; activations, and so the selector, stay in the engine dtype."""
     ov = _ov()
     t0 = time.perf_counter()
     model = ov.convert_model(str(onnx_path))
-    meta = {**metadata, "backend": "openvino"}
+    if weights == "int8":
+        check_nncf()
+        import nncf
+
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    meta = {**metadata, "backend": "openvino", "weights": weights}
     if meta.get("decode"):  # the paired decode engine is an IR too
         meta["decode"] = {**meta["decode"], "file": str(Path(meta["decode"]["file"]).with_suffix(".xml"))}
     model.set_rt_info(json.dumps(meta, sort_keys=True), [METADATA_KEY])
