@@ -147,12 +147,12 @@ class OvEngine:
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """Named inputs -> every output by name (numpy; copies, so they outlive the next run)."""
         self.bind(feeds)
-        res = self.request.infer(self._feeds)
+        res = self.request.infer(self._feeds, share_inputs=True)  # inputs read in place; outputs copied below
         return {name: np.array(res[out]) for name, out in zip(self.output_names, self.compiled.outputs, strict=True)}
 
     def time_ms(self) -> float:
         t0 = time.perf_counter()
-        self.request.infer(self._feeds)
+        self.request.infer(self._feeds, share_inputs=True)
         return (time.perf_counter() - t0) * 1e3
 
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
