@@ -72,7 +72,9 @@ class VqaSynthItems(Sequence):
 
 def benchmark_items(spec: str, count: int) -> VqaSynthItems:
     """'vqa-synth' or 'vqa-synth:<split>' -> items; the split defaults to test."""
-    name, _, split = spec.partition(":")
+    name, sep, split = spec.partition(":")
+    if sep and not split:
+        raise VtrError(f"--benchmark/--split '{spec}': the split is empty; use one of train, val, test")
     if name not in BENCHMARKS:
         raise VtrError(f"unknown benchmark '{name}'; available: {', '.join(BENCHMARKS)}")
     return VqaSynthItems(split or "test", count)

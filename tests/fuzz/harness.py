@@ -495,7 +495,9 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
             res.append(Case("eval", f"calibration {target} {how}", [*ev, "--calibration", str(d)],
                             names=(target, d.name), watch=w))
     res += _options_cases("eval", ["eval", str(c.prefill), "--baseline", str(c.prefill)],
-                          ["--benchmark", "--split", "--count", "--max-new-tokens"], rng, per_kind, w)
+                          ["--benchmark", "--split"], rng, per_kind, w)
+    res += _options_cases("eval", [*ev, "--calibration", str(c.calibration)],  # otherwise valid: values may pass
+                          ["--count", "--max-new-tokens", "--threads"], rng, per_kind, w)
 
     # -- search: damaged calibration, a damaged resume file at --out, output paths, nonsense options
     sched = out_dir / "s.json"
