@@ -62,9 +62,14 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def metadata_of(model: onnx.ModelProto) -> dict[str, Any]:
+    """The vtrcompile metadata, or {} when there is none or it is not a JSON object (a damaged file)."""
     for p in model.metadata_props:
         if p.key == METADATA_KEY:
-            return json.loads(p.value)
+            try:
+                meta = json.loads(p.value)
+            except ValueError:  # not JSON, or not UTF-8 (protobuf then hands back bytes)
+                return {}
+            return meta if isinstance(meta, dict) else {}
     return {}
 
 

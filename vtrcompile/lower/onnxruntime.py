@@ -28,8 +28,12 @@ def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:
     out = {}
     for n in model.graph.node:
         for p in n.metadata_props:
-            if p.key == "pkg.torch.onnx.name_scopes" and "vtrcompile." in p.value:
-                scopes = [s for s in json.loads(p.value.replace("'", '"')) if s.startswith("vtrcompile.")]
+            value = p.value if isinstance(p.value, str) else p.value.decode("utf-8", "replace")
+            if p.key == "pkg.torch.onnx.name_scopes" and "vtrcompile." in value:
+                try:
+                    scopes = [s for s in json.loads(value.replace("'", '"')) if s.startswith("vtrcompile.")]
+                except (ValueError, TypeError, AttributeError):  # a damaged annotation: the node is not counted
+                    continue
                 if scopes:
                     out[n.name] = scopes[-1].rsplit(".", 1)[-1]
     return out
