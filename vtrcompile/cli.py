@@ -41,7 +41,8 @@ _SIGNAL: list[int] = []  # the signal that interrupted this run, if any
 
 
 def _on_terminate(signum: int, frame) -> None:
-    """SIGTERM unwinds like Ctrl-C, so every temporary file and folder is removed on the way out."""
+    """SIGTERM unwinds like Ctrl-C, so every temporary file and folder is removed on the way out; both are
+    recorded, so an interrupt that a library swallowed still ends the run as interrupted."""
     _SIGNAL.append(signum)
     raise KeyboardInterrupt
 
@@ -56,8 +57,11 @@ class _Cli(click.Group):
         nul = next((a for a in argv or [] if isinstance(a, str) and "\x00" in a), None)
         if nul is not None:
             _fail(f"argument {nul!r} holds a NUL byte, which no file name or option value may contain")
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_terminate)
+        _SIGNAL.clear()
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+        for s in old:  # SIGINT recorded too: some libraries swallow KeyboardInterrupt
+            signal.signal(s, _on_terminate)
         try:
             rv = super().main(*args, **kwargs)
         except click.UsageError as e:
@@ -67,6 +71,9 @@ class _Cli(click.Group):
             _interrupted(_SIGNAL[-1] if _SIGNAL else signal.SIGINT)
         except VtrError as e:
             _fail(str(e))
+        finally:  # the caller's handlers back (the CLI may run inside another program, e.g. a test runner)
+            for s, h in old.items():
+                signal.signal(s, h)
         if _SIGNAL:  # the interrupt arrived where Python could not raise it (inside a C callback): still say so
             _interrupted(_SIGNAL[-1])
         sys.exit(rv if isinstance(rv, int) else 0)
