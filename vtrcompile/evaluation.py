@@ -125,13 +125,12 @@ def calibration_items(spec: str | Path, facts: dict[str, Any], count: int | None
     return items, None, f"{spec} ({len(items)} prompts, unlabelled, {how})"
 
 
-def _engine_tokenizer(path: str | Path) -> Any:
+def _engine_tokenizer(path: str | Path, meta: dict[str, Any]) -> Any:
     """The tokenizer copied beside an engine, or None (a preset or a model directory without one)."""
     from .engine.prompting import load_tokenizer
-    from .engine.runners import read_engine_metadata
 
     try:
-        return load_tokenizer(Path(path), read_engine_metadata(path))
+        return load_tokenizer(Path(path), meta)
     except VtrError:
         return None
 
@@ -227,7 +226,7 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
 
     report: dict[str, Any] = {"benchmark": spec, "engines": []}
     if calibration is not None:
-        items: Any = calibration_items(calibration, runners[0].metadata, count, _engine_tokenizer(engines[0]),
+        items: Any = calibration_items(calibration, runners[0].metadata, count, _engine_tokenizer(engines[0], runners[0].metadata),
                                        for_choices=False)[0]
     else:
         items = benchmark_items(spec, count)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import VtrError
 from .io import past_names, present_names
-from .protocol import check_prompt, check_prompt_range
+from .protocol import as_numeric_array, check_prompt, check_prompt_range
 from .runners import open_engine
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,6 @@ def decode_feeds(out: dict[str, Any], token: np.ndarray, n_layers: int) -> dict[
     (present.* -> past_key_values.*) and next positions, passed through as they are."""
     return {"input_ids": token[:, None].astype(np.int64), "layer_position_ids": out["next_layer_position_ids"],
             **{p: out[q] for p, q in zip(past_names(n_layers), present_names(n_layers), strict=True)}}
-
-
-def _numpy(name: str, x: Any) -> np.ndarray:
-    """An input as a numeric numpy array (torch tensors, arrays, nested lists), or a one-line error."""
-    if hasattr(x, "detach"):  # a torch tensor (bfloat16 has no numpy dtype: widened)
-        x = x.detach().cpu()
-        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
-    try:
-        a = np.asarray(x)
-    except ValueError as e:
-        raise VtrError(f"{name}: not an array ({e})") from None
-    if a.dtype.kind not in "biuf":
-        raise VtrError(f"{name}: numbers expected, got {type(x).__name__} of {a.dtype}")
-    return a
 
 
 class Engine:
@@ -106,7 +92,7 @@ class Engine:
         return self._decode
 
     def _inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        feeds = {k: _numpy(k, v) for k, v in inputs.items()}
+        feeds = {k: as_numeric_array(k, v) for k, v in inputs.items()}
         mask = feeds.pop("attention_mask", None)
         if mask is not None and not np.all(mask == 1):
             raise VtrError("attention_mask has zeros: the engines take unpadded prompts (batch "

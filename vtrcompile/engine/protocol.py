@@ -50,21 +50,28 @@ def feed_arrays(io: dict[str, Any], feeds: dict[str, Any], passed: set[str] = fr
         raise VtrError(f"the engine takes no input {', '.join(extra)}; it takes {', '.join(want)}")
     out = {}
     for name, spec in want.items():
-        a = feeds[name]
-        if hasattr(a, "detach"):  # a torch tensor
-            a = a.detach().cpu().numpy()
+        a = as_numeric_array(name, feeds[name])
         dt = NUMPY_DTYPES.get(spec["dtype"])
-        try:
-            a = np.asarray(a)
-        except ValueError as e:  # ragged nested lists
-            raise VtrError(f"{name}: not an array ({e})") from None
-        if a.dtype.kind not in "biuf":
-            raise VtrError(f"{name}: {spec['dtype']} numbers expected, got an array of {a.dtype}")
         if dt is not None and np.issubdtype(dt, np.integer) and a.dtype.kind == "f":
             raise VtrError(f"{name}: integer token ids expected, got {a.dtype}")
         check_shape(name, a.shape, spec["shape"])
         out[name] = np.ascontiguousarray(a if dt is None or a.dtype == dt else a.astype(dt))
     return out
+
+
+def as_numeric_array(name: str, x: Any) -> np.ndarray:
+    """An input (torch tensor, numpy array, nested lists) as a numeric numpy array, or a one-line error.
+    bfloat16 tensors, which numpy cannot hold, are widened to float32."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+    try:
+        a = np.asarray(x)
+    except ValueError as e:  # ragged nested lists
+        raise VtrError(f"{name}: not an array ({e})") from None
+    if a.dtype.kind not in "biuf":
+        raise VtrError(f"{name}: numbers expected, got {type(x).__name__} of {a.dtype}")
+    return a
 
 
 def check_shape(name: str, shape: tuple[int, ...], declared: list[int | str]) -> None:
