@@ -66,13 +66,21 @@ TINY_ENGINES = {
     "vtw": ("vtw", {}), "pumer": ("pumer", {}), "prumerge": ("prumerge", {"keep": 8}),
     "prumerge-plus": ("prumerge-plus", {}), "visionzip": ("visionzip", {"dominant": 8, "contextual": 4}),
     "none": ("none", {}),
+    "random": ("random", {}), "pool": ("pool", {}), "divprune-9": ("divprune", {"keep": 9}),
+    "dart-12": ("dart", {"keep": 12}),
+    "divprune+fastv": ("divprune", {"keep": 20, "then": "fastv keep=8"}),
+    "gprune+pyramiddrop": ("gprune", {"keep": 20, "then": "pyramiddrop"}),
     # second budgets
     "pyramiddrop-0.7": ("pyramiddrop", {"keep_ratio": 0.7}), "vtw-1": ("vtw", {"layer": 1}),
     "pumer-0.2": ("pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}), "prumerge-20": ("prumerge", {"keep": 20}),
     "prumerge-plus-0.25": ("prumerge-plus", {"keep_ratio": 0.25}),
     "visionzip-20-6": ("visionzip", {"dominant": 20, "contextual": 6}),
+    "random-llm2": ("random", {"site": "llm@2", "keep": 10, "seed": 3}), "pool-9": ("pool", {"keep": 9}),
+    "divprune-default": ("divprune", {}), "dart-20": ("dart", {"keep": 20, "layer": 1}),
+    "pool+dart": ("pool", {"keep": 16, "then": "dart keep=12 layer=1"}),
 }
-SECOND_BUDGETS = {"pyramiddrop-0.7", "vtw-1", "pumer-0.2", "prumerge-20", "prumerge-plus-0.25", "visionzip-20-6"}
+SECOND_BUDGETS = {"pyramiddrop-0.7", "vtw-1", "pumer-0.2", "prumerge-20", "prumerge-plus-0.25", "visionzip-20-6",
+                  "random-llm2", "pool-9", "divprune-default", "dart-20", "pool+dart"}
 
 
 class _Engines(Mapping):

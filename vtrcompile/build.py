@@ -12,7 +12,7 @@ from torch import fx
 
 from .capture import capture, editable_module
 from .errors import VtrError
-from .methods.registry import resolve
+from .methods.registry import label, resolve
 from .models.loading import ModelSource
 from .passes.analysis import analyze
 from .passes.base import run_pipeline
@@ -88,7 +88,7 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
     program = reexport(gm, example, lo, hi)
     t3 = time.perf_counter()
     used = {k: v for k, v in options.items() if v is not None}
-    b = Build(method, used, reductions, facts, gm, program, tuple(source.example_inputs), (lo, hi))
+    b = Build(label(method, used), used, reductions, facts, gm, program, tuple(source.example_inputs), (lo, hi))
     log.info("built %s in %.1fs (capture %.1fs, passes %.1fs, re-export %.1fs)", method, t3 - t0, t1 - t0,
              t2 - t1, t3 - t2)
     return b

@@ -192,6 +192,9 @@ def _generation_opts(f):
               help="Calibration folder (images + optional prompts.jsonl), or vqa-synth:val, for PruMerge's "
                    "--keep auto.")
 @_method_flags
+@click.option("--then", "then", default=None,
+              help="Stack a second reduction inside the LLM after a vision/projector method: \"METHOD key=value "
+                   "...\", e.g. --method divprune --keep 144 --then \"fastv keep=64\".")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Engine file: .onnx (ONNX Runtime), .xml (OpenVINO IR), .plan/.engine (TensorRT), .pt2 (AOTInductor).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "aoti"]), default=None,
@@ -216,9 +219,9 @@ def _generation_opts(f):
 @_pickle_opt
 @_profile_opts
 @_generation_opts
-def optimize(model, method, calibration, out, backend, device, dtype, weights, do_profile, baseline_out, triton_repo,
-             min_prompt, max_prompt, workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens, kv_budget_gb,
-             **method_options) -> None:
+def optimize(model, method, calibration, then, out, backend, device, dtype, weights, do_profile, baseline_out,
+             triton_repo, min_prompt, max_prompt, workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens,
+             kv_budget_gb, **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     from .methods.options import check_options, prepare_options
     from .models.loading import load_model
@@ -226,7 +229,7 @@ def optimize(model, method, calibration, out, backend, device, dtype, weights, d
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
-    given = {k: v for k, v in method_options.items() if v is not None}
+    given = {k: v for k, v in {**method_options, "then": then}.items() if v is not None}
     check_options(method, given, calibration)  # a bad method or option fails before loading anything
     target = Target(backend_for(out, backend), device, dtype, min_prompt, max_prompt, workspace, weights)
     if triton_repo is not None and target.backend != "tensorrt":
@@ -241,7 +244,7 @@ def optimize(model, method, calibration, out, backend, device, dtype, weights, d
     if res.metadata.get("decode"):
         click.echo(f"decode engine: {out.parent / res.metadata['decode']['file']}", err=True)
     tokens = res.build.llm_tokens(res.build.example_inputs[0].shape[1])
-    click.echo(f"{method}: tokens entering each LLM layer (example prompt): {tokens}", err=True)
+    click.echo(f"{res.build.method}: tokens entering each LLM layer (example prompt): {tokens}", err=True)
     if res.findings:
         click.echo("TensorRT preflight: " + str(len(res.findings)) + " node(s) TensorRT cannot take:", err=True)
         for f in res.findings:

@@ -117,8 +117,8 @@ def engine_metadata(b: Build, source: ModelSource, mid: str | None = None, targe
     return stamp(PREFILL, {
         "model": source.label, "model_id": mid, "io": prefill_io(b), "dtype": t.dtype, "backend": t.backend,
         "method": b.method, "options": b.options,
-        "reductions": [{"site": r.site, "layer": r.layer, "count": r.count, "positions": r.positions}
-                       for r in b.reductions],
+        "reductions": [{"method": r.method, "site": r.site, "layer": r.layer, "count": r.count,
+                        "positions": r.positions, **r.recorded} for r in b.reductions],
         "image_token_id": f.boundary.image_token_id, "n_image": f.boundary.n_image, "batch": f.boundary.batch,
         "pixel_shape": list(px.shape[1:]), "vocab": _vocab(b), "prompt_range": list(b.prompt_range),
         "llm_token_drop": [s - t for t in tokens],

@@ -11,6 +11,15 @@ import torch
 from tests.conftest import REFERENCE_ATOL, prompts
 from vtrcompile import load_engine
 from vtrcompile.errors import VtrError
+from vtrcompile.reference.baselines import (
+    dart_site,
+    divprune_stage,
+    fastv_site,
+    gprune_stage,
+    pool_stage,
+    pyramiddrop_sites,
+    run_stages,
+)
 from vtrcompile.reference.generation import generate_reference
 from vtrcompile.reference.methods import (
     fastv_reference,
@@ -46,6 +55,15 @@ def test_keeping_every_token_generates_what_hf_generate_does(tiny, tiny_engines)
     ("pumer", "keep", lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3)),
     ("prumerge", "renumber", lambda m, i, p: prumerge_reference(m, i, p, 8)),
     ("gprune-9", "keep", lambda m, i, p: gprune_reference(m, i, p, 9)),
+    ("divprune-9", "renumber", lambda m, i, p: run_stages(m, i, p, first=divprune_stage(9))),
+    ("dart-12", "keep", lambda m, i, p: run_stages(m, i, p, sites={2: dart_site(m, keep=12)})),
+    ("pool", "renumber", lambda m, i, p: run_stages(m, i, p, first=pool_stage(3))),
+    # stacked: the first stage renumbers (every layer continues from S_0), then FastV keeps those positions
+    ("divprune+fastv", lambda s, lengths: [lengths[0]] * len(lengths),
+     lambda m, i, p: run_stages(m, i, p, first=divprune_stage(20), sites={2: fastv_site(m, 8)})),
+    # stacked: G-Prune keeps positions (layer 0 continues from S), PyramidDrop renumbers (S_l from layer 1)
+    ("gprune+pyramiddrop", lambda s, lengths: [s, *lengths[1:]],
+     lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20), sites=pyramiddrop_sites(m, 4, 20))),
 ])
 def test_reduced_generation_equals_the_spec_reference(tiny, tiny_engines, name, positions, prefill):
     """Per-step logits of the engine pair equal the spec's generation semantics (independent eager code),

@@ -16,6 +16,17 @@ from vtrcompile.lower.atomic import write_atomically
 from vtrcompile.lower.onnx import export_onnx, read_metadata
 from vtrcompile.lower.onnxruntime import OrtEngine, check_prompt
 from vtrcompile.lower.tensorrt_preflight import preflight
+from vtrcompile.reference.baselines import (
+    dart_site,
+    divprune_stage,
+    fastv_site,
+    gprune_stage,
+    pool_stage,
+    pyramiddrop_sites,
+    random_site,
+    random_stage,
+    run_stages,
+)
 from vtrcompile.reference.methods import (
     fastv_reference,
     gprune_reference,
@@ -70,6 +81,18 @@ REFERENCES = [
     ("prumerge-20", lambda m, i, p: prumerge_reference(m, i, p, 20)),
     ("prumerge-plus-0.25", lambda m, i, p: prumerge_plus_reference(m, i, p, 0.25)),
     ("visionzip-20-6", lambda m, i, p: visionzip_reference(m, i, p, 20, 6)),
+    ("random", lambda m, i, p: run_stages(m, i, p, first=random_stage(36))),
+    ("pool", lambda m, i, p: run_stages(m, i, p, first=pool_stage(3))),
+    ("divprune-9", lambda m, i, p: run_stages(m, i, p, first=divprune_stage(9))),
+    ("dart-12", lambda m, i, p: run_stages(m, i, p, sites={2: dart_site(m, keep=12)})),
+    ("divprune+fastv", lambda m, i, p: run_stages(m, i, p, first=divprune_stage(20), sites={2: fastv_site(m, 8)})),
+    ("gprune+pyramiddrop", lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20),
+                                                       sites=pyramiddrop_sites(m, 4, 20))),
+    ("random-llm2", lambda m, i, p: run_stages(m, i, p, sites={2: random_site(10, seed=3)})),
+    ("pool-9", lambda m, i, p: run_stages(m, i, p, first=pool_stage(side=3))),
+    ("divprune-default", lambda m, i, p: run_stages(m, i, p, first=divprune_stage(4))),
+    ("dart-20", lambda m, i, p: run_stages(m, i, p, sites={1: dart_site(m, keep=20)})),
+    ("pool+dart", lambda m, i, p: run_stages(m, i, p, first=pool_stage(side=4), sites={1: dart_site(m, keep=12)})),
 ]
 
 
@@ -79,6 +102,21 @@ def test_onnxruntime_equals_eager_reference(tiny, engines, name, ref):
     m = tiny.hf_model
     for ids, px in prompts(m.config):
         assert max_diff(_run(engines[name], ids, px), ref(m, ids, px)) <= REFERENCE_ATOL
+
+
+def test_random_engine_records_its_subset(engines):
+    """The drawn indices and numpy's version are in the metadata; the engine keeps exactly those tokens."""
+    meta = read_metadata(engines["random"].files[-1])
+    (red,) = meta["reductions"]
+    assert red["indices"] == sorted(np.random.Generator(np.random.PCG64(0)).permutation(36)[:18].tolist())
+    assert red["numpy"] == np.__version__ and red["positions"] == "renumber" and red["site"] == "projector"
+
+
+def test_stacked_engine_records_both_stages(engines):
+    meta = read_metadata(engines["divprune+fastv"].files[-1])
+    assert meta["method"] == "divprune+fastv" and meta["options"]["then"] == "fastv keep=8"
+    assert [(r["method"], r["layer"], r["count"], r["positions"]) for r in meta["reductions"]] == [
+        ("divprune", 0, 20, "renumber"), ("fastv", 2, 8, "keep")]
 
 
 def test_baseline_engine_equals_the_model(tiny, engines):
@@ -96,7 +134,7 @@ def test_engines_pass_the_tensorrt_preflight(engines):
 def test_metadata_describes_the_engine(engines):
     meta = read_metadata(engines["fastv-k2-18"].files[-1])
     assert meta["method"] == "fastv" and meta["n_image"] == 36 and meta["image_token_id"] == 319
-    assert meta["reductions"] == [{"site": "llm", "layer": 2, "count": 18, "positions": "keep"}]
+    assert meta["reductions"] == [{"method": "fastv", "site": "llm", "layer": 2, "count": 18, "positions": "keep"}]
     assert meta["llm_token_drop"] == [0, 0, 18, 18]
     base = read_metadata(engines["none"].files[-1])
     assert base["model_id"] == meta["model_id"]

@@ -51,7 +51,7 @@ def count_option(opts: dict, n: int, method: str, from_ratio: int) -> int:
     keep = opts.get("keep")
     keep = from_ratio if keep is None else int(keep)
     if not 1 <= keep <= n:
-        raise VtrError(f"{method}: --keep {keep} is outside 1..{n} (the model has {n} image tokens)")
+        raise VtrError(f"{method}: --keep {keep} is outside 1..{n} ({n} image tokens reach {method})")
     return keep
 
 

@@ -33,6 +33,7 @@ from ..methods.tensor_ops import (
 from .analysis import analyze
 from .base import PassResult, finish_transform
 from .facts import DecoderLayer
+from .find_final_norm import final_norm_module
 from .find_vision_taps import VisionTaps, find_vision_taps, projector_module
 from .graph_utils import refresh_meta, stable_topological_sort, tag_provenance
 from .provenance import descendants, val
@@ -53,6 +54,7 @@ class SelectorInputs:
     batch: int
     seq_len: fx.Node  # S_l
     vision: VisionTaps | None = None  # site `vision` only
+    final_norm: fx.Node | None = None  # [B, S_l, D] `hidden` through the LLM's final norm (Reduction.needs)
 
 
 # A selector returns (function, args, kwargs) for one inserted call. Its result is kept [B, keep]:
@@ -73,6 +75,15 @@ class Reduction:
     site: str = "llm"
     merges: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    recorded: dict[str, Any] = field(default_factory=dict)  # constants the engine metadata must carry
+    needs: tuple[str, ...] = ()  # optional selector inputs to build: "final_norm"
+
+
+def _ungathered(node: fx.Node) -> fx.Node:
+    """A side tensor before the gathers that earlier reductions inserted."""
+    while node.op == "call_function" and node.target is gather_seq_dims:
+        node = node.args[0]
+    return node
 
 
 def _size_expr(node: fx.Node, dim: int):
@@ -116,6 +127,14 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     inputs = SelectorInputs(start, facts.boundary.image_features, h,
                             facts.layers[red.layer - 1] if red.layer > 0 else None, n_here,
                             facts.boundary.n_image, facts.boundary.batch, seq)
+    if "final_norm" in red.needs:
+        name = f"vtrcompile_final_norm_{red.layer}"
+        gm.add_submodule(name, final_norm_module(gm, facts))
+        with g.inserting_after(cursor):
+            inputs.final_norm = g.call_module(name, (h,))
+        tag_provenance(inputs.final_norm, h, f"{red.method}.selector")
+        new.append(inputs.final_norm)
+        cursor = inputs.final_norm
     mix = rows = None
     if red.site == "vision":
         if red.layer != 0 or n_here != facts.boundary.n_image:
@@ -161,9 +180,13 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     for st in side:
         if st.role == "seq_len":
             replace[st.node] = s2
-        elif st.role in ("rotary", "mask"):
-            index = pos if st.role == "rotary" else idx
-            replace[st.node] = add(gather_seq_dims, (st.node, index, st.seq_dims), None, "gather")
+        elif st.role == "mask":
+            replace[st.node] = add(gather_seq_dims, (st.node, idx, st.seq_dims), None, "gather")
+        elif st.role == "rotary":
+            # `keep`: the rows keep the positions they have here; `renumber`: positions 0..S'-1, read from
+            # the table before any earlier site gathered it (an earlier `keep` site left gaps in this one).
+            table = st.node if red.positions == "keep" else _ungathered(st.node)
+            replace[st.node] = add(gather_seq_dims, (table, pos, st.seq_dims), None, "gather")
     for n in region:
         for old, rep in replace.items():
             if old in n.all_input_nodes:

@@ -18,7 +18,7 @@ from .llava import KV_RECORDER
 
 @torch.no_grad()
 def generate_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                       prefill: Callable[..., torch.Tensor], positions: str, steps: int
+                       prefill: Callable[..., torch.Tensor], positions: str | Callable, steps: int
                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """-> (tokens [steps], logits [steps, vocab] float32, cache length per layer after the prefill)."""
     lm = model.model.language_model
@@ -30,7 +30,10 @@ def generate_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
         KV_RECORDER.reset(token)
     s = input_ids.shape[1]
     lengths = [int(cache.layers[i].keys.shape[2]) for i in range(len(lm.layers))]
-    start = [s if positions == "keep" else n for n in lengths]
+    if callable(positions):  # a stacked reduction: each layer's first position, from (S, cache lengths)
+        start = list(positions(s, lengths))
+    else:
+        start = [s if positions == "keep" else n for n in lengths]
     tokens, out = [], [logits[0].float()]
     for t in range(steps):
         tokens.append(int(out[-1].argmax()))

@@ -57,9 +57,10 @@ def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(lm.norm(hidden[:, -1:, :]))[:, -1, :].float()
 
 
-def _attention_logits(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Scaled q k^T of decoder layer `layer` [B, H, S, S] in float32, recomputed from its own q/k
-    projections and RoPE, GQA keys repeated to the query heads."""
+def roped_qk(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder layer `layer`'s queries and keys of `hidden` after RoPE, GQA keys repeated to the query heads:
+    ([B, H, S, d], [B, H, S, d]), recomputed from its own projections."""
     lm = model.model.language_model
     block = lm.layers[layer]
     att = block.self_attn
@@ -69,8 +70,13 @@ def _attention_logits(model, layer: int, hidden: torch.Tensor, positions: torch.
     k = att.k_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
     cos, sin = lm.rotary_emb(hidden, positions[None, :].expand(b, -1))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = repeat_kv(k, att.num_key_value_groups)
-    return (q.float() @ k.float().transpose(-1, -2)) * att.scaling
+    return q, repeat_kv(k, att.num_key_value_groups)
+
+
+def _attention_logits(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Scaled q k^T of decoder layer `layer` [B, H, S, S] in float32."""
+    q, k = roped_qk(model, layer, hidden, positions)
+    return (q.float() @ k.float().transpose(-1, -2)) * model.model.language_model.layers[layer].self_attn.scaling
 
 
 def last_row_attention(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -64,14 +64,22 @@ def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
     return next_token_logits(model, run_layers(model, h[:, rows], rows, range(n_layers)))
 
 
-def _progressive(model, input_ids, pixel_values, sites, reduce) -> torch.Tensor:
+def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> torch.Tensor:
     """Run the decoder layer by layer; before each site layer l, `reduce(l, h_in_prev, h, pos, start, n)`
-    returns the new (h, pos, n) from h (entering layer l) and h_in_prev (what entered layer l-1)."""
+    returns the new (h, pos, n) from h (entering layer l) and h_in_prev (what entered layer l-1).
+    `first(feats [N, D]) -> (block [n, D], positions)` replaces the image block before layer 0 (a projector
+    stage); positions 'keep' or 'renumber'."""
     n_layers = len(model.model.language_model.layers)
     feats = image_features(model, pixel_values)
     h = embed_prompt(model, input_ids, feats)
     start, n = image_start(model, input_ids), feats.shape[1]
     pos = torch.arange(h.shape[1])
+    if first is not None:
+        block, policy, kept = first(feats[0])
+        h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n:]], dim=1)
+        pos = torch.arange(h.shape[1]) if policy == "renumber" else torch.cat(
+            [pos[:start], start + kept, pos[start + n:]])
+        n = block.shape[0]
     h_prev = h
     for layer in range(n_layers):
         if layer in sites:
