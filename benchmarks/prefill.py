@@ -3,7 +3,7 @@
 Builds every engine with `vtrcompile.optimize`, measures each against the same baseline engine with the
 profile protocol (interleaved runs, warm-up discarded), and writes a JSON file plus a markdown table.
 Suites: `core` (FastV and G-Prune budgets), `methods` (every method at its defaults and at 64 and 144
-final image tokens). Usage: python benchmarks/prefill.py --suite methods --reps 10
+final image tokens), `baselines` (Random, Pool, DivPrune, DART and two stacked pairs). Usage: python benchmarks/prefill.py --suite methods --reps 10
 """
 
 from __future__ import annotations
@@ -37,6 +37,16 @@ SUITES = {
         ("prumerge-plus", {}), ("prumerge-plus", {"keep_ratio": 0.055}),
         ("visionzip", {}), ("visionzip", {"dominant": 122, "contextual": 22}),
     ],
+    # The baselines and newer methods, and stacked pairs. Random at DivPrune's default count (56) has the same
+    # LLM work and a constant selector: the p50 difference is DivPrune's selector cost end to end.
+    "baselines": [
+        ("random", {}), ("random", {"keep": 144}), ("random", {"keep": 64}), ("random", {"keep": 56}),
+        ("pool", {}), ("pool", {"keep": 144}),
+        ("divprune", {}), ("divprune", {"keep": 144}), ("divprune", {"keep": 64}),
+        ("dart", {}), ("dart", {"keep": 68}),
+        ("divprune", {"keep": 288, "then": "fastv keep=64"}),
+        ("divprune", {"keep": 288, "then": "pyramiddrop keep_ratio=0.6057"}),
+    ],
 }
 
 
@@ -60,7 +70,7 @@ def main() -> None:
     base = optimize(src, "none", {}, d / "baseline.onnx")
     rows = []
     for method, opts in SUITES[args.suite]:
-        name = label(method, opts).replace(" ", "_").replace("=", "")
+        name = label(method, opts).replace(" ", "_").replace("=", "").replace(".", "")
         res = optimize(src, method, opts, d / f"{name}.onnx")
         rep = compare(res.files[-1], base.files[-1], warmup=args.warmup, reps=args.reps)
         rep["label"] = label(method, opts)

@@ -413,9 +413,7 @@ def _sweep(model, spec, count, methods, out_dir, reps, warmup, threads, as_json)
     from .models.loading import load_model
 
     chosen = tuple(m.strip() for m in methods.split(",")) if methods is not None else sweep.DEFAULT_METHODS
-    unknown = [m or "''" for m in chosen if m not in METHODS or m == "none"]
-    if unknown:
-        raise VtrError(f"--methods: unknown {', '.join(unknown)}; see `vtrcompile methods`")
+    sweep.check_methods(chosen)
     items = benchmark_items(spec, count)
     result = sweep.run(load_model(model), items, out_dir, chosen, reps, warmup, threads)
     paths = sweep.write(result, out_dir)
@@ -427,7 +425,8 @@ def _sweep(model, spec, count, methods, out_dir, reps, warmup, threads, as_json)
 @_model_arg
 @click.option("--benchmark", default="vqa-synth:test", show_default=True, help="Labelled benchmark and split.")
 @click.option("--count", default=700, show_default=True, type=click.IntRange(1, MAX_PROMPTS), help="Prompts to evaluate.")
-@click.option("--methods", default=None, help="Comma-separated methods (default: all).")
+@click.option("--methods", default=None, help="Comma-separated methods, or stacked pairs 'a+b' (default: all, and "
+              "three stacked pairs).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("build/sweep"), show_default=True)
 @_profile_opts
 def sweep_cmd(model, benchmark, count, methods, out_dir, reps, warmup, threads, as_json) -> None:

@@ -13,27 +13,77 @@ log = logging.getLogger(__name__)
 
 # Final image-token budgets as fractions of N: 50%, 25%, 64/576, 32/576 (the papers' usual operating points).
 FRACTIONS = (0.5, 0.25, 64 / 576, 32 / 576)
-DEFAULT_METHODS = ("fastv", "pyramiddrop", "pumer", "gprune", "prumerge", "prumerge-plus", "visionzip", "vtw")
+SEED_METHODS = ("fastv", "pyramiddrop", "pumer", "gprune", "prumerge", "prumerge-plus", "visionzip", "vtw")
+BASELINES = ("random", "pool", "divprune", "dart")
+# Stacked pairs: the first stage keeps half the image tokens before the LLM, the second reaches the budget.
+STACKED = ("divprune+pyramiddrop", "divprune+fastv", "pool+pyramiddrop")
+DEFAULT_METHODS = SEED_METHODS + BASELINES + STACKED
+
+
+def check_methods(methods: tuple[str, ...]) -> None:
+    """Every name a method of the registry (not 'none'), or two joined by '+' (a stacked pair)."""
+    from .methods.registry import METHODS
+
+    bad = [m or "''" for m in methods if any(p not in METHODS or p == "none" for p in m.split("+"))
+           or m.count("+") > 1]
+    if bad:
+        raise VtrError(f"--methods: unknown {', '.join(bad)}; see `vtrcompile methods` (stack two with '+')")
+
+
+def _config(method: str, f: float, n: int) -> dict[str, Any] | None:
+    """Options that leave about f*N image tokens at the last layer (None: the method has no such budget)."""
+    k = max(1, round(f * n))
+    if method in ("fastv", "gprune", "pumer", "random", "divprune"):
+        return {"keep": k}
+    if method == "pyramiddrop":  # three stages of lambda: N * lambda^3 left after the last one
+        return {"keep_ratio": round(f ** (1 / 3), 4)}
+    if method == "prumerge":
+        return {"keep": max(1, k - 1)}  # n + the leftover token
+    if method == "prumerge-plus":
+        return {"keep_ratio": round(f / 2, 4)}  # outliers plus the grid, about twice the ratio
+    if method == "visionzip":
+        dom = max(2, round(k * 54 / 64))
+        return {"dominant": dom, "contextual": max(1, k - dom)}
+    if method == "pool":  # s*s tokens, s at most the grid side
+        from .methods.pool import token_grid
+
+        side = min(token_grid(n))
+        return {"keep": min(side, max(1, round(k ** 0.5))) ** 2}
+    if method == "dart":  # 4 image pivots + a multiple of the 8 pivots
+        return {"keep": 4 + 8 * max(1, round((k - 4) / 8))}
+    return None
 
 
 def configs(method: str, n: int, layers: int) -> list[dict[str, Any]]:
-    """Options that put `method` at each budget of FRACTIONS (VTW has no token budget: its layer K)."""
-    out: list[dict[str, Any]] = []
-    for f in FRACTIONS:
-        k = max(1, round(f * n))
-        if method in ("fastv", "gprune", "pumer"):
-            out.append({"keep": k})
-        elif method == "pyramiddrop":  # three stages of lambda: N * lambda^3 left after the last one
-            out.append({"keep_ratio": round(f ** (1 / 3), 4)})
-        elif method == "prumerge":
-            out.append({"keep": max(1, k - 1)})  # n + the leftover token
-        elif method == "prumerge-plus":
-            out.append({"keep_ratio": round(f / 2, 4)})  # outliers plus the grid, about twice the ratio
-        elif method == "visionzip":
-            out.append({"dominant": max(2, round(k * 54 / 64)), "contextual": max(1, k - max(2, round(k * 54 / 64)))})
+    """Options that put `method` at each budget of FRACTIONS (VTW has no token budget: its layer K). A stacked
+    pair 'a+b': a at 50% of N, then b (as --then text) at the smaller budgets, relative to what a leaves."""
+    if "+" in method:
+        from .methods.registry import resolve
+
+        first, second = method.split("+")
+        opts = _config(first, 0.5, n)
+        if opts is None:
+            return []
+        n1 = resolve(first, opts, n, layers)[-1].count
+        out = []
+        for f in FRACTIONS[1:]:
+            then = _config(second, f * n / n1, n1)
+            if then is not None:
+                out.append({**opts, "then": " ".join([second, *(f"{k}={v}" for k, v in then.items())])})
+        return out
     if method == "vtw":  # K at 3L/4, L/2, L/4
-        out = [{"layer": k} for k in sorted({3 * layers // 4, layers // 2, max(1, layers // 4)}, reverse=True)]
-    return out
+        return [{"layer": k} for k in sorted({3 * layers // 4, layers // 2, max(1, layers // 4)}, reverse=True)]
+    return [c for f in FRACTIONS if (c := _config(method, f, n)) is not None]
+
+
+def paired_delta(correct: list[int], base: list[int]) -> tuple[float, float]:
+    """Accuracy difference (points) against the baseline on the same prompts, and two standard errors of it
+    (paired: the per-prompt differences' standard deviation over sqrt(n))."""
+    import numpy as np
+
+    d = np.asarray(correct, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return 100 * float(d.mean()), 200 * se
 
 
 def label(method: str, opts: dict[str, Any]) -> str:
@@ -65,6 +115,8 @@ def run(source, items, out_dir: Path, methods: tuple[str, ...] = DEFAULT_METHODS
     runs = [(m, o) for m in methods for o in configs(m, n, layers)]
     log.info("sweep: %d engines + baseline, %d prompts each", len(runs), len(items))
     base_acc = accuracy(OrtEngine(base_path, threads), items, "baseline")
+    answers = [items[i].answer for i in range(len(items))]
+    base_right = [int(p == a) for p, a in zip(base_acc["predictions"], answers, strict=True)]
     rows: list[dict[str, Any]] = []
     for i, (m, o) in enumerate(runs, 1):
         name = label(m, o)
@@ -79,11 +131,14 @@ def run(source, items, out_dir: Path, methods: tuple[str, ...] = DEFAULT_METHODS
         acc = accuracy(OrtEngine(path, threads), items, name)
         rep = compare(path, base_path, warmup, reps, threads)
         red = rep["engines"]["reduced"]
+        delta, two_se = paired_delta([int(p == a) for p, a in zip(acc["predictions"], answers, strict=True)],
+                                     base_right)
         rows.append({
             "method": m, "options": o, "label": name,
             "image_tokens_last_layer": red["llm_tokens_per_layer"][-1] - (rep["prompt_tokens"] - n),
             "llm_tokens_per_layer": red["llm_tokens_per_layer"],
             "coarse": acc["coarse"], "fine": acc["fine"], "overall": acc["overall"], "per_kind": acc["per_kind"],
+            "delta_overall_points": delta, "delta_overall_2se": two_se,
             "speedup_p50": rep["speedup_p50"], "flops_ratio": rep["flops_ratio"],
             "prefill_p50_ms": red["latency"]["p50_ms"],
             "baseline_p50_ms": rep["engines"]["baseline"]["latency"]["p50_ms"],
@@ -112,19 +167,22 @@ def markdown(r: dict[str, Any]) -> str:
         f"speedup = measured prefill p50 ratio against the unmodified engine (ONNX Runtime, "
         f"{r['environment']['threads']} threads).",
         "",
-        "| method | options | image tokens (last layer) | coarse | fine | Δ coarse | Δ fine | prefill speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-        f"| none | | {r['n_image']} | {100 * b['coarse']:.1f} | {100 * b['fine']:.1f} | | | 1.00x |",
+        "| method | options | image tokens (last layer) | coarse | fine | Δ coarse | Δ fine | Δ overall ± 2 SE | "
+        "prefill speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| none | | {r['n_image']} | {100 * b['coarse']:.1f} | {100 * b['fine']:.1f} | | | | 1.00x |",
     ]
     for row in r["rows"]:
         opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
         if "skipped" in row:
-            lines.append(f"| {row['method']} | {opts} | | | | | | skipped: {row['skipped'][:60]} |")
+            lines.append(f"| {row['method']} | {opts} | | | | | | | skipped: {row['skipped'][:60]} |")
             continue
+        noise = (f"{row['delta_overall_points']:+.1f} ± {row['delta_overall_2se']:.1f}"
+                 if "delta_overall_points" in row else "")
         lines.append(
             f"| {row['method']} | {opts} | {row['image_tokens_last_layer']} | {100 * row['coarse']:.1f} | "
             f"{100 * row['fine']:.1f} | {100 * (row['coarse'] - b['coarse']):+.1f} | "
-            f"{100 * (row['fine'] - b['fine']):+.1f} | {row['speedup_p50']:.2f}x |")
+            f"{100 * (row['fine'] - b['fine']):+.1f} | {noise} | {row['speedup_p50']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
