@@ -344,8 +344,12 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
                    "several machines run trials of one study).")
 @click.option("--metric", type=click.Choice(["accuracy", "agreement", "kl"]), default=None,
               help="Quality metric (default: accuracy with labels, agreement without).")
+@click.option("--first", default=None,
+              help="A projector method that runs before the LLM, e.g. \"divprune keep=288\": the schedule is searched "
+                   "on the tokens it leaves and compiles as --method divprune --keep 288 --then \"schedule "
+                   "schedule=FILE\".")
 def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget, trials, seed, storage,
-           metric) -> None:
+           metric, first) -> None:
     """Search a per-layer keep schedule for MODEL on calibration data; compile it with --method schedule."""
     from .lower.atomic import check_writable
     from .models.loading import load_model
@@ -353,16 +357,26 @@ def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget
 
     if algo == "psigmoid" and budget is None:
         raise VtrError("--algo psigmoid needs --budget (mean keep fraction over the layers, e.g. 0.25)")
+    if first is not None:
+        from .methods.registry import parse_then
+
+        parse_then(first)  # a bad stage fails before the model loads
     check_writable(out)
     rec = run_search(load_model(model, allow_pickle), algo, calibration, out, count, tolerance, budget, trials, seed,
-                     storage, metric)
+                     storage, metric, first)
     m = rec["metric"]
     click.echo(f"{algo}: keep per layer {rec['keep']} (mean keep fraction {rec['budget']:.4f})")
     click.echo(f"{m['name']}: {m['value']:.4f} (unreduced {m['baseline']:.4f}); {rec['evaluated_schedules']} "
                f"schedules evaluated in {rec['seconds']:.0f}s on {rec['calibration']}")
     if algo == "vtw":
         click.echo(f"VTW layer K = {rec['vtw_layer']}: vtrcompile optimize MODEL --method vtw --layer {rec['vtw_layer']}")
-    click.echo(f"wrote {out}; compile it with: vtrcompile optimize MODEL --method schedule --schedule {out}")
+    if rec.get("first"):
+        head, *opts = rec["first"].split()
+        flags = " ".join(f"--{o.split('=')[0].replace('_', '-')} {o.split('=', 1)[1]}" for o in opts)
+        click.echo(f"wrote {out}; compile it with: vtrcompile optimize MODEL --method {head} {flags} "
+                   f"--then \"schedule schedule={out}\"")
+    else:
+        click.echo(f"wrote {out}; compile it with: vtrcompile optimize MODEL --method schedule --schedule {out}")
 
 
 @main.command("eval")

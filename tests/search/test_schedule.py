@@ -15,7 +15,9 @@ from vtrcompile.cli import main
 from vtrcompile.errors import VtrError
 from vtrcompile.evaluation import Item
 from vtrcompile.lower.onnxruntime import OrtEngine
+from vtrcompile.methods.registry import resolve
 from vtrcompile.optimize import model_id, write_engine
+from vtrcompile.reference.baselines import divprune_stage, projector_stage, run_stages, schedule_sites
 from vtrcompile.reference.llava import full_logits
 from vtrcompile.reference.methods import schedule_reference
 from vtrcompile.search.evaluator import ScheduleEvaluator
@@ -128,6 +130,63 @@ def test_search_cli_end_to_end_and_resume(tiny, tmp_path, calibration_dir):
     r = CliRunner().invoke(main, ["optimize", "tiny", "--method", "schedule", "--schedule", str(out),
                                   "--out", str(tmp_path / "s.onnx")])
     assert r.exit_code == 0, r.output
+
+
+FIRST = "divprune keep=20 keep_ratio=0.098"  # the canonical text of --method divprune --keep 20
+
+
+def test_schedule_after_a_projector_stage_equals_reference_and_evaluator(tiny, tmp_path):
+    """divprune keep=20, then a searched schedule over the 20 tokens it leaves: the engine equals the eager
+    composition and the search evaluator run with the same first stage."""
+    m, keeps = tiny.hf_model, [20, 20, 10, 5]
+    path = _write(tmp_path, tiny, keeps, n_image=20, first=FIRST)
+    b = build(tiny, "divprune", {"keep": 20, "then": f"schedule schedule={path}"})
+    assert [(r.method, r.layer, r.count) for r in b.reductions] == [("divprune", 0, 20), ("schedule", 2, 10),
+                                                                     ("schedule", 3, 5)]
+    cases = prompts(m.config)
+    stage = projector_stage(resolve("divprune", {"keep": 20}, 36, 4)[0])
+    ev = ScheduleEvaluator(m, [Item(ids.numpy(), px.numpy()) for ids, px in cases], first=stage)
+    assert ev.n_image == 20
+    got = ev.logits(keeps)
+    for i, (ids, px) in enumerate(cases):
+        with torch.no_grad():
+            graph = b.logits(ids, px)
+        ref = run_stages(m, ids, px, first=divprune_stage(20), sites=schedule_sites(m, keeps))
+        assert max_diff(graph, ref) <= REFERENCE_ATOL
+        assert max_diff(got[i], graph[0]) <= REFERENCE_ATOL
+
+
+def test_a_schedule_is_compiled_after_the_stage_it_was_searched_after(tiny, tmp_path):
+    staged = _write(tmp_path, tiny, [20, 20, 10, 5], name="staged.json", n_image=20, first=FIRST)
+    plain = _write(tmp_path, tiny, [36, 20, 10, 5], name="plain.json")
+    out = tmp_path / "e.onnx"
+    for args, msg in [
+        (["--method", "schedule", "--schedule", str(staged)], "searched after the first stage 'divprune keep=20"),
+        (["--method", "divprune", "--keep", "20", "--then", f"schedule schedule={plain}"],
+         "searched without a first stage; search again with --first \"divprune keep=20 keep_ratio=0.098\""),
+        (["--method", "divprune", "--keep", "24", "--then", f"schedule schedule={staged}"],
+         "searched after the first stage 'divprune keep=20"),
+    ]:
+        r = CliRunner().invoke(main, ["optimize", "tiny", *args, "--out", str(out)])
+        assert r.exit_code == 2 and msg in r.output, r.output
+        assert not out.exists()
+
+
+def test_search_with_a_first_stage_end_to_end(tiny, tmp_path, calibration_dir):
+    out = tmp_path / "g.json"
+    r = CliRunner().invoke(main, ["search", "tiny", "--algo", "gsearch", "--calibration", str(calibration_dir),
+                                  "--out", str(out), "--tolerance", "0.2", "--count", "3", "--first",
+                                  "divprune keep=20"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["first"] == FIRST and rec["n_image"] == 20 and rec["keep"][0] == 20
+    assert '--method divprune --keep 20 --keep-ratio 0.098 --then "schedule schedule=' in r.output
+    r = CliRunner().invoke(main, ["optimize", "tiny", "--method", "divprune", "--keep", "20", "--then",
+                                  f"schedule schedule={out}", "--out", str(tmp_path / "s.onnx")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["search", "tiny", "--algo", "gsearch", "--calibration", str(calibration_dir),
+                                  "--out", str(tmp_path / "h.json"), "--first", "fastv keep=9"])
+    assert r.exit_code == 2 and "fastv is not a projector method the search can run" in r.output
 
 
 def test_keep_auto_refuses_the_test_split():

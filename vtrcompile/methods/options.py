@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VtrError
-from .registry import validate
+from .registry import THEN, resolve, stage_text, stages, validate
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,19 @@ def check_options(method: str, given: dict[str, Any], calibration: Path | None) 
     elif calibration is not None:
         raise VtrError("--calibration is only used with --keep auto")
     validate(method, given)  # unknown methods/options, bad counts and intervals
-    if method == "schedule" and given.get("schedule"):
-        from ..search.schedule_file import load_schedule
+    parts = stages(method, given)
+    for i, (m, g) in enumerate(parts):
+        if m == "schedule" and g.get("schedule"):
+            from ..search.schedule_file import load_schedule
 
-        load_schedule(given["schedule"])  # a bad file fails before loading the model
+            rec = load_schedule(g["schedule"])  # a bad file fails before loading the model
+            first = stage_text(parts[0][0], validate(*parts[0])) if i == 1 else None
+            if rec.get("first") != first:
+                raise VtrError(
+                    f"{g['schedule']}: searched after the first stage '{rec['first']}'; compile it with --method "
+                    f"{rec['first'].split()[0]} ... --then \"schedule schedule={g['schedule']}\" and the same options"
+                    if rec.get("first") else
+                    f"{g['schedule']}: searched without a first stage; search again with --first \"{first}\"")
 
 
 def prepare_options(src, method: str, given: dict[str, Any], calibration: Path | None) -> dict[str, Any]:
@@ -35,14 +44,18 @@ def prepare_options(src, method: str, given: dict[str, Any], calibration: Path |
     schedule checked against this model's identity and N."""
     out = dict(given)
     cfg = src.hf_model.config if src.hf_model is not None else None
-    if method == "schedule" and given.get("schedule"):
-        from ..models.llava import image_token_count
-        from ..optimize import model_id
-        from ..search.schedule_file import check_model, load_schedule
+    for i, (m, g) in enumerate(stages(method, given)):
+        if m == "schedule" and g.get("schedule"):
+            from ..models.llava import image_token_count
+            from ..optimize import model_id
+            from ..search.schedule_file import check_model, load_schedule
 
-        sched = load_schedule(given["schedule"])
-        check_model(sched, model_id(src.module, src.program), image_token_count(cfg) if cfg else sched["n_image"],
-                    str(given["schedule"]))
+            sched = load_schedule(g["schedule"])
+            n = image_token_count(cfg) if cfg else sched["n_image"]
+            if i == 1 and cfg:  # the image tokens the first stage leaves
+                n = resolve(method, {k: v for k, v in given.items() if k != THEN}, n,
+                            cfg.text_config.num_hidden_layers)[-1].count
+            check_model(sched, model_id(src.module, src.program), n, str(g["schedule"]))
     if given.get("keep") == "auto":
         from .prumerge_auto import auto_keep
 

@@ -66,6 +66,12 @@ def stages(method: str, given: dict[str, Any]) -> list[tuple[str, dict[str, Any]
     return [(method, own), parse_then(given[THEN])]
 
 
+def stage_text(method: str, opts: dict[str, Any]) -> str:
+    """One stage in `--then` syntax with every option (defaults filled): how a schedule names the stage
+    it was searched after."""
+    return " ".join([method, *(f"{k}={v}" for k, v in sorted(opts.items()) if v is not None and k != THEN)])
+
+
 def label(method: str, given: dict[str, Any]) -> str:
     """'divprune+fastv' for a stacked reduction, else the method."""
     return "+".join(m for m, _ in stages(method, given))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .llava import last_row_attention, roped_qk, top_rows_ascending
-from .methods import _progressive
+from .methods import _progressive, suffix_scores
 
 
 def run_stages(model, input_ids, pixel_values, first=None, sites: dict | None = None) -> torch.Tensor:
@@ -29,12 +29,12 @@ def random_stage(n_image: int, ratio: float = 0.5, seed: int = 0, keep: int | No
     return lambda f: (f[kept], "renumber", kept)
 
 
-def pool_stage(factor: int = 3, side: int | None = None):
+def pool_stage(factor: int = 3, side: int | None = None, out: tuple[int, int] | None = None):
     def stage(f):
         n = f.shape[0]
         h = max(d for d in range(1, int(math.sqrt(n)) + 1) if n % d == 0)
         w = n // h
-        a_out, b_out = (side, side) if side is not None else (math.ceil(h / factor), math.ceil(w / factor))
+        a_out, b_out = out or ((side, side) if side is not None else (math.ceil(h / factor), math.ceil(w / factor)))
         grid = f.float().reshape(h, w, -1)
         rows = []
         for a in range(a_out):
@@ -127,6 +127,21 @@ def dart_site(model, image_pivots: int = 4, text_pivots: int = 4, keep: int = 13
     return reduce
 
 
+def schedule_sites(model, keeps: list[int]) -> dict:
+    """A keep schedule's sites: before layer l where the count drops, the top n_l still present by layer
+    l-1's suffix-text attention (positions kept; 0 withdraws them all)."""
+    out = {}
+    for layer in range(1, len(keeps)):
+        if keeps[layer] < keeps[layer - 1]:
+            def reduce(layer_, h_prev, h, pos, start, n, keep=keeps[layer]):
+                kept = top_rows_ascending(suffix_scores(model, layer_ - 1, h_prev, pos, start, n), keep) if keep \
+                    else torch.arange(0)
+                rows = _rows(h.shape[1], start, n, kept)
+                return h[:, rows], pos[rows], keep
+            out[layer] = reduce
+    return out
+
+
 def pyramiddrop_sites(model, n_layers: int, n_image: int, keep_ratio: float = 0.5) -> dict:
     out, present = {}, n_image
     for layer in sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0}):
@@ -139,3 +154,19 @@ def pyramiddrop_sites(model, n_layers: int, n_image: int, keep_ratio: float = 0.
         out[layer] = reduce
         present = keep
     return out
+
+
+def projector_stage(reduction):
+    """The eager stage of a planned projector-site Reduction (what `search --first` runs before the schedule);
+    vision-site methods have whole-model references only (reference/vision.py) and are not offered here."""
+    name, count = reduction.method, reduction.count
+    if name == "random":
+        kept = torch.tensor(reduction.recorded["indices"])
+        return lambda f: (f[kept], "renumber", kept)
+    if name == "pool":
+        return pool_stage(out=tuple(reduction.recorded["out"]))
+    if name == "divprune":
+        return divprune_stage(count)
+    if name == "gprune":
+        return gprune_stage(count)
+    return None

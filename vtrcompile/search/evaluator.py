@@ -33,24 +33,35 @@ class _State:
 
 
 class ScheduleEvaluator:
-    def __init__(self, model, items: list, answers: list[int] | None = None) -> None:
+    def __init__(self, model, items: list, answers: list[int] | None = None, first=None) -> None:
+        """`first`: a projector stage (reference/baselines.py) applied before the LLM; the schedule then
+        counts the image tokens it leaves."""
         self.model = model.eval()
         self.layers = len(model.model.language_model.layers)
         self.answers = answers
-        self._h0: list[tuple[torch.Tensor, int]] = []
+        self._h0: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         with torch.no_grad():
             for it in items:
                 ids, px = torch.as_tensor(it.ids), torch.as_tensor(it.pixels)
                 feats = image_features(model, px.to(next(model.parameters()).dtype))
-                self._h0.append((embed_prompt(model, ids, feats), image_start(model, ids)))
+                h, start = embed_prompt(model, ids, feats), image_start(model, ids)
+                pos = torch.arange(h.shape[1])
+                if first is not None:
+                    block, policy, kept = first(feats[0])
+                    n = feats.shape[1]
+                    h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n:]], dim=1)
+                    pos = torch.arange(h.shape[1]) if policy == "renumber" else torch.cat(
+                        [pos[:start], start + kept, pos[start + n:]])
+                    feats = block[None]
+                self._h0.append((h, start, pos))
             self.n_image = int(feats.shape[1])
         self._cp: tuple[int, tuple[int, ...], list[_State]] | None = None
         self.evaluations = 0
         self.full = self.logits([self.n_image] * self.layers)
 
     def _start_state(self, i: int) -> _State:
-        h, start = self._h0[i]
-        return _State(h, h, torch.arange(h.shape[1]), start, self.n_image)
+        h, start, pos = self._h0[i]
+        return _State(h, h, pos, start, self.n_image)
 
     def _advance(self, st: _State, keeps: list[int], lo: int, hi: int) -> _State:
         """Run layers lo..hi-1, reducing before each layer l where keeps[l] < keeps[l-1]."""

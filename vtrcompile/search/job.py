@@ -40,9 +40,26 @@ def _partial(out: Path, algo: str, settings: dict, model_id: str) -> dict[str, l
     return done
 
 
+def first_stage(model, text: str):
+    """'divprune keep=288' -> (its eager projector stage, the canonical text a stacked build must match)."""
+    from ..methods.registry import parse_then, resolve, stage_text, validate
+    from ..models.llava import image_token_count
+    from ..reference.baselines import projector_stage
+
+    method, given = parse_then(text)
+    plan = resolve(method, given, image_token_count(model.config), len(model.model.language_model.layers))
+    stage = projector_stage(plan[0]) if len(plan) == 1 and plan[0].site == "projector" else None
+    if stage is None:
+        raise VtrError(f"--first: {method} is not a projector method the search can run (random, pool, divprune, "
+                       "gprune)")
+    return stage, stage_text(method, validate(method, given))
+
+
 def run_search(source, algo: str, calibration: str, out: Path, count: int = 280, tolerance: float = 0.01,
                budget: float | None = None, trials: int = 40, seed: int = 0, storage: str | None = None,
-               metric: str | None = None) -> dict[str, Any]:
+               metric: str | None = None, first: str | None = None) -> dict[str, Any]:
+    """`first`: a projector method's text ("divprune keep=288") that runs before the LLM; the schedule is
+    searched on the image tokens it leaves, and compiles with `--method A ... --then "schedule schedule=FILE"`."""
     from ..optimize import model_id
 
     model = source.hf_model
@@ -58,10 +75,12 @@ def run_search(source, algo: str, calibration: str, out: Path, count: int = 280,
     if algo == "vtw":
         m = Metric("kl")
     t0 = time.perf_counter()
-    ev = ScheduleEvaluator(model, items, answers)
+    stage, first_text = first_stage(model, first) if first else (None, None)
+    ev = ScheduleEvaluator(model, items, answers, stage)
     n, layers = ev.n_image, ev.layers
     base = m.value(ev, ev.full)
-    settings: dict[str, Any] = {"calibration": calibration, "count": len(items), "metric": m.name, "seed": seed}
+    settings: dict[str, Any] = {"calibration": calibration, "count": len(items), "metric": m.name, "seed": seed,
+                                **({"first": first_text} if first_text else {})}
     if algo == "gsearch":
         settings["tolerance"] = tolerance
     elif algo == "psigmoid":
@@ -74,6 +93,7 @@ def run_search(source, algo: str, calibration: str, out: Path, count: int = 280,
     record: dict[str, Any] = {
         "algo": algo, "settings": settings, "model": source.label, "model_id": mid, "n_image": n,
         "llm_layers": layers, "calibration": desc, "metric": {"name": m.name, "baseline": base},
+        **({"first": first_text} if first_text else {}),
         "evaluations": [{"keep": list(k), "value": v} for k, v in memo.items()], "complete": False,
     }
 
