@@ -201,8 +201,9 @@ def _generation_opts(f):
               help="Override the backend picked by --out's extension.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device an AOTInductor (.pt2) package is compiled for.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Precision the graph is exported in (TensorRT builds strongly typed: this is its precision).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Precision the graph is exported in (TensorRT builds strongly typed: this is its precision). "
+                   "Default: the model's own (a Hugging Face checkpoint's config dtype; never upcast silently).")
 @click.option("--weights", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="OpenVINO (.xml) only: int8 = NNCF weight-only compression of the linear layers.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
@@ -223,21 +224,31 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
              triton_repo, min_prompt, max_prompt, workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens,
              kv_budget_gb, **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
+    import dataclasses
+
+    from .memory import check_fits, optimize_estimate
     from .methods.options import check_options, prepare_options
     from .models.loading import load_model
-    from .optimize import Target, backend_for, check_target
+    from .optimize import DTYPES, Target, backend_for, check_target
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
     given = {k: v for k, v in {**method_options, "then": then}.items() if v is not None}
     check_options(method, given, calibration)  # a bad method or option fails before loading anything
-    target = Target(backend_for(out, backend), device, dtype, min_prompt, max_prompt, workspace, weights)
+    target = Target(backend_for(out, backend), device, dtype or "float32", min_prompt, max_prompt, workspace, weights)
     if triton_repo is not None and target.backend != "tensorrt":
         raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
     if min_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
-    src = load_model(model, allow_pickle)
+    src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None)
+    if dtype is None:  # the model's own precision
+        own = str(src.dtype).removeprefix("torch.")
+        if own not in DTYPES:
+            raise VtrError(f"the model's weights are {own}, which vtrcompile does not export; give --dtype")
+        target = dataclasses.replace(target, dtype=own)
+        check_target(target)
+    check_fits("optimize", optimize_estimate(src, target.backend, DTYPES[target.dtype], do_profile))
     given = prepare_options(src, method, given, calibration)
     res = run_optimize(src, method, given, out, target=target)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)

@@ -70,7 +70,7 @@ def decode_metadata(model: torch.nn.Module, model_id: str, label: str, dtype: st
 
 
 def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, folder: Path, target,
-                         batch: int) -> Path:
+                         batch: int, weights=None) -> Path:
     """The decode engine for (model, dtype, backend) in `folder`: reused when one is there, else built."""
     from .optimize import BACKENDS
 
@@ -87,6 +87,6 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io, batch)
     from .optimize import lower_program
 
-    lower_program(ep, path, meta, target)
+    lower_program(ep, path, meta, target, weights)
     log.info("wrote decode engine %s", path)
     return path

@@ -66,16 +66,28 @@ def flops_polynomial(b: Build, image_token_id: int) -> list[float]:
     return [float(c) for c in coef]
 
 
-def model_id(module: torch.nn.Module | None, program: torch.export.ExportedProgram | None) -> str:
-    """A hash of parameter names, shapes and values (values skipped for meta tensors)."""
+def model_id(module: torch.nn.Module | None, program: torch.export.ExportedProgram | None, weights=None) -> str:
+    """A hash of parameter names, shapes and values (values skipped for meta tensors). With `weights` (a model
+    read lazily from its checkpoint) each parameter's values are read from the checkpoint, one at a time: the
+    same hash as the model loaded in memory in that dtype."""
     h = hashlib.sha256()
     state = module.state_dict() if module is not None else program.state_dict  # type: ignore[union-attr]
     for name in sorted(state):
         t = state[name]
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        stored = weights.name_of(t) if weights is not None else None
+        if stored is not None:
+            t = weights.read(stored)
         if t.device.type != "meta":
             h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def source_id(source: ModelSource) -> str:
+    """The model identity of a source (cached: hashing a streamed 7B model reads 14 GB)."""
+    if "model_id" not in source.captured:
+        source.captured["model_id"] = model_id(source.module, source.program, source.weights)
+    return source.captured["model_id"]
 
 
 def prefill_io(b: Build) -> dict[str, Any]:
@@ -113,7 +125,7 @@ def engine_metadata(b: Build, source: ModelSource, mid: str | None = None, targe
     ids, px = b.example_inputs
     s = ids.shape[1]
     tokens = b.llm_tokens(s)
-    mid = mid or model_id(source.module, source.program)
+    mid = mid or source_id(source)
     return stamp(PREFILL, {
         "model": source.label, "model_id": mid, "io": prefill_io(b), "dtype": t.dtype, "backend": t.backend,
         "method": b.method, "options": b.options,
@@ -204,7 +216,16 @@ def check_target(t: Target) -> None:
 
 def cast_model(source: ModelSource, dtype: str) -> None:
     """Reduced precision comes from the graph's own dtype (TensorRT 11 has no FP16/BF16 builder flags)."""
-    if dtype == "float32":
+    if source.module is not None and source.dtype == DTYPES[dtype]:
+        return
+    if source.weights is not None:  # read lazily: rebuild the empty model in the asked dtype
+        from .models.loading import load_model
+
+        fresh = load_model(source.label, dtype=DTYPES[dtype])
+        source.module, source.hf_model, source.weights, source.captured = (fresh.module, fresh.hf_model,
+                                                                           fresh.weights, {})
+        return
+    if dtype == "float32" and source.module is None:
         return
     if source.module is None:
         raise VtrError(f"--dtype {dtype} needs an eager model (a preset, a Hugging Face directory or a pickle); "
@@ -212,18 +233,21 @@ def cast_model(source: ModelSource, dtype: str) -> None:
     source.module.to(DTYPES[dtype])
 
 
-def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[str, Any], t: Target) -> list[Path]:
-    """One program (prefill or decode) -> the target backend's engine file(s), written atomically."""
+def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[str, Any], t: Target,
+                  weights=None) -> list[Path]:
+    """One program (prefill or decode) -> the target backend's engine file(s), written atomically. `weights`:
+    stream the parameters from a checkpoint (ONNX, and the ONNX that OpenVINO and TensorRT read)."""
     if t.backend == "onnxruntime":
-        return export_onnx(program, out, meta)
+        return export_onnx(program, out, meta, weights)
     if t.backend == "openvino":
         from .lower.openvino import export_openvino
 
-        return export_openvino(program, out, meta, t.weights)
+        return export_openvino(program, out, meta, t.weights, weights)
     if t.backend == "tensorrt":
         from .lower.tensorrt import export_plan
 
-        return export_plan(program, out, meta, t.min_prompt, t.max_prompt, int(t.workspace_gb * 2**30))
+        return export_plan(program, out, meta, t.min_prompt, t.max_prompt, int(t.workspace_gb * 2**30),
+                           weights)
     from .lower.aoti import export_aoti
 
     return export_aoti(program, out, meta, t.device)
@@ -236,7 +260,7 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
     prefill file appears only when everything it names is beside it: an interrupted run leaves at most those
     complete, reusable files."""
     t = target or Target()
-    mid = model_id(source.module, source.program)
+    mid = source_id(source)
     meta = engine_metadata(b, source, mid, t)
     check_writable(out)
     if (meta["processor"] or {}).get("tokenizer"):
@@ -247,11 +271,12 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
         from .decode import ensure_decode_engine
 
         assert source.hf_model is not None
-        ensure_decode_engine(source.hf_model, mid, source.label, out.parent, t, b.facts.boundary.batch)
+        ensure_decode_engine(source.hf_model, mid, source.label, out.parent, t, b.facts.boundary.batch,
+                             source.weights)
     elif source.hf_model is None:
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
-    files = lower_program(b.program, out, meta, t)
+    files = lower_program(b.program, out, meta, t, source.weights)
     findings = preflight(out) if t.backend == "onnxruntime" else []
     return Optimized(b, files, meta, findings)
 
@@ -261,5 +286,7 @@ def optimize(source: ModelSource, method: str, options: dict[str, Any], out: Pat
     t = target or Target(backend=backend_for(out, backend), max_prompt=max_prompt)
     check_target(t)
     check_writable(out)  # fail before minutes of work, not after
+    if source.weights is not None and t.backend == "aoti":
+        source.eager()  # AOTInductor compiles the program with its weights in memory
     cast_model(source, t.dtype)
     return write_engine(build(source, method, options, t.max_prompt), source, out, t)

@@ -397,6 +397,11 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
                                              "--workspace", "--reps", "--kv-budget-gb", "--new-tokens", "--dtype"],
                           rng, per_kind, w, may_create=("x.onnx", "decode-*.onnx"))
     res += _options_cases("optimize", ["optimize", "tiny", "--out", str(out)], ["--method"], rng, per_kind, w)
+    made = ("x.onnx", "decode-*.onnx")
+    for method, opts in (("divprune", ["--then"]), ("random", ["--site", "--seed"]), ("pool", ["--factor"]),
+                         ("dart", ["--image-pivots"])):
+        res += _options_cases("optimize", ["optimize", "tiny", "--method", method, "--out", str(out)], opts, rng,
+                              per_kind, w, may_create=made)
     for how, p in damaged_copies(c.schedule, damaged, rng, per_kind):
         res.append(Case("optimize", f"schedule.json {how}",
                         ["optimize", "tiny", "--method", "schedule", "--schedule", str(p), "--out", str(out)],
@@ -513,8 +518,8 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
         res.append(Case("search", f"--out {why}", [*se[:-2], "--calibration", str(c.calibration), "--out", str(p)],
                         names=(p.name[:40], "--out"), watch=w))
     res += _options_cases("search", [*se, "--calibration", str(c.calibration)],
-                          ["--algo", "--tolerance", "--budget", "--trials", "--seed", "--metric", "--count"],
-                          rng, per_kind, w)
+                          ["--algo", "--tolerance", "--budget", "--trials", "--seed", "--metric", "--count", "--first"],
+                          rng, per_kind, w, may_create=("s.json", "s.optuna.db"))
 
     # -- sweep and methods: nonsense options, output folders
     sw = ["sweep", "tiny", "--out-dir", str(out_dir / "sweep")]

@@ -41,7 +41,7 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "processor": ((PREFILL,), "image preprocessing, prompt template and tokenizer folder"),
     "method": ((PREFILL,), "the reduction method"),
     "options": ((PREFILL,), "the method's options as given"),
-    "reductions": ((PREFILL,), "each reduction site: {site, layer, count, positions}"),
+    "reductions": ((PREFILL,), "each reduction site: {method, site, layer, count, positions} and its constants"),
     "image_token_id": ((PREFILL,), "the image placeholder id"),
     "n_image": ((PREFILL,), "image placeholders per prompt"),
     "pixel_shape": ((PREFILL,), "[3, H, W] of pixel_values"),
@@ -49,6 +49,8 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "llm_token_drop": ((PREFILL,), "per decoder layer: S - S_l"),
     "flops_poly": ((PREFILL,), "prefill FLOPs = a + b S + c S^2"),
     "has_weights": (BOTH, "LOWERING (ONNX): false when written without weights"),
+    "weights_file": (BOTH, "LOWERING (ONNX): the model's shared weight store the initializers point at, when "
+                           "the weights were streamed from a checkpoint"),
     "device": (BOTH, "LOWERING (AOTInductor): the device it was compiled for"),
     "weights": (BOTH, "LOWERING (OpenVINO): none, or int8 (NNCF weight-only compression)"),
 }

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 import torch
 
+from ..errors import VtrError
 from .atomic import write_atomically
 
 log = logging.getLogger(__name__)
@@ -24,24 +26,49 @@ def param_bytes(ep: torch.export.ExportedProgram) -> int:
     return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
 
 
-def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any]) -> list[Path]:
-    """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written."""
+def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any], weights=None
+                ) -> list[Path]:
+    """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written.
+
+    `weights` (models/checkpoint.CheckpointWeights): the program's parameters are empty stand-ins; each weight
+    is streamed from the checkpoint into the model's shared weight store beside `out` (lower/weight_store.py)
+    before the graph is optimised, so constant folding never holds a weight in memory."""
     t0 = time.perf_counter()
     io = metadata.get("io")  # absent only for a bare program (input_ids, pixel_values) -> logits
+    stream = weights is not None and any(weights.name_of(t) for t in ep.state_dict.values())
     program = torch.onnx.export(ep, (), input_names=[t["name"] for t in io["inputs"]] if io else
                                 ["input_ids", "pixel_values"],
                                 output_names=[t["name"] for t in io["outputs"]] if io else ["logits"], dynamo=True,
-                                verbose=False, optimize=True)
+                                verbose=False, optimize=not stream)
+    has_weights = not any(t.device.type == "meta" for t in ep.state_dict.values())
+    if not has_weights:
+        log.warning("%s: the model is on the meta device; writing the graph without weights", out)
+    store = None
+    if stream:
+        from .weight_store import WeightStore, attach_streamed_weights, check_no_empty_weights
+
+        store = WeightStore(Path(out).parent, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))
+        n = attach_streamed_weights(program.model, weights, store)
+        check_no_empty_weights(program.model, weights)
+        log.info("%s: %d initializers point at %s (%d tensors appended)", out, n, store.data.name, store.written)
+        program.optimize()
+        metadata = {**metadata, "weights_file": store.data.name}
     if io:
         _name_dims(program.model.graph, io)
-    weights = not any(t.device.type == "meta" for t in ep.state_dict.values())
-    if not weights:
-        log.warning("%s: the model is on the meta device; writing the graph without weights", out)
-    program.model.metadata_props[METADATA_KEY] = json.dumps({**metadata, "has_weights": weights}, sort_keys=True)
+    program.model.metadata_props[METADATA_KEY] = json.dumps({**metadata, "has_weights": has_weights},
+                                                            sort_keys=True)
     external = param_bytes(ep) > EXTERNAL_DATA_BYTES
 
     def save(tmp: Path) -> None:
-        program.save(str(tmp), include_initializers=weights, external_data=external)
+        if store is not None:  # the weights stay where the store has them; only small constants are inline
+            inline = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                         if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
+            if inline > EXTERNAL_DATA_BYTES:
+                raise VtrError(f"{out}: {inline / 1e9:.1f} GB of constants outside the weight store; too large "
+                               "for one ONNX file")
+            ir.save(program.model, str(tmp))
+        else:
+            program.save(str(tmp), include_initializers=has_weights, external_data=external)
 
     files = write_atomically(Path(out), save)
     log.debug("wrote %s in %.1fs", out, time.perf_counter() - t0)

@@ -64,12 +64,14 @@ def check_nncf() -> None:
         raise VtrError("--weights int8 needs NNCF: pip install 'vtrcompile[openvino]' (or pip install nncf)") from None
 
 
-def export_openvino(program: Any, out: Path, metadata: dict[str, Any], weights: str = "none") -> list[Path]:
-    """ONNX export to a scratch folder, then OpenVINO's conversion of that file (`ir_from_onnx`)."""
+def export_openvino(program: Any, out: Path, metadata: dict[str, Any], weights: str = "none",
+                    streamed: Any = None) -> list[Path]:
+    """ONNX export to a scratch folder (weights streamed there from a checkpoint when `streamed` is given), then
+    OpenVINO's conversion of that file (`ir_from_onnx`, which holds the weights in memory while it converts)."""
     _ov()
     with tempfile.TemporaryDirectory(prefix=".vtr-onnx.", dir=out.parent if out.parent.is_dir() else None) as d:
         onnx_path = Path(d) / (out.stem + ".onnx")
-        export_onnx(program, onnx_path, metadata)
+        export_onnx(program, onnx_path, metadata, streamed)
         return ir_from_onnx(onnx_path, out, metadata, weights)
 
 

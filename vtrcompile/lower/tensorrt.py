@@ -213,7 +213,7 @@ def gpu_info() -> dict[str, Any]:
 
 
 def export_plan(ep: Any, out: Path, meta: dict[str, Any], min_prompt: int | None, max_prompt: int | None,
-                workspace_bytes: int) -> list[Path]:
+                workspace_bytes: int, weights: Any = None) -> list[Path]:
     """Program -> ONNX (temporary) -> preflight -> TensorRT build -> `.plan` + `.plan.json`, written atomically."""
     import tempfile
 
@@ -227,7 +227,7 @@ def export_plan(ep: Any, out: Path, meta: dict[str, Any], min_prompt: int | None
     trt = import_tensorrt()
     with tempfile.TemporaryDirectory() as d:
         onnx_path = Path(d) / "model.onnx"
-        export_onnx(ep, onnx_path, meta)
+        export_onnx(ep, onnx_path, meta, weights)
         findings = preflight(onnx_path)
         if findings:
             raise VtrError(f"the graph has {len(findings)} node(s) TensorRT cannot take, first: {findings[0]}")

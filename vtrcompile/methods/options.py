@@ -47,7 +47,7 @@ def prepare_options(src, method: str, given: dict[str, Any], calibration: Path |
     for i, (m, g) in enumerate(stages(method, given)):
         if m == "schedule" and g.get("schedule"):
             from ..models.llava import image_token_count
-            from ..optimize import model_id
+            from ..optimize import source_id
             from ..search.schedule_file import check_model, load_schedule
 
             sched = load_schedule(g["schedule"])
@@ -55,13 +55,13 @@ def prepare_options(src, method: str, given: dict[str, Any], calibration: Path |
             if i == 1 and cfg:  # the image tokens the first stage leaves
                 n = resolve(method, {k: v for k, v in given.items() if k != THEN}, n,
                             cfg.text_config.num_hidden_layers)[-1].count
-            check_model(sched, model_id(src.module, src.program), n, str(g["schedule"]))
+            check_model(sched, source_id(src), n, str(g["schedule"]))
     if given.get("keep") == "auto":
         from .prumerge_auto import auto_keep
 
         if cfg is None:
             raise VtrError("--keep auto needs an eager model (a preset, HF directory or pickle)")
-        out["keep"], counts = auto_keep(src.hf_model, calibration_pixels(calibration, cfg.vision_config.image_size))
+        out["keep"], counts = auto_keep(src.eager().hf_model, calibration_pixels(calibration, cfg.vision_config.image_size))
         log.info("--keep auto: IQR outlier counts over %d calibration images %s -> median %d", len(counts), counts,
                  out["keep"])
     return out

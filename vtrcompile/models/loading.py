@@ -7,6 +7,7 @@ import logging
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,25 @@ class ModelSource:
     # Captured programs by (max_prompt, dtype): every build starts from a fresh ep.module() copy, so one
     # capture serves all of them (the reduced and the baseline engine of one `optimize --profile`).
     captured: dict = field(default_factory=dict, repr=False)
+    # A Hugging Face directory read lazily: the module's parameters are empty stand-ins and engines stream
+    # every weight from the checkpoint (models/checkpoint.py); `eager()` loads them for jobs that run the model.
+    weights: Any = None
+
+    def eager(self) -> ModelSource:
+        """This source with its weights in memory (in the checkpoint's dtype, or the one asked for): for jobs
+        that run the model (search, --keep auto, AOTInductor). A no-op for sources that are loaded already."""
+        if self.weights is None:
+            return self
+        loaded = _load_hf_dir(Path(self.label), self.weights.dtype, stream=False)
+        self.module, self.hf_model, self.weights, self.captured = loaded.module, loaded.hf_model, None, {}
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(iter(self.module.parameters()), None) if self.module is not None else None
+        if p is None and self.program is not None:
+            p = next(iter(self.program.state_dict.values()), None)
+        return p.dtype if p is not None else torch.float32
 
 
 class NextTokenLogits(nn.Module):
@@ -91,8 +111,8 @@ def _check_llava_config(cfg: dict, where: str) -> None:
                                 "use a LlavaForConditionalGeneration checkpoint")
 
 
-def _load_hf_dir(path: Path) -> ModelSource:
-    from transformers import LlavaForConditionalGeneration
+def _read_llava_config(path: Path):
+    from transformers import LlavaConfig
 
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -103,16 +123,45 @@ def _load_hf_dir(path: Path) -> ModelSource:
         raise VtrError(f"{cfg_file}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
                        "fix or re-save the checkpoint") from None
     _check_llava_config(cfg, str(path))
-    from transformers import LlavaConfig
-
     try:
-        config = LlavaConfig.from_pretrained(path, local_files_only=True)
+        return LlavaConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # a config.json that parses as JSON but not as a LlavaConfig
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"{cfg_file}: not a valid LLaVA config ({first}); fix or re-save config.json") from None
+
+
+def _refuse_eager(module, args, kwargs):
+    """Forward pre-hook of a model whose parameters are empty stand-ins: tracing (fake tensors) may run it,
+    running it on real inputs would compute with unwritten memory."""
+    from torch._guards import detect_fake_mode
+
+    if detect_fake_mode((args, kwargs)) is None:
+        raise VtrError("internal: a model read lazily from its checkpoint was run without its weights; call "
+                       "ModelSource.eager() first")
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = True) -> ModelSource:
+    """A Hugging Face directory in its own dtype (the config's), or `dtype` when given; never upcast silently.
+    `stream`: build the model with empty parameters and read the weights from the safetensors files only when
+    an engine is written (folders without safetensors files load eagerly)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .checkpoint import CheckpointWeights, config_dtype, empty_model
+
+    config = _read_llava_config(path)
+    dtype = dtype or config_dtype(config) or torch.float32
+    if stream and any(path.glob("*.safetensors")):
+        model = empty_model(LlavaForConditionalGeneration, config, dtype)
+        model.config._attn_implementation = "sdpa"
+        weights = CheckpointWeights(path, model, dtype)
+        model.register_forward_pre_hook(_refuse_eager, with_kwargs=True)
+        log.info("%s: %.1f GB of %s weights, read from the checkpoint when engines are written", path,
+                 weights.nbytes / 1e9, str(dtype).removeprefix("torch."))
+        return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None, example_prompt(model.config),
+                           hf_model=model, weights=weights)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
-            path, config=config, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32)
+            path, config=config, local_files_only=True, attn_implementation="sdpa", dtype=dtype)
     except Exception as e:  # transformers raises many types for broken checkpoints
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"{path}: could not load the weights ({first}); check the safetensors files") from None
@@ -176,8 +225,10 @@ def _is_aoti_package(path: Path) -> bool:
         return any("aotinductor" in n for n in z.namelist())
 
 
-def load_model(spec: str, allow_pickle: bool = False) -> ModelSource:
-    """Resolve the MODEL argument of the CLI."""
+def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None,
+               stream: bool = True) -> ModelSource:
+    """Resolve the MODEL argument of the CLI. A Hugging Face directory is read in its own dtype (or `dtype`);
+    with `stream` its weights stay in the checkpoint until an engine is written (ModelSource.eager() loads them)."""
     if spec in PRESETS:
         device = "meta" if spec == "llava15-7b" else "cpu"
         model = build_preset(spec, device=device)
@@ -189,7 +240,7 @@ def load_model(spec: str, allow_pickle: bool = False) -> ModelSource:
                        f"torch.export.save, a pickled nn.Module with --allow-pickle, or a preset: "
                        f"{', '.join(PRESETS)})")
     if path.is_dir():
-        return _load_hf_dir(path)
+        return _load_hf_dir(path, dtype, stream)
     _refuse_engine(path)
     with path.open("rb") as f:
         head = f.read(4)

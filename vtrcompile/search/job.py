@@ -60,13 +60,17 @@ def run_search(source, algo: str, calibration: str, out: Path, count: int = 280,
                metric: str | None = None, first: str | None = None) -> dict[str, Any]:
     """`first`: a projector method's text ("divprune keep=288") that runs before the LLM; the schedule is
     searched on the image tokens it leaves, and compiles with `--method A ... --then "schedule schedule=FILE"`."""
-    from ..optimize import model_id
+    from ..optimize import source_id
 
-    model = source.hf_model
+    if source.weights is not None:
+        from ..memory import check_fits, eager_estimate
+
+        check_fits("search", eager_estimate(source, source.dtype))
+    model = source.eager().hf_model
     if model is None:
         raise VtrError("search runs the model eagerly on the calibration set: give a Hugging Face directory, a "
                        "preset or a pickled module (not an exported program)")
-    mid = model_id(source.module, source.program)
+    mid = source_id(source)
     src_dir = source.label if source.kind == "hf-dir" else None
     items, answers, desc = calibration_items(calibration, model, count, src_dir)
     m = Metric(metric or ("accuracy" if answers is not None else "agreement"))

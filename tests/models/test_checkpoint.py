@@ -1,0 +1,104 @@
+"""Hugging Face directories read lazily: weights streamed from the safetensors files into a shared store, the
+same engines as the model loaded in memory, the checkpoint's own dtype, and the memory check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import max_diff, prompts
+from vtrcompile import memory
+from vtrcompile.build import build
+from vtrcompile.cli import main
+from vtrcompile.errors import VtrError
+from vtrcompile.lower.onnx import read_metadata
+from vtrcompile.lower.onnxruntime import OrtEngine
+from vtrcompile.models.loading import load_model
+from vtrcompile.models.presets import build_preset
+from vtrcompile.optimize import source_id, write_engine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt") / "tiny-hf"
+    build_preset("tiny").save_pretrained(d)  # transformers writes the legacy key layout (language_model.model...)
+    return d
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_streamed_engines_equal_the_in_memory_ones(checkpoint, tmp_path):
+    lazy, loaded = load_model(str(checkpoint)), load_model(str(checkpoint), stream=False)
+    assert lazy.weights is not None and loaded.weights is None
+    assert source_id(lazy) == source_id(loaded)  # the identity hash reads the same values
+    a = write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "a" / "f.onnx")
+    b = write_engine(build(loaded, "fastv", {"keep": 18}), loaded, tmp_path / "b" / "f.onnx")
+    decode = a.metadata["decode"]["file"]
+    assert _ops(a.files[-1]) == _ops(b.files[-1])  # the same graph
+    assert _ops(tmp_path / "a" / decode) == _ops(tmp_path / "b" / decode)
+    ea, eb = OrtEngine(a.files[-1], threads=1), OrtEngine(b.files[-1], threads=1)
+    for ids, px in prompts(lazy.hf_model.config):
+        assert float(np.abs(ea(ids.numpy(), px.numpy()) - eb(ids.numpy(), px.numpy())).max()) <= 1e-6
+    meta = read_metadata(a.files[-1])
+    store = tmp_path / "a" / meta["weights_file"]
+    index = json.loads(store.with_suffix(".json").read_text())["tensors"]
+    # every stored weight once: the prefill and decode engines point at the same bytes
+    spans = sorted(index.values())
+    assert sum(n for _, n in spans) == store.stat().st_size
+    assert all(o1 + n1 <= o2 for (o1, n1), (o2, _) in zip(spans, spans[1:], strict=False))
+    assert read_metadata(tmp_path / "a" / decode)["weights_file"] == meta["weights_file"]
+    assert "weights_file" not in read_metadata(b.files[-1])
+
+
+def test_a_lazy_model_is_never_run_without_its_weights(checkpoint):
+    src = load_model(str(checkpoint))
+    ids, px = prompts(src.hf_model.config)[0]
+    with pytest.raises(VtrError, match="without its weights"):
+        src.module(ids, px)
+    ref = build_preset("tiny")
+    with torch.no_grad():
+        assert max_diff(src.eager().module(ids, px), ref(input_ids=ids, pixel_values=px).logits[:, -1]) <= 1e-6
+
+
+def test_a_bf16_checkpoint_stays_bf16(tmp_path):
+    d = tmp_path / "bf16"
+    build_preset("tiny").to(torch.bfloat16).save_pretrained(d)
+    src = load_model(str(d))
+    assert src.dtype == torch.bfloat16 and src.weights.dtype == torch.bfloat16  # never upcast silently
+    assert load_model(str(d), dtype=torch.float32).dtype == torch.float32  # unless asked
+    out = tmp_path / "e.onnx"
+    r = CliRunner().invoke(main, ["optimize", str(d), "--method", "fastv", "--keep", "18", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert read_metadata(out)["dtype"] == "bfloat16"
+
+
+def test_a_job_the_machine_cannot_hold_is_refused(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(0.5e9))
+    out = tmp_path / "e.onnx"
+    r = CliRunner().invoke(main, ["optimize", str(checkpoint), "--method", "fastv", "--out", str(out), "--profile"])
+    assert r.exit_code == 2
+    line = r.output.strip()
+    assert "\n" not in line and "optimize needs about" in line and "0.5 GB are available" in line
+    assert "drop --profile" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(checkpoint, tmp_path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    for f in checkpoint.iterdir():
+        if f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    tensors.pop(next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight")))
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(VtrError, match="1 weight\\(s\\) of the model are not in the checkpoint"):
+        load_model(str(d))

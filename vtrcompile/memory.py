@@ -1,0 +1,98 @@
+"""Peak-memory estimates, checked before heavy work: a job the machine cannot hold is refused in one line
+(naming the numbers and what would fit) instead of being killed by the kernel halfway."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import VtrError
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+RUNTIME = 1.5 * GB  # Python, torch, the exporter and the captured graph (measured ~1 GB for the 7B graph)
+
+
+def available_bytes() -> int:
+    """Memory this process may still use: MemAvailable, or less under a cgroup limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def weight_bytes(source, dtype: torch.dtype) -> int:
+    """The model's weights in `dtype` (read from the checkpoint's headers when it is read lazily)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if source.weights is not None:
+        return sum(_numel(e.shape) * (size if e.dtype.is_floating_point else e.dtype.itemsize)
+                   for e in source.weights.entries.values())
+    state = source.module.state_dict() if source.module is not None else source.program.state_dict
+    seen, total = set(), 0
+    for t in state.values():
+        key = (t.data_ptr(), t.device.type) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * (size if t.is_floating_point() else t.element_size())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool) -> tuple[float, str, list[str]]:
+    """(bytes, what they are, what would need less) for `optimize` of `source` to `backend`."""
+    w = weight_bytes(source, dtype)
+    name = str(dtype).removeprefix("torch.")
+    advice = []
+    if source.weights is not None and backend in ("onnxruntime", "tensorrt"):
+        largest = max((_numel(e.shape) for e in source.weights.entries.values()), default=0) * 4
+        need, what = RUNTIME + 3 * largest, f"weights streamed from the checkpoint ({w / GB:.1f} GB of {name})"
+    else:
+        need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
+        advice.append("write an .onnx engine (its weights stream from a Hugging Face checkpoint)")
+    if profile:
+        need += 2 * w
+        what += ", plus two ONNX Runtime sessions for --profile"
+        advice.insert(0, "drop --profile (profile the engines on a larger machine)")
+    if dtype == torch.float32:
+        advice.append("--dtype bfloat16 halves the weights")
+    return need, what, advice
+
+
+def eager_estimate(source, dtype: torch.dtype) -> tuple[float, str, list[str]]:
+    """A job that runs the model eagerly (search, --keep auto): the weights in memory, plus activations."""
+    w = weight_bytes(source, dtype)
+    advice = ["--dtype bfloat16 halves the weights"] if dtype == torch.float32 else []
+    return RUNTIME + 1.2 * w, f"{w / GB:.1f} GB of {str(dtype).removeprefix('torch.')} weights in memory", advice
+
+
+def check_fits(job: str, estimate: tuple[float, str, list[str]]) -> None:
+    need, what, advice = estimate
+    avail = available_bytes()
+    log.info("%s: needs about %.1f GB (%s); %.1f GB available", job, need / GB, what, avail / GB)
+    if need > avail:
+        instead = "; or ".join(advice) if advice else "use a machine with more memory"
+        raise VtrError(f"{job} needs about {need / GB:.1f} GB of memory ({what}) and {avail / GB:.1f} GB are "
+                       f"available; {instead}")
