@@ -17,7 +17,7 @@ from vtrcompile.reference.methods import fastv_reference
 
 def test_hf_directory_round_trip(tiny, tmp_path):
     tiny.hf_model.save_pretrained(tmp_path / "m")
-    src = load_model(str(tmp_path / "m"))
+    src = load_model(str(tmp_path / "m"), stream=False)  # run eagerly below: weights in memory
     assert src.kind == "hf-dir"
     ids, px = tiny.example_inputs
     b = build(src, "fastv", {"layer": 2, "keep": 7})
@@ -70,5 +70,7 @@ def test_text_only_model_is_refused(tmp_path):
 def test_llava_dir_with_corrupt_weights(tiny, tmp_path):
     tiny.hf_model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(VtrError, match="model.safetensors: not a readable safetensors file .*re-save"):
+        load_model(str(tmp_path / "m"))  # read lazily: the header is checked when the folder is opened
     with pytest.raises(VtrError, match="could not load the weights.*safetensors"):
-        load_model(str(tmp_path / "m"))
+        load_model(str(tmp_path / "m"), stream=False)
