@@ -68,7 +68,7 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool) -
     advice = []
     if source.weights is not None and backend in ("onnxruntime", "tensorrt"):
         largest = max((_numel(e.shape) for e in source.weights.entries.values()), default=0) * 4
-        need, what = RUNTIME + 3 * largest, f"weights streamed from the checkpoint ({w / GB:.1f} GB of {name})"
+        need, what = RUNTIME + 3 * largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
         advice.append("write an .onnx engine (its weights stream from a Hugging Face checkpoint)")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError, VtrError
-from .presets import PRESETS, build_preset
+from .presets import META_PRESETS, PRESETS, build_preset
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     """Resolve the MODEL argument of the CLI. A Hugging Face directory is read in its own dtype (or `dtype`);
     with `stream` its weights stay in the checkpoint until an engine is written (ModelSource.eager() loads them)."""
     if spec in PRESETS:
-        device = "meta" if spec == "llava15-7b" else "cpu"
+        device = "meta" if spec in META_PRESETS else "cpu"
         model = build_preset(spec, device=device)
         return ModelSource(f"preset:{spec}", "preset", NextTokenLogits(model), None,
                            example_prompt(model.config), hf_model=model)

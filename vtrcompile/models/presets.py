@@ -49,8 +49,22 @@ PRESETS: dict[str, Preset] = {
                       rms_norm_eps=1e-5),
             image_token_id=32000,
         ),
+        Preset(
+            "llava15-13b",
+            "scale check: LLaVA-1.5-13B architecture (CLIP-L/14-336 + Llama-13B, 40 x 5120); built on the meta "
+            "device",
+            vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=336, patch_size=14, projection_dim=768),
+            text=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5),
+            image_token_id=32000,
+        ),
     ]
 }
+
+# Presets too large to build with weights on this kind of machine: analysis only (meta device).
+META_PRESETS = {"llava15-7b", "llava15-13b"}
 
 
 def preset_config(name: str) -> LlavaConfig:

@@ -1,0 +1,143 @@
+"""Real checkpoints at scale: a bf16 LLaVA-1.5-7B or -13B architecture checkpoint on disk (random weights,
+safetensors shards in the layout `save_pretrained` writes) through the CLI the way a user runs it:
+
+    /usr/bin/time -v vtrcompile optimize DIR --method fastv --keep 64 --dtype bfloat16 --out OUT/f.onnx
+
+Records wall time and peak RSS (from /usr/bin/time), runs the ONNX checker on the graph, and checks that
+the weight store holds every weight once (its index spans tile the file exactly, and every large initializer
+of both engines points into it). Usage:
+    python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from safetensors.torch import save_file
+
+from vtrcompile.models.presets import build_preset
+
+# transformers writes LLaVA checkpoints in the legacy key layout; so do we (the loader renames them back)
+LEGACY = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+          ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")]
+SHARD_BYTES = 4 * 2**30
+
+
+def legacy_key(name: str) -> str:
+    for new, old in LEGACY:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def make_checkpoint(preset: str, folder: Path, seed: int = 0) -> dict:
+    """Random bf16 weights (std 0.02), written shard by shard: at most one shard in memory."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_preset(preset, device="meta")
+    cfg = model.config
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    size, files, weight_map, total = 0, [], {}, 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if not shard:
+            return
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+
+    for name, p in model.named_parameters():
+        t = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+        shard[legacy_key(name)] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+        if size >= SHARD_BYTES:
+            flush()
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return {"files": len(files), "bytes": total, "params": sum(p.numel() for p in model.parameters())}
+
+
+def time_v(cmd: list[str]) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
+    out = {"cmd": " ".join(cmd), "exit": r.returncode, "wall_s": wall,
+           "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else None,
+           "stderr_tail": [line for line in r.stderr.splitlines() if not line.startswith("\t")][-6:]}
+    return out
+
+
+def check_store(folder: Path, engines: list[Path]) -> dict:
+    from vtrcompile.lower.onnx import read_metadata
+
+    store = folder / read_metadata(engines[0])["weights_file"]
+    index = json.loads(store.with_suffix(".json").read_text())["tensors"]
+    spans = sorted(index.values())
+    tiled = all(o1 + n1 == o2 for (o1, n1), (o2, _) in zip(spans, spans[1:], strict=False)) and \
+        sum(n for _, n in spans) == store.stat().st_size
+    known = {(o, n) for o, n in spans}
+    per_engine = {}
+    for e in engines:
+        m = onnx.load(str(e), load_external_data=False)
+        onnx.checker.check_model(str(e))  # by path: external data resolved beside the engine
+        ext = [{d.key: d.value for d in i.external_data} for i in m.graph.initializer if i.data_location == 1]
+        pts = [(int(x["offset"]), int(x["length"])) for x in ext]
+        per_engine[e.name] = {"external_initializers": len(pts), "all_in_store": all(p in known for p in pts),
+                              "distinct": len(set(pts)) == len(pts), "checker": "passed",
+                              "inline_initializers": sum(1 for i in m.graph.initializer if i.data_location != 1),
+                              "onnx_bytes": e.stat().st_size}
+    return {"store": store.name, "store_bytes": store.stat().st_size, "tensors": len(index),
+            "spans_tile_the_file": tiled, "engines": per_engine}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llava15-7b", choices=["tiny", "llava15-7b", "llava15-13b"])
+    ap.add_argument("--work", default="build/scale")
+    ap.add_argument("--keep", type=int, default=64, help="FastV's image-token budget")
+    ap.add_argument("--keep-checkpoint", action="store_true")
+    ap.add_argument("--result", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work = Path(args.work)
+    ckpt, out = work / "checkpoint", work / "engines"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    made = make_checkpoint(args.preset, ckpt) if not (ckpt / "config.json").is_file() else {"reused": True}
+    made["seconds"] = time.perf_counter() - t0
+    logging.info("checkpoint: %s", made)
+    out.mkdir(parents=True)
+    run = time_v(["vtrcompile", "optimize", str(ckpt), "--method", "fastv", "--keep", str(args.keep), "--dtype", "bfloat16",
+                  "--out", str(out / "fastv.onnx")])
+    logging.info("optimize: %s", run)
+    result = {"preset": args.preset, "checkpoint": made, "optimize": run}
+    if run["exit"] == 0:
+        engines = [out / "fastv.onnx", *sorted(out.glob("decode-*.onnx"))]
+        result["store"] = check_store(out, engines)
+        result["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    path = Path(args.result or f"benchmarks/results/scale-checkpoint-{args.preset.removeprefix('llava15-')}.json")
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    if not args.keep_checkpoint:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
