@@ -123,7 +123,7 @@ def run(source, items, out_dir: Path, methods: tuple[str, ...] = DEFAULT_METHODS
         path = eng_dir / (name.replace(" ", "_").replace("=", "") + ".onnx")
         log.info("[%d/%d] %s", i, len(runs), name)
         try:
-            res = optimize(source, m, o, path, max_prompt)
+            res = optimize(source, m.split("+")[0], o, path, max_prompt)  # a stacked pair: its `then` is in o
         except VtrError as e:  # e.g. a PuMer count its schedule cannot reach: recorded, not fatal
             log.warning("%s: skipped (%s)", name, e)
             rows.append({"method": m, "options": o, "label": name, "skipped": str(e)})
