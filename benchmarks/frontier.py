@@ -1,6 +1,8 @@
 """Accuracy-vs-speedup frontier over one or more sweep runs of the same model and prompts.
 
-Usage: python benchmarks/frontier.py build/sweep-new/sweep.json build/sweep-seed/sweep.json
+Usage: python benchmarks/frontier.py build/sweep-new/sweep.json benchmarks/results/sweep-vqa-synth.json
+(runs of the same model, prompts and baseline answers; rows of a run that kept no per-prompt predictions are
+shown without the paired noise).
 Writes benchmarks/results/frontier-vqa-synth.{json,md,png}: every engine's overall accuracy change against the
 unmodified engine (paired, with two standard errors), its measured prefill speedup, whether it is on the
 Pareto frontier, and the project's goal (>= 2.5x at <= 1 point lost, >= 4x at <= 3 points) checked.
@@ -20,9 +22,18 @@ def merge(paths: list[Path]) -> dict:
     head = runs[0]
     for r in runs[1:]:
         same = all(r[k] == head[k] for k in ("model_id", "benchmark", "prompts", "n_image"))
-        if not same or r["baseline"]["overall"] != head["baseline"]["overall"]:
+        if not same or r["baseline"] != head["baseline"]:
             raise SystemExit(f"runs differ in model, benchmark, prompts or baseline answers: {paths}")
-    rows = [dict(x, run=str(p)) for r, p in zip(runs, paths, strict=True) for x in r["rows"] if "skipped" not in x]
+    rows = []
+    for r, p in zip(runs, paths, strict=True):
+        for x in r["rows"]:
+            if "skipped" in x:
+                continue
+            x = dict(x, run=str(p), onnxruntime=r["environment"].get("onnxruntime"))
+            if "delta_overall_points" not in x:  # a run from before predictions were kept: no paired noise
+                x["delta_overall_points"] = 100 * (x["overall"] - head["baseline"]["overall"])
+                x["delta_overall_2se"] = None
+            rows.append(x)
     return {**{k: head[k] for k in ("model", "model_id", "benchmark", "prompts", "n_image", "baseline",
                                     "environment")}, "runs": [str(p) for p in paths], "rows": rows}
 
@@ -57,14 +68,14 @@ def markdown(m: dict) -> str:
              "|---|---:|---:|---:|---:|:-:|"]
     front = {id(r) for r in frontier(m["rows"])}
     for r in sorted(m["rows"], key=lambda r: -r["speedup_p50"]):
-        lines.append(f"| {r['label']} | {r['image_tokens_last_layer']} | {r['delta_overall_points']:+.1f} ± "
-                     f"{r['delta_overall_2se']:.1f} | {100 * (r['fine'] - b['fine']):+.1f} | {r['speedup_p50']:.2f}x | "
-                     f"{'*' if id(r) in front else ''} |")
+        noise = f"± {r['delta_overall_2se']:.1f}" if r["delta_overall_2se"] is not None else "(earlier run)"
+        lines.append(f"| {r['label']} | {r['image_tokens_last_layer']} | {r['delta_overall_points']:+.1f} {noise} | "
+                     f"{100 * (r['fine'] - b['fine']):+.1f} | {r['speedup_p50']:.2f}x | {'*' if id(r) in front else ''} |")
     lines.append("")
     for g in m["goals"]:
         best = g["best_within_loss"]
         what = "no engine" if best is None else (f"{best['label']}: {best['speedup_p50']:.2f}x at "
-                                                 f"{best['delta_overall_points']:+.1f} ± {best['delta_overall_2se']:.1f}")
+                                                 f"{best['delta_overall_points']:+.1f} points")
         lines.append(f"- goal >= {g['speedup']}x at <= {g['max_loss_points']:g} point(s) lost: "
                      f"{'met' if g['met'] else 'not met'}; fastest within the loss: {what}")
     return "\n".join(lines) + "\n"
@@ -80,8 +91,8 @@ def plot(m: dict, path: Path) -> None:
     for method in dict.fromkeys(r["method"] for r in m["rows"]):
         pts = sorted((r["speedup_p50"], r["delta_overall_points"], r["delta_overall_2se"]) for r in m["rows"]
                      if r["method"] == method)
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", ms=4, lw=1,
-                    capsize=2, label=method)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-", ms=4,
+                    lw=1, capsize=2, label=method)
     front = sorted((r["speedup_p50"], r["delta_overall_points"]) for r in frontier(m["rows"]))
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1.2, label="frontier")
     for speed, loss in GOALS:

@@ -48,7 +48,11 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
         from .weight_store import WeightStore, attach_streamed_weights, check_no_empty_weights
 
         store = WeightStore(Path(out).parent, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))
-        n = attach_streamed_weights(program.model, weights, store)
+        try:
+            n = attach_streamed_weights(program.model, weights, store)
+        except BaseException:
+            store.discard_if_new()  # a store this export began and could not finish is not left behind
+            raise
         check_no_empty_weights(program.model, weights)
         log.info("%s: %d initializers point at %s (%d tensors appended)", out, n, store.data.name, store.written)
         program.optimize()

@@ -47,6 +47,7 @@ class WeightStore:
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
                 self.index = {}
         self.model_id, self.dtype = model_id, dtype
+        self.new = not self.index
         end = max((o + n for o, n in self.index.values()), default=0)
         if self.data.is_file() and self.data.stat().st_size > end:
             os.truncate(self.data, end)  # bytes an interrupted append left behind, not in the index
@@ -68,6 +69,11 @@ class WeightStore:
             del t
         offset, length = self.index[key]
         return offset, length
+
+    def discard_if_new(self) -> None:
+        if self.new:
+            self.data.unlink(missing_ok=True)
+            self.index_path.unlink(missing_ok=True)
 
     def _save_index(self) -> None:
         rec = {"format": FORMAT, "model_id": self.model_id, "dtype": self.dtype, "tensors": self.index}

@@ -24,21 +24,23 @@ def divprune_keep(image_features: torch.Tensor, batch: int, n_image: int, keep: 
     """image_features [B*N, D] -> kept [B, keep] ascending.
 
     s_0 = argmax_j min_{i != j} Dist[i, j]; m = Dist[s_0]; then keep-1 times: s = argmax of m over the tokens
-    not chosen yet, m = min(m, Dist[s]). Ties go to the lower index (argmax returns the first maximum). The
-    greedy loop is unrolled: argmax, gather a row, min, and a comparison with arange to mark the choice.
+    not chosen yet, m = min(m, Dist[s]). Ties go to the lower index (argmax returns the first maximum).
+
+    Unrolled as three ops per step (argmax, gather a row, minimum) on a copy of Dist whose diagonal is -inf:
+    min(m, row s) then sets m[s] = -inf, so a chosen token can never win again and no separate "taken" mask is
+    needed; the other entries, and so every argmax, are exactly those of the plain loop.
     """
     dist = cosine_distance(image_features.reshape(batch, n_image, image_features.shape[-1]))
     ar = torch.arange(n_image, device=dist.device)
     eye = ar[:, None] == ar[None, :]
     first = torch.where(eye, torch.full_like(dist, float("inf")), dist).amin(dim=1).argmax(dim=-1)  # [B]
+    closed = torch.where(eye, torch.full_like(dist, float("-inf")), dist)  # Dist with -inf on the diagonal
     chosen = [first]
-    taken = ar[None, :] == first[:, None]
-    m = _row(dist, first)
+    m = _row(closed, first)
     for _ in range(keep - 1):
-        s = torch.where(taken, torch.full_like(m, float("-inf")), m).argmax(dim=-1)
+        s = m.argmax(dim=-1)
         chosen.append(s)
-        taken = taken | (ar[None, :] == s[:, None])
-        m = torch.minimum(m, _row(dist, s))
+        m = torch.minimum(m, _row(closed, s))
     return torch.sort(torch.stack(chosen, dim=1), dim=-1).values
 
 
