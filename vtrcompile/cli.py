@@ -226,7 +226,7 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     """Insert a token reduction into MODEL and write an engine."""
     import dataclasses
 
-    from .memory import check_fits, optimize_estimate
+    from .memory import check_fits, eager_estimate, optimize_estimate
     from .methods.options import check_options, prepare_options
     from .models.loading import load_model
     from .optimize import DTYPES, Target, backend_for, check_target
@@ -249,6 +249,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
         target = dataclasses.replace(target, dtype=own)
         check_target(target)
     check_fits("optimize", optimize_estimate(src, target.backend, DTYPES[target.dtype], do_profile))
+    if given.get("keep") == "auto" and src.weights is not None:  # PruMerge's rule runs the vision tower eagerly
+        check_fits("--keep auto", eager_estimate(src, DTYPES[target.dtype]))
     given = prepare_options(src, method, given, calibration)
     res = run_optimize(src, method, given, out, target=target)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)

@@ -102,3 +102,22 @@ def test_a_checkpoint_missing_a_weight_is_refused(checkpoint, tmp_path):
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(VtrError, match="1 weight\\(s\\) of the model are not in the checkpoint"):
         load_model(str(d))
+
+
+def test_openvino_reads_the_streamed_onnx(checkpoint, tmp_path):
+    """An .xml engine from a lazily read checkpoint: OpenVINO converts the streamed ONNX; same logits as the ONNX
+    Runtime engine of the same checkpoint."""
+    pytest.importorskip("openvino")
+    from vtrcompile import load_engine
+
+    out = {}
+    for ext in ("onnx", "xml"):
+        r = CliRunner().invoke(main, ["optimize", str(checkpoint), "--method", "fastv", "--keep", "18", "--out",
+                                      str(tmp_path / ext / f"f.{ext}")])
+        assert r.exit_code == 0, r.output
+        out[ext] = load_engine(tmp_path / ext / f"f.{ext}", threads=1)
+    assert not list((tmp_path / "xml").glob("weights-*"))  # the store lived in the converter's scratch folder
+    for ids, px in prompts(build_preset("tiny").config)[:2]:
+        a = out["onnx"](input_ids=ids.numpy(), pixel_values=px.numpy())
+        b = out["xml"](input_ids=ids.numpy(), pixel_values=px.numpy())
+        assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-4
