@@ -6,7 +6,7 @@ import torch
 
 from ..errors import VtrError
 from ..passes.insert_token_reduction import Reduction, SelectorInputs
-from .spec import MethodSpec, Option
+from .spec import MethodSpec, Option, signal_layer
 from .tensor_ops import take_image_block
 
 DEFAULT_PICKS = 128  # M: image tokens picked around the pivots (official max_num_trunction)
@@ -81,10 +81,7 @@ def _dart_selector(opts: dict, per_pivot: int):
 
 
 def plan_dart(opts: dict, n: int, layers: int) -> list[Reduction]:
-    k = opts["layer"]
-    if not 1 <= k <= layers - 1:
-        raise VtrError(f"dart: --layer {k} is outside 1..{layers - 1} (the LLM has {layers} decoder layers; "
-                       "the signal comes from layer K-1)")
+    k = signal_layer("dart", opts["layer"], layers)
     per_pivot, keep = dart_counts(opts, n)
     return [Reduction("dart", k, keep, "keep", _dart_selector(opts, per_pivot), options=dict(opts),
                       needs=("final_norm",))]

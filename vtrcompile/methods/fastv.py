@@ -6,7 +6,7 @@ import torch
 
 from ..errors import VtrError
 from ..passes.insert_token_reduction import Reduction, SelectorInputs
-from .spec import KEEP, MethodSpec, Option, attention_scale, count_option
+from .spec import KEEP, MethodSpec, Option, attention_scale, count_option, signal_layer
 from .tensor_ops import head_mean_attention_rows, take_image_block, topk_ascending
 
 
@@ -39,10 +39,7 @@ def fastv_selector(keep: int):
 
 
 def plan_fastv(opts: dict, n: int, layers: int) -> list[Reduction]:
-    k = opts["layer"]
-    if not 1 <= k <= layers - 1:
-        raise VtrError(f"fastv: --layer {k} is outside 1..{layers - 1} (the LLM has {layers} decoder layers; "
-                       "the signal comes from layer K-1)")
+    k = signal_layer("fastv", opts["layer"], layers)
     keep = count_option(opts, n, "fastv", round(n * (1 - opts["drop_ratio"])))
     return [Reduction("fastv", k, keep, "keep", fastv_selector(keep), options=dict(opts))]
 

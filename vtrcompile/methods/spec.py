@@ -55,6 +55,14 @@ def count_option(opts: dict, n: int, method: str, from_ratio: int) -> int:
     return keep
 
 
+def signal_layer(method: str, k: int, layers: int) -> int:
+    """K of a method whose signal is layer K-1's attention: 1 <= K <= L-1, else a one-line error."""
+    if not 1 <= k <= layers - 1:
+        raise VtrError(f"{method}: --layer {k} is outside 1..{layers - 1} (the LLM has {layers} decoder layers; "
+                       "the signal comes from layer K-1)")
+    return k
+
+
 def attention_scale(attention) -> float:
     """The softmax scale an attention op applies: its `scale` kwarg, else SDPA's default d^-0.5."""
     scale = attention.kwargs.get("scale")

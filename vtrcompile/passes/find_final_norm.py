@@ -7,6 +7,7 @@ from torch import fx
 
 from ..errors import AnalysisError
 from .facts import GraphFacts
+from .graph_utils import module_from_nodes
 from .provenance import innermost_list_item, module_paths, module_stack
 
 
@@ -24,16 +25,4 @@ def final_norm_module(gm: fx.GraphModule, facts: GraphFacts) -> fx.GraphModule:
     path = module_stack(first)[-1][0]
     body = [n for n in gm.graph.nodes if n.op == "call_function" and order[n] >= order[first]
             and path in module_paths(n)]
-    g = fx.Graph()
-    x = g.placeholder("x")
-    env: dict[fx.Node, fx.Node] = {x_in: x}
-    for n in body:
-        for a in n.all_input_nodes:
-            if a not in env:
-                if a.op != "get_attr":
-                    raise AnalysisError(f"{path}: the final norm reads {a.name}, which is neither the last layer's "
-                                        "output nor a weight")
-                env[a] = g.get_attr(a.target)
-        env[n] = g.node_copy(n, lambda a: env[a])
-    g.output(env[body[-1]])
-    return fx.GraphModule(gm, g)
+    return module_from_nodes(gm, body, x_in, body[-1], f"the final norm ({path})")

@@ -9,6 +9,7 @@ from torch import fx
 from ..errors import AnalysisError
 from .facts import GraphFacts
 from .find_decoder_layers import SDPA, layer_nodes, qk_projections
+from .graph_utils import module_from_nodes
 
 
 @dataclass
@@ -53,16 +54,4 @@ def projector_module(gm: fx.GraphModule, facts: GraphFacts) -> fx.GraphModule:
     start, end = order[pj.input], order[pj.output]
     body = [n for n in gm.graph.nodes if start < order[n] <= end and n.op == "call_function"
             and pj.module in {p for p, _ in (n.meta.get("nn_module_stack") or {}).values()}]
-    g = fx.Graph()
-    x = g.placeholder("x")
-    env: dict[fx.Node, fx.Node] = {pj.input: x}
-    for n in body:
-        for a in n.all_input_nodes:
-            if a not in env:
-                if a.op != "get_attr":
-                    raise AnalysisError(f"projector node {n.name} reads {a.name}, which is neither its "
-                                        "input nor a weight; cannot re-apply the projector")
-                env[a] = g.get_attr(a.target)
-        env[n] = g.node_copy(n, lambda a: env[a])
-    g.output(env[pj.output])
-    return fx.GraphModule(gm, g)
+    return module_from_nodes(gm, body, pj.input, pj.output, f"the projector ({pj.module})")

@@ -51,3 +51,24 @@ def tag_provenance(node: fx.Node, anchor: fx.Node, label: str) -> None:
     stack = dict(anchor.meta.get("nn_module_stack") or {})
     stack[f"vtrcompile.{label}"] = (f"vtrcompile.{label}", f"vtrcompile.reduction.{label}")
     node.meta["nn_module_stack"] = stack
+
+
+def module_from_nodes(gm: fx.GraphModule, body: list[fx.Node], x_in: fx.Node, out: fx.Node, what: str
+                      ) -> fx.GraphModule:
+    """`body` (nodes of gm, graph order) as a GraphModule of their own, forward(x) with x standing for `x_in`,
+    sharing gm's weights: so a pass can apply a copy of a module (the projector, the final norm) elsewhere.
+    A body node that reads anything other than x_in, another body node or a weight is an error."""
+    from ..errors import AnalysisError
+
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {x_in: g.placeholder("x")}
+    for n in body:
+        for a in n.all_input_nodes:
+            if a not in env:
+                if a.op != "get_attr":
+                    raise AnalysisError(f"{what}: node {n.name} reads {a.name}, which is neither its input nor a "
+                                        "weight; cannot re-apply it")
+                env[a] = g.get_attr(a.target)
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[out])
+    return fx.GraphModule(gm, g)
