@@ -1,8 +1,8 @@
 """Accuracy-vs-speedup frontier over one or more sweep runs of the same model and prompts.
 
 Usage: python benchmarks/frontier.py build/sweep-new/sweep.json benchmarks/results/sweep-vqa-synth.json
-(runs of the same model, prompts and baseline answers; rows of a run that kept no per-prompt predictions are
-shown without the paired noise).
+(runs of the same model, prompts and baseline answers; an engine in several runs is taken from the first run
+listed; rows of a run that kept no per-prompt predictions are shown without the paired noise).
 Writes benchmarks/results/frontier-vqa-synth.{json,md,png}: every engine's overall accuracy change against the
 unmodified engine (paired, with two standard errors), its measured prefill speedup, whether it is on the
 Pareto frontier, and the project's goal (>= 2.5x at <= 1 point lost, >= 4x at <= 3 points) checked.
@@ -24,11 +24,12 @@ def merge(paths: list[Path]) -> dict:
         same = all(r[k] == head[k] for k in ("model_id", "benchmark", "prompts", "n_image"))
         if not same or r["baseline"] != head["baseline"]:
             raise SystemExit(f"runs differ in model, benchmark, prompts or baseline answers: {paths}")
-    rows = []
+    rows, seen = [], set()
     for r, p in zip(runs, paths, strict=True):
         for x in r["rows"]:
-            if "skipped" in x:
+            if "skipped" in x or x["label"] in seen:  # an engine measured again: the first run listed wins
                 continue
+            seen.add(x["label"])
             x = dict(x, run=str(p), onnxruntime=r["environment"].get("onnxruntime"))
             if "delta_overall_points" not in x:  # a run from before predictions were kept: no paired noise
                 x["delta_overall_points"] = 100 * (x["overall"] - head["baseline"]["overall"])

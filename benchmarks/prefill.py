@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--preset", default="llava15-geometry")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     ap.add_argument("--build-dir", default="build/bench")
     ap.add_argument("--suite", choices=list(SUITES), default="core")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/prefill-<suite>.json")
@@ -69,7 +70,7 @@ def main() -> None:
     for method, opts in SUITES[args.suite]:
         name = label(method, opts).replace(" ", "_").replace("=", "").replace(".", "")
         res = optimize(src, method, opts, d / f"{name}.onnx")
-        rep = compare(res.files[-1], base.files[-1], warmup=args.warmup, reps=args.reps)
+        rep = compare(res.files[-1], base.files[-1], warmup=args.warmup, reps=args.reps, threads=args.threads)
         rep["label"] = label(method, opts)
         rep["preflight_findings"] = [str(f) for f in res.findings]
         rows.append(rep)
