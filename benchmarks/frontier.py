@@ -89,11 +89,12 @@ def plot(m: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    for method in dict.fromkeys(r["method"] for r in m["rows"]):
+    colours = plt.get_cmap("tab20").colors
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in m["rows"])):
         pts = sorted((r["speedup_p50"], r["delta_overall_points"], r["delta_overall_2se"]) for r in m["rows"]
                      if r["method"] == method)
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-", ms=4,
-                    lw=1, capsize=2, label=method)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="os^Dv"[i % 5] + "-",
+                    ms=4, lw=1, capsize=2, color=colours[i % len(colours)], label=method)
     front = sorted((r["speedup_p50"], r["delta_overall_points"]) for r in frontier(m["rows"]))
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1.2, label="frontier")
     for speed, loss in GOALS:
