@@ -40,10 +40,9 @@ def available_bytes() -> int:
 
 def weight_bytes(source, dtype: torch.dtype) -> int:
     """The model's weights in `dtype` (read from the checkpoint's headers when it is read lazily)."""
-    size = torch.empty((), dtype=dtype).element_size()
     if source.weights is not None:
-        return sum(_numel(e.shape) * (size if e.dtype.is_floating_point else e.dtype.itemsize)
-                   for e in source.weights.entries.values())
+        return source.weights.bytes_in(dtype)
+    size = dtype.itemsize
     state = source.module.state_dict() if source.module is not None else source.program.state_dict
     seen, total = set(), 0
     for t in state.values():
@@ -54,21 +53,13 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
     return total
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool) -> tuple[float, str, list[str]]:
     """(bytes, what they are, what would need less) for `optimize` of `source` to `backend`."""
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
     if source.weights is not None and backend in ("onnxruntime", "tensorrt"):
-        largest = max((_numel(e.shape) for e in source.weights.entries.values()), default=0) * 4
-        need, what = RUNTIME + 3 * largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
+        need, what = RUNTIME + 3 * 4 * source.weights.largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
         advice.append("write an .onnx engine (its weights stream from a Hugging Face checkpoint)")

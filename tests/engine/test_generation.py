@@ -14,18 +14,18 @@ from vtrcompile.errors import VtrError
 from vtrcompile.reference.baselines import (
     dart_site,
     divprune_stage,
-    fastv_site,
     gprune_stage,
     pool_stage,
-    pyramiddrop_sites,
-    run_stages,
 )
 from vtrcompile.reference.generation import generate_reference
 from vtrcompile.reference.methods import (
     fastv_reference,
+    fastv_site,
     gprune_reference,
     pumer_reference,
     pyramiddrop_reference,
+    pyramiddrop_sites,
+    run_stages,
 )
 from vtrcompile.reference.vision import prumerge_reference
 
@@ -63,7 +63,7 @@ def test_keeping_every_token_generates_what_hf_generate_does(tiny, tiny_engines)
      lambda m, i, p: run_stages(m, i, p, first=divprune_stage(20), sites={2: fastv_site(m, 8)})),
     # stacked: G-Prune keeps positions (layer 0 continues from S), PyramidDrop renumbers (S_l from layer 1)
     ("gprune+pyramiddrop", lambda s, lengths: [s, *lengths[1:]],
-     lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20), sites=pyramiddrop_sites(m, 4, 20))),
+     lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20), sites=pyramiddrop_sites(m, 4))),
 ])
 def test_reduced_generation_equals_the_spec_reference(tiny, tiny_engines, name, positions, prefill):
     """Per-step logits of the engine pair equal the spec's generation semantics (independent eager code),

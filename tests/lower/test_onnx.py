@@ -19,19 +19,19 @@ from vtrcompile.lower.tensorrt_preflight import preflight
 from vtrcompile.reference.baselines import (
     dart_site,
     divprune_stage,
-    fastv_site,
     gprune_stage,
     pool_stage,
-    pyramiddrop_sites,
     random_site,
     random_stage,
-    run_stages,
 )
 from vtrcompile.reference.methods import (
     fastv_reference,
+    fastv_site,
     gprune_reference,
     pumer_reference,
     pyramiddrop_reference,
+    pyramiddrop_sites,
+    run_stages,
     vtw_reference,
 )
 from vtrcompile.reference.vision import prumerge_plus_reference, prumerge_reference, visionzip_reference
@@ -87,7 +87,7 @@ REFERENCES = [
     ("dart-12", lambda m, i, p: run_stages(m, i, p, sites={2: dart_site(m, keep=12)})),
     ("divprune+fastv", lambda m, i, p: run_stages(m, i, p, first=divprune_stage(20), sites={2: fastv_site(m, 8)})),
     ("gprune+pyramiddrop", lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20),
-                                                       sites=pyramiddrop_sites(m, 4, 20))),
+                                                       sites=pyramiddrop_sites(m, 4))),
     ("random-llm2", lambda m, i, p: run_stages(m, i, p, sites={2: random_site(10, seed=3)})),
     ("pool-9", lambda m, i, p: run_stages(m, i, p, first=pool_stage(side=3))),
     ("divprune-default", lambda m, i, p: run_stages(m, i, p, first=divprune_stage(4))),

@@ -19,14 +19,12 @@ from vtrcompile.reference.baselines import (
     dart_site,
     divprune_stage,
     divprune_subset,
-    fastv_site,
     gprune_stage,
     pool_stage,
-    pyramiddrop_sites,
     random_site,
     random_stage,
-    run_stages,
 )
+from vtrcompile.reference.methods import fastv_site, pyramiddrop_sites, run_stages
 
 # ---- tensor functions -------------------------------------------------------------------------------
 
@@ -120,7 +118,7 @@ CASES = [
     ("divprune", {"keep": 20, "then": "fastv keep=8"},
      lambda m, i, p: run_stages(m, i, p, first=divprune_stage(20), sites={2: fastv_site(m, 8)})),
     ("gprune", {"keep": 20, "then": "pyramiddrop"},
-     lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20), sites=pyramiddrop_sites(m, 4, 20))),
+     lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20), sites=pyramiddrop_sites(m, 4))),
     ("pool", {"keep": 16, "then": "dart keep=12 layer=1"},
      lambda m, i, p: run_stages(m, i, p, first=pool_stage(side=4), sites={1: dart_site(m, keep=12)})),
     ("random", {"keep": 24, "then": "random site=llm@2 keep=6"},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -181,9 +182,14 @@ class CheckpointWeights:
         if missing:
             raise VtrError(f"{folder}: {len(missing)} weight(s) of the model are not in the checkpoint (first: "
                            f"{missing[0]}); re-save it with save_pretrained")
-        self.nbytes = sum(math_prod(e.shape) * _size(dtype if e.dtype.is_floating_point else e.dtype)
-                          for e in self.entries.values())
-        self.largest = max((math_prod(e.shape) for e in self.entries.values()), default=0) * 4
+        self.nbytes = self.bytes_in(dtype)
+        # the widest single tensor, in elements: what a read, a cast and a transpose hold at once
+        self.largest = max((math.prod(e.shape) for e in self.entries.values()), default=0)
+
+    def bytes_in(self, dtype: torch.dtype) -> int:
+        """The weights' size with floating-point tensors in `dtype` (integer tensors keep theirs)."""
+        return sum(math.prod(e.shape) * (dtype if e.dtype.is_floating_point else e.dtype).itemsize
+                   for e in self.entries.values())
 
     def name_of(self, t: torch.Tensor) -> str | None:
         """The parameter an (empty) tensor of the model stands for, or None."""
@@ -194,17 +200,6 @@ class CheckpointWeights:
     def read(self, name: str) -> torch.Tensor:
         t = read_tensor(self.entries[name])
         return t.to(self.dtype) if t.dtype.is_floating_point and t.dtype != self.dtype else t
-
-
-def math_prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def config_dtype(config) -> torch.dtype | None:

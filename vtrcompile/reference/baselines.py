@@ -1,7 +1,7 @@
 """Eager references of the baselines and newer methods (random, pool, DivPrune, DART) and of stacked
 reductions, written from docs/methods.md with plain loops (batch 1). Projector stages are functions
-feats [N, D] -> (block [n, D], positions policy, kept image indices); LLM sites are `reduce` callables of
-`_progressive`."""
+feats [N, D] -> (block [n, D], positions policy, kept image indices); LLM sites are `reduce` callables; both
+compose with `run_stages` (reference/methods.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ import math
 import numpy as np
 import torch
 
-from .llava import last_row_attention, roped_qk, top_rows_ascending
-from .methods import _progressive, suffix_scores
-
-
-def run_stages(model, input_ids, pixel_values, first=None, sites: dict | None = None) -> torch.Tensor:
-    """A projector stage, then LLM sites {layer: reduce}: the composition a stacked engine must equal."""
-    sites = sites or {}
-    return torch.no_grad()(_progressive)(model, input_ids, pixel_values, set(sites),
-                                         lambda layer, *a: sites[layer](layer, *a), first)
-
+from .llava import roped_qk, top_rows_ascending
+from .methods import kept_rows
 
 # ---- projector stages ---------------------------------------------------------------------------------
 
@@ -79,23 +71,10 @@ def gprune_stage(keep: int):
 
 # ---- LLM sites ------------------------------------------------------------------------------------------
 
-def _rows(s: int, start: int, n: int, kept) -> torch.Tensor:
-    return torch.cat([torch.arange(start), start + torch.as_tensor(kept, dtype=torch.long),
-                      torch.arange(start + n, s)])
-
-
-def fastv_site(model, keep: int):
-    def reduce(layer, h_prev, h, pos, start, n):
-        scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
-        rows = _rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
-        return h[:, rows], pos[rows], keep
-    return reduce
-
-
 def random_site(keep: int, seed: int = 0):
     def reduce(layer, h_prev, h, pos, start, n):
         kept = sorted(np.random.Generator(np.random.PCG64(seed)).permutation(n)[:keep].tolist())
-        rows = _rows(h.shape[1], start, n, kept)
+        rows = kept_rows(h.shape[1], start, n, torch.as_tensor(kept, dtype=torch.long))
         return h[:, rows], torch.arange(len(rows)), keep
     return reduce
 
@@ -122,38 +101,9 @@ def dart_site(model, image_pivots: int = 4, text_pivots: int = 4, keep: int = 13
             picks += take
             pool = [j for j in pool if j not in take]
         kept = sorted(img + picks)
-        rows = _rows(s, start, n, kept)
+        rows = kept_rows(s, start, n, torch.as_tensor(kept, dtype=torch.long))
         return h[:, rows], pos[rows], len(kept)
     return reduce
-
-
-def schedule_sites(model, keeps: list[int]) -> dict:
-    """A keep schedule's sites: before layer l where the count drops, the top n_l still present by layer
-    l-1's suffix-text attention (positions kept; 0 withdraws them all)."""
-    out = {}
-    for layer in range(1, len(keeps)):
-        if keeps[layer] < keeps[layer - 1]:
-            def reduce(layer_, h_prev, h, pos, start, n, keep=keeps[layer]):
-                kept = top_rows_ascending(suffix_scores(model, layer_ - 1, h_prev, pos, start, n), keep) if keep \
-                    else torch.arange(0)
-                rows = _rows(h.shape[1], start, n, kept)
-                return h[:, rows], pos[rows], keep
-            out[layer] = reduce
-    return out
-
-
-def pyramiddrop_sites(model, n_layers: int, n_image: int, keep_ratio: float = 0.5) -> dict:
-    out, present = {}, n_image
-    for layer in sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0}):
-        keep = int(keep_ratio * present)
-
-        def reduce(layer_, h_prev, h, pos, start, n, keep=keep):
-            scores = last_row_attention(model, layer_ - 1, h_prev, pos)[0, start:start + n]
-            rows = _rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
-            return h[:, rows], torch.arange(len(rows)), keep
-        out[layer] = reduce
-        present = keep
-    return out
 
 
 def projector_stage(reduction):

@@ -17,25 +17,25 @@ from .llava import (
 )
 
 
-def _kept_rows(s: int, start: int, n: int, kept: torch.Tensor) -> torch.Tensor:
+def kept_rows(s: int, start: int, n: int, kept: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.arange(start), start + kept, torch.arange(start + n, s)])
+
+
+def fastv_site(model, keep: int):
+    """FastV's reduction before layer K: the top `keep` image tokens by layer K-1's last-row attention,
+    ascending, positions kept."""
+    def reduce(layer, h_prev, h, pos, start, n):
+        scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
+        rows = kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
+        return h[:, rows], pos[rows], keep
+    return reduce
 
 
 @torch.no_grad()
 def fastv_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, layer: int, keep: int
                     ) -> torch.Tensor:
     """FastV at llm@K: score = head-mean attention of the last token at layer K-1; positions kept."""
-    n_layers = len(model.model.language_model.layers)
-    feats = image_features(model, pixel_values)
-    h = embed_prompt(model, input_ids, feats)
-    s, n, start = h.shape[1], feats.shape[1], image_start(model, input_ids)
-    pos = torch.arange(s)
-    h = run_layers(model, h, pos, range(layer - 1))
-    scores = last_row_attention(model, layer - 1, h, pos)[0, start:start + n]
-    h = run_layers(model, h, pos, range(layer - 1, layer))
-    rows = _kept_rows(s, start, n, top_rows_ascending(scores, keep))
-    h = run_layers(model, h[:, rows], rows, range(layer, n_layers))
-    return next_token_logits(model, h)
+    return run_stages(model, input_ids, pixel_values, sites={layer: fastv_site(model, keep)})
 
 
 def gprune_reference_scores(f: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,20 @@ def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
     h = embed_prompt(model, input_ids, feats)
     s, n, start = h.shape[1], feats.shape[1], image_start(model, input_ids)
     kept = top_rows_ascending(gprune_reference_scores(feats[0]), keep)
-    rows = _kept_rows(s, start, n, kept)
+    rows = kept_rows(s, start, n, kept)
     return next_token_logits(model, run_layers(model, h[:, rows], rows, range(n_layers)))
+
+
+def projector_stage_rows(first, feats: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, start: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Apply a projector stage `first(feats [N, D]) -> (block [n, D], policy, kept)` to a prompt's embeddings:
+    -> (h with the image block replaced, positions under the stage's policy, n)."""
+    n_full = feats.shape[0]
+    block, policy, kept = first(feats)
+    h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n_full:]], dim=1)
+    pos = torch.arange(h.shape[1]) if policy == "renumber" else torch.cat(
+        [pos[:start], start + kept, pos[start + n_full:]])
+    return h, pos, block.shape[0]
 
 
 def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> torch.Tensor:
@@ -75,11 +87,7 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     start, n = image_start(model, input_ids), feats.shape[1]
     pos = torch.arange(h.shape[1])
     if first is not None:
-        block, policy, kept = first(feats[0])
-        h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n:]], dim=1)
-        pos = torch.arange(h.shape[1]) if policy == "renumber" else torch.cat(
-            [pos[:start], start + kept, pos[start + n:]])
-        n = block.shape[0]
+        h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
     h_prev = h
     for layer in range(n_layers):
         if layer in sites:
@@ -89,19 +97,22 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     return next_token_logits(model, h)
 
 
+def pyramiddrop_sites(model, n_layers: int, keep_ratio: float = 0.5) -> dict:
+    """PyramidDrop's sites L/4, L/2, 3L/4: keep int(lambda*I) of the I image tokens present, by layer l-1's
+    last-token attention; positions renumbered."""
+    def reduce(layer, h_prev, h, pos, start, n):
+        scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
+        keep = int(keep_ratio * n)
+        rows = kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
+        return h[:, rows], torch.arange(len(rows)), keep
+    return dict.fromkeys(sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0}), reduce)
+
+
 @torch.no_grad()
 def pyramiddrop_reference(model, input_ids, pixel_values, keep_ratio: float = 0.5) -> torch.Tensor:
     """Sites L/4, L/2, 3L/4: keep int(lambda*I) by layer l-1's last-token attention; positions renumbered."""
     n_layers = len(model.model.language_model.layers)
-    sites = {n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0}
-
-    def reduce(layer, h_prev, h, pos, start, n):
-        scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
-        keep = int(keep_ratio * n)
-        rows = _kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
-        return h[:, rows], torch.arange(len(rows)), keep
-
-    return _progressive(model, input_ids, pixel_values, sites, reduce)
+    return run_stages(model, input_ids, pixel_values, sites=pyramiddrop_sites(model, n_layers, keep_ratio))
 
 
 @torch.no_grad()
@@ -109,7 +120,7 @@ def vtw_reference(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
     """All image tokens withdrawn before layer K; the text keeps its positions."""
 
     def reduce(_, h_prev, h, pos, start, n):
-        rows = _kept_rows(h.shape[1], start, n, torch.arange(0))
+        rows = kept_rows(h.shape[1], start, n, torch.arange(0))
         return h[:, rows], pos[rows], 0
 
     return _progressive(model, input_ids, pixel_values, {layer}, reduce)
@@ -157,17 +168,28 @@ def suffix_scores(model, layer: int, h_prev: torch.Tensor, pos: torch.Tensor, st
     return probs[start + n:, start:start + n].mean(dim=0)
 
 
+def schedule_sites(model, keeps: list[int]) -> dict:
+    """A keep schedule's sites: before layer l where the count drops, the top n_l still present by layer
+    l-1's suffix-text attention (ascending, positions kept; 0 withdraws them all)."""
+    def reduce(layer, h_prev, h, pos, start, n):
+        keep = keeps[layer]
+        kept = top_rows_ascending(suffix_scores(model, layer - 1, h_prev, pos, start, n), keep) if keep else \
+            torch.arange(0)
+        rows = kept_rows(h.shape[1], start, n, kept)
+        return h[:, rows], pos[rows], keep
+    return {layer: reduce for layer in range(1, len(keeps)) if keeps[layer] < keeps[layer - 1]}
+
+
 @torch.no_grad()
 def schedule_reference(model, input_ids, pixel_values, keeps: list[int]) -> torch.Tensor:
     """A keep schedule n_0..n_{L-1}: before layer l, keep the top n_l image tokens still present by layer
     l-1's suffix-text attention (ascending, positions kept); n_l = 0 withdraws them all."""
-    sites = {layer: keeps[layer] for layer in range(1, len(keeps)) if keeps[layer] < keeps[layer - 1]}
+    return run_stages(model, input_ids, pixel_values, sites=schedule_sites(model, keeps))
 
-    def reduce(layer, h_prev, h, pos, start, n):
-        keep = sites[layer]
-        kept = top_rows_ascending(suffix_scores(model, layer - 1, h_prev, pos, start, n), keep) if keep else \
-            torch.arange(0)
-        rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
-        return h[:, rows], pos[rows], keep
 
-    return _progressive(model, input_ids, pixel_values, set(sites), reduce)
+def run_stages(model, input_ids, pixel_values, first=None, sites: dict | None = None) -> torch.Tensor:
+    """A projector stage, then LLM sites {layer: reduce}: every progressive reference, and the composition a
+    stacked engine must equal."""
+    sites = sites or {}
+    return torch.no_grad()(_progressive)(model, input_ids, pixel_values, set(sites),
+                                         lambda layer, *a: sites[layer](layer, *a), first)

@@ -18,7 +18,7 @@ import torch
 from ..errors import VtrError
 from ..reference.llava import embed_prompt, image_features, image_start, next_token_logits, run_layers
 from ..reference.llava import top_rows_ascending as _top
-from ..reference.methods import suffix_scores
+from ..reference.methods import projector_stage_rows, suffix_scores
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,11 @@ class ScheduleEvaluator:
                 ids, px = torch.as_tensor(it.ids), torch.as_tensor(it.pixels)
                 feats = image_features(model, px.to(next(model.parameters()).dtype))
                 h, start = embed_prompt(model, ids, feats), image_start(model, ids)
-                pos = torch.arange(h.shape[1])
+                pos, n = torch.arange(h.shape[1]), int(feats.shape[1])
                 if first is not None:
-                    block, policy, kept = first(feats[0])
-                    n = feats.shape[1]
-                    h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n:]], dim=1)
-                    pos = torch.arange(h.shape[1]) if policy == "renumber" else torch.cat(
-                        [pos[:start], start + kept, pos[start + n:]])
-                    feats = block[None]
+                    h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
                 self._h0.append((h, start, pos))
-            self.n_image = int(feats.shape[1])
+            self.n_image = n
         self._cp: tuple[int, tuple[int, ...], list[_State]] | None = None
         self.evaluations = 0
         self.full = self.logits([self.n_image] * self.layers)
