@@ -54,7 +54,7 @@ def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv
 def kv_7b(new_tokens: int, budget_gb: float) -> dict:
     """Per-sequence KV bytes (fp16/bf16) of the 7B architecture's reduced graphs, from their shapes."""
     from vtrcompile.build import build
-    from vtrcompile.models.llava import cache_geometry
+    from vtrcompile.models.decoder import cache_geometry
 
     src = load_model("llava15-7b")
     geo = cache_geometry(src.hf_model)

@@ -16,39 +16,41 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 PROMPTS_FILE = "prompts.jsonl"
-# CLIP's normalisation (LLaVA-1.5's image processor).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
 class CalibrationSet:
     names: list[str]
-    pixel_values: torch.Tensor  # [M, 3, H, W], CLIP-normalised
+    pixel_values: torch.Tensor  # [M * tiles, 3, H, W], as the model's processor prepares them
     prompts: list[dict] = field(default_factory=list)  # {"image": name, "prompt": text}
+    tiles: int = 1
+
+    def pixels_of(self, k: int) -> torch.Tensor:
+        """Image k's pixel_values for one prompt: [tiles, 3, H, W]."""
+        return self.pixel_values[k * self.tiles:(k + 1) * self.tiles]
 
 
-def preprocess(path: Path, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """Resize the shorter side to `size` (bicubic), centre-crop to size x size, normalise (CLIP's by default)."""
+def preprocess(path: Path, size: int, processing: dict | None = None) -> torch.Tensor:
+    """An image file -> [tiles, 3, size, size] float32 as the family's processor prepares it. `processing`:
+    {"family", "image_mean", "image_std", "tiles"} (an engine's processor facts); LLaVA's (CLIP's) by default."""
     from PIL import Image, UnidentifiedImageError
 
+    from .models.family import family_named
+
+    processing = processing or {}
+    family = family_named(processing.get("family", "llava"))
+    mean = processing.get("image_mean", family.image_mean)
+    std = processing.get("image_std", family.image_std)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            a = np.asarray(im, dtype=np.float32) / 255.0
+            a = family.preprocess(im.convert("RGB"), size, int(processing.get("tiles", 1)))
     except (UnidentifiedImageError, OSError) as e:
         raise VtrError(f"{path}: not a readable image ({type(e).__name__})") from None
     a = (a - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
-    return torch.from_numpy(a.transpose(2, 0, 1).copy())
+    return torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
 
 
-def load_calibration(folder: str | Path, image_size: int) -> CalibrationSet:
+def load_calibration(folder: str | Path, image_size: int, processing: dict | None = None) -> CalibrationSet:
     d = Path(folder)
     if not d.is_dir():
         raise VtrError(f"calibration folder not found: {d} (a folder of images, optionally with {PROMPTS_FILE})")
@@ -78,5 +80,5 @@ def load_calibration(folder: str | Path, image_size: int) -> CalibrationSet:
                 raise VtrError(f"{pf}:{i}: image '{rec['image']}' is not in {d}")
             prompts.append(rec)
     log.info("calibration: %d images, %d prompts from %s", len(files), len(prompts), d)
-    pixels = torch.stack([preprocess(p, image_size) for p in files])
-    return CalibrationSet([p.name for p in files], pixels, prompts)
+    pixels = torch.cat([preprocess(p, image_size, processing) for p in files])
+    return CalibrationSet([p.name for p in files], pixels, prompts, int((processing or {}).get("tiles", 1)))

@@ -9,7 +9,6 @@ import torch
 from torch import fx
 
 from .errors import VtrError
-from .models.llava import image_token_count
 from .models.loading import ModelSource
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,13 @@ def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.Exporte
     cfg = source.hf_model.config if source.hf_model is not None else None
     if cfg is None:
         raise VtrError(f"{source.label}: cannot build example inputs without a config")
-    n_image = image_token_count(cfg)
+    family = source.family
+    n_image = family.image_token_count(cfg, source.tiles)
     found = int((source.example_inputs[0][0] == cfg.image_token_id).sum())
     if found != n_image:
         raise VtrError(f"{source.label}: the example prompt has {found} image tokens, the model needs "
                        f"{n_image}; a prompt without image tokens cannot locate the visual-token boundary")
-    max_prompt = min(max_prompt, cfg.text_config.max_position_embeddings)
+    max_prompt = min(max_prompt, family.text_config(cfg).max_position_embeddings)
     if max_prompt <= n_image + 2:
         raise VtrError(f"--max-prompt {max_prompt} leaves no room for text around {n_image} image tokens")
     device = module_device(source.module)  # a meta-device model (analysis only) takes meta inputs

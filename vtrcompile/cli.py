@@ -113,6 +113,9 @@ _model_arg = click.argument("model")
 _pickle_opt = click.option("--allow-pickle", is_flag=True,
                            help="Allow MODEL to be a pickled nn.Module. Unpickling runs arbitrary code: "
                                 "only for files you trust.")
+_tiles_opt = click.option("--tiles", default=1, show_default=True, type=click.IntRange(1, 64),
+                          help="Images (tiles) per prompt the engine takes, fixed at compile time: InternVL's tile "
+                               "count (448 px tiles; above 1, a grid of tiles-1 plus a thumbnail). LLaVA takes 1.")
 
 
 @main.command()
@@ -120,7 +123,8 @@ _pickle_opt = click.option("--allow-pickle", is_flag=True,
 @_pickle_opt
 @click.option("--max-prompt", default=2048, show_default=True, help="Largest prompt length the engine accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool) -> None:
+@_tiles_opt
+def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tiles: int) -> None:
     """Show what the analysis passes find in MODEL."""
     from .build import prompt_range
     from .capture import capture, editable_module
@@ -129,7 +133,7 @@ def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool) -> N
     from .passes.analysis import analyze
     from .passes.strip_runtime_asserts import strip_runtime_asserts
 
-    src = load_model(model, allow_pickle)
+    src = load_model(model, allow_pickle, tiles=tiles)
     ep = capture(src, max_prompt)
     gm = editable_module(ep)
     strip_runtime_asserts(gm)
@@ -218,11 +222,12 @@ def _generation_opts(f):
 @click.option("--workspace", default=8.0, show_default=True, type=Finite(0.1),
               help="TensorRT builder workspace limit, GiB.")
 @_pickle_opt
+@_tiles_opt
 @_profile_opts
 @_generation_opts
 def optimize(model, method, calibration, then, out, backend, device, dtype, weights, do_profile, baseline_out,
-             triton_repo, min_prompt, max_prompt, workspace, allow_pickle, reps, warmup, threads, as_json, new_tokens,
-             kv_budget_gb, **method_options) -> None:
+             triton_repo, min_prompt, max_prompt, workspace, allow_pickle, tiles, reps, warmup, threads, as_json,
+             new_tokens, kv_budget_gb, **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     import dataclasses
 
@@ -241,7 +246,7 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     if min_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
-    src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None)
+    src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles)
     if dtype is None:  # the model's own precision
         own = str(src.dtype).removeprefix("torch.")
         if own not in DTYPES:
@@ -361,8 +366,9 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
               help="A projector method that runs before the LLM, e.g. \"divprune keep=288\": the schedule is searched "
                    "on the tokens it leaves and compiles as --method divprune --keep 288 --then \"schedule "
                    "schedule=FILE\".")
+@_tiles_opt
 def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget, trials, seed, storage,
-           metric, first) -> None:
+           metric, first, tiles) -> None:
     """Search a per-layer keep schedule for MODEL on calibration data; compile it with --method schedule."""
     from .lower.atomic import check_writable
     from .models.loading import load_model
@@ -375,7 +381,7 @@ def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget
 
         parse_then(first)  # a bad stage fails before the model loads
     check_writable(out)
-    rec = run_search(load_model(model, allow_pickle), algo, calibration, out, count, tolerance, budget, trials, seed,
+    rec = run_search(load_model(model, allow_pickle, tiles=tiles), algo, calibration, out, count, tolerance, budget, trials, seed,
                      storage, metric, first)
     m = rec["metric"]
     click.echo(f"{algo}: keep per layer {rec['keep']} (mean keep fraction {rec['budget']:.4f})")

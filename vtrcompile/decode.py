@@ -18,7 +18,8 @@ from .engine.io import FORMAT_VERSION, decode_inputs, decode_outputs, describe
 from .engine.metadata import DECODE, stamp
 from .engine.runners import read_engine_metadata
 from .errors import VtrError
-from .models.llava import DecodeStep, cache_geometry, eos_token_ids
+from .models.decoder import DecodeStep, cache_geometry, eos_token_ids
+from .models.family import family_of
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
 def decode_metadata(model: torch.nn.Module, model_id: str, label: str, dtype: str, backend: str,
                     io: dict[str, Any], batch: int = 1) -> dict[str, Any]:
     return stamp(DECODE, {"batch": batch, "model": label, "model_id": model_id, "dtype": dtype, "backend": backend,
-                          **cache_geometry(model), "vocab": int(model.config.text_config.vocab_size),
+                          **cache_geometry(model), "vocab": int(family_of(model).text_config(model.config).vocab_size),
                           "eos_token_ids": eos_token_ids(model), "io": io})
 
 

@@ -50,7 +50,7 @@ class VqaSynthItems(Sequence):
             return [self[j] for j in range(*i.indices(self.count))]
         if not 0 <= i < self.count:
             raise IndexError(i)
-        from .models.llava import layout_prompt
+        from .models.prompt import layout_prompt
 
         s = self.vs.sample(self.split, self.start + i)
         words, img = list(s.prompt), self.vs.IMAGE_TOKEN
@@ -85,14 +85,14 @@ def calibration_items(spec: str | Path, facts: dict[str, Any], count: int | None
     """The one source of calibration prompts (search, `--keep auto` fidelity, eval --calibration):
     'vqa-synth[:split]' (labelled; split val by default; the test split is refused when the items make
     choices) or a folder of images with an optional prompts.jsonl (unlabelled) -> items, answers (or None),
-    a description. `facts`: what a valid prompt is (`models.llava.prompt_facts` or an engine's metadata).
+    a description. `facts`: what a valid prompt is (a family's `prompt_facts` or an engine's metadata).
 
     A folder's prompt is tokenized with `tokenizer` when there is one and the folder has prompts.jsonl (the
     text before and after `<image>` around the N image tokens); otherwise each image gets random text ids
     (seeded) around it, and fidelity then measures how well the reduction keeps the next-token distribution
     for this image content, not for a particular question."""
     from .calibration import load_calibration
-    from .models.llava import layout_prompt, random_text_ids
+    from .models.prompt import layout_prompt, random_text_ids
 
     spec = str(spec)
     if spec.startswith("vqa-synth"):
@@ -105,7 +105,8 @@ def calibration_items(spec: str | Path, facts: dict[str, Any], count: int | None
                            "instead")
         got = [items[i] for i in range(len(items))]
         return got, [it.answer for it in got], f"vqa-synth:{split} ({len(got)} prompts, labelled)"
-    calib = load_calibration(spec, int(facts["pixel_shape"][-1]))
+    calib = load_calibration(spec, int(facts["pixel_shape"][-1]),
+                             {**(facts.get("processor") or {}), "tiles": facts.get("tiles", 1)})
     n, img, vocab = facts["n_image"], facts["image_token_id"], facts["vocab"]
     rng = np.random.default_rng(seed)
     records = calib.prompts or [{"image": name, "prompt": ""} for name in calib.names]
@@ -120,7 +121,7 @@ def calibration_items(spec: str | Path, facts: dict[str, Any], count: int | None
             pre_len, suf_len = int(rng.integers(1, 40)), int(rng.integers(4, 24))
             pre_ids = random_text_ids(rng, img, vocab, (1, pre_len))
             suf_ids = random_text_ids(rng, img, vocab, (1, suf_len))
-        items.append(Item(layout_prompt(pre_ids, suf_ids, n, img), calib.pixel_values[k:k + 1].numpy()))
+        items.append(Item(layout_prompt(pre_ids, suf_ids, n, img), calib.pixels_of(k).numpy()))
     how = "tokenized prompts" if tokenizer is not None and calib.prompts else "random text ids"
     return items, None, f"{spec} ({len(items)} prompts, unlabelled, {how})"
 

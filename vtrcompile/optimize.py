@@ -107,10 +107,10 @@ def generation_metadata(source: ModelSource, mid: str, target: Target, n_layers:
                 "head_dim": None, "max_context": None}
     from .decode import decode_file_name
     from .engine.prompting import has_tokenizer, tokenizer_folder_name
-    from .models.llava import cache_geometry, eos_token_ids, processor_facts
+    from .models.decoder import cache_geometry, eos_token_ids
 
     model_dir = Path(source.label) if source.kind == "hf-dir" else None
-    processor = {**processor_facts(m, model_dir),
+    processor = {**source.family.processor_facts(m.config, model_dir),
                  "tokenizer": tokenizer_folder_name(mid) if has_tokenizer(model_dir) else None}
     decode = {"file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device, target.weights),
               "model_id": mid}
@@ -132,7 +132,7 @@ def engine_metadata(b: Build, source: ModelSource, mid: str | None = None, targe
         "reductions": [{"method": r.method, "site": r.site, "layer": r.layer, "count": r.count,
                         "positions": r.positions, **r.recorded} for r in b.reductions],
         "image_token_id": f.boundary.image_token_id, "n_image": f.boundary.n_image, "batch": f.boundary.batch,
-        "pixel_shape": list(px.shape[1:]), "vocab": _vocab(b), "prompt_range": list(b.prompt_range),
+        "pixel_shape": list(px.shape[1:]), "tiles": px.shape[0] // f.boundary.batch, "vocab": _vocab(b), "prompt_range": list(b.prompt_range),
         "llm_token_drop": [s - t for t in tokens],
         "flops_poly": flops_polynomial(b, f.boundary.image_token_id),
         **generation_metadata(source, mid, t, len(f.layers)),

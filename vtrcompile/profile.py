@@ -15,7 +15,7 @@ from .engine.protocol import check_prompt_range
 from .engine.runners import open_prefill
 from .errors import VtrError
 from .lower.onnxruntime import reduction_share
-from .models.llava import random_prompt
+from .models.prompt import random_prompt
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def profile_prompt(meta: dict, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAU
     """[prefix][N image tokens][suffix] with random text ids and a random image, per the engine metadata."""
     rng = np.random.default_rng(seed)
     ids = random_prompt(rng, meta, prefix, suffix, meta["batch"])
-    pixels = rng.standard_normal((meta["batch"], *meta["pixel_shape"])).astype(np.float32)
+    pixels = rng.standard_normal((meta["batch"] * meta.get("tiles", 1), *meta["pixel_shape"])).astype(np.float32)
     return ids, pixels
 
 

@@ -105,9 +105,7 @@ def run(source, items, out_dir: Path, methods: tuple[str, ...] = DEFAULT_METHODS
     check_writable(out_dir / "sweep.json")
     check_writable(base_path)
     if source.hf_model is not None:  # refuse a model that cannot answer the benchmark before building anything
-        from .models.llava import prompt_facts
-
-        items.check_engine(prompt_facts(source.hf_model.config), source.label)
+        items.check_engine(source.family.prompt_facts(source.hf_model.config, source.tiles), source.label)
     base = optimize(source, "none", {}, base_path, max_prompt)
     meta = base.metadata
     items.check_engine(meta, str(base_path))

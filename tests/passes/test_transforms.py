@@ -14,7 +14,7 @@ from vtrcompile.passes.analysis import analyze
 from vtrcompile.passes.find_decoder_layers import SDPA
 from vtrcompile.passes.replace_masked_scatter import replace_masked_scatter
 from vtrcompile.passes.strip_runtime_asserts import strip_runtime_asserts
-from vtrcompile.reference.llava import full_logits
+from vtrcompile.reference.blocks import full_logits
 from vtrcompile.reference.methods import fastv_reference, gprune_reference
 
 

@@ -18,7 +18,7 @@ from vtrcompile.lower.onnxruntime import OrtEngine
 from vtrcompile.methods.registry import resolve
 from vtrcompile.optimize import model_id, write_engine
 from vtrcompile.reference.baselines import divprune_stage, projector_stage
-from vtrcompile.reference.llava import full_logits
+from vtrcompile.reference.blocks import full_logits
 from vtrcompile.reference.methods import run_stages, schedule_reference, schedule_sites
 from vtrcompile.search.evaluator import ScheduleEvaluator
 from vtrcompile.search.schedule_file import load_schedule, save_schedule

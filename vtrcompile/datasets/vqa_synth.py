@@ -238,7 +238,7 @@ def samples(split: str, count: int, start: int = 0) -> list[Sample]:
 
 def pixel_values(images: np.ndarray) -> np.ndarray:
     """uint8 [..., H, W, 3] -> CLIP-normalised float32 [..., 3, H, W] (LLaVA-1.5's preprocessing)."""
-    from ..calibration import CLIP_MEAN, CLIP_STD
+    from ..models.llava import CLIP_MEAN, CLIP_STD
 
     a = images.astype(np.float32) / 255.0
     a = (a - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VtrError
-from ..models.llava import layout_prompt
+from ..models.prompt import layout_prompt
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def prompt_ids(tokenizer, meta: dict[str, Any], prompt: str) -> np.ndarray:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
-        text = meta["processor"]["template"].format(prompt=prompt)
+        text = meta["processor"]["template"].format(prompt=prompt, image=tokenizer.convert_ids_to_tokens(
+            meta["image_token_id"]))
     ids = list(tokenizer(text, add_special_tokens=getattr(tokenizer, "chat_template", None) is None)["input_ids"])
     image = meta["image_token_id"]
     if ids.count(image) != 1:
@@ -93,7 +94,7 @@ def parse_ids(text: str, meta: dict[str, Any]) -> np.ndarray:
 
 
 def image_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
-    """An image file -> float32 [1, 3, H, W] as the model's processor prepares it (recorded in the engine)."""
+    """An image file -> float32 [tiles, 3, H, W] as the model's processor prepares it (recorded in the engine)."""
     from ..calibration import preprocess
 
     if not path.is_file():
@@ -102,4 +103,4 @@ def image_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
     if p is None:
         raise VtrError("this engine records no image preprocessing (it was built from an exported program); "
                        "pass pixel values through the Python API (vtrcompile.load_engine) instead")
-    return preprocess(path, p["image_size"], p["image_mean"], p["image_std"]).numpy()[None]
+    return preprocess(path, p["image_size"], {**p, "tiles": meta.get("tiles", 1)}).numpy()

@@ -88,10 +88,10 @@ def profile_shapes(meta: dict[str, Any], min_prompt: int | None, max_prompt: int
     if not pmin <= popt <= pmax:
         raise VtrError(f"optimal prompt length {popt} is outside [{pmin}, {pmax}]")
     b = meta["batch"]
-    px = tuple(meta["pixel_shape"])
+    px = (b * meta.get("tiles", 1), *meta["pixel_shape"])
     return ProfileShapes({
         "input_ids": ((b, pmin), (b, popt), (b, pmax)),
-        "pixel_values": ((b, *px), (b, *px), (b, *px)),
+        "pixel_values": (px, px, px),
     })
 
 

@@ -46,28 +46,32 @@ def prepare_options(src, method: str, given: dict[str, Any], calibration: Path |
     cfg = src.hf_model.config if src.hf_model is not None else None
     for i, (m, g) in enumerate(stages(method, given)):
         if m == "schedule" and g.get("schedule"):
-            from ..models.llava import image_token_count
             from ..optimize import source_id
             from ..search.schedule_file import check_model, load_schedule
 
             sched = load_schedule(g["schedule"])
-            n = image_token_count(cfg) if cfg else sched["n_image"]
-            if i == 1 and cfg:  # the image tokens the first stage leaves
+            fam = src.family
+            n = fam.image_token_count(cfg, src.tiles) if fam else sched["n_image"]
+            if i == 1 and fam:  # the image tokens the first stage leaves
                 n = resolve(method, {k: v for k, v in given.items() if k != THEN}, n,
-                            cfg.text_config.num_hidden_layers)[-1].count
+                            fam.text_config(cfg).num_hidden_layers)[-1].count
             check_model(sched, source_id(src), n, str(g["schedule"]))
     if given.get("keep") == "auto":
         from .prumerge_auto import auto_keep
 
         if cfg is None:
             raise VtrError("--keep auto needs an eager model (a preset, HF directory or pickle)")
-        out["keep"], counts = auto_keep(src.eager().hf_model, calibration_pixels(calibration, cfg.vision_config.image_size))
+        fam = src.family
+        if fam.vision_site_refusal:
+            raise VtrError(f"{method}: {fam.vision_site_refusal}")
+        out["keep"], counts = auto_keep(src.eager().hf_model, calibration_pixels(
+            calibration, fam.image_size(cfg), fam.processor_facts(cfg)))
         log.info("--keep auto: IQR outlier counts over %d calibration images %s -> median %d", len(counts), counts,
                  out["keep"])
     return out
 
 
-def calibration_pixels(calibration: Path | str, image_size: int):
+def calibration_pixels(calibration: Path | str, image_size: int, processing: dict | None = None):
     """Pixels [M, 3, H, W] of a calibration folder, or of vqa-synth's val split ('vqa-synth:val')."""
     if str(calibration).startswith("vqa-synth"):  # the benchmark's images, as `search` accepts them
         import torch
@@ -81,4 +85,4 @@ def calibration_pixels(calibration: Path | str, image_size: int):
         return torch.cat([torch.from_numpy(items[i].pixels) for i in range(len(items))])
     from ..calibration import load_calibration
 
-    return load_calibration(calibration, image_size).pixel_values
+    return load_calibration(calibration, image_size, processing).pixel_values

@@ -72,6 +72,12 @@ def attention_scale(attention) -> float:
 def vision_taps(s: SelectorInputs, method: str, next_layer: bool):
     """The vision-site taps a method needs, or a one-line refusal naming what the model lacks."""
     t = s.vision
+    patches = int(t.attention.args[0].meta["val"].shape[2]) - int(t.has_cls)  # the feature layer's, per image
+    per_image = int(t.patches.meta["val"].shape[-2])  # rows per image the projector takes
+    if patches != per_image:
+        raise VtrError(f"{method} needs one LLM token per vision patch, and this model turns {patches} patches of "
+                       f"its feature layer into {per_image} projector rows per image (it merges patches, e.g. a "
+                       "pixel shuffle); use a projector or llm@ method (e.g. divprune, gprune, fastv)")
     if not t.has_cls:
         raise VtrError(f"{method} needs the vision tower's CLS token, and this model feeds the projector "
                        "without slicing one off (no CLS, or vision_feature_select_strategy 'full')")

@@ -14,15 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError, VtrError
+from .family import Family, family_for
 from .presets import META_PRESETS, PRESETS, build_preset
 
 log = logging.getLogger(__name__)
-
-# Vision-language families we recognise but do not compile yet (each needs its own module under models/ first).
-_LATER_FAMILIES = {
-    "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-    "internvl", "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",
-}
 
 
 @dataclass
@@ -34,20 +29,25 @@ class ModelSource:
     module: nn.Module | None
     program: torch.export.ExportedProgram | None
     example_inputs: tuple[torch.Tensor, torch.Tensor]
-    hf_model: nn.Module | None = None  # the LlavaForConditionalGeneration, when there is one
+    hf_model: nn.Module | None = None  # the <Family>ForConditionalGeneration, when there is one
     # Captured programs by (max_prompt, dtype): every build starts from a fresh ep.module() copy, so one
     # capture serves all of them (the reduced and the baseline engine of one `optimize --profile`).
     captured: dict = field(default_factory=dict, repr=False)
     # A Hugging Face directory read lazily: the module's parameters are empty stand-ins and engines stream
     # every weight from the checkpoint (models/checkpoint.py); `eager()` loads them for jobs that run the model.
     weights: Any = None
+    tiles: int = 1  # images (tiles) per prompt the example inputs, and so the engines, are built for
+
+    @property
+    def family(self) -> Family | None:
+        return family_for(self.hf_model.config) if self.hf_model is not None else None
 
     def eager(self) -> ModelSource:
         """This source with its weights in memory (in the checkpoint's dtype, or the one asked for): for jobs
         that run the model (search, --keep auto, AOTInductor). A no-op for sources that are loaded already."""
         if self.weights is None:
             return self
-        loaded = _load_hf_dir(Path(self.label), self.weights.dtype, stream=False)
+        loaded = _load_hf_dir(Path(self.label), self.weights.dtype, stream=False, tiles=self.tiles)
         self.module, self.hf_model, self.weights, self.captured = loaded.module, loaded.hf_model, None, {}
         return self
 
@@ -60,7 +60,8 @@ class ModelSource:
 
 
 class NextTokenLogits(nn.Module):
-    """forward(input_ids [B,S] int64, pixel_values [B,3,H,W] f32) -> logits [B, vocab] at the last position."""
+    """forward(input_ids [B,S] int64, pixel_values [B*tiles,3,H,W] f32) -> logits [B, vocab] at the last
+    position."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -74,13 +75,16 @@ class NextTokenLogits(nn.Module):
         return out.logits[:, -1, :].float()
 
 
-def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batch: int = 1
+def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batch: int = 1, tiles: int = 1
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt [prefix][N image placeholders][suffix] and a random image, for capture and tests."""
-    from .llava import image_token_count, layout_prompt
+    """A prompt [prefix][N image placeholders][suffix] and random pixels for `tiles` images per prompt, for
+    capture and tests."""
+    from .prompt import layout_prompt
 
+    family = family_for(config)
+    family.check_tiles(tiles)
     g = torch.Generator().manual_seed(seed)
-    vocab = config.text_config.vocab_size
+    vocab = family.text_config(config).vocab_size
     image_id = config.image_token_id
 
     def text(k: int) -> np.ndarray:
@@ -88,32 +92,14 @@ def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batc
         return (torch.where(t >= image_id, t + 1, t) % vocab).numpy()
 
     pre = text(prefix)
-    ids = torch.from_numpy(layout_prompt(pre, text(suffix), image_token_count(config), image_id))
-    size = config.vision_config.image_size
-    pixels = torch.randn(batch, 3, size, size, generator=g)
+    ids = torch.from_numpy(layout_prompt(pre, text(suffix), family.image_token_count(config, tiles), image_id))
+    tiles_, *chw = family.pixel_shape(config, tiles)
+    pixels = torch.randn(batch * tiles_, *chw, generator=g)
     return ids, pixels
 
 
-def _check_llava_config(cfg: dict, where: str) -> None:
-    model_type = cfg.get("model_type", "?")
-    archs = cfg.get("architectures") or []
-    if model_type == "llava" or "LlavaForConditionalGeneration" in archs:
-        return
-    if model_type in _LATER_FAMILIES:
-        raise UnsupportedModelError(
-            f"{where}: model family '{model_type}' is not supported yet; vtrcompile compiles "
-            "LlavaForConditionalGeneration (LLaVA-1.5 family) for now")
-    if "vision_config" not in cfg:
-        raise UnsupportedModelError(
-            f"{where}: '{model_type}' is a text-only model (no vision_config); vtrcompile needs a "
-            "vision-language model such as LlavaForConditionalGeneration")
-    raise UnsupportedModelError(f"{where}: model type '{model_type}' is not supported yet; "
-                                "use a LlavaForConditionalGeneration checkpoint")
-
-
-def _read_llava_config(path: Path):
-    from transformers import LlavaConfig
-
+def _read_config(path: Path):
+    """(family, config) of a Hugging Face directory; other families refused with what is supported."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise VtrError(f"{path}: no config.json; a Hugging Face model directory needs config.json and weights")
@@ -122,12 +108,15 @@ def _read_llava_config(path: Path):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VtrError(f"{cfg_file}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
                        "fix or re-save the checkpoint") from None
-    _check_llava_config(cfg, str(path))
+    if not isinstance(cfg, dict):
+        raise VtrError(f"{cfg_file}: holds a JSON {type(cfg).__name__}, not an object; fix or re-save config.json")
+    family = family_for(cfg, str(path))
     try:
-        return LlavaConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # a config.json that parses as JSON but not as a LlavaConfig
+        return family, family.config_class().from_pretrained(path, local_files_only=True)
+    except Exception as e:  # a config.json that parses as JSON but not as this family's config
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VtrError(f"{cfg_file}: not a valid LLaVA config ({first}); fix or re-save config.json") from None
+        raise VtrError(f"{cfg_file}: not a valid {family.config_class_name} ({first}); fix or re-save "
+                       "config.json") from None
 
 
 def _refuse_eager(module, args, kwargs):
@@ -140,34 +129,33 @@ def _refuse_eager(module, args, kwargs):
                        "ModelSource.eager() first")
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = True) -> ModelSource:
+def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = True, tiles: int = 1) -> ModelSource:
     """A Hugging Face directory in its own dtype (the config's), or `dtype` when given; never upcast silently.
     `stream`: build the model with empty parameters and read the weights from the safetensors files only when
     an engine is written (folders without safetensors files load eagerly)."""
-    from transformers import LlavaForConditionalGeneration
-
     from .checkpoint import CheckpointWeights, config_dtype, empty_model
 
-    config = _read_llava_config(path)
+    family, config = _read_config(path)
+    family.check_tiles(tiles)
     dtype = dtype or config_dtype(config) or torch.float32
     if stream and any(path.glob("*.safetensors")):
-        model = empty_model(LlavaForConditionalGeneration, config, dtype)
+        model = empty_model(family.model_class(), config, dtype)
         model.config._attn_implementation = "sdpa"
         weights = CheckpointWeights(path, model, dtype)
         model.register_forward_pre_hook(_refuse_eager, with_kwargs=True)
         log.info("%s: %.1f GB of %s weights, read from the checkpoint when engines are written", path,
                  weights.nbytes / 1e9, str(dtype).removeprefix("torch."))
-        return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None, example_prompt(model.config),
-                           hf_model=model, weights=weights)
+        return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None,
+                           example_prompt(model.config, tiles=tiles), hf_model=model, weights=weights, tiles=tiles)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = family.model_class().from_pretrained(
             path, config=config, local_files_only=True, attn_implementation="sdpa", dtype=dtype)
     except Exception as e:  # transformers raises many types for broken checkpoints
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"{path}: could not load the weights ({first}); check the safetensors files") from None
     model.eval()
     return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None,
-                       example_prompt(model.config), hf_model=model)
+                       example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles)
 
 
 def _load_exported(path: Path) -> ModelSource:
@@ -183,7 +171,7 @@ def _load_exported(path: Path) -> ModelSource:
     return ModelSource(str(path), "exported", None, ep, tuple(example[0]))
 
 
-def _load_pickle(path: Path) -> ModelSource:
+def _load_pickle(path: Path, tiles: int = 1) -> ModelSource:
     try:
         obj = torch.load(str(path), weights_only=False, map_location="cpu")
     except Exception as e:
@@ -194,10 +182,12 @@ def _load_pickle(path: Path) -> ModelSource:
     cfg = getattr(obj, "config", None)
     if cfg is None or not hasattr(cfg, "vision_config") or not hasattr(cfg, "image_token_id"):
         raise UnsupportedModelError(
-            f"{path}: the module has no LLaVA-style .config (vision_config, image_token_id); vtrcompile "
+            f"{path}: the module has no vision-language .config (vision_config, image_token_id); vtrcompile "
             "needs it to build example inputs")
+    family_for(cfg, str(path))
     obj.eval()
-    return ModelSource(str(path), "pickle", NextTokenLogits(obj), None, example_prompt(cfg), hf_model=obj)
+    return ModelSource(str(path), "pickle", NextTokenLogits(obj), None, example_prompt(cfg, tiles=tiles),
+                       hf_model=obj, tiles=tiles)
 
 
 def _refuse_engine(path: Path) -> None:
@@ -226,21 +216,22 @@ def _is_aoti_package(path: Path) -> bool:
 
 
 def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None,
-               stream: bool = True) -> ModelSource:
+               stream: bool = True, tiles: int = 1) -> ModelSource:
     """Resolve the MODEL argument of the CLI. A Hugging Face directory is read in its own dtype (or `dtype`);
-    with `stream` its weights stay in the checkpoint until an engine is written (ModelSource.eager() loads them)."""
+    with `stream` its weights stay in the checkpoint until an engine is written (ModelSource.eager() loads them).
+    `tiles`: images per prompt the engines take (families that tile an image, e.g. InternVL)."""
     if spec in PRESETS:
         device = "meta" if spec in META_PRESETS else "cpu"
         model = build_preset(spec, device=device)
         return ModelSource(f"preset:{spec}", "preset", NextTokenLogits(model), None,
-                           example_prompt(model.config), hf_model=model)
+                           example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles)
     path = Path(spec)
     if not path.exists():
         raise VtrError(f"model not found: {spec} (give a Hugging Face model directory, a .pt2 file from "
                        f"torch.export.save, a pickled nn.Module with --allow-pickle, or a preset: "
                        f"{', '.join(PRESETS)})")
     if path.is_dir():
-        return _load_hf_dir(path, dtype, stream)
+        return _load_hf_dir(path, dtype, stream, tiles)
     _refuse_engine(path)
     with path.open("rb") as f:
         head = f.read(4)
@@ -256,4 +247,4 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     if not allow_pickle:
         raise VtrError(f"{path}: looks like a pickled module; unpickling runs arbitrary code, so pass "
                        "--allow-pickle only if you trust this file")
-    return _load_pickle(path)
+    return _load_pickle(path, tiles)

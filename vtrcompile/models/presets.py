@@ -1,11 +1,11 @@
-"""Built-in demo presets: LlavaConfig recipes built with random weights, no download."""
+"""Built-in presets: config recipes of each family built with random weights, no download."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,8 @@ class Preset:
     vision: dict
     text: dict
     image_token_id: int
+    family: str = "llava"
+    extra: dict = field(default_factory=dict)  # top-level config fields beyond the defaults below
 
 
 PRESETS: dict[str, Preset] = {
@@ -60,6 +62,26 @@ PRESETS: dict[str, Preset] = {
                       rms_norm_eps=1e-5),
             image_token_id=32000,
         ),
+        Preset(
+            "internvl-tiny",
+            "tests: InternVL, InternViT 2x32 on 112 px tiles (16 image tokens per tile after pixel shuffle), "
+            "Qwen2 4x64 with GQA (4 q / 2 kv heads)",
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=[112, 112], patch_size=[14, 14]),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024),
+            image_token_id=319, family="internvl",
+        ),
+        Preset(
+            "internvl-geometry",
+            "InternVL2 geometry (448 px tile, patch 14, pixel shuffle 0.5: 256 image tokens per tile), "
+            "InternViT 6x256, Qwen2 12x768 (12 q / 4 kv heads), widths cut for a 2-core CPU",
+            vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                        image_size=[448, 448], patch_size=[14, 14]),
+            text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096),
+            image_token_id=32000, family="internvl",
+        ),
     ]
 }
 
@@ -67,23 +89,20 @@ PRESETS: dict[str, Preset] = {
 META_PRESETS = {"llava15-7b", "llava15-13b"}
 
 
-def preset_config(name: str) -> LlavaConfig:
+def preset_config(name: str):
+    """The preset's config, built by its family's module."""
+    from .family import family_named
+
     p = PRESETS[name]
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(**p.vision),
-        text_config=LlamaConfig(**p.text),
-        image_token_id=p.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    cfg = family_named(p.family).preset_config(p.vision, p.text, p.image_token_id, p.extra)
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
-def build_preset(name: str, seed: int = 0, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+def build_preset(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build a preset with seeded random weights (on `device`; 'meta' allocates nothing)."""
+    from .family import family_named
+
     cfg = preset_config(name)
     torch.manual_seed(seed)
     # Built directly in `dtype`: a 7B model built in float32 first would need 27 GB.
@@ -91,7 +110,7 @@ def build_preset(name: str, seed: int = 0, device: str = "cpu",
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
+            model = family_named(PRESETS[name].family).model_class()(cfg)
     finally:
         torch.set_default_dtype(old)
     return model.eval()

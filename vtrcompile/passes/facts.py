@@ -13,7 +13,7 @@ class Boundary:
 
     node: fx.Node  # aten.masked_scatter, or merge_image_block after replace_masked_scatter
     text_embeds: fx.Node  # [B, S, D]
-    image_features: fx.Node  # [B*N, D] projector output, flattened
+    image_features: fx.Node  # projector output, [B*N, D] or [images, n, D]: B*N rows in merge order
     input_ids: fx.Node
     image_token_id: int
     n_image: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import fx
@@ -53,14 +54,14 @@ def find_vision_llm_boundary(gm: fx.GraphModule, config=None) -> PassResult:
         else:
             continue
         es, fs, ids_shape = shape(embeds), shape(feats), shape(ids)
-        if es is None or fs is None or len(es) != 3 or len(fs) != 2 or ids_shape is None:
-            declined.append(f"{node.target} at {node.name}: embeddings/features are not [B,S,D]/[B*N,D]")
+        if es is None or fs is None or len(es) != 3 or len(fs) < 2 or ids_shape is None or fs[-1] != es[2]:
+            declined.append(f"{node.target} at {node.name}: embeddings/features are not [B,S,D]/[..., D]")
             continue
-        batch = int(ids_shape[0])
-        if int(fs[0]) % batch:
-            declined.append(f"{node.name}: {fs[0]} feature rows do not split over batch {batch}")
+        batch, rows = int(ids_shape[0]), math.prod(int(d) for d in fs[:-1])  # [B*N, D] or [images, n, D]
+        if rows % batch:
+            declined.append(f"{node.name}: {rows} feature rows do not split over batch {batch}")
             continue
-        found.append(Boundary(node, embeds, feats, ids, token, int(fs[0]) // batch, batch, int(es[2])))
+        found.append(Boundary(node, embeds, feats, ids, token, rows // batch, batch, int(es[2])))
     if not found:
         why = "; ".join(declined) or "the graph has no aten.masked_scatter at all"
         raise AnalysisError(

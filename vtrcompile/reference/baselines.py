@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from .llava import roped_qk, top_rows_ascending
+from .blocks import language_model, roped_qk, top_rows_ascending
 from .methods import kept_rows
 
 # ---- projector stages ---------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def dart_site(model, image_pivots: int = 4, text_pivots: int = 4, keep: int = 13
         suffix = sorted(range(start + n, s), key=lambda r: (-float(key_norm[r]), r))
         fallback = list(range(start)) + list(range(start, start + n))
         txt = (suffix + fallback)[:text_pivots]
-        hn = model.model.language_model.norm(h)[0].float()
+        hn = language_model(model).norm(h)[0].float()
         hn = hn / hn.norm(dim=-1, keepdim=True)
         pool = [j for j in range(n) if j not in img]
         picks = []

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from .llava import KV_RECORDER
+from .blocks import KV_RECORDER, language_model
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def generate_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
                        prefill: Callable[..., torch.Tensor], positions: str | Callable, steps: int
                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """-> (tokens [steps], logits [steps, vocab] float32, cache length per layer after the prefill)."""
-    lm = model.model.language_model
+    lm = language_model(model)
     cache = DynamicCache()
     token = KV_RECORDER.set(cache)
     try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .llava import (
+from .blocks import (
     attention_probs,
     embed_prompt,
     image_features,
     image_start,
+    language_model,
     last_row_attention,
     next_token_logits,
     pre_rope_keys,
@@ -55,8 +56,8 @@ def gprune_reference_scores(f: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, keep: int) -> torch.Tensor:
     """G-Prune at the projector: keep top-`keep` projected tokens by s, ascending, positions kept."""
-    n_layers = len(model.model.language_model.layers)
-    feats = image_features(model, pixel_values)
+    n_layers = len(language_model(model).layers)
+    feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
     s, n, start = h.shape[1], feats.shape[1], image_start(model, input_ids)
     kept = top_rows_ascending(gprune_reference_scores(feats[0]), keep)
@@ -81,8 +82,8 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     returns the new (h, pos, n) from h (entering layer l) and h_in_prev (what entered layer l-1).
     `first(feats [N, D]) -> (block [n, D], positions)` replaces the image block before layer 0 (a projector
     stage); positions 'keep' or 'renumber'."""
-    n_layers = len(model.model.language_model.layers)
-    feats = image_features(model, pixel_values)
+    n_layers = len(language_model(model).layers)
+    feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
     start, n = image_start(model, input_ids), feats.shape[1]
     pos = torch.arange(h.shape[1])
@@ -111,7 +112,7 @@ def pyramiddrop_sites(model, n_layers: int, keep_ratio: float = 0.5) -> dict:
 @torch.no_grad()
 def pyramiddrop_reference(model, input_ids, pixel_values, keep_ratio: float = 0.5) -> torch.Tensor:
     """Sites L/4, L/2, 3L/4: keep int(lambda*I) by layer l-1's last-token attention; positions renumbered."""
-    n_layers = len(model.model.language_model.layers)
+    n_layers = len(language_model(model).layers)
     return run_stages(model, input_ids, pixel_values, sites=pyramiddrop_sites(model, n_layers, keep_ratio))
 
 
@@ -130,7 +131,7 @@ def vtw_reference(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
 def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, merge_ratio: float = 0.3
                     ) -> torch.Tensor:
     """PuMer's decoder port (spec): prune by suffix-text attention, then ToMe bipartite merging."""
-    n_layers = len(model.model.language_model.layers)
+    n_layers = len(language_model(model).layers)
     sites = {round(2 * n_layers / 12), round(5 * n_layers / 12), round(8 * n_layers / 12)} - {0}
 
     def reduce(layer, h_prev, h, pos, start, n):

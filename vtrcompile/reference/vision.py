@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .llava import image_start, next_token_logits, run_layers
+from .blocks import image_start, language_model, next_token_logits, run_layers
 
 
 def _stable_top(scores: torch.Tensor, k: int) -> list[int]:
@@ -28,7 +28,7 @@ def _llm_logits(model, input_ids, rows: torch.Tensor) -> torch.Tensor:
     n = int((input_ids[0] == model.config.image_token_id).sum())
     emb = model.model.get_input_embeddings()(input_ids)
     h = torch.cat([emb[:, :start], rows[None].to(emb.dtype), emb[:, start + n:]], dim=1)
-    n_layers = len(model.model.language_model.layers)
+    n_layers = len(language_model(model).layers)
     return next_token_logits(model, run_layers(model, h, torch.arange(h.shape[1]), range(n_layers)))
 
 

@@ -1,7 +1,7 @@
 """Candidate schedules -> next-token logits on calibration prompts, eagerly, from one prepared model.
 
 No re-export per candidate: image features and prompt embeddings are computed once per prompt, and the
-decoder runs the schedule with the reference building blocks (reference/llava.py). tests/search checks
+decoder runs the schedule with the reference building blocks (reference/blocks.py). tests/search checks
 that these logits equal the compiled `schedule` engine's. G-Search also checkpoints the hidden states
 entering the layer it is deciding, so each candidate only runs the layers from there on.
 """
@@ -16,8 +16,15 @@ from typing import Any
 import torch
 
 from ..errors import VtrError
-from ..reference.llava import embed_prompt, image_features, image_start, next_token_logits, run_layers
-from ..reference.llava import top_rows_ascending as _top
+from ..reference.blocks import (
+    embed_prompt,
+    image_features,
+    image_start,
+    language_model,
+    next_token_logits,
+    run_layers,
+)
+from ..reference.blocks import top_rows_ascending as _top
 from ..reference.methods import projector_stage_rows, suffix_scores
 
 log = logging.getLogger(__name__)
@@ -37,13 +44,13 @@ class ScheduleEvaluator:
         """`first`: a projector stage (reference/baselines.py) applied before the LLM; the schedule then
         counts the image tokens it leaves."""
         self.model = model.eval()
-        self.layers = len(model.model.language_model.layers)
+        self.layers = len(language_model(model).layers)
         self.answers = answers
         self._h0: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         with torch.no_grad():
             for it in items:
                 ids, px = torch.as_tensor(it.ids), torch.as_tensor(it.pixels)
-                feats = image_features(model, px.to(next(model.parameters()).dtype))
+                feats = image_features(model, px.to(next(model.parameters()).dtype), ids.shape[0])
                 h, start = embed_prompt(model, ids, feats), image_start(model, ids)
                 pos, n = torch.arange(h.shape[1]), int(feats.shape[1])
                 if first is not None:
@@ -114,14 +121,14 @@ class Metric:
         return v - baseline if self.name == "kl" else baseline - v
 
 
-def calibration_items(spec: str, model, count: int, source_dir: str | None = None
+def calibration_items(spec: str, model, count: int, source_dir: str | None = None, tiles: int = 1
                       ) -> tuple[list, list[int] | None, str]:
     """The search's calibration prompts (evaluation.calibration_items), tokenized with the model directory's
     tokenizer when it has one."""
     from ..evaluation import calibration_items as items_for
-    from ..models.llava import prompt_facts
+    from ..models.family import family_of
 
-    return items_for(spec, prompt_facts(model.config), count, _tokenizer(source_dir))
+    return items_for(spec, family_of(model).prompt_facts(model.config, tiles), count, _tokenizer(source_dir))
 
 
 def _tokenizer(source_dir: str | None) -> Any:

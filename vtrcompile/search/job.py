@@ -40,14 +40,15 @@ def _partial(out: Path, algo: str, settings: dict, model_id: str) -> dict[str, l
     return done
 
 
-def first_stage(model, text: str):
+def first_stage(model, text: str, tiles: int = 1):
     """'divprune keep=288' -> (its eager projector stage, the canonical text a stacked build must match)."""
     from ..methods.registry import parse_then, resolve, stage_text, validate
-    from ..models.llava import image_token_count
+    from ..models.family import family_of
     from ..reference.baselines import projector_stage
 
     method, given = parse_then(text)
-    plan = resolve(method, given, image_token_count(model.config), len(model.model.language_model.layers))
+    fam = family_of(model)
+    plan = resolve(method, given, fam.image_token_count(model.config, tiles), len(fam.language_model(model).layers))
     stage = projector_stage(plan[0]) if len(plan) == 1 and plan[0].site == "projector" else None
     if stage is None:
         raise VtrError(f"--first: {method} is not a projector method the search can run (random, pool, divprune, "
@@ -72,14 +73,14 @@ def run_search(source, algo: str, calibration: str, out: Path, count: int = 280,
                        "preset or a pickled module (not an exported program)")
     mid = source_id(source)
     src_dir = source.label if source.kind == "hf-dir" else None
-    items, answers, desc = calibration_items(calibration, model, count, src_dir)
+    items, answers, desc = calibration_items(calibration, model, count, src_dir, source.tiles)
     m = Metric(metric or ("accuracy" if answers is not None else "agreement"))
     if m.name == "accuracy" and answers is None:
         raise VtrError(f"--metric accuracy needs labels; {calibration} has none (use agreement or kl)")
     if algo == "vtw":
         m = Metric("kl")
     t0 = time.perf_counter()
-    stage, first_text = first_stage(model, first) if first else (None, None)
+    stage, first_text = first_stage(model, first, source.tiles) if first else (None, None)
     ev = ScheduleEvaluator(model, items, answers, stage)
     n, layers = ev.n_image, ev.layers
     base = m.value(ev, ev.full)

@@ -1,4 +1,5 @@
-"""Eager LLaVA building blocks: image features, prompt embedding, a decoder loop with explicit positions."""
+"""Eager building blocks of every family's references: image features, prompt embedding, a decoder loop with
+explicit positions. The family's module (models/) says where the parts are."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ from contextvars import ContextVar
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from ..models.family import family_of
 
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """-> [B, N, D]: the projected image tokens, as LlavaModel computes them."""
-    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-    return torch.stack(list(out.pooler_output))
+
+def language_model(model):
+    return family_of(model).language_model(model)
+
+
+def image_features(model, pixel_values: torch.Tensor, batch: int = 1) -> torch.Tensor:
+    """-> [batch, N, D]: the projected image tokens, as the model computes them."""
+    return family_of(model).image_features(model, pixel_values, batch)
 
 
 def embed_prompt(model, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -41,7 +47,7 @@ def run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: ran
     positions as packed sequences, so it is not used here).
     """
     cache = KV_RECORDER.get()
-    lm = model.model.language_model
+    lm = language_model(model)
     n = hidden.shape[1]
     pos = positions[None, :].expand(hidden.shape[0], -1)
     mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
@@ -53,7 +59,7 @@ def run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: ran
 
 
 def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    lm = model.model.language_model
+    lm = language_model(model)
     return model.lm_head(lm.norm(hidden[:, -1:, :]))[:, -1, :].float()
 
 
@@ -61,7 +67,7 @@ def roped_qk(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder layer `layer`'s queries and keys of `hidden` after RoPE, GQA keys repeated to the query heads:
     ([B, H, S, d], [B, H, S, d]), recomputed from its own projections."""
-    lm = model.model.language_model
+    lm = language_model(model)
     block = lm.layers[layer]
     att = block.self_attn
     b, s, _ = hidden.shape
@@ -76,7 +82,7 @@ def roped_qk(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor
 def _attention_logits(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Scaled q k^T of decoder layer `layer` [B, H, S, S] in float32."""
     q, k = roped_qk(model, layer, hidden, positions)
-    return (q.float() @ k.float().transpose(-1, -2)) * model.model.language_model.layers[layer].self_attn.scaling
+    return (q.float() @ k.float().transpose(-1, -2)) * language_model(model).layers[layer].self_attn.scaling
 
 
 def last_row_attention(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -93,10 +99,10 @@ def top_rows_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def full_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
     """The unmodified model's next-token logits [B, vocab] via the same loop (a sanity anchor)."""
-    feats = image_features(model, pixel_values)
+    feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
     pos = torch.arange(h.shape[1])
-    return next_token_logits(model, run_layers(model, h, pos, range(len(model.model.language_model.layers))))
+    return next_token_logits(model, run_layers(model, h, pos, range(len(language_model(model).layers))))
 
 
 def attention_probs(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -109,7 +115,7 @@ def attention_probs(model, layer: int, hidden: torch.Tensor, positions: torch.Te
 
 def pre_rope_keys(model, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     """Layer `layer`'s key projection of its input, averaged over key heads: [B, S, head_dim]."""
-    block = model.model.language_model.layers[layer]
+    block = language_model(model).layers[layer]
     att = block.self_attn
     b, s, _ = hidden.shape
     k = att.k_proj(block.input_layernorm(hidden)).view(b, s, -1, att.head_dim)

@@ -1,0 +1,161 @@
+"""What vtrcompile knows about a model family, in one place per family.
+
+Each family is one module under `vtrcompile/models/` holding one `Family` instance: how its checkpoints load,
+how many image tokens N a fixed image geometry gives, how an image becomes `pixel_values`, the prompt
+layout, and the hooks the eager references use (image features, the language model). Everything else
+(capture, passes, lowering, runners) is family-free: the passes find the merge and the attention ops
+structurally, and engines describe their own inputs and outputs in their metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+class Family:
+    """A vision-language family whose model is `<Arch>ForConditionalGeneration` with `.model.language_model`
+    (a Hugging Face decoder: Llama / Qwen2 / Mistral layers with 1-D RoPE) and one merge of N image rows."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    architecture: str = ""  # the transformers class
+    config_class_name: str = ""
+    # The prompt when the tokenizer has no chat template; `{image}` is where the image block goes (the family's
+    # start/end markers around one placeholder that the runner expands to N) and `{prompt}` the user's text.
+    template: str = "{image}\n{prompt}"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_tiles: int = 1  # images (tiles) per prompt an engine may be built for
+    # Why the vision-site methods (a CLS token and one LLM token per feature-layer patch) cannot run here,
+    # or None when they can.
+    vision_site_refusal: str | None = None
+
+    # --- loading -------------------------------------------------------------------------------------
+    def model_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.architecture)
+
+    def config_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.config_class_name)
+
+    def preset_config(self, vision: dict, text: dict, image_token_id: int, extra: dict):
+        """A config of this family from a preset's vision / text fields (models/presets.py)."""
+        raise NotImplementedError
+
+    # --- image geometry ------------------------------------------------------------------------------
+    def image_size(self, config) -> int:
+        """The square side in pixels the vision tower takes."""
+        s = config.vision_config.image_size
+        return int(s[0] if isinstance(s, (list, tuple)) else s)
+
+    def patch_size(self, config) -> int:
+        p = config.vision_config.patch_size
+        return int(p[0] if isinstance(p, (list, tuple)) else p)
+
+    def tokens_per_tile(self, config) -> int:
+        raise NotImplementedError
+
+    def image_token_count(self, config, tiles: int = 1) -> int:
+        """N: image placeholders per prompt for `tiles` images (tiles) of the fixed geometry."""
+        return self.tokens_per_tile(config) * tiles
+
+    def pixel_shape(self, config, tiles: int = 1) -> list[int]:
+        """Shape of pixel_values for one prompt: [tiles, 3, H, W]."""
+        s = self.image_size(config)
+        return [tiles, 3, s, s]
+
+    def prompt_facts(self, config, tiles: int = 1) -> dict[str, Any]:
+        """What a valid prompt is, in the engine metadata's words: N, the placeholder id, vocab, the shape of
+        one image (tile) and the tiles per prompt."""
+        return {"n_image": self.image_token_count(config, tiles), "image_token_id": int(config.image_token_id),
+                "vocab": int(self.text_config(config).vocab_size), "pixel_shape": self.pixel_shape(config)[1:],
+                "tiles": tiles, "processor": self.processor_facts(config)}
+
+    def check_tiles(self, tiles: int) -> None:
+        if not 1 <= tiles <= self.max_tiles:
+            what = "one image per prompt" if self.max_tiles == 1 else f"1 to {self.max_tiles} tiles"
+            raise UnsupportedModelError(f"--tiles {tiles}: the {self.name} family takes {what}")
+
+    def preprocess(self, image, size: int, tiles: int) -> np.ndarray:
+        """A PIL RGB image -> float32 [tiles, size, size, 3] in [0, 1] (normalisation is the caller's)."""
+        raise NotImplementedError
+
+    # --- the model's parts, for the eager references and the search evaluator -----------------------
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def text_config(self, config):
+        return config.text_config
+
+    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
+        """-> [batch, N, D]: the projected image rows in the order the merge writes them."""
+        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        feats = out.pooler_output
+        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+        return feats.reshape(batch, -1, feats.shape[-1])
+
+    # --- what an engine records so it runs without the model directory ---------------------------------
+    def processor_facts(self, config, model_dir=None) -> dict[str, Any]:
+        """Image preprocessing and the prompt layout `generate` uses (read from the model directory's
+        preprocessor_config.json when there is one)."""
+        import json
+
+        mean, std = list(self.image_mean), list(self.image_std)
+        pc_file = model_dir / "preprocessor_config.json" if model_dir is not None else None
+        if pc_file is not None and pc_file.is_file():
+            try:
+                pc = json.loads(pc_file.read_text())
+                mean, std = pc.get("image_mean", mean), pc.get("image_std", std)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass
+        return {"family": self.name, "image_size": self.image_size(config), "image_mean": mean,
+                "image_std": std, "template": self.template}
+
+
+def families() -> list[Family]:
+    from .internvl import INTERNVL
+    from .llava import LLAVA
+
+    return [LLAVA, INTERNVL]
+
+
+# Vision-language families we recognise but do not compile yet (each needs its own module here first).
+LATER_FAMILIES = {
+    "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+    "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",
+}
+
+
+def family_named(name: str) -> Family:
+    return next(f for f in families() if f.name == name)
+
+
+def family_for(config: Any, where: str = "the model") -> Family:
+    """The family of a config (a transformers config object or a config.json dict); refuses the others with
+    what is supported."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    model_type, archs = get("model_type", "?"), get("architectures") or []
+    for f in families():
+        if model_type in f.model_types or f.architecture in archs:
+            return f
+    supported = ", ".join(f.architecture for f in families())
+    if model_type in LATER_FAMILIES:
+        raise UnsupportedModelError(f"{where}: model family '{model_type}' is not supported yet; vtrcompile "
+                                    f"compiles {supported}")
+    if get("vision_config") is None:
+        raise UnsupportedModelError(f"{where}: '{model_type}' is a text-only model (no vision_config); vtrcompile "
+                                    f"needs a vision-language model ({supported})")
+    raise UnsupportedModelError(f"{where}: model type '{model_type}' is not supported yet; use one of {supported}")
+
+
+def family_of(model: nn.Module) -> Family:
+    return family_for(model.config)
