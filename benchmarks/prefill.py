@@ -1,9 +1,11 @@
-"""Prefill benchmark on the LLaVA-1.5-geometry preset: reduced engines vs the unmodified engine.
+"""Prefill benchmark on a geometry preset (LLaVA-1.5's by default): reduced engines vs the unmodified engine.
 
 Builds every engine with `vtrcompile.optimize`, measures each against the same baseline engine with the
 profile protocol (interleaved runs, warm-up discarded), and writes a JSON file plus a markdown table.
 Suites: `core` (FastV and G-Prune budgets), `methods` (every method at its defaults and at 64 and 144
-final image tokens), `selector` (DivPrune next to Random and G-Prune at the same counts). Usage: python benchmarks/prefill.py --suite methods --reps 10
+final image tokens), `selector` (DivPrune next to Random and G-Prune at the same counts), `families` (the
+methods every family supports, at their defaults and at 64 final image tokens, e.g. on internvl-geometry).
+Usage: python benchmarks/prefill.py --suite methods --reps 10
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ SUITES = {
         ("divprune", {}), ("random", {"keep": 56}), ("gprune", {"keep": 56}),
         ("divprune", {"keep": 144}), ("random", {"keep": 144}),
     ],
+    "families": [
+        ("fastv", {}), ("gprune", {}), ("pyramiddrop", {}), ("divprune", {}),
+        ("fastv", {"keep": 64}), ("gprune", {"keep": 64}), ("divprune", {"keep": 64}),
+    ],
 }
 
 
@@ -59,11 +65,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     ap.add_argument("--build-dir", default="build/bench")
     ap.add_argument("--suite", choices=list(SUITES), default="core")
+    ap.add_argument("--tiles", type=int, default=1, help="images (tiles) per prompt, for families that tile")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/prefill-<suite>.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     d = Path(args.build_dir)
-    src = load_model(args.preset)
+    src = load_model(args.preset, tiles=args.tiles)
     t0 = time.perf_counter()
     base = optimize(src, "none", {}, d / "baseline.onnx")
     rows = []
@@ -75,7 +82,7 @@ def main() -> None:
         rep["preflight_findings"] = [str(f) for f in res.findings]
         rows.append(rep)
         logging.info("%s: %.2fx (ideal %.2fx)", rep["label"], rep["speedup_p50"], rep["flops_ratio"])
-    out = {"preset": args.preset, "total_s": time.perf_counter() - t0, "runs": rows}
+    out = {"preset": args.preset, "tiles": args.tiles, "total_s": time.perf_counter() - t0, "runs": rows}
     path = Path(args.out or f"benchmarks/results/prefill-{args.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

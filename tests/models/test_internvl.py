@@ -183,3 +183,9 @@ def test_hf_directory_loads_as_internvl(tmp_path):
         assert max_diff(loaded.module(ids, px), src.module(ids, px)) <= 1e-6  # reloaded weights: same values
     streamed = load_model(str(tmp_path / "ivl"))
     assert streamed.weights is not None and streamed.family is INTERNVL
+    from vtrcompile.optimize import optimize
+
+    engine = load_engine(optimize(streamed, "fastv", {"keep": 6}, tmp_path / "e" / "f.onnx", max_prompt=128).files[-1])
+    with torch.no_grad():
+        want = build(src, "fastv", {"keep": 6}, 128).logits(ids, px)
+    assert max_diff(engine(input_ids=ids, pixel_values=px), want) <= REFERENCE_ATOL
