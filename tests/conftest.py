@@ -81,6 +81,12 @@ TINY_ENGINES = {
 }
 SECOND_BUDGETS = {"pyramiddrop-0.7", "vtw-1", "pumer-0.2", "prumerge-20", "prumerge-plus-0.25", "visionzip-20-6",
                   "random-llm2", "pool-9", "divprune-default", "dart-20", "pool+dart"}
+# Engines whose per-backend checks run only with -m slow: every ONNX export costs 10-20 s on 2 cores, so the
+# default run keeps one engine per kind of rewrite (FastV: keep at llm@K, G-Prune: projector, PyramidDrop:
+# progressive renumber, PuMer: merge, PruMerge: vision site, Random: constant subset, DivPrune+FastV: stacked).
+# The graphs of the others still equal their eager references in the default run (tests/methods, passes).
+SLOW_ENGINES = SECOND_BUDGETS | {"fastv-k1-5", "gprune-default", "vtw", "prumerge-plus", "visionzip", "pool",
+                                 "divprune-9", "dart-12", "gprune+pyramiddrop"}
 
 
 class _Engines(Mapping):
@@ -112,8 +118,8 @@ def tiny_engines(tiny, tiny_build, tmp_path_factory):
 
 
 def budget_params(pairs):
-    """pytest params over (engine name, ...) tuples; the second-budget engines marked slow."""
-    return [pytest.param(*p, marks=pytest.mark.slow) if p[0] in SECOND_BUDGETS else p for p in pairs]
+    """pytest params over (engine name, ...) tuples; the engines of SLOW_ENGINES marked slow."""
+    return [pytest.param(*p, marks=pytest.mark.slow) if p[0] in SLOW_ENGINES else p for p in pairs]
 
 
 @pytest.fixture(scope="session")

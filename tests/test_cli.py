@@ -180,7 +180,7 @@ def test_engine_given_as_a_model_and_invalid_config(tmp_path):
     cfg["text_config"]["num_attention_heads"] = "many"
     (hf / "config.json").write_text(json.dumps(cfg))
     res = _run("inspect", str(hf))
-    _assert_clean_error(res, tmp_path / "none", "config.json", "not a valid LLaVA config")
+    _assert_clean_error(res, tmp_path / "none", "config.json", "not a valid LlavaConfig")
     assert "safetensors" not in res.output
 
 

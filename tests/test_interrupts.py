@@ -80,7 +80,7 @@ def _check_clean(out: Path, code: int, err: str, sig: int, sent: bool) -> None:
 
 
 @pytest.mark.parametrize("point,sig", [("early", signal.SIGTERM), ("decode", signal.SIGINT),
-                                       ("prefill", signal.SIGTERM)])
+                                       pytest.param("prefill", signal.SIGTERM, marks=pytest.mark.slow)])
 def test_optimize_interrupted(tmp_path, point, sig):
     out = tmp_path / "out"
     out.mkdir()
@@ -122,6 +122,7 @@ def test_search_interrupted_resumes(tmp_path, calibration_dir):
     assert final["complete"] is True and len(final["evaluations"]) >= done
 
 
+@pytest.mark.slow
 def test_sweep_interrupted(tmp_path):
     demo = Path(__file__).resolve().parents[1] / "models" / "vqa-synth-llava"
     out = tmp_path / "sweep"

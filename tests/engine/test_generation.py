@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, prompts
+from tests.conftest import REFERENCE_ATOL, budget_params, prompts
 from vtrcompile import load_engine
 from vtrcompile.errors import VtrError
 from vtrcompile.reference.baselines import (
@@ -49,7 +49,7 @@ def test_keeping_every_token_generates_what_hf_generate_does(tiny, tiny_engines)
         assert out.cache_lengths == [ids.shape[1]] * 4
 
 
-@pytest.mark.parametrize("name,positions,prefill", [
+@pytest.mark.parametrize("name,positions,prefill", budget_params([
     ("fastv-k2-18", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
     ("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
     ("pumer", "keep", lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3)),
@@ -64,7 +64,7 @@ def test_keeping_every_token_generates_what_hf_generate_does(tiny, tiny_engines)
     # stacked: G-Prune keeps positions (layer 0 continues from S), PyramidDrop renumbers (S_l from layer 1)
     ("gprune+pyramiddrop", lambda s, lengths: [s, *lengths[1:]],
      lambda m, i, p: run_stages(m, i, p, first=gprune_stage(20), sites=pyramiddrop_sites(m, 4))),
-])
+]))
 def test_reduced_generation_equals_the_spec_reference(tiny, tiny_engines, name, positions, prefill):
     """Per-step logits of the engine pair equal the spec's generation semantics (independent eager code),
     and each layer's cache holds exactly the tokens the schedule leaves there."""

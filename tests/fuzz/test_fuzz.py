@@ -9,7 +9,7 @@ import pytest
 from .harness import build_corpus, cases, run_case
 
 SEED = 20261123
-PER_KIND = 4
+PER_KIND = 2  # cases per input kind and option (benchmarks/fuzz.py runs 8 per kind with two seeds)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ def packages(tiny, tiny_build, tmp_path_factory):
             for name, m, o in (("fastv", "fastv", {"layer": 2, "keep": 8}), ("none", "none", {}))}
 
 
+@pytest.mark.slow  # compiles two C++ packages (about 2 minutes on 2 cores)
 def test_package_equals_the_rewritten_graph(tiny, tiny_build, packages):
     b = tiny_build("fastv", layer=2, keep=8)
     eng = AotiEngine(packages["fastv"].files[-1])
@@ -32,6 +33,7 @@ def test_package_equals_the_rewritten_graph(tiny, tiny_build, packages):
         assert max_diff(eng(ids.numpy(), px.numpy()), ref) <= REFERENCE_ATOL
 
 
+@pytest.mark.slow  # compiles two C++ packages (about 2 minutes on 2 cores)
 def test_profile_compares_two_packages(packages):
     r = compare(packages["fastv"].files[-1], packages["none"].files[-1], warmup=1, reps=3, prefix=5, suffix=8)
     assert r["environment"]["backend"] == "aoti-cpu"
@@ -41,6 +43,7 @@ def test_profile_compares_two_packages(packages):
     assert set(red["trtexec"]["gpuComputeTime"]) >= {"median", "percentile(99%)"}
 
 
+@pytest.mark.slow  # compiles two C++ packages (about 2 minutes on 2 cores)
 def test_package_pair_generates_what_the_spec_reference_does(tiny, packages):
     """AOTInductor prefill + decode packages: per-step logits equal the eager generation reference."""
     from vtrcompile import load_engine
@@ -57,6 +60,7 @@ def test_package_pair_generates_what_the_spec_reference_does(tiny, packages):
     assert engine.decode_path.suffix == ".pt2"
 
 
+@pytest.mark.slow  # compiles two C++ packages (about 2 minutes on 2 cores)
 def test_mixed_backends_are_refused(packages, tiny, tiny_build, tmp_path):
     onnx_file = write_engine(tiny_build("none"), tiny, tmp_path / "b.onnx", decode=False).files[-1]
     with pytest.raises(VtrError, match="same backend"):

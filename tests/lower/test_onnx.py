@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from tests.conftest import REFERENCE_ATOL, SECOND_BUDGETS, budget_params, max_diff, prompts
+from tests.conftest import REFERENCE_ATOL, SECOND_BUDGETS, SLOW_ENGINES, budget_params, max_diff, prompts
 from vtrcompile.errors import VtrError
 from vtrcompile.lower.atomic import write_atomically
 from vtrcompile.lower.onnx import export_onnx, read_metadata
@@ -127,8 +127,14 @@ def test_baseline_engine_equals_the_model(tiny, engines):
 
 def test_engines_pass_the_tensorrt_preflight(engines):
     for name in engines:
-        if name not in SECOND_BUDGETS:
+        if name not in SLOW_ENGINES:
             assert engines[name].findings == [], name
+
+
+@pytest.mark.slow
+def test_every_method_s_engine_passes_the_tensorrt_preflight(engines):
+    for name in SLOW_ENGINES - SECOND_BUDGETS:
+        assert engines[name].findings == [], name
 
 
 def test_metadata_describes_the_engine(engines):

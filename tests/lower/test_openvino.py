@@ -121,8 +121,12 @@ def test_reduced_bf16_engine_runs_its_decoder_matmuls_in_bf16(tiny, tiny_build, 
     out = write_engine(build(src, "fastv", {"layer": 2, "keep": 18}), src, tmp_path / "f.xml",
                        Target(backend="openvino", dtype="bfloat16"), decode=False).files[-1]
     eng = OvEngine(out, threads=1)
-    matmuls = {n: p for n, p in eng.execution_precisions().items() if "layers" in n and "MatMul" in n}
-    assert matmuls and all(p == "bf16" for p in matmuls.values()), matmuls
+    # Every nn.Linear (aten.linear) and attention product of the graph, by the name the ONNX export gives it;
+    # the selector's own products (FastV's last-row scores) are not among them and may stay f32.
+    heavy = {n: p for n, p in eng.execution_precisions().items()
+             if n.startswith(("node_linear_", "node_scaled_dot_product_attention_"))}
+    decoder_linears = 4 * 7  # q, k, v, o, gate, up, down in each of the 4 decoder layers
+    assert len(heavy) >= decoder_linears and all(p == "bf16" for p in heavy.values()), heavy
 
 
 def test_int8_weights_compress_the_linear_layers_and_keep_top1(tiny, tiny_engines, tmp_path):

@@ -104,6 +104,7 @@ def test_a_checkpoint_missing_a_weight_is_refused(checkpoint, tmp_path):
         load_model(str(d))
 
 
+@pytest.mark.slow
 def test_openvino_reads_the_streamed_onnx(checkpoint, tmp_path):
     """An .xml engine from a lazily read checkpoint: OpenVINO converts the streamed ONNX; same logits as the ONNX
     Runtime engine of the same checkpoint."""
@@ -121,3 +122,19 @@ def test_openvino_reads_the_streamed_onnx(checkpoint, tmp_path):
         a = out["onnx"](input_ids=ids.numpy(), pixel_values=px.numpy())
         b = out["xml"](input_ids=ids.numpy(), pixel_values=px.numpy())
         assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-4
+
+
+def test_a_checkpoint_asked_for_in_another_dtype_is_in_that_dtype_everywhere():
+    """The demo model's config.json names float32 for its vision sub-config too: read lazily in bfloat16, every
+    parameter and buffer has the dtype transformers' own loading gives it (none is left float32 by the
+    sub-config)."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "vqa-synth-llava"
+    lazy = load_model(str(demo), dtype=torch.bfloat16)
+    loaded = load_model(str(demo), dtype=torch.bfloat16, stream=False)
+    assert lazy.weights is not None and loaded.weights is None
+    assert {n: p.dtype for n, p in lazy.module.named_parameters()} == {
+        n: p.dtype for n, p in loaded.module.named_parameters()}
+    assert {p.dtype for p in lazy.module.parameters()} == {torch.bfloat16}
+    assert {n: b.dtype for n, b in lazy.module.named_buffers()} == {n: b.dtype for n, b in loaded.module.named_buffers()}

@@ -24,22 +24,33 @@ CASES = ((5, 8), (1, 1), (20, 3), (0, 12))
 STEPS = 6
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-tile", "2-tiles"])
+# One tile in the default run, two (the multi-tile merge: features [tiles, n, D]) as well with -m slow.
+@pytest.fixture(scope="module", params=[pytest.param(1, marks=pytest.mark.slow), 2], ids=["1-tile", "2-tiles"])
 def ivl(request):
     return load_model("internvl-tiny", tiles=request.param)
 
 
+class _Engines(dict):
+    """ONNX engines of internvl-tiny with 2 tiles, built on first use into one folder (one decode engine)."""
+
+    RECIPES = {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 12}), "pyramiddrop": ("pyramiddrop", {})}
+
+    def __init__(self, folder) -> None:
+        super().__init__()
+        self.src, self.folder = load_model("internvl-tiny", tiles=2), folder
+
+    def __missing__(self, name: str):
+        from vtrcompile.optimize import optimize
+
+        method, opts = self.RECIPES[name]
+        self[name] = optimize(self.src, method, opts, self.folder / f"{name}.onnx", max_prompt=256)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def ivl_engines(tmp_path_factory):
-    """ONNX engines of internvl-tiny with 2 tiles (one folder: one shared decode engine)."""
-    from vtrcompile.optimize import optimize
-
-    src = load_model("internvl-tiny", tiles=2)
-    d = tmp_path_factory.mktemp("internvl")
-    made = {name: optimize(src, m, o, d / f"{name}.onnx", max_prompt=256) for name, (m, o) in {
-        "none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 12}), "pyramiddrop": ("pyramiddrop", {}),
-    }.items()}
-    return src, made
+    engines = _Engines(tmp_path_factory.mktemp("internvl"))
+    return engines.src, engines
 
 
 def _prompts(src):
@@ -127,7 +138,8 @@ def test_engine_equals_hf_through_one_engine_and_generates_like_hf(ivl_engines):
 
 @pytest.mark.parametrize("name,positions,prefill", [
     ("fastv", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 12)),
-    ("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+    pytest.param("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5),
+                 marks=pytest.mark.slow),
 ])
 def test_reduced_generation_equals_the_spec_reference(ivl_engines, name, positions, prefill):
     src, made = ivl_engines
@@ -183,8 +195,17 @@ def test_hf_directory_loads_as_internvl(tmp_path):
         assert max_diff(loaded.module(ids, px), src.module(ids, px)) <= 1e-6  # reloaded weights: same values
     streamed = load_model(str(tmp_path / "ivl"))
     assert streamed.weights is not None and streamed.family is INTERNVL
+
+
+@pytest.mark.slow
+def test_an_engine_streamed_from_an_internvl_checkpoint_equals_the_model(tmp_path):
+    """The weights an engine streams from the checkpoint (renamed as transformers does) are the model's."""
     from vtrcompile.optimize import optimize
 
+    src = load_model("internvl-tiny")
+    src.hf_model.save_pretrained(tmp_path / "ivl")
+    streamed = load_model(str(tmp_path / "ivl"))
+    ids, px = src.example_inputs
     engine = load_engine(optimize(streamed, "fastv", {"keep": 6}, tmp_path / "e" / "f.onnx", max_prompt=128).files[-1])
     with torch.no_grad():
         want = build(src, "fastv", {"keep": 6}, 128).logits(ids, px)

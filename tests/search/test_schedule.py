@@ -172,6 +172,7 @@ def test_a_schedule_is_compiled_after_the_stage_it_was_searched_after(tiny, tmp_
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_search_with_a_first_stage_end_to_end(tiny, tmp_path, calibration_dir):
     out = tmp_path / "g.json"
     r = CliRunner().invoke(main, ["search", "tiny", "--algo", "gsearch", "--calibration", str(calibration_dir),

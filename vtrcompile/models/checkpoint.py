@@ -126,8 +126,9 @@ def empty_model(model_class, config, dtype: torch.dtype) -> nn.Module:
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.device.type == "meta":
-                if id(p) not in made:
-                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
+                if id(p) not in made:  # in `dtype` even where a sub-config names its own (as from_pretrained does)
+                    dt = dtype if p.is_floating_point() else p.dtype
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=False)
                 module._parameters[name] = made[id(p)]
     return model.eval()
 
