@@ -210,3 +210,36 @@ def test_an_engine_streamed_from_an_internvl_checkpoint_equals_the_model(tmp_pat
     with torch.no_grad():
         want = build(src, "fastv", {"keep": 6}, 128).logits(ids, px)
     assert max_diff(engine(input_ids=ids, pixel_values=px), want) <= REFERENCE_ATOL
+
+
+def _word_tokenizer(chat_template: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>"]
+    words = ["<unk>", *special, "user", "assistant", "what", "is", "this", "?"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", additional_special_tokens=special)
+    fast.chat_template = chat_template
+    return fast, words.index("<IMG_CONTEXT>"), words.index("<img>"), words.index("</img>")
+
+
+@pytest.mark.parametrize("chat_template", [
+    None,  # the family's own layout
+    "{% for m in messages %}<|im_start|> {{ m.role }} {% for c in m.content %}{% if c.type == 'image' %}<image> "
+    "{% else %}{{ c.text }}{% endif %}{% endfor %} <|im_end|> {% endfor %}<|im_start|> assistant",
+])
+def test_a_text_prompt_gets_internvl_s_image_block(chat_template):
+    """`generate --prompt`: the chat template's <image> (or the family template's block) becomes <img>, N
+    placeholders, </img>, as InternVL's processor lays it out."""
+    from vtrcompile.engine.prompting import prompt_ids
+    from vtrcompile.models.presets import preset_config
+
+    tok, img, start, end = _word_tokenizer(chat_template)
+    cfg = preset_config("internvl-tiny")
+    meta = {"image_token_id": img, "n_image": 32, "processor": INTERNVL.processor_facts(cfg)}
+    row = prompt_ids(tok, meta, "what is this ?")[0].tolist()
+    first = row.index(img)
+    assert row.count(img) == 32 and row[first - 1] == start and row[first + 32] == end
+    assert row[-1] != img and len(row) > 34

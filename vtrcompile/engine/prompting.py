@@ -20,6 +20,7 @@ from ..models.prompt import layout_prompt
 
 log = logging.getLogger(__name__)
 
+CHAT_IMAGE_MARKER = "<image>"  # what chat templates write for an image
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
@@ -66,12 +67,15 @@ def load_tokenizer(engine_path: Path, meta: dict[str, Any]):
 def prompt_ids(tokenizer, meta: dict[str, Any], prompt: str) -> np.ndarray:
     """The prompt through the tokenizer's chat template (else the family's layout), with its one image
     placeholder expanded to the engine's N image tokens: int64 [1, S]."""
+    placeholder = tokenizer.convert_ids_to_tokens(meta["image_token_id"])
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        block = meta["processor"].get("chat_image")
+        if block and text.count(CHAT_IMAGE_MARKER) == 1:  # the family's processor expands the marker
+            text = text.replace(CHAT_IMAGE_MARKER, block.format(image=placeholder))
     else:
-        text = meta["processor"]["template"].format(prompt=prompt, image=tokenizer.convert_ids_to_tokens(
-            meta["image_token_id"]))
+        text = meta["processor"]["template"].format(prompt=prompt, image=placeholder)
     ids = list(tokenizer(text, add_special_tokens=getattr(tokenizer, "chat_template", None) is None)["input_ids"])
     image = meta["image_token_id"]
     if ids.count(image) != 1:

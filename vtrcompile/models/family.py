@@ -29,6 +29,9 @@ class Family:
     # The prompt when the tokenizer has no chat template; `{image}` is where the image block goes (the family's
     # start/end markers around one placeholder that the runner expands to N) and `{prompt}` the user's text.
     template: str = "{image}\n{prompt}"
+    # What the family's processor puts where a chat template writes its image marker ("<image>"), or None when
+    # the marker is the placeholder token itself; `{image}` is the placeholder token's text.
+    chat_image: str | None = None
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_tiles: int = 1  # images (tiles) per prompt an engine may be built for
@@ -118,7 +121,7 @@ class Family:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 pass
         return {"family": self.name, "image_size": self.image_size(config), "image_mean": mean,
-                "image_std": std, "template": self.template}
+                "image_std": std, "template": self.template, "chat_image": self.chat_image}
 
 
 def families() -> list[Family]:

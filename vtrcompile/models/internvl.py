@@ -24,6 +24,7 @@ class InternVLFamily(Family):
     architecture = "InternVLForConditionalGeneration"
     config_class_name = "InternVLConfig"
     template = "<|im_start|>user\n<img>{image}</img>\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    chat_image = "<img>{image}</img>"  # InternVLProcessor's expansion of the chat template's "<image>"
     image_mean, image_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's (InternVL's processor)
     max_tiles = 12  # InternVL's processor default max_patches
     vision_site_refusal = ("InternVL's projector merges 2x2 patches (pixel shuffle) and its feature layer drops "
