@@ -243,3 +243,15 @@ def test_a_text_prompt_gets_internvl_s_image_block(chat_template):
     first = row.index(img)
     assert row.count(img) == 32 and row[first - 1] == start and row[first + 32] == end
     assert row[-1] != img and len(row) > 34
+
+
+def test_cli_tiles_option():
+    from click.testing import CliRunner
+
+    from vtrcompile.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", "internvl-tiny", "--tiles", "2", "--max-prompt", "128", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["boundary"]["n_image"] == 32
+    res = CliRunner().invoke(main, ["inspect", "tiny", "--tiles", "2"])
+    assert res.exit_code == 2 and "one image per prompt" in res.output
