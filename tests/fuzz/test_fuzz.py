@@ -9,7 +9,7 @@ import pytest
 from .harness import build_corpus, cases, run_case
 
 SEED = 20261123
-PER_KIND = 2  # cases per input kind and option (benchmarks/fuzz.py runs 8 per kind with two seeds)
+PER_KIND = 1  # cases per input kind and option (benchmarks/fuzz.py runs 8 per kind with two seeds)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_every_command_and_the_api_are_fuzzed(fuzz_cases):
     commands = {c.command for c in fuzz_cases}
     assert commands >= {"inspect", "optimize", "profile", "generate", "eval", "search", "sweep", "methods",
                         "load_engine", "engine()", "engine.generate"}
-    assert len(fuzz_cases) >= 150
+    assert len(fuzz_cases) >= 100
 
 
 def test_no_traceback_no_wrong_exit_no_leftover_file(fuzz_cases):

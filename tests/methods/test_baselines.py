@@ -126,14 +126,18 @@ CASES = [
 ]
 
 
-# the first budget of each method runs by default; the second budgets (already covered in ONNX Runtime by
-# tests/lower/test_onnx.py for some) are marked slow
+# the first budget of each method and one stacked pair (DivPrune + FastV) run by default; the second budgets
+# and the other stacked pairs (the same two-stage machinery) are marked slow
 SECOND = {1, 2, 4, 5, 7, 9, 13}
 
 
+def _slow(i: int, method: str, opts: dict) -> bool:
+    return i in SECOND or (opts.get("then") is not None and method != "divprune")
+
+
 @pytest.mark.parametrize("method,opts,ref", [
-    pytest.param(*c, marks=pytest.mark.slow, id=f"{c[0]}-{c[1]}") if i in SECOND else pytest.param(*c, id=f"{c[0]}-{c[1]}")
-    for i, c in enumerate(CASES)])
+    pytest.param(*c, marks=pytest.mark.slow, id=f"{c[0]}-{c[1]}") if _slow(i, c[0], c[1])
+    else pytest.param(*c, id=f"{c[0]}-{c[1]}") for i, c in enumerate(CASES)])
 def test_graph_equals_eager_reference(tiny, tiny_build, method, opts, ref):
     check_against_reference(tiny_build(method, **opts).program.module(), ref, tiny)
 

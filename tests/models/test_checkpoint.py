@@ -68,6 +68,7 @@ def test_a_lazy_model_is_never_run_without_its_weights(checkpoint):
         assert max_diff(src.eager().module(ids, px), ref(input_ids=ids, pixel_values=px).logits[:, -1]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_bf16_checkpoint_stays_bf16(tmp_path):
     d = tmp_path / "bf16"
     build_preset("tiny").to(torch.bfloat16).save_pretrained(d)
