@@ -111,6 +111,11 @@ def test_vision_site_methods_are_refused_with_the_reason(method):
         build(src, method, opts, 256)
 
 
+def test_pool_refuses_a_block_of_several_tiles():
+    with pytest.raises(VtrError, match="pool: the image block holds 2 images"):
+        build(load_model("internvl-tiny", tiles=2), "pool", {}, 128)
+
+
 def test_tile_counts_are_checked():
     with pytest.raises(UnsupportedModelError, match="one image per prompt"):
         load_model("tiny", tiles=2)

@@ -61,6 +61,11 @@ def plan_pool(opts: dict, n: int, layers: int) -> list[Reduction]:
     matrix = pool_matrix(grid, out)
 
     def select(s: SelectorInputs):
+        feats = s.image_features.meta["val"].shape  # [B*N, D], or [images, n, D] when a prompt holds several
+        if len(feats) == 3 and int(feats[0]) != s.batch:
+            raise VtrError(f"pool: the image block holds {int(feats[0]) // s.batch} images (tiles) of "
+                           f"{int(feats[1])} tokens each, and pool reads it as one {grid[0]}x{grid[1]} grid that "
+                           "would span them; build with one image (tile) per prompt, or use another method")
         return pool_mix, (s.image_start,), {"matrix": matrix}
 
     return [Reduction("pool", 0, len(matrix), "renumber", select, site="projector", merges=True,
