@@ -102,8 +102,8 @@ class Family:
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
         """-> [batch, N, D]: the projected image rows in the order the merge writes them."""
         out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        feats = out.pooler_output
-        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+        feats = out.pooler_output  # [B*N, D], [images, n, D] or a list of per-image [n_i, D]
+        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
         return feats.reshape(batch, -1, feats.shape[-1])
 
     # --- what an engine records so it runs without the model directory ---------------------------------

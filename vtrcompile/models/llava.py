@@ -24,9 +24,10 @@ class LlavaFamily(Family):
     def preset_config(self, vision: dict, text: dict, image_token_id: int, extra: dict):
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+        defaults = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+                    "projector_hidden_act": "gelu"}
         return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
-                           image_token_id=image_token_id, **{"vision_feature_layer": -2, "vision_feature_select_strategy":
-                                                             "default", "projector_hidden_act": "gelu", **extra})
+                           image_token_id=image_token_id, **{**defaults, **extra})
 
     def preprocess(self, image, size: int, tiles: int) -> np.ndarray:
         """LLaVA-1.5's processor: shorter side to `size` (bicubic), centre crop."""
