@@ -123,6 +123,34 @@ def read_ir(path: Path):
     return model, meta
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; a container's cpuset, `taskset`), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def check_threads(hint: str, threads: int, usable: int | None = None, amx: bool | None = None) -> None:
+    """OpenVINO's CPU plugin (2025.4 to 2026.4 at least) dies with SIGFPE while compiling a bf16 model whose
+    LLM MLP it fuses for AMX when the compiled model gets a single thread (INFERENCE_NUM_THREADS 1, or one usable
+    core); a crash takes the whole process with it, so such a request is refused before compiling."""
+    usable = usable_cores() if usable is None else usable
+    amx = cpu_has_amx() if amx is None else amx
+    if hint == "bf16" and amx and min(threads, usable) < 2:
+        raise VtrError(f"a bfloat16 OpenVINO engine on one thread ({threads} asked, {usable} usable core(s)) crashes "
+                       "OpenVINO's CPU plugin on AMX CPUs (a division by zero in its fused MLP kernel); run it on 2 or "
+                       "more threads and cores, or build a float32 engine")
+
+
 class OvEngine:
     backend = "openvino"
 
@@ -131,7 +159,8 @@ class OvEngine:
         self.path = Path(path)
         model, self.metadata = read_ir(self.path)
         hint = PRECISIONS.get(self.metadata.get("dtype", "float32"), ("f32", "FP32"))[0]
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cores()
+        check_threads(hint, self.threads)
         config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": hint,
                   "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         try:

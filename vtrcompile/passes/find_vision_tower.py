@@ -56,9 +56,9 @@ def find_vision_tower(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
     last = max(in_layers, key=order.get)
     feature_layer = layer_paths.index(vision_layer(last))
 
-    # Projector: linear ops between that node and the features, outside the tower.
-    between = [n for n in up if order[n] > order[last] and n.op == "call_function"
-               and tower[0] not in {p for p, _ in module_stack(n)}]
+    # Projector: linear ops between that node and the features, outside the encoder layers (outside the
+    # tower, as LLaVA's and InternVL's MLPs, or a merger module inside it, as Qwen-VL's patch merger).
+    between = [n for n in up if order[n] > order[last] and n.op == "call_function" and vision_layer(n) is None]
     linears = [n for n in between if n.target == torch.ops.aten.linear.default]
     if not linears:
         raise AnalysisError("no projector: no linear op between the vision tower and the LLM boundary")
