@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
-from .capture import capture, editable_module
+from .capture import capture, editable_module, prompt_dims
+from .engine.host_inputs import graph_inputs
 from .errors import VtrError
 from .methods.registry import label, resolve
 from .models.loading import ModelSource
@@ -18,6 +19,7 @@ from .passes.analysis import analyze
 from .passes.base import run_pipeline
 from .passes.facts import GraphFacts
 from .passes.find_decoder_layers import SDPA
+from .passes.fold_whole_splits import fold_whole_splits
 from .passes.insert_token_reduction import Reduction
 from .passes.pipeline import build_pipeline
 from .passes.provenance import module_stack
@@ -34,12 +36,21 @@ class Build:
     facts: GraphFacts  # of the unmodified graph
     graph_module: fx.GraphModule  # rewritten, runnable in eager
     program: torch.export.ExportedProgram  # re-exported, asserts stripped
-    example_inputs: tuple[torch.Tensor, torch.Tensor]  # on the CPU, whatever the weights' device
+    example_inputs: tuple[torch.Tensor, ...]  # on the CPU, whatever the weights' device
     prompt_range: tuple[int, int]
+    host_inputs: dict[str, Any] = field(default_factory=dict)  # engine/host_inputs.py
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "pixel_values", *self.host_inputs]
+
+    def inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every graph input for a prompt and its pixels (host inputs derived as a runner derives them)."""
+        return graph_inputs(self.host_inputs, input_ids, pixel_values)
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, vocab] of the rewritten graph (its first output; the rest is the KV cache)."""
-        return self.graph_module(input_ids, pixel_values)[0]
+        return self.graph_module(*self.inputs(input_ids, pixel_values))[0]
 
     def llm_tokens(self, prompt_len: int) -> list[int]:
         """Sequence length entering each decoder layer for a prompt of `prompt_len` tokens, read off the
@@ -64,8 +75,25 @@ def prompt_range(ep: torch.export.ExportedProgram) -> tuple[int, int]:
     return int(r.lower), int(r.upper)
 
 
+def input_prompt_dims(gm: fx.GraphModule) -> dict[str, int]:
+    """Placeholder name -> the dim of the prompt length (the symbol of input_ids' dim 1), for inputs that have one."""
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    seq = ph[0].meta["val"].shape[1]
+    seq = seq.node.expr if isinstance(seq, torch.SymInt) else seq
+    out = {}
+    for n in ph:
+        v = n.meta.get("val")
+        for d, size in enumerate(getattr(v, "shape", ())):
+            if isinstance(size, torch.SymInt) and size.node.expr == seq:
+                out[n.name] = d
+                break
+    return out
+
+
 def reexport(gm: fx.GraphModule, example_inputs, lo: int, hi: int) -> torch.export.ExportedProgram:
-    dims = {"input_ids": {1: torch.export.Dim("prompt", min=lo, max=hi)}, "pixel_values": None}
+    """Export a rewritten graph again, with the prompt-length dim of every input that has one dynamic."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    dims = prompt_dims(names, input_prompt_dims(gm), torch.export.Dim("prompt", min=lo, max=hi))
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dims, strict=False)
     strip_runtime_asserts(ep.graph_module)
@@ -78,9 +106,20 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
     t1 = time.perf_counter()
     gm = editable_module(ep)
     strip_runtime_asserts(gm)
+    fold_whole_splits(gm)
     facts = analyze(gm)
     reductions = resolve(method, options, facts.boundary.n_image, len(facts.layers))
-    run_pipeline(gm, build_pipeline(reductions, [lay.attention_module for lay in facts.layers]))
+    host = source.host_inputs
+    mrope = [i for i, h in enumerate(host.values()) if h["kind"] == "mrope"]
+    if mrope:
+        # Positions of several axes (mRoPE): a renumbering policy keeps each kept token's positions instead
+        # (docs/methods.md, "Model families"); the engine records the policy it used.
+        for r in reductions:
+            if r.positions == "renumber":
+                r.positions = "keep"
+                r.recorded["positions_asked"] = "renumber"
+    position_input = 2 + mrope[0] if mrope else None
+    run_pipeline(gm, build_pipeline(reductions, [lay.attention_module for lay in facts.layers], position_input))
     t2 = time.perf_counter()
     lo, hi = prompt_range(ep)
     device = next((t.device for t in ep.state_dict.values()), torch.device("cpu"))
@@ -88,7 +127,8 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
     program = reexport(gm, example, lo, hi)
     t3 = time.perf_counter()
     used = {k: v for k, v in options.items() if v is not None}
-    b = Build(label(method, used), used, reductions, facts, gm, program, tuple(source.example_inputs), (lo, hi))
+    b = Build(label(method, used), used, reductions, facts, gm, program, tuple(source.example_inputs), (lo, hi),
+              host)
     log.info("built %s in %.1fs (capture %.1fs, passes %.1fs, re-export %.1fs)", method, t3 - t0, t1 - t0,
              t2 - t1, t3 - t2)
     return b

@@ -21,18 +21,19 @@ PROMPTS_FILE = "prompts.jsonl"
 @dataclass
 class CalibrationSet:
     names: list[str]
-    pixel_values: torch.Tensor  # [M * tiles, 3, H, W], as the model's processor prepares them
+    pixel_values: torch.Tensor  # [M * rows, ...], as the model's processor prepares them ([M * tiles, 3, H, W])
     prompts: list[dict] = field(default_factory=list)  # {"image": name, "prompt": text}
-    tiles: int = 1
+    rows: int = 1  # rows of pixel_values per image (tiles, or Qwen-VL's flattened patches)
 
     def pixels_of(self, k: int) -> torch.Tensor:
-        """Image k's pixel_values for one prompt: [tiles, 3, H, W]."""
-        return self.pixel_values[k * self.tiles:(k + 1) * self.tiles]
+        """Image k's pixel_values for one prompt: [rows, ...]."""
+        return self.pixel_values[k * self.rows:(k + 1) * self.rows]
 
 
-def preprocess(path: Path, size: int, processing: dict | None = None) -> torch.Tensor:
-    """An image file -> [tiles, 3, size, size] float32 as the family's processor prepares it. `processing`:
-    {"family", "image_mean", "image_std", "tiles"} (an engine's processor facts); LLaVA's (CLIP's) by default."""
+def preprocess(path: Path, size, processing: dict | None = None) -> torch.Tensor:
+    """An image file -> pixel_values for one prompt, float32, as the family's processor prepares them ([tiles, 3,
+    size, size]; Qwen-VL: flattened patches). `size`: the side, or [H, W]. `processing`: {"family", "image_mean",
+    "image_std", "tiles", ...} (an engine's processor facts); LLaVA's (CLIP's) by default."""
     from PIL import Image, UnidentifiedImageError
 
     from .models.family import family_named
@@ -47,10 +48,10 @@ def preprocess(path: Path, size: int, processing: dict | None = None) -> torch.T
     except (UnidentifiedImageError, OSError) as e:
         raise VtrError(f"{path}: not a readable image ({type(e).__name__})") from None
     a = (a - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
-    return torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+    return torch.from_numpy(np.ascontiguousarray(family.pack_pixels(a.transpose(0, 3, 1, 2), processing)))
 
 
-def load_calibration(folder: str | Path, image_size: int, processing: dict | None = None) -> CalibrationSet:
+def load_calibration(folder: str | Path, image_size, processing: dict | None = None) -> CalibrationSet:
     d = Path(folder)
     if not d.is_dir():
         raise VtrError(f"calibration folder not found: {d} (a folder of images, optionally with {PROMPTS_FILE})")
@@ -80,5 +81,5 @@ def load_calibration(folder: str | Path, image_size: int, processing: dict | Non
                 raise VtrError(f"{pf}:{i}: image '{rec['image']}' is not in {d}")
             prompts.append(rec)
     log.info("calibration: %d images, %d prompts from %s", len(files), len(prompts), d)
-    pixels = torch.cat([preprocess(p, image_size, processing) for p in files])
-    return CalibrationSet([p.name for p in files], pixels, prompts, int((processing or {}).get("tiles", 1)))
+    per_image = [preprocess(p, image_size, processing) for p in files]
+    return CalibrationSet([p.name for p in files], torch.cat(per_image), prompts, per_image[0].shape[0])

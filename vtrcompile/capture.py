@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import Any
 
 import torch
 from torch import fx
 
+from .engine.host_inputs import seq_dims
 from .errors import VtrError
 from .models.loading import ModelSource
 
@@ -20,14 +23,22 @@ def prompt_dim(n_image: int, max_prompt: int) -> torch.export.Dim:
     return torch.export.Dim("prompt", min=n_image + 2, max=max_prompt)
 
 
-def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, torch.Tensor],
-                   n_image: int, max_prompt: int) -> torch.export.ExportedProgram:
-    """torch.export with dim 1 of input_ids dynamic; pixel_values keep the static image size."""
-    dims = {"input_ids": {1: prompt_dim(n_image, max_prompt)}, "pixel_values": None}
+def prompt_dims(names: list[str], seq_dims: dict[str, int], dim: torch.export.Dim) -> dict[str, Any]:
+    """dynamic_shapes for inputs `names`: the prompt-length dim of each input that has one, else static."""
+    return {n: ({seq_dims[n]: dim} if n in seq_dims else None) for n in names}
+
+
+def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], n_image: int,
+                   max_prompt: int, host_inputs: dict[str, Any] | None = None, context=None
+                   ) -> torch.export.ExportedProgram:
+    """torch.export with the prompt length dynamic (input_ids dim 1, and each host input's sequence dim);
+    pixel_values keep the static image size."""
+    names = ["input_ids", "pixel_values", *(host_inputs or {})]
+    dims = prompt_dims(names, seq_dims(host_inputs or {}), prompt_dim(n_image, max_prompt))
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
-            ep = torch.export.export(module, example_inputs, dynamic_shapes=dims, strict=False)
+        with torch.no_grad(), (context or contextlib.nullcontext()):
+            ep = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dims, strict=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"torch.export failed: {first}") from e
@@ -62,7 +73,8 @@ def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.Exporte
     key = (max_prompt, p.dtype if p is not None else None, device.type)
     if key not in source.captured:
         example = tuple(t.to(device) for t in source.example_inputs)
-        source.captured[key] = export_program(source.module, example, n_image, max_prompt)
+        source.captured[key] = export_program(source.module, example, n_image, max_prompt, source.host_inputs,
+                                              family.export_context())
     return source.captured[key]
 
 

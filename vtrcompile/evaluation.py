@@ -105,8 +105,9 @@ def calibration_items(spec: str | Path, facts: dict[str, Any], count: int | None
                            "instead")
         got = [items[i] for i in range(len(items))]
         return got, [it.answer for it in got], f"vqa-synth:{split} ({len(got)} prompts, labelled)"
-    calib = load_calibration(spec, int(facts["pixel_shape"][-1]),
-                             {**(facts.get("processor") or {}), "tiles": facts.get("tiles", 1)})
+    processing = facts.get("processor") or {}
+    calib = load_calibration(spec, processing.get("image_size", int(facts["pixel_shape"][-1])),
+                             {**processing, "tiles": facts.get("tiles", 1)})
     n, img, vocab = facts["n_image"], facts["image_token_id"], facts["vocab"]
     rng = np.random.default_rng(seed)
     records = calib.prompts or [{"image": name, "prompt": ""} for name in calib.names]

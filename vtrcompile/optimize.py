@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .build import Build, build
-from .engine.io import PREFILL_INPUTS, describe, prefill_outputs
+from .engine.io import describe, prefill_outputs
 from .engine.metadata import PREFILL, stamp
 from .engine.runners import BACKENDS
 from .errors import VtrError
@@ -36,20 +36,20 @@ def _cpu_attention_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
 _ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
-def count_flops(gm: fx.GraphModule, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> int:
+def count_flops(gm: fx.GraphModule, *inputs: torch.Tensor) -> int:
     """FLOPs of one prefill, counted on fake tensors (no real compute, works for meta weights too)."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        ids, px = mode.from_tensor(input_ids.to(device)), mode.from_tensor(pixel_values.to(device))
+        fake = [mode.from_tensor(t.to(device)) for t in inputs]
         with FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS) as fc:
-            gm(ids, px)
+            gm(*fake)
     return int(fc.get_total_flops())
 
 
 def flops_polynomial(b: Build, image_token_id: int) -> list[float]:
     """FLOPs are exactly quadratic in the prompt length S (linear layers ~S, attention ~S^2, reductions
     drop a constant): count at three lengths and solve for (a, b, c) in a + b S + c S^2."""
-    ids, px = b.example_inputs
+    ids, px = b.example_inputs[:2]
     n = int((ids[0] == image_token_id).sum())
     lengths = [n + 8, n + 40, n + 72]
     ys = []
@@ -60,7 +60,7 @@ def flops_polynomial(b: Build, image_token_id: int) -> list[float]:
             ids_s = torch.cat([ids, pad], dim=1)
         else:
             ids_s = torch.cat([ids[:, :extra - 1], ids[:, -1:]], dim=1)
-        ys.append(count_flops(b.graph_module, ids_s, px))
+        ys.append(count_flops(b.graph_module, *b.inputs(ids_s, px)))
     a = torch.tensor([[1.0, s, s * s] for s in lengths], dtype=torch.float64)
     coef = torch.linalg.solve(a, torch.tensor(ys, dtype=torch.float64))
     return [float(c) for c in coef]
@@ -94,7 +94,7 @@ def prefill_io(b: Build) -> dict[str, Any]:
     ids = next(n for n in b.program.graph.nodes if n.op == "placeholder"
                and n.name == b.program.graph_signature.user_inputs[0])
     s = ids.meta["val"].shape[1]
-    return describe(b.program, PREFILL_INPUTS, prefill_outputs(len(b.facts.layers)), {s.node.expr: "prompt"})
+    return describe(b.program, b.input_names, prefill_outputs(len(b.facts.layers)), {s.node.expr: "prompt"})
 
 
 def generation_metadata(source: ModelSource, mid: str, target: Target, n_layers: int) -> dict[str, Any]:
@@ -122,7 +122,7 @@ def engine_metadata(b: Build, source: ModelSource, mid: str | None = None, targe
     """A prefill engine's metadata (keys declared in engine/metadata.py)."""
     f = b.facts
     t = target or Target()
-    ids, px = b.example_inputs
+    ids, px = b.example_inputs[:2]
     s = ids.shape[1]
     tokens = b.llm_tokens(s)
     mid = mid or source_id(source)
@@ -132,7 +132,8 @@ def engine_metadata(b: Build, source: ModelSource, mid: str | None = None, targe
         "reductions": [{"method": r.method, "site": r.site, "layer": r.layer, "count": r.count,
                         "positions": r.positions, **r.recorded} for r in b.reductions],
         "image_token_id": f.boundary.image_token_id, "n_image": f.boundary.n_image, "batch": f.boundary.batch,
-        "pixel_shape": list(px.shape[1:]), "tiles": px.shape[0] // f.boundary.batch, "vocab": _vocab(b), "prompt_range": list(b.prompt_range),
+        "pixel_shape": list(px.shape[1:]), "pixel_rows": px.shape[0] // f.boundary.batch, "tiles": source.tiles,
+        "host_inputs": b.host_inputs, "vocab": _vocab(b), "prompt_range": list(b.prompt_range),
         "llm_token_drop": [s - t for t in tokens],
         "flops_poly": flops_polynomial(b, f.boundary.image_token_id),
         **generation_metadata(source, mid, t, len(f.layers)),
@@ -221,7 +222,7 @@ def cast_model(source: ModelSource, dtype: str) -> None:
     if source.weights is not None:  # read lazily: rebuild the empty model in the asked dtype
         from .models.loading import load_model
 
-        fresh = load_model(source.label, dtype=DTYPES[dtype])
+        fresh = load_model(source.label, dtype=DTYPES[dtype], tiles=source.tiles, image_size=source.image_size)
         source.module, source.hf_model, source.weights, source.captured = (fresh.module, fresh.hf_model,
                                                                            fresh.weights, {})
         return

@@ -44,7 +44,8 @@ def profile_prompt(meta: dict, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAU
     """[prefix][N image tokens][suffix] with random text ids and a random image, per the engine metadata."""
     rng = np.random.default_rng(seed)
     ids = random_prompt(rng, meta, prefix, suffix, meta["batch"])
-    pixels = rng.standard_normal((meta["batch"] * meta.get("tiles", 1), *meta["pixel_shape"])).astype(np.float32)
+    rows = meta["batch"] * meta.get("pixel_rows", meta.get("tiles", 1))
+    pixels = rng.standard_normal((rows, *meta["pixel_shape"])).astype(np.float32)
     return ids, pixels
 
 
@@ -69,11 +70,23 @@ def time_interleaved(fns: list[Callable[[], float]], warmup: int, reps: int) -> 
     return samples
 
 
+def cpu_facts() -> dict:
+    """The CPU's model name and the matrix/vector extensions that decide which kernels run (Linux)."""
+    try:
+        info = open("/proc/cpuinfo", errors="replace").read()
+    except OSError:
+        return {}
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), None)
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
+
+
 def environment(threads: int, engine=None) -> dict:
     import torch
 
-    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
-           "python": platform.python_version(), "torch": torch.__version__}
+    env = {"cpu": platform.processor() or platform.machine(), **cpu_facts(), "cores": os.cpu_count(),
+           "threads": threads, "python": platform.python_version(), "torch": torch.__version__}
     backend = getattr(engine, "backend", "onnxruntime")
     if backend == "onnxruntime":
         import onnxruntime

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import VtrError
+from .host_inputs import check_processor_extras, derive
 from .io import past_names, present_names
 from .protocol import as_numeric_array, check_prompt, check_prompt_range
 from .runners import open_engine
 
 log = logging.getLogger(__name__)
 
-# Keys a Hugging Face processor returns that the engines do not take as tensors.
-_PROCESSOR_EXTRAS = ("attention_mask",)
 
 
 @dataclass
@@ -106,6 +105,9 @@ class Engine:
             raise VtrError(f"input_ids: integer token ids [batch, length] expected, got {ids.dtype} {list(ids.shape)}")
         feeds["input_ids"] = ids.astype(np.int64)
         check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
+        check_processor_extras(self.metadata, feeds)
+        for name, value in derive(self.metadata.get("host_inputs", {}), feeds["input_ids"]).items():
+            feeds.setdefault(name, value)
         return feeds
 
     def __call__(self, **inputs: Any) -> np.ndarray:

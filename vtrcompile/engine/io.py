@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2  # 2: prefill engines return the KV cache; decode engines exist
-
-PREFILL_INPUTS = ["input_ids", "pixel_values"]
+FORMAT_VERSION = 3  # 2: prefill engines return the KV cache; decode engines exist. 3: host inputs, pixel rows
 
 
 def prefill_outputs(n_layers: int) -> list[str]:

@@ -44,8 +44,13 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "reductions": ((PREFILL,), "each reduction site: {method, site, layer, count, positions} and its constants"),
     "image_token_id": ((PREFILL,), "the image placeholder id"),
     "n_image": ((PREFILL,), "image placeholders per prompt"),
-    "pixel_shape": ((PREFILL,), "[3, H, W] of one image (tile) of pixel_values"),
-    "tiles": ((PREFILL,), "images (tiles) per prompt: pixel_values is [batch * tiles, 3, H, W]"),
+    "pixel_shape": ((PREFILL,), "shape of one row of pixel_values: [3, H, W] of one image (tile), or one "
+                                "flattened patch (Qwen-VL)"),
+    "pixel_rows": ((PREFILL,), "rows of pixel_values per prompt: pixel_values is [batch * pixel_rows, "
+                               "*pixel_shape]"),
+    "tiles": ((PREFILL,), "images (tiles) per prompt"),
+    "host_inputs": ((PREFILL,), "engine inputs the runner derives from input_ids: {name: {kind, ...}} (mRoPE "
+                                "position_ids), {} for none"),
     "prompt_range": ((PREFILL,), "[min, max] prompt length the engine accepts"),
     "llm_token_drop": ((PREFILL,), "per decoder layer: S - S_l"),
     "flops_poly": ((PREFILL,), "prefill FLOPs = a + b S + c S^2"),

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.host_inputs import prefill_feeds
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .atomic import write_atomically
@@ -125,5 +126,5 @@ class AotiEngine:
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
-        self.bind({"input_ids": input_ids, "pixel_values": pixel_values})
+        self.bind(prefill_feeds(self.metadata, input_ids, pixel_values))
         return self._outputs()[0].float().cpu().numpy()

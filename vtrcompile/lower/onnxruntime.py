@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..engine.host_inputs import prefill_feeds
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .onnx import external_data_problem, metadata_of
@@ -92,8 +93,8 @@ class OrtEngine:
         """Prefill only: next-token logits [B, vocab]."""
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
-        return self.session.run(["logits"], {"input_ids": input_ids.astype(np.int64),
-                                             "pixel_values": pixel_values.astype(np.float32)})[0]
+        feeds = prefill_feeds(self.metadata, input_ids.astype(np.int64), pixel_values.astype(np.float32))
+        return self.session.run(["logits"], feeds)[0]
 
     def bind(self, feeds: dict[str, Any]) -> None:
         self._io = self._binding(feeds)

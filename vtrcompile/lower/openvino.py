@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.host_inputs import prefill_feeds
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .atomic import write_atomically
@@ -189,7 +190,7 @@ class OvEngine:
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
-        return self.run({"input_ids": input_ids, "pixel_values": pixel_values})["logits"]
+        return self.run(prefill_feeds(self.metadata, input_ids, pixel_values))["logits"]
 
     def execution_precisions(self) -> dict[str, str]:
         """Layer name -> the precision OpenVINO runs it in (from the compiled model's runtime graph)."""

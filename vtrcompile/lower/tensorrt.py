@@ -88,11 +88,21 @@ def profile_shapes(meta: dict[str, Any], min_prompt: int | None, max_prompt: int
     if not pmin <= popt <= pmax:
         raise VtrError(f"optimal prompt length {popt} is outside [{pmin}, {pmax}]")
     b = meta["batch"]
-    px = (b * meta.get("tiles", 1), *meta["pixel_shape"])
-    return ProfileShapes({
+    px = (b * meta.get("pixel_rows", meta.get("tiles", 1)), *meta["pixel_shape"])
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
         "input_ids": ((b, pmin), (b, popt), (b, pmax)),
         "pixel_values": (px, px, px),
-    })
+    }
+    # Host inputs with a prompt-length dim (mRoPE position_ids [3, B, S]) follow input_ids' range.
+    declared = {t["name"]: t["shape"] for t in meta["io"]["inputs"]}
+    for name, how in (meta.get("host_inputs") or {}).items():
+        dims = declared[name]
+        at = int(how["seq_dim"])
+
+        def shape(s: int, dims=dims, at=at) -> tuple[int, ...]:
+            return tuple(s if i == at else int(d) for i, d in enumerate(dims))  # the batch is static too
+        shapes[name] = (shape(pmin), shape(popt), shape(pmax))
+    return ProfileShapes(shapes)
 
 
 # A decode engine's profile covers caches up to the longest prompt plus this many generated tokens.

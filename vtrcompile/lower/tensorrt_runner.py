@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.host_inputs import prefill_feeds
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .tensorrt import check_cuda, import_tensorrt, read_sidecar
@@ -86,7 +87,7 @@ class TrtEngine:
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
-        self.bind({"input_ids": input_ids, "pixel_values": pixel_values})
+        self.bind(prefill_feeds(self.metadata, input_ids, pixel_values))
         self.launch()
         self.stream.synchronize()
         return self._bound["logits"].float().cpu().numpy()

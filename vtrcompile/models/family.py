@@ -35,6 +35,9 @@ class Family:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_tiles: int = 1  # images (tiles) per prompt an engine may be built for
+    # "1d": one position per token, 0..S-1 (the graph computes them); "mrope": three axes per token, computed on
+    # the host and passed to the engine as `position_ids` (host_inputs).
+    positions: str = "1d"
     # Why the vision-site methods (a CLS token and one LLM token per feature-layer patch) cannot run here,
     # or None when they can.
     vision_site_refusal: str | None = None
@@ -67,12 +70,22 @@ class Family:
     def tokens_per_tile(self, config) -> int:
         raise NotImplementedError
 
+    def fix_geometry(self, config, image_size: tuple[int, int] | None) -> None:
+        """Fix the engine's image size on the loaded config; families whose vision tower takes one size refuse
+        another."""
+        if image_size is None:
+            return
+        s = self.image_size(config)
+        if tuple(image_size) != (s, s):
+            raise UnsupportedModelError(f"--image-size {image_size[0]}x{image_size[1]}: the {self.name} family's "
+                                        f"engines take the vision tower's own {s}x{s} px images")
+
     def image_token_count(self, config, tiles: int = 1) -> int:
         """N: image placeholders per prompt for `tiles` images (tiles) of the fixed geometry."""
         return self.tokens_per_tile(config) * tiles
 
     def pixel_shape(self, config, tiles: int = 1) -> list[int]:
-        """Shape of pixel_values for one prompt: [tiles, 3, H, W]."""
+        """Shape of pixel_values for one prompt: [tiles, 3, H, W]; prompts stack along dim 0."""
         s = self.image_size(config)
         return [tiles, 3, s, s]
 
@@ -81,16 +94,44 @@ class Family:
         one image (tile) and the tiles per prompt."""
         return {"n_image": self.image_token_count(config, tiles), "image_token_id": int(config.image_token_id),
                 "vocab": int(self.text_config(config).vocab_size), "pixel_shape": self.pixel_shape(config)[1:],
-                "tiles": tiles, "processor": self.processor_facts(config)}
+                "pixel_rows": self.pixel_shape(config, tiles)[0], "tiles": tiles,
+                "processor": self.processor_facts(config), "host_inputs": self.host_inputs(config)}
 
     def check_tiles(self, tiles: int) -> None:
         if not 1 <= tiles <= self.max_tiles:
             what = "one image per prompt" if self.max_tiles == 1 else f"1 to {self.max_tiles} tiles"
             raise UnsupportedModelError(f"--tiles {tiles}: the {self.name} family takes {what}")
 
-    def preprocess(self, image, size: int, tiles: int) -> np.ndarray:
-        """A PIL RGB image -> float32 [tiles, size, size, 3] in [0, 1] (normalisation is the caller's)."""
+    def preprocess(self, image, size, tiles: int) -> np.ndarray:
+        """A PIL RGB image -> float32 [tiles, H, W, 3] in [0, 1] (normalisation is the caller's); `size` is the
+        side, or [H, W]."""
         raise NotImplementedError
+
+    def pack_pixels(self, pixels: np.ndarray, processing: dict[str, Any]) -> np.ndarray:
+        """Normalised [tiles, 3, H, W] -> pixel_values as the family's processor lays them out (as they are here)."""
+        return pixels
+
+    # --- engine inputs beyond input_ids and pixel_values ----------------------------------------------
+    def host_inputs(self, config) -> dict[str, Any]:
+        """Engine inputs the runner derives from input_ids on the host, by name: how (engine/host_inputs.py)."""
+        return {}
+
+    def prompt_positions(self, config, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [S] -> the rotary positions of its tokens: [S], or [3, S] for mRoPE (the references)."""
+        return torch.arange(input_ids.shape[-1])
+
+    # --- capture -------------------------------------------------------------------------------------
+    def capture_module(self, model: nn.Module, batch: int = 1) -> nn.Module:
+        """The module torch.export traces: forward(input_ids, pixel_values, *host inputs) -> logits [B, vocab]."""
+        from .loading import NextTokenLogits
+
+        return NextTokenLogits(model)
+
+    def export_context(self):
+        """A context torch.export of this family runs in (transformers' export patches, where needed)."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     # --- the model's parts, for the eager references and the search evaluator -----------------------
     def language_model(self, model: nn.Module) -> nn.Module:
@@ -127,13 +168,14 @@ class Family:
 def families() -> list[Family]:
     from .internvl import INTERNVL
     from .llava import LLAVA
+    from .qwen_vl import QWEN2_5_VL, QWEN2_VL
 
-    return [LLAVA, INTERNVL]
+    return [LLAVA, INTERNVL, QWEN2_VL, QWEN2_5_VL]
 
 
 # Vision-language families we recognise but do not compile yet (each needs its own module here first).
 LATER_FAMILIES = {
-    "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+    "llava_next", "llava_next_video", "llava_onevision", "qwen3_vl", "qwen3_vl_moe",
     "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",
 }
 

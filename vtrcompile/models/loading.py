@@ -28,7 +28,7 @@ class ModelSource:
     kind: str  # "preset" | "hf-dir" | "exported" | "pickle"
     module: nn.Module | None
     program: torch.export.ExportedProgram | None
-    example_inputs: tuple[torch.Tensor, torch.Tensor]
+    example_inputs: tuple[torch.Tensor, ...]  # input_ids, pixel_values, then the family's host inputs
     hf_model: nn.Module | None = None  # the <Family>ForConditionalGeneration, when there is one
     # Captured programs by (max_prompt, dtype): every build starts from a fresh ep.module() copy, so one
     # capture serves all of them (the reduced and the baseline engine of one `optimize --profile`).
@@ -37,17 +37,30 @@ class ModelSource:
     # every weight from the checkpoint (models/checkpoint.py); `eager()` loads them for jobs that run the model.
     weights: Any = None
     tiles: int = 1  # images (tiles) per prompt the example inputs, and so the engines, are built for
+    image_size: tuple[int, int] | None = None  # the fixed image size asked for (--image-size), if any
 
     @property
     def family(self) -> Family | None:
         return family_for(self.hf_model.config) if self.hf_model is not None else None
+
+    @property
+    def host_inputs(self) -> dict[str, Any]:
+        """How the engine inputs after input_ids and pixel_values derive from the prompt (engine/host_inputs.py)."""
+        return self.family.host_inputs(self.hf_model.config) if self.hf_model is not None else {}
+
+    def inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every graph input for a prompt and its pixels."""
+        from ..engine.host_inputs import graph_inputs
+
+        return graph_inputs(self.host_inputs, input_ids, pixel_values)
 
     def eager(self) -> ModelSource:
         """This source with its weights in memory (in the checkpoint's dtype, or the one asked for): for jobs
         that run the model (search, --keep auto, AOTInductor). A no-op for sources that are loaded already."""
         if self.weights is None:
             return self
-        loaded = _load_hf_dir(Path(self.label), self.weights.dtype, stream=False, tiles=self.tiles)
+        loaded = _load_hf_dir(Path(self.label), self.weights.dtype, stream=False, tiles=self.tiles,
+                              image_size=self.image_size)
         self.module, self.hf_model, self.weights, self.captured = loaded.module, loaded.hf_model, None, {}
         return self
 
@@ -76,9 +89,10 @@ class NextTokenLogits(nn.Module):
 
 
 def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batch: int = 1, tiles: int = 1
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt [prefix][N image placeholders][suffix] and random pixels for `tiles` images per prompt, for
-    capture and tests."""
+                   ) -> tuple[torch.Tensor, ...]:
+    """A prompt [prefix][N image placeholders][suffix], random pixels for `tiles` images per prompt and the
+    family's host inputs (mRoPE positions), for capture and tests."""
+    from ..engine.host_inputs import graph_inputs
     from .prompt import layout_prompt
 
     family = family_for(config)
@@ -95,7 +109,7 @@ def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batc
     ids = torch.from_numpy(layout_prompt(pre, text(suffix), family.image_token_count(config, tiles), image_id))
     tiles_, *chw = family.pixel_shape(config, tiles)
     pixels = torch.randn(batch * tiles_, *chw, generator=g)
-    return ids, pixels
+    return graph_inputs(family.host_inputs(config), ids, pixels)
 
 
 def _read_config(path: Path):
@@ -129,7 +143,8 @@ def _refuse_eager(module, args, kwargs):
                        "ModelSource.eager() first")
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = True, tiles: int = 1) -> ModelSource:
+def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = True, tiles: int = 1,
+                 image_size: tuple[int, int] | None = None) -> ModelSource:
     """A Hugging Face directory in its own dtype (the config's), or `dtype` when given; never upcast silently.
     `stream`: build the model with empty parameters and read the weights from the safetensors files only when
     an engine is written (folders without safetensors files load eagerly)."""
@@ -137,6 +152,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
 
     family, config = _read_config(path)
     family.check_tiles(tiles)
+    family.fix_geometry(config, image_size)
     dtype = dtype or config_dtype(config) or torch.float32
     if stream and any(path.glob("*.safetensors")):
         model = empty_model(family.model_class(), config, dtype)
@@ -145,8 +161,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
         model.register_forward_pre_hook(_refuse_eager, with_kwargs=True)
         log.info("%s: %.1f GB of %s weights, read from the checkpoint when engines are written", path,
                  weights.nbytes / 1e9, str(dtype).removeprefix("torch."))
-        return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None,
-                           example_prompt(model.config, tiles=tiles), hf_model=model, weights=weights, tiles=tiles)
+        return ModelSource(str(path), "hf-dir", family.capture_module(model), None,
+                           example_prompt(model.config, tiles=tiles), hf_model=model, weights=weights, tiles=tiles,
+                           image_size=image_size)
     try:
         model = family.model_class().from_pretrained(
             path, config=config, local_files_only=True, attn_implementation="sdpa", dtype=dtype)
@@ -154,8 +171,8 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"{path}: could not load the weights ({first}); check the safetensors files") from None
     model.eval()
-    return ModelSource(str(path), "hf-dir", NextTokenLogits(model), None,
-                       example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles)
+    return ModelSource(str(path), "hf-dir", family.capture_module(model), None,
+                       example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles, image_size=image_size)
 
 
 def _load_exported(path: Path) -> ModelSource:
@@ -171,7 +188,7 @@ def _load_exported(path: Path) -> ModelSource:
     return ModelSource(str(path), "exported", None, ep, tuple(example[0]))
 
 
-def _load_pickle(path: Path, tiles: int = 1) -> ModelSource:
+def _load_pickle(path: Path, tiles: int = 1, image_size: tuple[int, int] | None = None) -> ModelSource:
     try:
         obj = torch.load(str(path), weights_only=False, map_location="cpu")
     except Exception as e:
@@ -184,10 +201,12 @@ def _load_pickle(path: Path, tiles: int = 1) -> ModelSource:
         raise UnsupportedModelError(
             f"{path}: the module has no vision-language .config (vision_config, image_token_id); vtrcompile "
             "needs it to build example inputs")
-    family_for(cfg, str(path))
+    family = family_for(cfg, str(path))
+    family.check_tiles(tiles)
+    family.fix_geometry(cfg, image_size)
     obj.eval()
-    return ModelSource(str(path), "pickle", NextTokenLogits(obj), None, example_prompt(cfg, tiles=tiles),
-                       hf_model=obj, tiles=tiles)
+    return ModelSource(str(path), "pickle", family.capture_module(obj), None, example_prompt(cfg, tiles=tiles),
+                       hf_model=obj, tiles=tiles, image_size=image_size)
 
 
 def _refuse_engine(path: Path) -> None:
@@ -216,22 +235,27 @@ def _is_aoti_package(path: Path) -> bool:
 
 
 def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None,
-               stream: bool = True, tiles: int = 1) -> ModelSource:
+               stream: bool = True, tiles: int = 1, image_size: tuple[int, int] | None = None) -> ModelSource:
     """Resolve the MODEL argument of the CLI. A Hugging Face directory is read in its own dtype (or `dtype`);
     with `stream` its weights stay in the checkpoint until an engine is written (ModelSource.eager() loads them).
-    `tiles`: images per prompt the engines take (families that tile an image, e.g. InternVL)."""
+    `tiles`: images per prompt the engines take (families that tile an image, e.g. InternVL); `image_size`:
+    (H, W) of the engines' fixed image (families whose tower takes several sizes, e.g. Qwen-VL)."""
     if spec in PRESETS:
         device = "meta" if spec in META_PRESETS else "cpu"
         model = build_preset(spec, device=device)
-        return ModelSource(f"preset:{spec}", "preset", NextTokenLogits(model), None,
-                           example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles)
+        family = family_for(model.config)
+        family.check_tiles(tiles)
+        family.fix_geometry(model.config, image_size)
+        return ModelSource(f"preset:{spec}", "preset", family.capture_module(model), None,
+                           example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles,
+                           image_size=image_size)
     path = Path(spec)
     if not path.exists():
         raise VtrError(f"model not found: {spec} (give a Hugging Face model directory, a .pt2 file from "
                        f"torch.export.save, a pickled nn.Module with --allow-pickle, or a preset: "
                        f"{', '.join(PRESETS)})")
     if path.is_dir():
-        return _load_hf_dir(path, dtype, stream, tiles)
+        return _load_hf_dir(path, dtype, stream, tiles, image_size)
     _refuse_engine(path)
     with path.open("rb") as f:
         head = f.read(4)
@@ -247,4 +271,4 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     if not allow_pickle:
         raise VtrError(f"{path}: looks like a pickled module; unpickling runs arbitrary code, so pass "
                        "--allow-pickle only if you trust this file")
-    return _load_pickle(path, tiles)
+    return _load_pickle(path, tiles, image_size)

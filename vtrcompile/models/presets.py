@@ -19,6 +19,9 @@ class Preset:
     extra: dict = field(default_factory=dict)  # top-level config fields beyond the defaults below
 
 
+# Qwen-VL's special tokens inside a tiny vocabulary (the image placeholder is the preset's image_token_id).
+QWEN_TINY_IDS = {"vision_start_token_id": 316, "vision_end_token_id": 317, "video_token_id": 318}
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -81,6 +84,44 @@ PRESETS: dict[str, Preset] = {
             text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                       num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096),
             image_token_id=32000, family="internvl",
+        ),
+        Preset(
+            "qwen2vl-tiny",
+            "tests: Qwen2-VL, ViT 2x32 on 112x112 images (8x8 patches, 16 image tokens after the 2x2 merger), "
+            "Qwen2 4x64 with GQA (4 q / 2 kv heads), mRoPE",
+            vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                        spatial_merge_size=2, temporal_patch_size=2),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+            image_token_id=319, family="qwen2_vl", extra=QWEN_TINY_IDS | {"image_size": [112, 112]},
+        ),
+        Preset(
+            "qwen25vl-tiny",
+            "tests: Qwen2.5-VL, ViT 4x32 (window attention, layers 1 and 3 global) on 224x224 images (16x16 "
+            "patches, 4 windows, 64 image tokens), Qwen2 4x64 with GQA (4 q / 2 kv heads), mRoPE",
+            vision=dict(depth=4, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                        fullatt_block_indexes=[1, 3]),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+            image_token_id=319, family="qwen2_5_vl", extra=QWEN_TINY_IDS | {"image_size": [224, 224]},
+        ),
+        Preset(
+            "qwen25vl-geometry",
+            "Qwen2.5-VL geometry (448x448 image, patch 14, 2x2 merger: 256 image tokens; window attention, "
+            "112 px windows), ViT 8x256, Qwen2 12x768 (12 q / 2 kv heads, mRoPE), widths cut for a 2-core CPU",
+            vision=dict(depth=8, hidden_size=256, intermediate_size=1024, out_hidden_size=768, num_heads=4,
+                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                        fullatt_block_indexes=[3, 7]),
+            text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                       "mrope_section": [8, 12, 12]}),
+            image_token_id=32000, family="qwen2_5_vl",
+            extra={"vision_start_token_id": 32001, "vision_end_token_id": 32002, "video_token_id": 32003,
+                   "image_size": [448, 448]},
         ),
     ]
 }

@@ -4,7 +4,9 @@ Generation needs, from the prefill, what each decoder layer attended over: the k
 values of exactly the S_l tokens that layer processed, before any GQA expansion, [B, kv_heads, S_l, d].
 They are the k/v inputs of the layer's attention op with the expansion walked back. The extra output
 `next_layer_position_ids` [B, L] is the position the first generated token takes in each layer: S for a layer
-that kept positions, S_r for a layer after a `renumber` site r (its own numbering continues).
+that kept positions, S_r for a layer after a `renumber` site r (its own numbering continues). With positions
+from the host (mRoPE, [3, B, S]) it is the last prompt token's position + 1 (every site keeps positions there),
+which continues the unreduced prompt's numbering as the model's own `rope_deltas` do.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def next_layer_positions(input_ids: torch.Tensor, offsets: Sequence[int]) -> tor
     return (s - off).unsqueeze(0).expand(input_ids.shape[0], -1).contiguous()
 
 
+def next_layer_positions_after(position_ids: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """position_ids [3, B, S] (host-computed, every axis) -> [B, L] int64: the last prompt token's position + 1
+    in every layer (a text token: its axes agree; the max is taken so a prompt ending in an image still works)."""
+    nxt = position_ids[:, :, -1].amax(dim=0) + 1
+    return nxt.unsqueeze(1).expand(-1, n_layers).contiguous()
+
+
 def position_offsets(drops: Sequence[int], reductions: Sequence[Reduction]) -> list[int]:
     """Per layer: tokens dropped at the last `renumber` site at or before it (0 where positions are kept).
     drops[l] = S - S_l, the tokens missing from what layer l processes."""
@@ -61,18 +70,21 @@ def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
-def insert_cache_outputs(gm: fx.GraphModule, config: tuple[list[str], Sequence[Reduction]]) -> PassResult:
+def insert_cache_outputs(gm: fx.GraphModule, config: tuple[list[str], Sequence[Reduction], int | None]
+                         ) -> PassResult:
     """Needs: the reductions already inserted. config = (attention module path of each decoder layer, found
-    by the analysis of the unmodified graph; the reductions). Attention ops are found again by that
+    by the analysis of the unmodified graph; the reductions; the index of the graph input holding host
+    positions [3, B, S], or None). Attention ops are found again by that
     provenance, because a vision-site rewrite removes the boundary op the analysis starts from. A graph that
     returns more than its logits already is left as it is."""
-    attention_modules, reductions = config
+    attention_modules, reductions, position_input = config
     out = next(n for n in gm.graph.nodes if n.op == "output")
     results = out.args[0]
     if not isinstance(results, (tuple, list)) or len(results) != 1:
         log.debug("insert_cache_outputs: declined, the graph already returns %d values", len(results))
         return PassResult(gm, False)
-    input_ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    input_ids = placeholders[0]
     seq = _expr(input_ids.meta["val"].shape[1])
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA and module_stack(n)]
     present: list[fx.Node] = []
@@ -96,7 +108,12 @@ def insert_cache_outputs(gm: fx.GraphModule, config: tuple[list[str], Sequence[R
         present += [k, v]
     offsets = position_offsets(drops, reductions)
     with gm.graph.inserting_before(out):
-        pos = gm.graph.call_function(next_layer_positions, (input_ids, offsets))
+        if position_input is None:
+            pos = gm.graph.call_function(next_layer_positions, (input_ids, offsets))
+        else:
+            if any(offsets):
+                raise AnalysisError("a renumbering site on a graph with host positions; such sites keep positions")
+            pos = gm.graph.call_function(next_layer_positions_after, (placeholders[position_input], len(drops)))
     tag_provenance(pos, input_ids, "generation.positions")
     out.args = ((results[0], *present, pos),)
     spec = pytree.tree_flatten(tuple(range(len(present) + 2)))[1]

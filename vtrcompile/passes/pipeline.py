@@ -6,20 +6,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Pass
+from .fold_whole_splits import fold_whole_splits
 from .insert_cache_outputs import insert_cache_outputs
 from .insert_token_reduction import Reduction, insert_token_reduction
 from .replace_masked_scatter import replace_masked_scatter
 from .strip_runtime_asserts import strip_runtime_asserts
 
 
-def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[str]) -> list[tuple[Pass, Any]]:
-    """strip asserts -> fixed-size image merge -> one reduction per site, shallow to deep -> KV cache outputs.
+def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[str],
+                   position_input: int | None = None) -> list[tuple[Pass, Any]]:
+    """strip asserts -> fold one-chunk splits -> fixed-size image merge -> one reduction per site, shallow to deep -> KV cache outputs.
 
     The baseline engine runs the same list with no reductions, so both engines differ only there.
     attention_modules: each decoder layer's attention module path (from the analysis of the unmodified graph).
+    position_input: the graph input that holds host-computed (mRoPE) positions [3, B, S], if any.
     """
-    passes: list[tuple[Pass, Any]] = [(strip_runtime_asserts, None), (replace_masked_scatter, None)]
+    passes: list[tuple[Pass, Any]] = [(strip_runtime_asserts, None), (fold_whole_splits, None),
+                                      (replace_masked_scatter, None)]
     for red in sorted(reductions, key=lambda r: r.layer):
         passes.append((insert_token_reduction, red))
-    passes.append((insert_cache_outputs, (list(attention_modules), list(reductions))))
+    passes.append((insert_cache_outputs, (list(attention_modules), list(reductions), position_input)))
     return passes

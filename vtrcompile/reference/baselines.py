@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from .blocks import language_model, roped_qk, top_rows_ascending
+from .blocks import language_model, renumbered, roped_qk, top_rows_ascending
 from .methods import kept_rows
 
 # ---- projector stages ---------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def random_site(keep: int, seed: int = 0):
     def reduce(layer, h_prev, h, pos, start, n):
         kept = sorted(np.random.Generator(np.random.PCG64(seed)).permutation(n)[:keep].tolist())
         rows = kept_rows(h.shape[1], start, n, torch.as_tensor(kept, dtype=torch.long))
-        return h[:, rows], torch.arange(len(rows)), keep
+        return h[:, rows], renumbered(pos, rows), keep
     return reduce
 
 
@@ -102,7 +102,7 @@ def dart_site(model, image_pivots: int = 4, text_pivots: int = 4, keep: int = 13
             pool = [j for j in pool if j not in take]
         kept = sorted(img + picks)
         rows = kept_rows(s, start, n, torch.as_tensor(kept, dtype=torch.long))
-        return h[:, rows], pos[rows], len(kept)
+        return h[:, rows], pos[..., rows], len(kept)
     return reduce
 
 

@@ -30,6 +30,22 @@ def embed_prompt(model, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.T
     return embeds
 
 
+def prompt_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The rotary positions of a prompt's tokens (batch 1): [S] (0..S-1), or [3, S] for mRoPE families."""
+    return family_of(model).prompt_positions(model.config, input_ids[0])
+
+
+def renumbered(pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Positions of the kept `rows` under policy `renumber`: 0..len-1; where positions have several axes
+    (mRoPE) the rows keep theirs (docs/methods.md, "Model families")."""
+    return pos[..., rows] if pos.dim() > 1 else torch.arange(len(rows))
+
+
+def batched(positions: torch.Tensor, batch: int) -> torch.Tensor:
+    """[S'] -> [B, S'] (HF's position_ids), [3, S'] -> [3, B, S']."""
+    return positions.unsqueeze(-2).expand(*positions.shape[:-1], batch, positions.shape[-1])
+
+
 def image_start(model, input_ids: torch.Tensor) -> int:
     rows = (input_ids[0] == model.config.image_token_id).nonzero().flatten()
     return int(rows[0])
@@ -41,7 +57,7 @@ KV_RECORDER: ContextVar = ContextVar("kv_recorder", default=None)
 
 
 def run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: range) -> torch.Tensor:
-    """Run decoder layers on hidden [B, S', D] whose rows sit at `positions` [S'] (ascending).
+    """Run decoder layers on hidden [B, S', D] whose rows sit at `positions` [S'] (ascending), or [3, S'].
 
     The mask is causal over the rows as given (HF's own mask builder would read gaps in the
     positions as packed sequences, so it is not used here).
@@ -49,7 +65,7 @@ def run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: ran
     cache = KV_RECORDER.get()
     lm = language_model(model)
     n = hidden.shape[1]
-    pos = positions[None, :].expand(hidden.shape[0], -1)
+    pos = batched(positions, hidden.shape[0])
     mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
     rope = lm.rotary_emb(hidden, pos)
     for i in layers:
@@ -74,7 +90,7 @@ def roped_qk(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor
     x = block.input_layernorm(hidden)
     q = att.q_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
     k = att.k_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
-    cos, sin = lm.rotary_emb(hidden, positions[None, :].expand(b, -1))
+    cos, sin = lm.rotary_emb(hidden, batched(positions, b))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, repeat_kv(k, att.num_key_value_groups)
 
@@ -101,7 +117,7 @@ def full_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> t
     """The unmodified model's next-token logits [B, vocab] via the same loop (a sanity anchor)."""
     feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
-    pos = torch.arange(h.shape[1])
+    pos = prompt_positions(model, input_ids)
     return next_token_logits(model, run_layers(model, h, pos, range(len(language_model(model).layers))))
 
 

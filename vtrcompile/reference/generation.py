@@ -2,8 +2,8 @@
 
 The prefill is any method's eager reference, run while an HF DynamicCache records what every decoder
 layer processed. Decoding then follows the spec's text, not the engines: token t sits at position S + t
-in every layer (policy `keep`) or S_l + t (policy `renumber`), attends to its layer's cache plus the
-tokens generated before it, and nothing is re-selected.
+in every layer (policy `keep`; with mRoPE, the prompt's last position + 1 + t) or S_l + t (policy
+`renumber`), attends to its layer's cache plus the tokens generated before it, and nothing is re-selected.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from .blocks import KV_RECORDER, language_model
+from .blocks import KV_RECORDER, language_model, prompt_positions
 
 
 @torch.no_grad()
@@ -28,7 +28,9 @@ def generate_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
         logits = prefill(model, input_ids, pixel_values)
     finally:
         KV_RECORDER.reset(token)
-    s = input_ids.shape[1]
+    # The first new token's position under `keep`: the prompt's last position + 1 (S for 1-D positions; with
+    # mRoPE the unreduced prompt's numbering continues, as the model's rope_deltas do).
+    s = int(prompt_positions(model, input_ids)[..., -1].max()) + 1
     lengths = [int(cache.layers[i].keys.shape[2]) for i in range(len(lm.layers))]
     if callable(positions):  # a stacked reduction: each layer's first position, from (S, cache lengths)
         start = list(positions(s, lengths))

@@ -13,6 +13,8 @@ from .blocks import (
     last_row_attention,
     next_token_logits,
     pre_rope_keys,
+    prompt_positions,
+    renumbered,
     run_layers,
     top_rows_ascending,
 )
@@ -28,7 +30,7 @@ def fastv_site(model, keep: int):
     def reduce(layer, h_prev, h, pos, start, n):
         scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
         rows = kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
-        return h[:, rows], pos[rows], keep
+        return h[:, rows], pos[..., rows], keep
     return reduce
 
 
@@ -62,7 +64,8 @@ def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
     s, n, start = h.shape[1], feats.shape[1], image_start(model, input_ids)
     kept = top_rows_ascending(gprune_reference_scores(feats[0]), keep)
     rows = kept_rows(s, start, n, kept)
-    return next_token_logits(model, run_layers(model, h[:, rows], rows, range(n_layers)))
+    pos = prompt_positions(model, input_ids)[..., rows]
+    return next_token_logits(model, run_layers(model, h[:, rows], pos, range(n_layers)))
 
 
 def projector_stage_rows(first, feats: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, start: int
@@ -71,9 +74,9 @@ def projector_stage_rows(first, feats: torch.Tensor, h: torch.Tensor, pos: torch
     -> (h with the image block replaced, positions under the stage's policy, n)."""
     n_full = feats.shape[0]
     block, policy, kept = first(feats)
+    rows = kept_rows(h.shape[1], start, n_full, kept)
     h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n_full:]], dim=1)
-    pos = torch.arange(h.shape[1]) if policy == "renumber" else torch.cat(
-        [pos[:start], start + kept, pos[start + n_full:]])
+    pos = renumbered(pos, rows) if policy == "renumber" else pos[..., rows]
     return h, pos, block.shape[0]
 
 
@@ -86,7 +89,7 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
     start, n = image_start(model, input_ids), feats.shape[1]
-    pos = torch.arange(h.shape[1])
+    pos = prompt_positions(model, input_ids)
     if first is not None:
         h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
     h_prev = h
@@ -105,7 +108,7 @@ def pyramiddrop_sites(model, n_layers: int, keep_ratio: float = 0.5) -> dict:
         scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
         keep = int(keep_ratio * n)
         rows = kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
-        return h[:, rows], torch.arange(len(rows)), keep
+        return h[:, rows], renumbered(pos, rows), keep
     return dict.fromkeys(sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0}), reduce)
 
 
@@ -122,7 +125,7 @@ def vtw_reference(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
 
     def reduce(_, h_prev, h, pos, start, n):
         rows = kept_rows(h.shape[1], start, n, torch.arange(0))
-        return h[:, rows], pos[rows], 0
+        return h[:, rows], pos[..., rows], 0
 
     return _progressive(model, input_ids, pixel_values, {layer}, reduce)
 
@@ -155,9 +158,9 @@ def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, me
         for tok in sorted(set(kept) - set(merged)):
             members = [tok] + [x for x, dst in merged.items() if dst == tok]
             out_rows.append(torch.stack([block[m] for m in members]).mean(dim=0))
-            out_pos.append(pos[start + tok])
+            out_pos.append(pos[..., start + tok])
         new_h = torch.cat([h[:, :start], torch.stack(out_rows)[None], h[:, start + n:]], dim=1)
-        new_pos = torch.cat([pos[:start], torch.stack(out_pos), pos[start + n:]])
+        new_pos = torch.cat([pos[..., :start], torch.stack(out_pos, dim=-1), pos[..., start + n:]], dim=-1)
         return new_h, new_pos, len(out_rows)
 
     return _progressive(model, input_ids, pixel_values, sites, reduce)
@@ -177,7 +180,7 @@ def schedule_sites(model, keeps: list[int]) -> dict:
         kept = top_rows_ascending(suffix_scores(model, layer - 1, h_prev, pos, start, n), keep) if keep else \
             torch.arange(0)
         rows = kept_rows(h.shape[1], start, n, kept)
-        return h[:, rows], pos[rows], keep
+        return h[:, rows], pos[..., rows], keep
     return {layer: reduce for layer in range(1, len(keeps)) if keeps[layer] < keeps[layer - 1]}
 
 

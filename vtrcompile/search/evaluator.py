@@ -22,6 +22,7 @@ from ..reference.blocks import (
     image_start,
     language_model,
     next_token_logits,
+    prompt_positions,
     run_layers,
 )
 from ..reference.blocks import top_rows_ascending as _top
@@ -52,7 +53,7 @@ class ScheduleEvaluator:
                 ids, px = torch.as_tensor(it.ids), torch.as_tensor(it.pixels)
                 feats = image_features(model, px.to(next(model.parameters()).dtype), ids.shape[0])
                 h, start = embed_prompt(model, ids, feats), image_start(model, ids)
-                pos, n = torch.arange(h.shape[1]), int(feats.shape[1])
+                pos, n = prompt_positions(model, ids), int(feats.shape[1])
                 if first is not None:
                     h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
                 self._h0.append((h, start, pos))
@@ -74,7 +75,7 @@ class ScheduleEvaluator:
                 kept = _top(suffix_scores(self.model, layer - 1, h_prev, pos, start, n), keep) if keep \
                     else torch.arange(0)
                 rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
-                h, pos, n = h[:, rows], pos[rows], keep
+                h, pos, n = h[:, rows], pos[..., rows], keep
             h_prev, h = h, run_layers(self.model, h, pos, range(layer, layer + 1))
         return _State(h_prev, h, pos, start, n)
 

@@ -1,0 +1,191 @@
+"""The Qwen-VL family (qwen2vl-tiny and qwen25vl-tiny presets, built from Qwen2VLConfig / Qwen2_5_VLConfig):
+engines against the Hugging Face model (mRoPE positions from the host), methods against their eager references
+with 3-axis positions, generation against HF `generate`, preprocessing against HF's image processor, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REFERENCE_ATOL, max_diff
+from vtrcompile import load_engine
+from vtrcompile.build import build
+from vtrcompile.errors import UnsupportedModelError, VtrError
+from vtrcompile.models.family import family_of
+from vtrcompile.models.loading import example_prompt, load_model
+from vtrcompile.models.mrope import mrope_positions
+from vtrcompile.reference.baselines import divprune_stage
+from vtrcompile.reference.generation import generate_reference
+from vtrcompile.reference.methods import fastv_reference, gprune_reference, pyramiddrop_reference, run_stages
+
+CASES = ((5, 8), (1, 1), (20, 3), (0, 12))
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=["qwen2vl-tiny", "qwen25vl-tiny"])
+def qwen(request):
+    return load_model(request.param)
+
+
+def _prompts(src):
+    return [example_prompt(src.hf_model.config, pre, suf, seed=30 + i)[:2] for i, (pre, suf) in enumerate(CASES)]
+
+
+def _hf_inputs(src, ids, px):
+    """What Qwen's processor returns for this prompt and image."""
+    fam = family_of(src.hf_model)
+    return {"input_ids": ids, "pixel_values": px, "image_grid_thw": torch.tensor([list(fam.patch_grid(src.hf_model.config))]),
+            "mm_token_type_ids": (ids == src.hf_model.config.image_token_id).int()}
+
+
+def test_host_positions_equal_hf_get_rope_index(qwen):
+    m = qwen.hf_model
+    for ids, px in _prompts(qwen):
+        inp = _hf_inputs(qwen, ids, px)
+        want, _ = m.model.get_rope_index(ids, inp["mm_token_type_ids"], image_grid_thw=inp["image_grid_thw"])
+        fam = family_of(m)
+        got = mrope_positions(ids.numpy(), m.config.image_token_id, fam.merged_grid(m.config))
+        assert np.array_equal(got, want.numpy())
+
+
+def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(qwen):
+    n = family_of(qwen.hf_model).image_token_count(qwen.hf_model.config)
+    base, keep_all = build(qwen, "none", {}, 256), build(qwen, "gprune", {"keep": n}, 256)
+    for ids, px in _prompts(qwen):
+        with torch.no_grad():
+            hf = qwen.hf_model(**_hf_inputs(qwen, ids, px)).logits[:, -1].float()
+            assert max_diff(base.logits(ids, px), hf) <= REFERENCE_ATOL
+            assert max_diff(keep_all.logits(ids, px), hf) <= REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("method,opts,reference", [
+    ("fastv", {"layer": 2, "keep": 10}, lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
+    ("gprune", {"keep": 9}, lambda m, i, p: gprune_reference(m, i, p, 9)),
+    ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+    ("divprune", {"keep": 9}, lambda m, i, p: run_stages(m, i, p, first=divprune_stage(9))),
+])
+def test_methods_equal_their_eager_references(qwen, method, opts, reference):
+    """With the kept tokens' 3-axis positions gathered (a renumbering method keeps positions on mRoPE)."""
+    b = build(qwen, method, opts, 256)
+    assert all(r.positions == "keep" for r in b.reductions)
+    m = qwen.hf_model
+    for ids, px in _prompts(qwen):
+        with torch.no_grad():
+            got = b.logits(ids, px)
+            assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
+            assert max_diff(got, qwen.module(*qwen.inputs(ids, px))) > 10 * REFERENCE_ATOL  # it reduced
+
+
+def test_tokens_per_layer(qwen):
+    n = family_of(qwen.hf_model).image_token_count(qwen.hf_model.config)
+    s = 13 + n
+    assert build(qwen, "fastv", {"layer": 2, "keep": 10}, 256).llm_tokens(s) == [s, s, s - n + 10, s - n + 10]
+    assert build(qwen, "gprune", {"keep": 9}, 256).llm_tokens(s) == [s - n + 9] * 4
+
+
+@pytest.mark.parametrize("method", ["prumerge", "prumerge-plus", "visionzip"])
+def test_vision_site_methods_are_refused_with_the_reason(method):
+    opts = {"visionzip": {"dominant": 6, "contextual": 2}, "prumerge": {"keep": 4}}.get(method, {})
+    with pytest.raises(VtrError, match="merges patches|no CLS"):
+        build(load_model("qwen2vl-tiny"), method, opts, 256)
+
+
+def test_image_sizes_are_checked():
+    src = load_model("qwen2vl-tiny", image_size=(56, 84))
+    assert family_of(src.hf_model).image_token_count(src.hf_model.config) == 2 * 3
+    with pytest.raises(UnsupportedModelError, match="multiples of 28 px"):
+        load_model("qwen2vl-tiny", image_size=(100, 112))
+    with pytest.raises(UnsupportedModelError, match="multiples of 112 px"):
+        load_model("qwen25vl-tiny", image_size=(168, 224))
+    with pytest.raises(UnsupportedModelError, match="vision tower's own 84x84"):
+        load_model("tiny", image_size=(112, 112))
+
+
+def test_preprocessing_equals_hf_image_processor(tmp_path):
+    """An image whose Qwen resize is the engine's size: the same pixel_values as Qwen2VLImageProcessorPil."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vtrcompile.calibration import preprocess
+
+    src = load_model("qwen2vl-tiny")
+    fam, cfg = family_of(src.hf_model), src.hf_model.config
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 255, (130, 100, 3), dtype=np.uint8)).save(path)  # smart_resize -> 140 x 112
+    hf = Qwen2VLImageProcessorPil()(images=Image.open(path).convert("RGB"), return_tensors="np")
+    assert hf["image_grid_thw"].tolist() == [[1, 10, 8]]
+    got = preprocess(path, [140, 112], fam.processor_facts(cfg)).numpy()
+    assert got.shape == hf["pixel_values"].shape
+    assert float(np.abs(got - hf["pixel_values"]).max()) < 1e-5
+
+
+class _Engines(dict):
+    """ONNX engines of qwen2vl-tiny, built on first use into one folder (one decode engine)."""
+
+    RECIPES = {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10}),
+               "pyramiddrop": ("pyramiddrop", {})}
+
+    def __init__(self, folder) -> None:
+        super().__init__()
+        self.src, self.folder = load_model("qwen2vl-tiny"), folder
+
+    def __missing__(self, name: str):
+        from vtrcompile.optimize import optimize
+
+        method, opts = self.RECIPES[name]
+        self[name] = optimize(self.src, method, opts, self.folder / f"{name}.onnx", max_prompt=256)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def qwen_engines(tmp_path_factory):
+    engines = _Engines(tmp_path_factory.mktemp("qwen"))
+    return engines.src, engines
+
+
+def test_engine_equals_hf_through_one_engine_and_generates_like_hf(qwen_engines):
+    """The unmodified ONNX engine pair takes what Qwen's processor returns (position_ids derived on the host):
+    next-token logits of the HF model for several prompt lengths, and HF generate's greedy tokens and logits."""
+    src, made = qwen_engines
+    engine = load_engine(made["none"].files[-1], threads=1)
+    assert [t["name"] for t in engine.metadata["io"]["inputs"]] == ["input_ids", "pixel_values", "position_ids"]
+    m = src.hf_model
+    for ids, px in _prompts(src):
+        inputs = _hf_inputs(src, ids, px)
+        with torch.no_grad():
+            hf = m.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, eos_token_id=None, min_new_tokens=STEPS)
+        assert max_diff(engine(**inputs), hf.logits[0]) <= REFERENCE_ATOL
+        out = engine.generate(**inputs, max_new_tokens=STEPS, eos_token_id=[])
+        assert out.tokens[0].tolist() == hf.sequences[0, ids.shape[1]:].tolist()
+        for t in range(STEPS):
+            assert float(np.abs(out.logits[0, t] - hf.logits[t][0].numpy()).max()) <= REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("name,prefill", [
+    ("fastv", lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
+    ("pyramiddrop", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+])
+def test_reduced_generation_equals_the_spec_reference(qwen_engines, name, prefill):
+    """Generation continues the unreduced prompt's mRoPE numbering in every layer (positions kept)."""
+    src, made = qwen_engines
+    engine = load_engine(made[name].files[-1], threads=1)
+    for ids, px in _prompts(src)[:2]:
+        tokens, logits, lengths = generate_reference(src.hf_model, ids, px, prefill, "keep", STEPS)
+        out = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=STEPS, eos_token_id=[])
+        assert out.cache_lengths == lengths
+        assert out.tokens[0].tolist() == tokens.tolist()
+        assert float(np.abs(out.logits[0] - logits.numpy()).max()) <= REFERENCE_ATOL
+
+
+def test_processor_extras_are_checked(qwen_engines):
+    src, made = qwen_engines
+    engine = load_engine(made["none"].files[-1], threads=1)
+    ids, px = _prompts(src)[0]
+    inputs = _hf_inputs(src, ids, px)
+    with pytest.raises(VtrError, match="image_grid_thw .* takes one image of 1 x 8 x 8 patches"):
+        engine(**{**inputs, "image_grid_thw": torch.tensor([[1, 8, 10]])})
+    with pytest.raises(VtrError, match="mm_token_type_ids does not mark exactly the image tokens"):
+        engine(**{**inputs, "mm_token_type_ids": torch.zeros_like(ids)})

@@ -1,0 +1,75 @@
+"""input_ids -> the engine inputs a runner computes on the host (metadata `host_inputs`), in engine order.
+
+An engine takes `input_ids`, `pixel_values` and then, for some families, inputs that are a function of the
+prompt and the engine's fixed image geometry: Qwen-VL's mRoPE `position_ids` [3, B, S]. The engine records how
+to derive each one (`{"position_ids": {"kind": "mrope", "image_token_id": ..., "grid": [t, h, w], "seq_dim": 2}}`),
+so every runner, the Python API and the eager builds compute them the same way, without the model directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import VtrError
+
+
+def derive(spec: dict[str, Any], input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The host inputs of `spec` (an engine's `host_inputs`) for a prompt batch input_ids [B, S]."""
+    out = {}
+    for name, how in (spec or {}).items():
+        if how["kind"] != "mrope":
+            raise VtrError(f"this engine derives {name} by '{how['kind']}', which this vtrcompile does not know; "
+                           "upgrade vtrcompile or rebuild the engine")
+        from ..models.mrope import mrope_positions
+
+        try:
+            out[name] = mrope_positions(input_ids, how["image_token_id"], tuple(how["grid"]))
+        except ValueError as e:
+            raise VtrError(str(e)) from None
+    return out
+
+
+def prefill_feeds(meta: dict[str, Any], input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    """Every input of a prefill engine, by name, from the prompt and its pixels."""
+    return {"input_ids": input_ids, "pixel_values": pixel_values, **derive(meta.get("host_inputs", {}), input_ids)}
+
+
+def graph_inputs(spec: dict[str, Any], input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same, as positional tensors for a captured graph (input_ids' device)."""
+    extra = derive(spec, input_ids.cpu().numpy())
+    return (input_ids, pixel_values, *(torch.from_numpy(v).to(input_ids.device) for v in extra.values()))
+
+
+def seq_dims(spec: dict[str, Any]) -> dict[str, int]:
+    """Input name -> the dim that has the prompt length (input_ids' dim 1 and each host input's)."""
+    return {"input_ids": 1, **{name: int(how["seq_dim"]) for name, how in (spec or {}).items()}}
+
+
+def check_processor_extras(meta: dict[str, Any], feeds: dict[str, Any]) -> None:
+    """What a Hugging Face processor returns beside input_ids / pixel_values and the engine derives itself:
+    `image_grid_thw` must be the engine's fixed grid, `mm_token_type_ids` must mark exactly the image tokens.
+    Both are removed from `feeds`."""
+    grid = feeds.pop("image_grid_thw", None)
+    types = feeds.pop("mm_token_type_ids", None)
+    spec = next((h for h in (meta.get("host_inputs") or {}).values() if h["kind"] == "mrope"), None)
+    if grid is not None:
+        if spec is None:
+            raise VtrError("the engine takes no image_grid_thw (its image geometry is fixed); drop it")
+        want = [1, *(spec["grid"][1:])]  # the merged grid's t is the patch grid's
+        got = np.asarray(grid).reshape(-1, 3)
+        merge = meta["processor"]["merge_size"] if meta.get("processor") else 2
+        patch = [[int(r[0]), int(r[1]) // merge, int(r[2]) // merge] for r in got]
+        if any(p != want for p in patch):
+            h, w = spec["grid"][1] * merge, spec["grid"][2] * merge
+            raise VtrError(f"image_grid_thw {got.tolist()}: this engine takes one image of 1 x {h} x {w} patches "
+                           f"per prompt; resize the image to the engine's size (processor size "
+                           "{'height': H, 'width': W}) or build an engine for this size (--image-size)")
+    if types is not None:
+        ids = np.asarray(feeds["input_ids"])
+        t = np.asarray(types).reshape(ids.shape) if np.asarray(types).size == ids.size else None
+        if t is None or not np.array_equal(t != 0, ids == meta["image_token_id"]):
+            raise VtrError("mm_token_type_ids does not mark exactly the image tokens of input_ids; the engines take "
+                           "one image per prompt and no video")
