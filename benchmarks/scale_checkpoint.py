@@ -6,7 +6,7 @@ safetensors shards in the layout `save_pretrained` writes) through the CLI the w
 Records wall time and peak RSS (from /usr/bin/time), runs the ONNX checker on the graph, and checks that
 the weight store holds every weight once (its index spans tile the file exactly, and every large initializer
 of both engines points into it). Usage:
-    python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b
+    python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b [--ext .xml]
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--preset", default="llava15-7b", choices=["tiny", "llava15-7b", "llava15-13b"])
     ap.add_argument("--work", default="build/scale")
     ap.add_argument("--keep", type=int, default=64, help="FastV's image-token budget")
+    ap.add_argument("--ext", default=".onnx", choices=[".onnx", ".xml"],
+                    help="engine type: .onnx (weights streamed into the store) or .xml (OpenVINO converts that ONNX)")
     ap.add_argument("--keep-checkpoint", action="store_true")
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
@@ -125,14 +127,17 @@ def main() -> None:
     logging.info("checkpoint: %s", made)
     out.mkdir(parents=True)
     run = time_v(["vtrcompile", "optimize", str(ckpt), "--method", "fastv", "--keep", str(args.keep), "--dtype", "bfloat16",
-                  "--out", str(out / "fastv.onnx")])
+                  "--out", str(out / f"fastv{args.ext}")])
     logging.info("optimize: %s", run)
     result = {"preset": args.preset, "checkpoint": made, "optimize": run}
-    if run["exit"] == 0:
+    if run["exit"] == 0 and args.ext == ".xml":
+        result["engines"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+    elif run["exit"] == 0:
         engines = [out / "fastv.onnx", *sorted(out.glob("decode-*.onnx"))]
         result["store"] = check_store(out, engines)
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    path = Path(args.result or f"benchmarks/results/scale-checkpoint-{args.preset.removeprefix('llava15-')}.json")
+    tag = args.preset.removeprefix("llava15-") + ("" if args.ext == ".onnx" else "-openvino")
+    path = Path(args.result or f"benchmarks/results/scale-checkpoint-{tag}.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     if not args.keep_checkpoint:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -113,9 +114,28 @@ _model_arg = click.argument("model")
 _pickle_opt = click.option("--allow-pickle", is_flag=True,
                            help="Allow MODEL to be a pickled nn.Module. Unpickling runs arbitrary code: "
                                 "only for files you trust.")
-_tiles_opt = click.option("--tiles", default=1, show_default=True, type=click.IntRange(1, 64),
-                          help="Images (tiles) per prompt the engine takes, fixed at compile time: InternVL's tile "
-                               "count (448 px tiles; above 1, a grid of tiles-1 plus a thumbnail). LLaVA takes 1.")
+_tiles = click.option("--tiles", default=1, show_default=True, type=click.IntRange(1, 64),
+                      help="Images (tiles) per prompt the engine takes, fixed at compile time: InternVL's tile "
+                           "count (448 px tiles; above 1, a grid of tiles-1 plus a thumbnail). LLaVA takes 1.")
+
+
+def _parse_image_size(ctx, param, value):
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", value)
+    if not m:
+        raise click.BadParameter(f"'{value}': give HxW in pixels, e.g. 448x448")
+    return int(m.group(1)), int(m.group(2))
+
+
+_image_size = click.option("--image-size", default=None, callback=_parse_image_size, metavar="HxW",
+                           help="The image size (height x width, px) the engine takes, fixed at compile time, for "
+                                "families whose vision tower takes several (Qwen-VL: default 448x448, sides multiples "
+                                "of 28 px, of 112 px on Qwen2.5-VL). Images are resized to it.")
+
+
+def _tiles_opt(f):
+    return _tiles(_image_size(f))
 
 
 @main.command()
@@ -124,7 +144,7 @@ _tiles_opt = click.option("--tiles", default=1, show_default=True, type=click.In
 @click.option("--max-prompt", default=2048, show_default=True, help="Largest prompt length the engine accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_tiles_opt
-def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tiles: int) -> None:
+def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tiles: int, image_size) -> None:
     """Show what the analysis passes find in MODEL."""
     from .build import prompt_range
     from .capture import capture, editable_module
@@ -133,7 +153,7 @@ def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tile
     from .passes.analysis import analyze
     from .passes.strip_runtime_asserts import strip_runtime_asserts
 
-    src = load_model(model, allow_pickle, tiles=tiles)
+    src = load_model(model, allow_pickle, tiles=tiles, image_size=image_size)
     ep = capture(src, max_prompt)
     gm = editable_module(ep)
     strip_runtime_asserts(gm)
@@ -226,8 +246,8 @@ def _generation_opts(f):
 @_profile_opts
 @_generation_opts
 def optimize(model, method, calibration, then, out, backend, device, dtype, weights, do_profile, baseline_out,
-             triton_repo, min_prompt, max_prompt, workspace, allow_pickle, tiles, reps, warmup, threads, as_json,
-             new_tokens, kv_budget_gb, **method_options) -> None:
+             triton_repo, min_prompt, max_prompt, workspace, allow_pickle, tiles, image_size, reps, warmup, threads,
+             as_json, new_tokens, kv_budget_gb, **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     import dataclasses
 
@@ -246,7 +266,7 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     if min_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
-    src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles)
+    src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles, image_size=image_size)
     if dtype is None:  # the model's own precision
         own = str(src.dtype).removeprefix("torch.")
         if own not in DTYPES:
@@ -368,7 +388,7 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
                    "schedule=FILE\".")
 @_tiles_opt
 def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget, trials, seed, storage,
-           metric, first, tiles) -> None:
+           metric, first, tiles, image_size) -> None:
     """Search a per-layer keep schedule for MODEL on calibration data; compile it with --method schedule."""
     from .lower.atomic import check_writable
     from .models.loading import load_model
@@ -381,7 +401,7 @@ def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget
 
         parse_then(first)  # a bad stage fails before the model loads
     check_writable(out)
-    rec = run_search(load_model(model, allow_pickle, tiles=tiles), algo, calibration, out, count, tolerance, budget, trials, seed,
+    rec = run_search(load_model(model, allow_pickle, tiles=tiles, image_size=image_size), algo, calibration, out, count, tolerance, budget, trials, seed,
                      storage, metric, first)
     m = rec["metric"]
     click.echo(f"{algo}: keep per layer {rec['keep']} (mean keep fraction {rec['budget']:.4f})")

@@ -62,7 +62,7 @@ def format_facts(r: dict[str, Any]) -> str:
     lines = [
         f"vision tower   {v['module']} ({v['class']}), {v['layers_in_graph']} encoder layers in the graph",
         f"feature layer  {v['feature_layer']} output (hidden_states[{v['feature_hidden_state']}])"
-        + ("; CLS dropped before the projector" if v["drops_cls"] else "; CLS kept"),
+        + ("; CLS dropped before the projector" if v["drops_cls"] else "; all rows go to the projector (no CLS slice)"),
         f"projector      {p['module']} ({p['class']}): {p['input']} -> {p['output']}",
         f"boundary       {b['op']} at {b['node']}: image token id {b['image_token_id']}, N={b['n_image']} "
         f"image tokens, batch {b['batch']}, hidden {b['hidden_size']}",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine.host_inputs import prefill_feeds
 from .engine.protocol import check_prompt_range
 from .engine.runners import open_prefill
 from .errors import VtrError
@@ -132,7 +133,7 @@ def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray
     from .engine.generate import cache_length, decode_feeds, load_engine
 
     engines = [load_engine(engine, threads), load_engine(baseline, threads)]
-    feeds = {"input_ids": ids, "pixel_values": pixels}
+    feeds = prefill_feeds(engines[0].metadata, ids, pixels)
     n = engines[0].metadata["llm_layers"]
     steps = []
     for e in engines:  # one decode step fed with this engine's own prefill cache, re-run as is
@@ -196,8 +197,8 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     s = ids.shape[1]
     log.info("profiling %s vs %s on a %d-token prompt (%d warm-up, %d reps)", engine, baseline, s, warmup, reps)
     red(ids, pixels)  # input check once; the timed calls skip it
-    red.bind({"input_ids": ids, "pixel_values": pixels})
-    base.bind({"input_ids": ids, "pixel_values": pixels})
+    red.bind(prefill_feeds(red.metadata, ids, pixels))
+    base.bind(prefill_feeds(base.metadata, ids, pixels))
     t_red, t_base = time_interleaved([red.time_ms, base.time_ms], warmup, reps)
     lr, lb = Latency.of(t_red), Latency.of(t_base)
     # Per-node timing exists for ONNX Runtime only; other backends fuse the selector into kernels.

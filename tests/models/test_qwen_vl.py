@@ -4,6 +4,8 @@ with 3-axis positions, generation against HF `generate`, preprocessing against H
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,18 @@ from vtrcompile.errors import UnsupportedModelError, VtrError
 from vtrcompile.models.family import family_of
 from vtrcompile.models.loading import example_prompt, load_model
 from vtrcompile.models.mrope import mrope_positions
-from vtrcompile.reference.baselines import divprune_stage
+from vtrcompile.reference.baselines import dart_site, divprune_stage, pool_stage, random_stage
 from vtrcompile.reference.generation import generate_reference
-from vtrcompile.reference.methods import fastv_reference, gprune_reference, pyramiddrop_reference, run_stages
+from vtrcompile.reference.methods import (
+    fastv_reference,
+    fastv_site,
+    gprune_reference,
+    pumer_reference,
+    pyramiddrop_reference,
+    run_stages,
+    schedule_reference,
+    vtw_reference,
+)
 
 CASES = ((5, 8), (1, 1), (20, 3), (0, 12))
 STEPS = 6
@@ -75,6 +86,42 @@ def test_methods_equal_their_eager_references(qwen, method, opts, reference):
             got = b.logits(ids, px)
             assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
             assert max_diff(got, qwen.module(*qwen.inputs(ids, px))) > 10 * REFERENCE_ATOL  # it reduced
+
+
+OTHER_METHODS = [  # the rest of what the spec allows on Qwen-VL, against the same references as on LLaVA
+    ("pumer", {}, lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3)),
+    ("vtw", {"layer": 2}, lambda m, i, p: vtw_reference(m, i, p, 2)),
+    ("random", {}, lambda m, i, p: run_stages(m, i, p, first=random_stage(16))),
+    ("pool", {"keep": 4}, lambda m, i, p: run_stages(m, i, p, first=pool_stage(side=2))),
+    ("dart", {"keep": 10, "image_pivots": 2, "text_pivots": 2},
+     lambda m, i, p: run_stages(m, i, p, sites={2: dart_site(m, 2, 2, keep=10)})),
+    ("schedule", {"keeps": [16, 12, 8, 4]}, lambda m, i, p: schedule_reference(m, i, p, [16, 12, 8, 4])),
+    ("divprune", {"keep": 12, "then": "fastv keep=6"},
+     lambda m, i, p: run_stages(m, i, p, first=divprune_stage(12), sites={2: fastv_site(m, 6)})),
+]
+
+
+@pytest.mark.parametrize("method,opts,reference", [
+    pytest.param(*c, id=c[0], marks=[] if c[0] in ("pumer", "divprune") else pytest.mark.slow) for c in OTHER_METHODS])
+def test_other_methods_equal_their_eager_references(method, opts, reference, tmp_path):
+    src = load_model("qwen2vl-tiny")
+    if method == "schedule":
+        opts = {"schedule": _schedule_file(src, opts["keeps"], tmp_path)}
+    b = build(src, method, opts, 256)
+    assert all(r.positions == "keep" for r in b.reductions)
+    for ids, px in _prompts(src)[:2]:
+        with torch.no_grad():
+            assert max_diff(b.logits(ids, px), reference(src.hf_model, ids, px)) <= REFERENCE_ATOL
+
+
+def _schedule_file(src, keeps, folder):
+    from vtrcompile.optimize import model_id
+    from vtrcompile.search.schedule_file import save_schedule
+
+    save_schedule(folder / "s.json", {"algo": "gsearch", "settings": {}, "model": src.label,
+                                      "model_id": model_id(src.module, None), "n_image": keeps[0],
+                                      "llm_layers": len(keeps), "keep": keeps, "complete": True})
+    return str(folder / "s.json")
 
 
 def test_tokens_per_layer(qwen):
@@ -189,3 +236,61 @@ def test_processor_extras_are_checked(qwen_engines):
         engine(**{**inputs, "image_grid_thw": torch.tensor([[1, 8, 10]])})
     with pytest.raises(VtrError, match="mm_token_type_ids does not mark exactly the image tokens"):
         engine(**{**inputs, "mm_token_type_ids": torch.zeros_like(ids)})
+
+
+def test_image_size_on_the_cli():
+    from click.testing import CliRunner
+
+    from vtrcompile.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", "qwen2vl-tiny", "--image-size", "56x84", "--max-prompt", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["boundary"]["n_image"] == 6  # (56/28) x (84/28)
+    for bad, words in (("56x", "give HxW"), ("56x100", "multiples of 28 px")):
+        res = CliRunner().invoke(main, ["inspect", "qwen2vl-tiny", "--image-size", bad])
+        assert res.exit_code == 2 and words in res.output, res.output
+        assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1, res.output
+
+
+def test_tensorrt_profile_gives_position_ids_the_prompt_range(qwen_engines, monkeypatch, tmp_path):
+    """The host input position_ids [3, B, S] follows input_ids' range in the TensorRT profile, and the ONNX the
+    parser receives (recording stand-in) has all three inputs and passes the preflight."""
+    import sys
+
+    import onnx
+
+    from tests.lower.test_tensorrt import _Recorder
+    from vtrcompile.lower import tensorrt as trt_lower
+    from vtrcompile.lower.tensorrt_preflight import preflight
+    from vtrcompile.optimize import Target, engine_metadata
+
+    src, made = qwen_engines
+    b = made["fastv"].build
+    meta = engine_metadata(b, src, target=Target(backend="tensorrt", device="cuda"))
+    p = trt_lower.profile_shapes(meta, 30, 200).shapes
+    assert p["position_ids"] == ((3, 1, 30), (3, 1, p["input_ids"][1][1]), (3, 1, 200))
+    assert p["pixel_values"][0] == (64, 1176)
+    rec = _Recorder("11.2.0", False)
+    monkeypatch.setitem(sys.modules, "tensorrt", rec.module)
+    monkeypatch.setattr(trt_lower, "gpu_info", lambda: {"name": "test-gpu", "compute_capability": "9.0"})
+    trt_lower.export_plan(b.program, tmp_path / "q.plan", meta, 30, 200, 2 << 30)
+    assert [i.name for i in rec.onnx.graph.input] == ["input_ids", "pixel_values", "position_ids"]
+    onnx.save(rec.onnx, tmp_path / "parsed.onnx")
+    assert preflight(tmp_path / "parsed.onnx") == []
+
+
+def test_a_saved_qwen2_5_vl_checkpoint_streams_into_an_engine_equal_to_the_model(tmp_path):
+    """A saved checkpoint: recognised by its config, the image size given at load, weights streamed from the
+    safetensors files (renamed as transformers does) into an engine with the in-memory model's logits."""
+    from vtrcompile.optimize import optimize
+
+    src = load_model("qwen25vl-tiny")
+    src.hf_model.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    streamed = load_model(str(tmp_path / "q"), image_size=(224, 224))
+    assert streamed.weights is not None and streamed.family.name == "qwen2_5_vl"
+    engine = load_engine(optimize(streamed, "gprune", {"keep": 20}, tmp_path / "e" / "g.onnx", max_prompt=160).files[-1])
+    ids, px = _prompts(src)[0]
+    with torch.no_grad():
+        want = build(src, "gprune", {"keep": 20}, 160).logits(ids, px)
+    assert max_diff(engine(input_ids=ids, pixel_values=px), want) <= REFERENCE_ATOL
