@@ -60,7 +60,8 @@ def test_engine_io_matches_the_contract(engines):
     assert outs[-1].name == "next_layer_position_ids" and outs[-1].shape == [1, 4]
     meta = engines["fastv-k2-18"].metadata
     assert [t["name"] for t in meta["io"]["outputs"]] == [o.name for o in outs]
-    assert meta["format"] == 2 and meta["role"] == "prefill" and meta["decode"]["model_id"] == meta["model_id"]
+    assert meta["format"] == 3 and meta["role"] == "prefill" and meta["host_inputs"] == {}
+    assert meta["pixel_rows"] == 1 and meta["decode"]["model_id"] == meta["model_id"]
 
 
 # tiny engine -> the eager reference it must equal (every method, two budgets each)

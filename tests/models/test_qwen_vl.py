@@ -34,8 +34,15 @@ CASES = ((5, 8), (1, 1), (20, 3), (0, 12))
 STEPS = 6
 
 
-@pytest.fixture(scope="module", params=["qwen2vl-tiny", "qwen25vl-tiny"])
+# Both versions in the HF-equality test; the method checks run on Qwen2-VL by default and on Qwen2.5-VL (the
+# same LLM and rewrite; only the vision tower differs) with -m slow.
+@pytest.fixture(scope="module", params=["qwen2vl-tiny", pytest.param("qwen25vl-tiny", marks=pytest.mark.slow)])
 def qwen(request):
+    return load_model(request.param)
+
+
+@pytest.fixture(scope="module", params=["qwen2vl-tiny", "qwen25vl-tiny"])
+def qwen_both(request):
     return load_model(request.param)
 
 
@@ -50,7 +57,8 @@ def _hf_inputs(src, ids, px):
             "mm_token_type_ids": (ids == src.hf_model.config.image_token_id).int()}
 
 
-def test_host_positions_equal_hf_get_rope_index(qwen):
+def test_host_positions_equal_hf_get_rope_index(qwen_both):
+    qwen = qwen_both
     m = qwen.hf_model
     for ids, px in _prompts(qwen):
         inp = _hf_inputs(qwen, ids, px)
@@ -60,7 +68,8 @@ def test_host_positions_equal_hf_get_rope_index(qwen):
         assert np.array_equal(got, want.numpy())
 
 
-def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(qwen):
+def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(qwen_both):
+    qwen = qwen_both
     n = family_of(qwen.hf_model).image_token_count(qwen.hf_model.config)
     base, keep_all = build(qwen, "none", {}, 256), build(qwen, "gprune", {"keep": n}, 256)
     for ids, px in _prompts(qwen):
@@ -102,7 +111,7 @@ OTHER_METHODS = [  # the rest of what the spec allows on Qwen-VL, against the sa
 
 
 @pytest.mark.parametrize("method,opts,reference", [
-    pytest.param(*c, id=c[0], marks=[] if c[0] in ("pumer", "divprune") else pytest.mark.slow) for c in OTHER_METHODS])
+    pytest.param(*c, id=c[0], marks=[] if c[0] == "pumer" else pytest.mark.slow) for c in OTHER_METHODS])
 def test_other_methods_equal_their_eager_references(method, opts, reference, tmp_path):
     src = load_model("qwen2vl-tiny")
     if method == "schedule":
@@ -213,7 +222,7 @@ def test_engine_equals_hf_through_one_engine_and_generates_like_hf(qwen_engines)
 
 @pytest.mark.parametrize("name,prefill", [
     ("fastv", lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
-    ("pyramiddrop", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+    pytest.param("pyramiddrop", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5), marks=pytest.mark.slow),
 ])
 def test_reduced_generation_equals_the_spec_reference(qwen_engines, name, prefill):
     """Generation continues the unreduced prompt's mRoPE numbering in every layer (positions kept)."""
@@ -279,6 +288,7 @@ def test_tensorrt_profile_gives_position_ids_the_prompt_range(qwen_engines, monk
     assert preflight(tmp_path / "parsed.onnx") == []
 
 
+@pytest.mark.slow
 def test_a_saved_qwen2_5_vl_checkpoint_streams_into_an_engine_equal_to_the_model(tmp_path):
     """A saved checkpoint: recognised by its config, the image size given at load, weights streamed from the
     safetensors files (renamed as transformers does) into an engine with the in-memory model's logits."""
