@@ -1,5 +1,6 @@
 """Generation benchmark: TTFT, time per output token, end to end for N new tokens and KV-cache bytes,
-reduced engine pairs vs the unmodified pair, same backend (ONNX Runtime, CPU), same prompt.
+reduced engine pairs vs the unmodified pair, same backend and precision (ONNX Runtime f32 by default;
+`--ext .xml --dtype bfloat16` for OpenVINO bf16, the fastest CPU path on an AMX Xeon), same prompt.
 
 Also, for the LLaVA-1.5-7B architecture (built on the meta device, nothing exported): the KV bytes per
 sequence each method leaves, from the rewritten graph's per-layer token counts, and how many sequences'
@@ -7,6 +8,7 @@ caches fit in 40 GB (computed from shapes, not measured).
 
 Usage: python benchmarks/generation.py --model llava15-geometry --new-tokens 32 --reps 10
        python benchmarks/generation.py --model models/vqa-synth-llava
+       python benchmarks/generation.py --model llava15-geometry --ext .xml --dtype bfloat16
        python benchmarks/generation.py --kv-7b
 """
 
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 from vtrcompile.models.loading import load_model
-from vtrcompile.optimize import optimize
+from vtrcompile.optimize import Target, backend_for, optimize
 from vtrcompile.profile import compare
 
 METHODS = [
@@ -34,13 +36,15 @@ def label(method: str, opts: dict) -> str:
     return method + "".join(f" {k}={v}" for k, v in opts.items())
 
 
-def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv_budget_gb: float) -> dict:
+def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv_budget_gb: float,
+        ext: str = ".onnx", dtype: str = "float32") -> dict:
     src = load_model(model)
-    base = optimize(src, "none", {}, build_dir / "baseline.onnx")
+    target = Target(backend=backend_for(Path("e" + ext), None), dtype=dtype)
+    base = optimize(src, "none", {}, build_dir / f"baseline{ext}", target=target)
     rows = []
     for method, opts in METHODS:
         name = label(method, opts).replace(" ", "_").replace("=", "")
-        res = optimize(src, method, opts, build_dir / f"{name}.onnx")
+        res = optimize(src, method, opts, build_dir / f"{name}{ext}", target=target)
         rep = compare(res.files[-1], base.files[-1], warmup=warmup, reps=reps, new_tokens=new_tokens,
                       kv_budget_gb=kv_budget_gb, selector_reps=3)
         rep["label"] = label(method, opts)
@@ -48,7 +52,7 @@ def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv
         g = rep["generation"]
         logging.info("%s: TTFT %.2fx, TPOT %.2fx, e2e %.2fx, KV %.3f", rep["label"], rep["speedup_p50"],
                      g["decode_speedup_p50"], g["end_to_end_speedup_p50"], g["kv_ratio"])
-    return {"model": model, "new_tokens": new_tokens, "runs": rows}
+    return {"model": model, "new_tokens": new_tokens, "backend": target.backend, "dtype": dtype, "runs": rows}
 
 
 def kv_7b(new_tokens: int, budget_gb: float) -> dict:
@@ -76,7 +80,8 @@ def kv_7b(new_tokens: int, budget_gb: float) -> dict:
 
 def markdown(out: dict) -> str:
     lines = [f"model `{out['model']}`, {out['runs'][0]['prompt_tokens']}-token prompt, {out['new_tokens']} new tokens, "
-             f"{out['runs'][0]['environment']['threads']} threads, {out['runs'][0]['environment']['backend']}", "",
+             f"{out['runs'][0]['environment']['threads']} threads, {out['runs'][0]['environment']['backend']}, "
+             f"{out.get('dtype', 'float32')}", "",
              "| method | TTFT p50 ms (base / reduced) | TTFT speedup | FLOPs-ideal | TPOT p50 ms (base / reduced) "
              "| TPOT speedup | end to end ms (base / reduced) | e2e speedup | KV after prefill MB (base / reduced) "
              "| KV ratio |",
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--kv-budget-gb", type=float, default=40.0)
     ap.add_argument("--build-dir", default="build/bench-gen")
     ap.add_argument("--kv-7b", action="store_true", help="only the 7B KV-bytes table (from shapes)")
+    ap.add_argument("--ext", default=".onnx", choices=[".onnx", ".xml", ".pt2"], help="engine type (backend)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -111,9 +118,10 @@ def main() -> None:
         out = kv_7b(args.new_tokens, args.kv_budget_gb)
         path = Path(args.out or "benchmarks/results/generation-kv-7b.json")
     else:
-        out = run(args.model, args.new_tokens, args.reps, args.warmup, Path(args.build_dir) / Path(args.model).name,
-                  args.kv_budget_gb)
-        path = Path(args.out or f"benchmarks/results/generation-{Path(args.model).name}.json")
+        tag = "" if (args.ext, args.dtype) == (".onnx", "float32") else f"-{args.ext[1:]}-{args.dtype}"
+        out = run(args.model, args.new_tokens, args.reps, args.warmup,
+                  Path(args.build_dir) / (Path(args.model).name + tag), args.kv_budget_gb, args.ext, args.dtype)
+        path = Path(args.out or f"benchmarks/results/generation-{Path(args.model).name}{tag}.json")
         print(markdown(out))
     out["total_s"] = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ Builds every engine with `vtrcompile.optimize`, measures each against the same b
 profile protocol (interleaved runs, warm-up discarded), and writes a JSON file plus a markdown table.
 Suites: `core` (FastV and G-Prune budgets), `methods` (every method at its defaults and at 64 and 144
 final image tokens), `selector` (DivPrune next to Random and G-Prune at the same counts), `families` (the
-methods every family supports, at their defaults and at 64 final image tokens, e.g. on internvl-geometry).
+methods every family supports, at their defaults and at 64 final image tokens, e.g. on internvl-geometry),
+`deepstack` (Qwen3-VL: FastV at layer 3, PyramidDrop, VTW; sites after the DeepStack layers).
 Usage: python benchmarks/prefill.py --suite methods --reps 10
 """
 
@@ -49,6 +50,10 @@ SUITES = {
     "families": [
         ("fastv", {}), ("gprune", {}), ("pyramiddrop", {}), ("divprune", {}),
         ("fastv", {"keep": 64}), ("gprune", {"keep": 64}), ("divprune", {"keep": 64}),
+    ],
+    # Qwen3-VL: sites only after the DeepStack layers (k = 3 on the preset and on the released models).
+    "deepstack": [
+        ("fastv", {"layer": 3}), ("fastv", {"layer": 3, "keep": 64}), ("pyramiddrop", {}), ("vtw", {"layer": 6}),
     ],
 }
 

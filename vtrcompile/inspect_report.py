@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from .passes.facts import GraphFacts
+from .passes.find_decoder_layers import inputs_written_between_layers
 from .passes.find_sequence_side_tensors import rotary_origin
 from .passes.provenance import val
 
@@ -54,6 +55,7 @@ def facts_report(gm: fx.GraphModule, f: GraphFacts, prompt_range: tuple[int, int
         "sequence": {"symbol": str(f.seq_symbol), "range": list(prompt_range) if prompt_range else None,
                      "side_tensors": side},
         "decoder_layers": layers,
+        "written_between_layers": [lay.index for lay in inputs_written_between_layers(f.layers)],
     }
 
 
@@ -68,8 +70,12 @@ def format_facts(r: dict[str, Any]) -> str:
         f"image tokens, batch {b['batch']}, hidden {b['hidden_size']}",
         f"prompt length  symbol {s['symbol']}" + (f", range {s['range'][0]}..{s['range'][1]}" if s["range"] else ""),
         "side tensors   " + "; ".join(f"{t['role']} {t['node']} {t['shape']}" for t in s["side_tensors"]),
-        "",
     ]
+    late = r.get("written_between_layers") or []
+    if late:
+        lines.append(f"sites          layer >= {late[-1]} only: the inputs of layers {', '.join(map(str, late))} are "
+                     "written between decoder layers (e.g. DeepStack features at the image positions)")
+    lines.append("")
     cols = ["layer", "attention", "q", "k", "mask", "scale", "residual_input"]
     rows = [cols] + [[str(lay[c]) for c in cols] for lay in r["decoder_layers"]]
     w = [max(len(row[i]) for row in rows) for i in range(len(cols))]

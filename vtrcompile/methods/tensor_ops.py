@@ -137,6 +137,18 @@ def write_image_block(reduced: torch.Tensor, image_start: torch.Tensor, rows: to
     return torch.where(inside[..., None], picked, reduced)
 
 
+def image_block_rows(x: torch.Tensor, image_start: torch.Tensor, n_image: int) -> torch.Tensor:
+    """x [B, S, D], image_start [B] -> [B*N, D]: `x[input_ids == image_token_id]` for a contiguous block."""
+    return take_image_block(x, image_start, n_image).reshape(-1, x.shape[-1])
+
+
+def put_image_block_rows(x: torch.Tensor, image_start: torch.Tensor, rows: torch.Tensor, n_image: int
+                         ) -> torch.Tensor:
+    """x [B, S, D], rows [B*N, D] -> x with its image block replaced: `x[input_ids == image_token_id] = rows`
+    for a contiguous block, out of place."""
+    return write_image_block(x, image_start, rows.reshape(x.shape[0], n_image, x.shape[-1]))
+
+
 def block_order(rows: torch.Tensor) -> torch.Tensor:
     """rows [B, k, D] -> [B, k] = 0..k-1: 'kept' indices for a block whose rows are all new."""
     return torch.arange(rows.shape[1], device=rows.device)[None, :].expand(rows.shape[0], -1)

@@ -147,6 +147,11 @@ class Family:
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
         return feats.reshape(batch, -1, feats.shape[-1])
 
+    def layer_additions(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
+        """{LLM layer l: [batch, N, D]}: what the model adds to the image rows of the hidden states after layer
+        l (Qwen3-VL's DeepStack); empty for most families."""
+        return {}
+
     # --- what an engine records so it runs without the model directory ---------------------------------
     def processor_facts(self, config, model_dir=None) -> dict[str, Any]:
         """Image preprocessing and the prompt layout `generate` uses (read from the model directory's
@@ -168,14 +173,14 @@ class Family:
 def families() -> list[Family]:
     from .internvl import INTERNVL
     from .llava import LLAVA
-    from .qwen_vl import QWEN2_5_VL, QWEN2_VL
+    from .qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 
-    return [LLAVA, INTERNVL, QWEN2_VL, QWEN2_5_VL]
+    return [LLAVA, INTERNVL, QWEN2_VL, QWEN2_5_VL, QWEN3_VL]
 
 
 # Vision-language families we recognise but do not compile yet (each needs its own module here first).
 LATER_FAMILIES = {
-    "llava_next", "llava_next_video", "llava_onevision", "qwen3_vl", "qwen3_vl_moe",
+    "llava_next", "llava_next_video", "llava_onevision", "qwen3_vl_moe",
     "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",
 }
 

@@ -109,6 +109,20 @@ PRESETS: dict[str, Preset] = {
             image_token_id=319, family="qwen2_5_vl", extra=QWEN_TINY_IDS | {"image_size": [224, 224]},
         ),
         Preset(
+            "qwen3vl-tiny",
+            "tests: Qwen3-VL, ViT 4x64 (patch 16, DeepStack features of vision layers 1 and 2 added after LLM "
+            "layers 0 and 1) on 128x128 images (8x8 patches, 16 image tokens), Qwen3 4x96 with GQA (4 q / 2 kv "
+            "heads), interleaved mRoPE",
+            vision=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=96,
+                        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                        deepstack_visual_indexes=[1, 2]),
+            text=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=24, vocab_size=320, max_position_embeddings=1024,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4],
+                                       "mrope_interleaved": True}),
+            image_token_id=319, family="qwen3_vl", extra=QWEN_TINY_IDS | {"image_size": [128, 128]},
+        ),
+        Preset(
             "qwen25vl-geometry",
             "Qwen2.5-VL geometry (448x448 image, patch 14, 2x2 merger: 256 image tokens; window attention, "
             "112 px windows), ViT 8x256, Qwen2 12x768 (12 q / 2 kv heads, mRoPE), widths cut for a 2-core CPU",
@@ -120,6 +134,21 @@ PRESETS: dict[str, Preset] = {
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                        "mrope_section": [8, 12, 12]}),
             image_token_id=32000, family="qwen2_5_vl",
+            extra={"vision_start_token_id": 32001, "vision_end_token_id": 32002, "video_token_id": 32003,
+                   "image_size": [448, 448]},
+        ),
+        Preset(
+            "qwen3vl-geometry",
+            "Qwen3-VL geometry (448x448 image, patch 16, 2x2 merger: 196 image tokens; DeepStack features of "
+            "vision layers 1, 3, 5 added after LLM layers 0-2, as the released models' 3), ViT 8x256, Qwen3 12x768 "
+            "(12 q / 2 kv heads, interleaved mRoPE), widths cut for a 2-core CPU",
+            vision=dict(depth=8, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=768,
+                        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[1, 3, 5]),
+            text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=2, head_dim=64, vocab_size=32064, max_position_embeddings=4096,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                       "mrope_section": [12, 10, 10], "mrope_interleaved": True}),
+            image_token_id=32000, family="qwen3_vl",
             extra={"vision_start_token_id": 32001, "vision_end_token_id": 32002, "video_token_id": 32003,
                    "image_size": [448, 448]},
         ),

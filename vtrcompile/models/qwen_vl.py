@@ -1,6 +1,10 @@
-"""The Qwen-VL family (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration): a ViT with 2-D
-rotary positions and no CLS token (window attention on Qwen2.5), a 2x2 patch merger as the projector, a Qwen2
-LLM with 3-axis rotary positions (mRoPE).
+"""The Qwen-VL family (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+Qwen3VLForConditionalGeneration): a ViT with 2-D rotary positions and no CLS token (window attention on
+Qwen2.5, patch 16 and learned position embeddings on Qwen3), a 2x2 patch merger as the projector, a Qwen2 /
+Qwen3 LLM with 3-axis rotary positions (mRoPE; interleaved on Qwen3). Qwen3-VL's DeepStack adds features of
+chosen vision layers to the hidden states after the first k LLM layers at the image positions, so a
+reduction may only sit at a layer >= k (passes/insert_token_reduction.py refuses earlier sites, found from
+the graph).
 
 An engine is built for one image size (`--image-size HxW`, default 448x448; sides multiples of 28 px, of the
 attention window, 112 px, on Qwen2.5): the vision tower's helper tensors for that grid (attention segments,
@@ -187,5 +191,25 @@ class Qwen25VLFamily(QwenVLFamily):
         return int(config.vision_config.window_size)
 
 
+class Qwen3VLFamily(QwenVLFamily):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    architecture = "Qwen3VLForConditionalGeneration"
+    config_class_name = "Qwen3VLConfig"
+    image_mean, image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Qwen3-VL's processor
+
+    def layer_additions(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
+        """DeepStack: the merged features of vision layers deepstack_visual_indexes[i], added after LLM layer i."""
+        grid = torch.tensor([list(self.patch_grid(model.config))] * batch)
+        out = model.model.get_image_features(pixel_values=pixel_values.to(model.model.visual.dtype),
+                                             image_grid_thw=grid, return_dict=True)
+        adds = {}
+        for i, feats in enumerate(out.deepstack_features):
+            f = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+            adds[i] = f.reshape(batch, -1, f.shape[-1])
+        return adds
+
+
 QWEN2_VL = QwenVLFamily()
 QWEN2_5_VL = Qwen25VLFamily()
+QWEN3_VL = Qwen3VLFamily()

@@ -104,3 +104,10 @@ def find_decoder_layers(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
             residual_input=res, k_proj=k_lin, nodes=nodes))
     log.debug("found %d decoder layers", len(layers))
     return PassResult(gm, False, facts=layers)
+
+
+def inputs_written_between_layers(layers: list[DecoderLayer]) -> list[DecoderLayer]:
+    """The layers whose residual input is not the previous layer's output: something between the two writes
+    into the stream (Qwen3-VL's DeepStack adds vision features at the image positions). A reduction must sit
+    at or after the last of them."""
+    return [lay for prev, lay in zip(layers, layers[1:], strict=False) if lay.residual_input not in prev.nodes]

@@ -33,6 +33,7 @@ from ..methods.tensor_ops import (
 from .analysis import analyze
 from .base import PassResult, finish_transform
 from .facts import DecoderLayer
+from .find_decoder_layers import inputs_written_between_layers
 from .find_final_norm import final_norm_module
 from .find_vision_taps import VisionTaps, find_vision_taps, projector_module
 from .graph_utils import refresh_meta, stable_topological_sort, tag_provenance
@@ -91,12 +92,27 @@ def _size_expr(node: fx.Node, dim: int):
     return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s)
 
 
+def _check_later_inputs(layers: list[DecoderLayer], red: Reduction) -> None:
+    """Refuse a site before a layer whose input is written outside the decoder layers (an op between layer
+    j-1 and layer j, e.g. Qwen3-VL's DeepStack adding vision features at the image positions): that write
+    indexes the full-length sequence, so the reduction must come after it."""
+    late = [lay for lay in inputs_written_between_layers(layers) if lay.index > red.layer]
+    if late:
+        last = late[-1]
+        where = "the projector" if red.site != "llm" else f"layer {red.layer}"
+        raise VtrError(f"{red.method}: the input of {last.module} is written between decoder layers "
+                       f"({last.residual_input.target}, e.g. DeepStack vision features added at the image "
+                       f"positions), so a reduction at {where} cannot come before it; use an llm@ method at layer "
+                       f">= {last.index} (fastv: --layer {last.index} or later)")
+
+
 def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     """Needs: strip_runtime_asserts (a graph the analysis passes understand). Re-runs the analysis."""
     facts = analyze(gm)
     if not 0 <= red.layer < len(facts.layers):
         raise VtrError(f"{red.method}: layer {red.layer} is outside the LLM's {len(facts.layers)} layers")
     layer = facts.layers[red.layer]
+    _check_later_inputs(facts.layers, red)
     h = layer.residual_input
     dropped = sympy.simplify(facts.seq_symbol - _size_expr(h, 1))
     if not dropped.is_Integer:

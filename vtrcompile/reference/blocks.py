@@ -20,6 +20,19 @@ def image_features(model, pixel_values: torch.Tensor, batch: int = 1) -> torch.T
     return family_of(model).image_features(model, pixel_values, batch)
 
 
+def layer_additions(model, pixel_values: torch.Tensor, batch: int = 1) -> dict[int, torch.Tensor]:
+    """{layer l: [batch, N, D]} added to the image rows after decoder layer l (Qwen3-VL's DeepStack)."""
+    return family_of(model).layer_additions(model, pixel_values, batch)
+
+
+def add_to_image_rows(hidden: torch.Tensor, start: int, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S', D] + rows [B, N, D] on its image block; the block must still hold all N rows."""
+    assert rows.shape[1] == n, "an addition to the image rows after a reduction (the engines refuse such a site)"
+    out = hidden.clone()
+    out[:, start:start + n] = out[:, start:start + n] + rows.to(hidden.dtype)
+    return out
+
+
 def embed_prompt(model, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     """Text embeddings with the image placeholders overwritten, in order, by feats [B, N, D]."""
     embeds = model.model.get_input_embeddings()(input_ids).clone()
@@ -90,6 +103,8 @@ def roped_qk(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor
     x = block.input_layernorm(hidden)
     q = att.q_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
     k = att.k_proj(x).view(b, s, -1, att.head_dim).transpose(1, 2)
+    if getattr(att, "q_norm", None) is not None:  # per-head RMSNorm of q and k before RoPE (Qwen3)
+        q, k = att.q_norm(q), att.k_norm(k)
     cos, sin = lm.rotary_emb(hidden, batched(positions, b))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, repeat_kv(k, att.num_key_value_groups)
@@ -118,7 +133,12 @@ def full_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> t
     feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
     pos = prompt_positions(model, input_ids)
-    return next_token_logits(model, run_layers(model, h, pos, range(len(language_model(model).layers))))
+    adds, start, n = layer_additions(model, pixel_values, input_ids.shape[0]), image_start(model, input_ids), feats.shape[1]
+    for layer in range(len(language_model(model).layers)):
+        h = run_layers(model, h, pos, range(layer, layer + 1))
+        if layer in adds:
+            h = add_to_image_rows(h, start, n, adds[layer])
+    return next_token_logits(model, h)
 
 
 def attention_probs(model, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

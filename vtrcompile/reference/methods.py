@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from .blocks import (
+    add_to_image_rows,
     attention_probs,
     embed_prompt,
     image_features,
     image_start,
     language_model,
     last_row_attention,
+    layer_additions,
     next_token_logits,
     pre_rope_keys,
     prompt_positions,
@@ -92,12 +94,15 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     pos = prompt_positions(model, input_ids)
     if first is not None:
         h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
+    adds = layer_additions(model, pixel_values, input_ids.shape[0])
     h_prev = h
     for layer in range(n_layers):
         if layer in sites:
             h, pos, n = reduce(layer, h_prev, h, pos, start, n)
         h_prev = h
         h = run_layers(model, h, pos, range(layer, layer + 1))
+        if layer in adds:
+            h = add_to_image_rows(h, start, n, adds[layer])
     return next_token_logits(model, h)
 
 

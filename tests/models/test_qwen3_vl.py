@@ -1,0 +1,143 @@
+"""The Qwen3-VL family (qwen3vl-tiny, built from Qwen3VLConfig): patch 16, interleaved mRoPE from the host, and
+DeepStack (vision-layer features added to the image rows after LLM layers 0 and 1). Engines against the Hugging
+Face model and HF generate; the methods the graph allows (sites at layer >= 2) against their eager references
+with the DeepStack additions; earlier sites refused with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REFERENCE_ATOL, max_diff
+from tests.models.test_qwen_vl import _hf_inputs  # what Qwen's processor returns
+from vtrcompile import load_engine
+from vtrcompile.build import build
+from vtrcompile.errors import UnsupportedModelError, VtrError
+from vtrcompile.models.family import family_of
+from vtrcompile.models.loading import example_prompt, load_model
+from vtrcompile.models.mrope import mrope_positions
+from vtrcompile.reference.baselines import dart_site
+from vtrcompile.reference.blocks import full_logits
+from vtrcompile.reference.generation import generate_reference
+from vtrcompile.reference.methods import fastv_reference, run_stages, vtw_reference
+
+CASES = ((5, 8), (1, 1), (20, 3))
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return load_model("qwen3vl-tiny")
+
+
+def _prompts(src):
+    return [example_prompt(src.hf_model.config, pre, suf, seed=30 + i)[:2] for i, (pre, suf) in enumerate(CASES)]
+
+
+def test_geometry_and_host_positions(qwen3):
+    m = qwen3.hf_model
+    fam = family_of(m)
+    assert fam.name == "qwen3_vl" and fam.image_token_count(m.config) == 16  # 128 px / 16 = 8x8 patches, 2x2 merge
+    for ids, px in _prompts(qwen3):
+        inp = _hf_inputs(qwen3, ids, px)
+        want, _ = m.model.get_rope_index(ids, inp["mm_token_type_ids"], image_grid_thw=inp["image_grid_thw"])
+        assert np.array_equal(mrope_positions(ids.numpy(), m.config.image_token_id, fam.merged_grid(m.config)),
+                              want.numpy())
+    other = load_model("qwen3vl-tiny", image_size=(96, 128)).hf_model.config
+    assert fam.image_token_count(other) == 3 * 4
+    with pytest.raises(UnsupportedModelError, match="multiples of 32 px"):
+        load_model("qwen3vl-tiny", image_size=(112, 112))
+
+
+def test_unmodified_graph_and_the_reference_loop_equal_hf(qwen3):
+    """The DeepStack writes survive the rewrite (as fixed-size gathers), and the references add them too."""
+    base = build(qwen3, "none", {}, 256)
+    n = family_of(qwen3.hf_model).image_token_count(qwen3.hf_model.config)
+    keep_all = build(qwen3, "fastv", {"layer": 2, "keep": n}, 256)
+    for ids, px in _prompts(qwen3):
+        with torch.no_grad():
+            hf = qwen3.hf_model(**_hf_inputs(qwen3, ids, px)).logits[:, -1].float()
+            assert max_diff(base.logits(ids, px), hf) <= REFERENCE_ATOL
+            assert max_diff(keep_all.logits(ids, px), hf) <= REFERENCE_ATOL
+            assert max_diff(full_logits(qwen3.hf_model, ids, px), hf) <= REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("method,opts,reference", [
+    ("fastv", {"layer": 2, "keep": 10}, lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
+    ("vtw", {"layer": 3}, lambda m, i, p: vtw_reference(m, i, p, 3)),
+    ("dart", {"layer": 2, "keep": 10, "image_pivots": 2, "text_pivots": 2},
+     lambda m, i, p: run_stages(m, i, p, sites={2: dart_site(m, 2, 2, keep=10)})),
+])
+def test_methods_after_the_deepstack_layers_equal_their_references(qwen3, method, opts, reference):
+    b = build(qwen3, method, opts, 256)
+    for ids, px in _prompts(qwen3):
+        with torch.no_grad():
+            got = b.logits(ids, px)
+            assert max_diff(got, reference(qwen3.hf_model, ids, px)) <= REFERENCE_ATOL
+            assert max_diff(got, qwen3.module(*qwen3.inputs(ids, px))) > 10 * REFERENCE_ATOL  # it reduced
+
+
+@pytest.mark.parametrize("method,opts,where", [
+    ("gprune", {"keep": 8}, "at the projector"),
+    ("divprune", {"keep": 8}, "at the projector"),
+    ("fastv", {"layer": 1, "keep": 8}, "at layer 1"),
+    ("pyramiddrop", {}, "at layer 1"),
+])
+def test_sites_before_a_deepstack_write_are_refused(qwen3, method, opts, where):
+    with pytest.raises(VtrError, match=f"layers.2 is written between decoder layers .*{where}.*layer >= 2"):
+        build(qwen3, method, opts, 256)
+
+
+def test_inspect_names_the_earliest_site():
+    from click.testing import CliRunner
+
+    from vtrcompile.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", "qwen3vl-tiny"])
+    assert res.exit_code == 0, res.output
+    assert "layer >= 2 only: the inputs of layers 1, 2 are written between decoder layers" in res.output
+    res = CliRunner().invoke(main, ["inspect", "qwen3vl-tiny", "--json"])
+    assert json.loads(res.output[res.output.index("{"):])["written_between_layers"] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def qwen3_engines(qwen3, tmp_path_factory):
+    from vtrcompile.optimize import optimize
+
+    folder = tmp_path_factory.mktemp("qwen3")
+    return {name: optimize(qwen3, method, opts, folder / f"{name}.onnx", max_prompt=256)
+            for name, (method, opts) in {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10})}.items()}
+
+
+def test_engine_pair_generates_like_hf_and_the_reduced_one_like_the_reference(qwen3, qwen3_engines):
+    m = qwen3.hf_model
+    base = load_engine(qwen3_engines["none"].files[-1], threads=1)
+    # No data-dependent op (the DeepStack writes are gathers; the static ScatterND of interleaved mRoPE stays).
+    assert not any(n.op_type == "NonZero" for n in _onnx_nodes(qwen3_engines["none"].files[-1]))
+    assert qwen3_engines["none"].findings == [] and qwen3_engines["fastv"].findings == []  # TensorRT preflight
+    for ids, px in _prompts(qwen3)[:2]:
+        inputs = _hf_inputs(qwen3, ids, px)
+        with torch.no_grad():
+            hf = m.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, eos_token_id=None, min_new_tokens=STEPS)
+        out = base.generate(**inputs, max_new_tokens=STEPS, eos_token_id=[])
+        assert out.tokens[0].tolist() == hf.sequences[0, ids.shape[1]:].tolist()
+        for t in range(STEPS):
+            assert float(np.abs(out.logits[0, t] - hf.logits[t][0].numpy()).max()) <= REFERENCE_ATOL
+    fastv = load_engine(qwen3_engines["fastv"].files[-1], threads=1)
+    prefill = lambda mm, i, p: fastv_reference(mm, i, p, 2, 10)  # noqa: E731
+    for ids, px in _prompts(qwen3)[:2]:
+        tokens, logits, lengths = generate_reference(m, ids, px, prefill, "keep", STEPS)
+        out = fastv.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=STEPS, eos_token_id=[])
+        assert out.cache_lengths == lengths
+        assert out.tokens[0].tolist() == tokens.tolist()
+        assert float(np.abs(out.logits[0] - logits.numpy()).max()) <= REFERENCE_ATOL
+
+
+def _onnx_nodes(path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
