@@ -18,6 +18,13 @@ from torch import nn
 from ..errors import UnsupportedModelError
 
 
+def prompt_rows(feats, batch: int) -> torch.Tensor:
+    """Image rows as a model returns them ([B*N, D], [images, n, D] or a list of per-image [n_i, D]) ->
+    [batch, N, D]."""
+    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return feats.reshape(batch, -1, feats.shape[-1])
+
+
 class Family:
     """A vision-language family whose model is `<Arch>ForConditionalGeneration` with `.model.language_model`
     (a Hugging Face decoder: Llama / Qwen2 / Mistral layers with 1-D RoPE) and one merge of N image rows."""
@@ -144,8 +151,7 @@ class Family:
         """-> [batch, N, D]: the projected image rows in the order the merge writes them."""
         out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         feats = out.pooler_output  # [B*N, D], [images, n, D] or a list of per-image [n_i, D]
-        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
-        return feats.reshape(batch, -1, feats.shape[-1])
+        return prompt_rows(feats, batch)
 
     def layer_additions(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
         """{LLM layer l: [batch, N, D]}: what the model adds to the image rows of the hidden states after layer

@@ -21,6 +21,7 @@ class Preset:
 
 # Qwen-VL's special tokens inside a tiny vocabulary (the image placeholder is the preset's image_token_id).
 QWEN_TINY_IDS = {"vision_start_token_id": 316, "vision_end_token_id": 317, "video_token_id": 318}
+QWEN_GEOMETRY_IDS = {"vision_start_token_id": 32001, "vision_end_token_id": 32002, "video_token_id": 32003}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -134,8 +135,7 @@ PRESETS: dict[str, Preset] = {
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                        "mrope_section": [8, 12, 12]}),
             image_token_id=32000, family="qwen2_5_vl",
-            extra={"vision_start_token_id": 32001, "vision_end_token_id": 32002, "video_token_id": 32003,
-                   "image_size": [448, 448]},
+            extra=QWEN_GEOMETRY_IDS | {"image_size": [448, 448]},
         ),
         Preset(
             "qwen3vl-geometry",
@@ -149,8 +149,7 @@ PRESETS: dict[str, Preset] = {
                       rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
                                        "mrope_section": [12, 10, 10], "mrope_interleaved": True}),
             image_token_id=32000, family="qwen3_vl",
-            extra={"vision_start_token_id": 32001, "vision_end_token_id": 32002, "video_token_id": 32003,
-                   "image_size": [448, 448]},
+            extra=QWEN_GEOMETRY_IDS | {"image_size": [448, 448]},
         ),
     ]
 }

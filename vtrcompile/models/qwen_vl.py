@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .family import Family
+from .family import Family, prompt_rows
 
 # OpenAI CLIP's normalisation (Qwen2-VL's image processor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -170,14 +170,15 @@ class QwenVLFamily(Family):
                 "merge_size": int(vc.spatial_merge_size), "temporal_patch_size": int(vc.temporal_patch_size)}
 
     # --- the model's parts ---------------------------------------------------------------------------
-    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
+    def vision_output(self, model: nn.Module, pixel_values: torch.Tensor, batch: int):
+        """The model's get_image_features for `batch` images of the engine's grid."""
         grid = torch.tensor([list(self.patch_grid(model.config))] * batch)
         with contextlib.suppress(AttributeError):
             pixel_values = pixel_values.to(model.model.visual.dtype)
-        feats = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid, return_dict=True)
-        out = feats.pooler_output
-        out = torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
-        return out.reshape(batch, -1, out.shape[-1])
+        return model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid, return_dict=True)
+
+    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
+        return prompt_rows(self.vision_output(model, pixel_values, batch).pooler_output, batch)
 
 
 class Qwen25VLFamily(QwenVLFamily):
@@ -200,14 +201,8 @@ class Qwen3VLFamily(QwenVLFamily):
 
     def layer_additions(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
         """DeepStack: the merged features of vision layers deepstack_visual_indexes[i], added after LLM layer i."""
-        grid = torch.tensor([list(self.patch_grid(model.config))] * batch)
-        out = model.model.get_image_features(pixel_values=pixel_values.to(model.model.visual.dtype),
-                                             image_grid_thw=grid, return_dict=True)
-        adds = {}
-        for i, feats in enumerate(out.deepstack_features):
-            f = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
-            adds[i] = f.reshape(batch, -1, f.shape[-1])
-        return adds
+        feats = self.vision_output(model, pixel_values, batch).deepstack_features
+        return {i: prompt_rows(f, batch) for i, f in enumerate(feats)}
 
 
 QWEN2_VL = QwenVLFamily()
