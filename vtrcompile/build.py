@@ -20,7 +20,7 @@ from .passes.base import run_pipeline
 from .passes.facts import GraphFacts
 from .passes.find_decoder_layers import SDPA
 from .passes.fold_whole_splits import fold_whole_splits
-from .passes.insert_token_reduction import Reduction
+from .passes.insert_token_reduction import ImageLayout, Reduction
 from .passes.pipeline import build_pipeline
 from .passes.provenance import module_stack
 from .passes.strip_runtime_asserts import strip_runtime_asserts
@@ -100,6 +100,19 @@ def reexport(gm: fx.GraphModule, example_inputs, lo: int, hi: int) -> torch.expo
     return ep
 
 
+def image_layout(source: ModelSource, n_image: int) -> ImageLayout | None:
+    """The model's non-patch image rows (its family's image_layout), checked against the graph's N."""
+    family = source.family
+    cfg = source.hf_model.config if source.hf_model is not None else None
+    facts = family.image_layout(cfg) if family is not None else None
+    if not facts:
+        return None
+    if facts["protected"] and max(facts["protected"]) >= n_image or sum(facts["segments"]) + len(
+            facts["protected"]) != n_image:
+        raise VtrError(f"internal: the {family.name} image layout does not describe the graph's {n_image} image rows")
+    return ImageLayout(tuple(facts["protected"]), tuple(facts["segments"]), facts["why"])
+
+
 def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt: int = 2048) -> Build:
     t0 = time.perf_counter()
     ep = capture(source, max_prompt)
@@ -108,7 +121,17 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
     strip_runtime_asserts(gm)
     fold_whole_splits(gm)
     facts = analyze(gm)
-    reductions = resolve(method, options, facts.boundary.n_image, len(facts.layers))
+    layout = image_layout(source, facts.boundary.n_image)
+    n_patches = facts.boundary.n_image - (len(layout.protected) if layout else 0)
+    reductions = resolve(method, options, n_patches, len(facts.layers), layout.segments if layout else None)
+    if layout is not None:
+        family = source.family
+        for r in reductions:
+            why = family.method_refusals.get(r.method) or (family.vision_site_refusal if r.site == "vision" else None)
+            if why:
+                raise VtrError(f"{r.method}: {why}")
+            r.layout = layout
+            r.recorded["protected_rows"] = len(layout.protected)
     host = source.host_inputs
     mrope = [i for i, h in enumerate(host.values()) if h["kind"] == "mrope"]
     if mrope:

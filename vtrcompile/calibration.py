@@ -44,7 +44,7 @@ def preprocess(path: Path, size, processing: dict | None = None) -> torch.Tensor
     std = processing.get("image_std", family.image_std)
     try:
         with Image.open(path) as im:
-            a = family.preprocess(im.convert("RGB"), size, int(processing.get("tiles", 1)))
+            a = family.preprocess(im.convert("RGB"), size, int(processing.get("tiles", 1)), processing)
     except (UnidentifiedImageError, OSError) as e:
         raise VtrError(f"{path}: not a readable image ({type(e).__name__})") from None
     a = (a - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)

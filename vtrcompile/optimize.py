@@ -129,7 +129,8 @@ def engine_metadata(b: Build, source: ModelSource, mid: str | None = None, targe
     return stamp(PREFILL, {
         "model": source.label, "model_id": mid, "io": prefill_io(b), "dtype": t.dtype, "backend": t.backend,
         "method": b.method, "options": b.options,
-        "reductions": [{"method": r.method, "site": r.site, "layer": r.layer, "count": r.count,
+        "reductions": [{"method": r.method, "site": r.site, "layer": r.layer,
+                        "count": r.count + r.recorded.get("protected_rows", 0),
                         "positions": r.positions, **r.recorded} for r in b.reductions],
         "image_token_id": f.boundary.image_token_id, "n_image": f.boundary.n_image, "batch": f.boundary.batch,
         "pixel_shape": list(px.shape[1:]), "pixel_rows": px.shape[0] // f.boundary.batch, "tiles": source.tiles,

@@ -54,6 +54,7 @@ def check_processor_extras(meta: dict[str, Any], feeds: dict[str, Any]) -> None:
     Both are removed from `feeds`."""
     grid = feeds.pop("image_grid_thw", None)
     types = feeds.pop("mm_token_type_ids", None)
+    check_image_sizes(meta, feeds)
     spec = next((h for h in (meta.get("host_inputs") or {}).values() if h["kind"] == "mrope"), None)
     if grid is not None:
         if spec is None:
@@ -73,3 +74,23 @@ def check_processor_extras(meta: dict[str, Any], feeds: dict[str, Any]) -> None:
         if t is None or not np.array_equal(t != 0, ids == meta["image_token_id"]):
             raise VtrError("mm_token_type_ids does not mark exactly the image tokens of input_ids; the engines take "
                            "one image per prompt and no video")
+
+
+def check_image_sizes(meta: dict[str, Any], feeds: dict[str, Any]) -> None:
+    """LLaVA-NeXT's processor returns `image_sizes` [B, 2] and pixel_values [B, tiles, 3, s, s]: the sizes must
+    be the engine's fixed one (removed from `feeds`), the pixels are flattened to [B * tiles, 3, s, s]."""
+    sizes = feeds.pop("image_sizes", None)
+    proc = meta.get("processor") or {}
+    if sizes is not None:
+        want = proc.get("image_size")
+        got = np.asarray(sizes).reshape(-1, 2).tolist() if np.asarray(sizes).size % 2 == 0 else None
+        if proc.get("family") != "llava_next" or not isinstance(want, list):
+            raise VtrError("the engine takes no image_sizes (its image geometry is fixed); drop it")
+        if got is None or any(g != want for g in got):
+            raise VtrError(f"image_sizes {np.asarray(sizes).tolist()}: this engine takes images of {want[0]}x{want[1]} "
+                           f"px; resize each image to that size before the processor (the engine's layout is fixed), "
+                           "or build an engine for the size (--image-size)")
+    px = feeds.get("pixel_values")
+    shape = meta.get("pixel_shape")
+    if px is not None and shape and np.ndim(px) == len(shape) + 2 and list(np.shape(px)[2:]) == list(shape):
+        feeds["pixel_values"] = np.asarray(px).reshape(-1, *shape)

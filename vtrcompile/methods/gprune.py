@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import VtrError
 from ..passes.insert_token_reduction import Reduction, SelectorInputs
 from .spec import KEEP, MethodSpec, Option, count_option
 from .tensor_ops import topk_ascending
@@ -39,15 +40,52 @@ def gprune_keep(image_features: torch.Tensor, batch: int, n_image: int, keep: in
     return topk_ascending(gprune_scores(feats), keep)
 
 
-def _gprune_selector(keep: int):
+def gprune_split_keep(image_features: torch.Tensor, batch: int, segments: list[int], keeps: list[int]
+                      ) -> torch.Tensor:
+    """G-Prune on each part of the image block separately (its LLaVA-NeXT code: one graph on the base image's
+    tokens, one on the hi-res grid's): image_features [B*N, D], parts of segments[i] rows keeping keeps[i]
+    -> kept [B, sum(keeps)] ascending."""
+    feats = image_features.reshape(batch, sum(segments), image_features.shape[-1])
+    out, offset = [], 0
+    for n_i, k_i in zip(segments, keeps):
+        if k_i:
+            out.append(topk_ascending(gprune_scores(feats[:, offset:offset + n_i]), k_i) + offset)
+        offset += n_i
+    return torch.cat(out, dim=1)
+
+
+def split_keeps(opts: dict, segments: list[int]) -> list[int]:
+    """Tokens kept per part: int(ratio * part) (G-Prune's LLaVA-NeXT code); a --keep K is split in proportion
+    to the parts (largest remainder)."""
+    n = sum(segments)
+    if opts.get("keep") is None:
+        return [int(opts["keep_ratio"] * n_i) for n_i in segments]
+    k = count_option(opts, n, "gprune", 0)
+    share = [k * n_i / n for n_i in segments]
+    keeps = [int(x) for x in share]
+    for i in sorted(range(len(share)), key=lambda i: keeps[i] - share[i])[:k - sum(keeps)]:
+        keeps[i] += 1
+    return keeps
+
+
+def _gprune_selector(keep: int, keeps: list[int] | None):
     def select(s: SelectorInputs):
+        if keeps is not None and s.segments is not None:
+            return gprune_split_keep, (s.image_features,), {"batch": s.batch, "segments": list(s.segments),
+                                                            "keeps": keeps}
         return gprune_keep, (s.image_features,), {"batch": s.batch, "n_image": s.n_image_full, "keep": keep}
     return select
 
 
 def plan_gprune(opts: dict, n: int, layers: int) -> list[Reduction]:
-    keep = count_option(opts, n, "gprune", int(opts["keep_ratio"] * n))
-    return [Reduction("gprune", 0, keep, "keep", _gprune_selector(keep), site="projector", options=dict(opts))]
+    segments = opts.get("image_segments")
+    keeps = split_keeps(opts, segments) if segments and len(segments) > 1 else None
+    if keeps is not None and not 1 <= sum(keeps) <= n:
+        raise VtrError(f"gprune: --keep-ratio {opts['keep_ratio']} keeps no token of the parts {segments}")
+    keep = sum(keeps) if keeps is not None else count_option(opts, n, "gprune", int(opts["keep_ratio"] * n))
+    recorded = {"segments": list(segments), "segment_keeps": keeps} if keeps is not None else {}
+    return [Reduction("gprune", 0, keep, "keep", _gprune_selector(keep, keeps), site="projector",
+                      options=dict(opts), recorded=recorded)]
 
 
 SPEC = MethodSpec(

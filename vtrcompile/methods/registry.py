@@ -110,16 +110,21 @@ def validate(method: str, given: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def resolve(method: str, given: dict[str, Any], n_image: int, n_layers: int) -> list[Reduction]:
-    """Options given by the user -> the method's reductions for a model with n_image tokens and n_layers.
-    Stacked: the first stage must reduce before the LLM (site vision or projector), the second inside it
-    (llm@K), planned for the image tokens the first leaves."""
+def resolve(method: str, given: dict[str, Any], n_image: int, n_layers: int,
+            segments: tuple[int, ...] | None = None) -> list[Reduction]:
+    """Options given by the user -> the method's reductions for a model with n_image tokens (patches: rows
+    every method keeps are not counted) and n_layers. Stacked: the first stage must reduce before the LLM
+    (site vision or projector), the second inside it (llm@K), planned for the image tokens the first leaves.
+    segments: patch counts of the image block's parts (LLaVA-NeXT's base and hi-res grids), given to the
+    first stage's planner as the option `image_segments`."""
     parts = stages(method, given)
     out: list[Reduction] = []
     for i, (m, g) in enumerate(parts):
         opts = validate(m, g)
         if opts.get("keep") == "auto":
             raise VtrError("--keep auto must be resolved from calibration images before planning")
+        if i == 0 and segments:
+            opts["image_segments"] = list(segments)
         plan = METHODS[m].plan(opts, out[-1].count if out else n_image, n_layers)
         if len(parts) > 1 and i == 0 and any(r.layer != 0 for r in plan):
             raise VtrError(f"--then: the first method must reduce before the LLM (site vision or projector); "

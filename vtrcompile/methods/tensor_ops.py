@@ -167,3 +167,60 @@ def suffix_attention_to_image(q: torch.Tensor, k: torch.Tensor, mask: torch.Tens
     w = rows.to(torch.float32)
     mean = (probs * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True)  # [B, S]
     return take_image_block(mean[..., None], image_start, n_image)[..., 0]
+
+
+# --- rows of the image block that every method keeps (LLaVA-NeXT's row ends), fixed-size -------------------
+def constant_rows(image_start: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """[B] -> [B, p] int64: the same image-relative rows for every prompt."""
+    r = torch.tensor(rows, dtype=torch.int64, device=image_start.device)
+    return r[None, :].expand(image_start.shape[0], -1)
+
+
+def rows_after_selection(rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """rows [B, p] (image-relative, all of them in kept), kept [B, k] ascending -> [B, p]: where each row sits
+    in the block that the selection leaves."""
+    return (kept[:, None, :] < rows[:, :, None]).sum(dim=-1)
+
+
+def patch_rows(rows: torch.Tensor, n_image: int) -> torch.Tensor:
+    """rows [B, p] -> [B, n - p] int64: the other image-relative rows of an n-row block, ascending."""
+    pos = torch.arange(n_image, device=rows.device)
+    protected = (pos[None, :, None] == rows[:, None, :]).any(dim=-1)  # [B, n]
+    key = pos[None, :] + protected.to(torch.int64) * n_image
+    return torch.sort(key, dim=-1).indices[:, :n_image - rows.shape[1]]
+
+
+def view_order(rows: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """The block order of a selector's view: the kept rows first (the selector sees them before its image
+    block, like text), then the patches. [B, p], [B, n-p] -> [B, n]."""
+    return torch.cat([rows, patches], dim=1)
+
+
+def shift_rows(image_start: torch.Tensor, p: int) -> torch.Tensor:
+    """image_start [B] -> [B]: the first patch row of the view."""
+    return image_start + p
+
+
+def patch_features(image_features: torch.Tensor, patches: torch.Tensor, batch: int, n_image: int) -> torch.Tensor:
+    """image_features [B*N, D], patches [B, N-p] -> [B*(N-p), D]: the projector rows of the patches only."""
+    f = image_features.reshape(batch, n_image, image_features.shape[-1])
+    return gather_dim(f, patches, 1).reshape(-1, image_features.shape[-1])
+
+
+def with_rows(kept: torch.Tensor, patches: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A selection among the patches (kept [B, k], patch-relative) -> block rows [B, k + p] ascending, the
+    protected rows included."""
+    return torch.sort(torch.cat([patches.gather(1, kept), rows], dim=1), dim=-1).values
+
+
+def with_rows_merged(kept: torch.Tensor, mix: torch.Tensor, patches: torch.Tensor, rows: torch.Tensor,
+                     n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A merge among the patches (kept [B, k], mix [B, k, n-p] over the patches) -> (kept [B, k+p] block rows
+    ascending, mix [B, k+p, n] over the block): each protected row stays itself."""
+    pos = torch.arange(n_image, device=kept.device)
+    onehot_patches = (patches[:, :, None] == pos[None, None, :]).to(mix.dtype)  # [B, n-p, n]
+    onehot_rows = (rows[:, :, None] == pos[None, None, :]).to(mix.dtype)  # [B, p, n]
+    full = torch.cat([patches.gather(1, kept), rows], dim=1)
+    mixes = torch.cat([torch.matmul(mix, onehot_patches), onehot_rows], dim=1)
+    order = torch.sort(full, dim=-1).indices
+    return full.gather(1, order), mixes.gather(1, order[..., None].expand(-1, -1, n_image))

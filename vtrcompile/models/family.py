@@ -48,6 +48,8 @@ class Family:
     # Why the vision-site methods (a CLS token and one LLM token per feature-layer patch) cannot run here,
     # or None when they can.
     vision_site_refusal: str | None = None
+    # Methods that cannot run on this family: name -> why (one line).
+    method_refusals: dict[str, str] = {}
 
     # --- loading -------------------------------------------------------------------------------------
     def model_class(self) -> type:
@@ -109,9 +111,9 @@ class Family:
             what = "one image per prompt" if self.max_tiles == 1 else f"1 to {self.max_tiles} tiles"
             raise UnsupportedModelError(f"--tiles {tiles}: the {self.name} family takes {what}")
 
-    def preprocess(self, image, size, tiles: int) -> np.ndarray:
+    def preprocess(self, image, size, tiles: int, processing: dict | None = None) -> np.ndarray:
         """A PIL RGB image -> float32 [tiles, H, W, 3] in [0, 1] (normalisation is the caller's); `size` is the
-        side, or [H, W]."""
+        side, or [H, W]; `processing`: the engine's processor facts."""
         raise NotImplementedError
 
     def pack_pixels(self, pixels: np.ndarray, processing: dict[str, Any]) -> np.ndarray:
@@ -153,6 +155,12 @@ class Family:
         feats = out.pooler_output  # [B*N, D], [images, n, D] or a list of per-image [n_i, D]
         return prompt_rows(feats, batch)
 
+    def image_layout(self, config) -> dict[str, Any] | None:
+        """Rows of the image block that are not patches, when there are any: {"protected": image-relative rows
+        every method keeps and never scores or merges, "segments": patch counts of the block's parts in order,
+        "why": what the protected rows are}; None for a block of patches only."""
+        return None
+
     def layer_additions(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
         """{LLM layer l: [batch, N, D]}: what the model adds to the image rows of the hidden states after layer
         l (Qwen3-VL's DeepStack); empty for most families."""
@@ -179,14 +187,15 @@ class Family:
 def families() -> list[Family]:
     from .internvl import INTERNVL
     from .llava import LLAVA
+    from .llava_next import LLAVA_NEXT
     from .qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 
-    return [LLAVA, INTERNVL, QWEN2_VL, QWEN2_5_VL, QWEN3_VL]
+    return [LLAVA, INTERNVL, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, LLAVA_NEXT]
 
 
 # Vision-language families we recognise but do not compile yet (each needs its own module here first).
 LATER_FAMILIES = {
-    "llava_next", "llava_next_video", "llava_onevision", "qwen3_vl_moe",
+    "llava_next_video", "llava_onevision", "qwen3_vl_moe",
     "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",
 }
 

@@ -38,7 +38,7 @@ class InternVLFamily(Family):
         cfg.image_seq_length = self.tokens_per_tile(cfg)  # what InternVL's processor expands <image> to
         return cfg
 
-    def preprocess(self, image, size: int, tiles: int) -> np.ndarray:
+    def preprocess(self, image, size: int, tiles: int, processing: dict | None = None) -> np.ndarray:
         """InternVL's processor for a fixed tile count: one tile is the image resized to size x size; T > 1
         tiles are a grid of T - 1 tiles (the grid closest to the image's aspect ratio, image resized onto it)
         followed by a thumbnail of the whole image."""

@@ -29,7 +29,7 @@ class LlavaFamily(Family):
         return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
                            image_token_id=image_token_id, **{**defaults, **extra})
 
-    def preprocess(self, image, size: int, tiles: int) -> np.ndarray:
+    def preprocess(self, image, size: int, tiles: int, processing: dict | None = None) -> np.ndarray:
         """LLaVA-1.5's processor: shorter side to `size` (bicubic), centre crop."""
         from PIL import Image
 

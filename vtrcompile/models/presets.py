@@ -151,6 +151,29 @@ PRESETS: dict[str, Preset] = {
             image_token_id=32000, family="qwen3_vl",
             extra=QWEN_GEOMETRY_IDS | {"image_size": [448, 448]},
         ),
+        Preset(
+            "llavanext-tiny",
+            "tests: LLaVA-NeXT, CLIP 2x32 on 28 px tiles (patch 7: 16 base tokens), 56x56 images = 2x2 hi-res "
+            "tiles (8x8 grid + 8 row ends): 88 image tokens, Llama 4x64 with GQA (4 q / 2 kv heads)",
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=28, patch_size=7, projection_dim=32),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024),
+            image_token_id=319, family="llava_next",
+            extra={"image_grid_pinpoints": [[56, 56], [28, 56], [56, 28]], "image_size": [56, 56]},
+        ),
+        Preset(
+            "llavanext-geometry",
+            "LLaVA-NeXT geometry (336 px tiles, patch 14; 672x672 images = 576 base + 48x48 hi-res + 48 row-end "
+            "tokens = 2928 image tokens), CLIP 6x256, Llama 12x512, widths cut for a 2-core CPU",
+            vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                        image_size=336, patch_size=14, projection_dim=256),
+            text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
+                      vocab_size=32064, max_position_embeddings=4096),
+            image_token_id=32000, family="llava_next",
+            extra={"image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                   "image_size": [672, 672]},
+        ),
     ]
 }
 

@@ -143,7 +143,7 @@ class QwenVLFamily(Family):
         return apply_patches("dynamo")
 
     # --- preprocessing -------------------------------------------------------------------------------
-    def preprocess(self, image, size, tiles: int) -> np.ndarray:
+    def preprocess(self, image, size, tiles: int, processing: dict | None = None) -> np.ndarray:
         """Qwen-VL's processor with the engine's size fixed: the image resized to H x W (bicubic), so an image of
         another aspect ratio is stretched to it."""
         from PIL import Image

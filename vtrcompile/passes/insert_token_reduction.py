@@ -8,6 +8,7 @@ a selector that reads the projected image features.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections.abc import Callable
@@ -22,12 +23,20 @@ from ..errors import VtrError
 from ..methods.tensor_ops import (
     apply_image_mix,
     block_order,
+    constant_rows,
     drop_block_index,
     first_image_row,
     gather_dim,
     gather_seq_dims,
+    patch_features,
+    patch_rows,
     renumbered_index,
+    rows_after_selection,
     sequence_index,
+    shift_rows,
+    view_order,
+    with_rows,
+    with_rows_merged,
     write_image_block,
 )
 from .analysis import analyze
@@ -56,6 +65,21 @@ class SelectorInputs:
     seq_len: fx.Node  # S_l
     vision: VisionTaps | None = None  # site `vision` only
     final_norm: fx.Node | None = None  # [B, S_l, D] `hidden` through the LLM's final norm (Reduction.needs)
+    # Patch counts of the image block's parts, in order, where the block has parts (ImageLayout.segments; only
+    # while the block is unreduced), else None.
+    segments: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Rows of the image block that are not patches (LLaVA-NeXT's row ends): every site keeps them and no
+    selector sees them as image tokens. A selector runs on a view of the sequence in which these rows sit just
+    before the image block (so the block holds patches only) with their attention mask and positions moved
+    along, which leaves every attention score as it was; its choice is mapped back and the rows added."""
+
+    protected: tuple[int, ...]  # image-relative rows of the unreduced block, ascending
+    segments: tuple[int, ...] = ()  # patch counts of the block's parts in order (e.g. base, hi-res)
+    why: str = "rows that are not patches"
 
 
 # A selector returns (function, args, kwargs) for one inserted call. Its result is kept [B, keep]:
@@ -78,6 +102,10 @@ class Reduction:
     options: dict[str, Any] = field(default_factory=dict)
     recorded: dict[str, Any] = field(default_factory=dict)  # constants the engine metadata must carry
     needs: tuple[str, ...] = ()  # optional selector inputs to build: "final_norm"
+    layout: ImageLayout | None = None  # the model's non-patch image rows, when it has any
+
+# gm.meta key: (rows [B, p] of the protected rows in the block a site left, that site's kept block rows).
+PROTECTED = "vtrcompile_protected_rows"
 
 
 def _ungathered(node: fx.Node) -> fx.Node:
@@ -119,8 +147,13 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
         raise VtrError(f"{layer.module}: the sequence length there ({_size_expr(h, 1)}) is not the prompt "
                        "length minus a constant; cannot place a reduction")
     n_here = facts.boundary.n_image - int(dropped)
-    if not (0 if red.selector is None else 1) <= red.count <= n_here:
-        raise VtrError(f"{red.method}: keep {red.count} is outside 1..{n_here}, the image tokens at {layer.module}")
+    n_protected = len(red.layout.protected) if red.layout else 0
+    if n_protected and red.site == "vision":
+        raise VtrError(f"{red.method}: a vision-site method rewrites the whole image block, and this model's "
+                       f"block holds {red.layout.why}; use a projector or llm@ method")
+    if not (0 if red.selector is None else 1) <= red.count <= n_here - n_protected:
+        raise VtrError(f"{red.method}: keep {red.count} is outside 1..{n_here - n_protected}, the image tokens at "
+                       f"{layer.module}")
 
     g = gm.graph
     new: list[fx.Node] = []
@@ -143,15 +176,18 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     inputs = SelectorInputs(start, facts.boundary.image_features, h,
                             facts.layers[red.layer - 1] if red.layer > 0 else None, n_here,
                             facts.boundary.n_image, facts.boundary.batch, seq)
+    rows = patches = None
+    if n_protected:
+        rows, patches, inputs = _protected_view(gm, red, facts, inputs, add)
     if "final_norm" in red.needs:
         name = f"vtrcompile_final_norm_{red.layer}"
         gm.add_submodule(name, final_norm_module(gm, facts))
         with g.inserting_after(cursor):
-            inputs.final_norm = g.call_module(name, (h,))
+            inputs.final_norm = g.call_module(name, (inputs.hidden,))
         tag_provenance(inputs.final_norm, h, f"{red.method}.selector")
         new.append(inputs.final_norm)
         cursor = inputs.final_norm
-    mix = rows = None
+    mix = block = None
     if red.site == "vision":
         if red.layer != 0 or n_here != facts.boundary.n_image:
             raise VtrError(f"{red.method}: a vision-site reduction must come first, at the projector input")
@@ -161,28 +197,37 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
         name = f"vtrcompile_projector_{red.method}"
         gm.add_submodule(name, projector_module(gm, facts))
         with g.inserting_after(cursor):
-            rows = g.call_module(name, (feats,))
-        tag_provenance(rows, h, f"{red.method}.selector")
-        new.append(rows)
-        cursor = rows
-        kept = add(block_order, (rows,), None, "selector")
-        idx = add(sequence_index, (start, kept, seq), {"n_image": n_here}, "selector")
+            block = g.call_module(name, (feats,))
+        tag_provenance(block, h, f"{red.method}.selector")
+        new.append(block)
+        cursor = block
+        kept = add(block_order, (block,), None, "selector")
     elif red.selector is None:
-        idx = add(drop_block_index, (start, seq, n_here), None, "selector")
+        kept = rows
     else:
         fn, args, kwargs = red.selector(inputs)
         kept = add(fn, args, kwargs, "selector")
         if red.merges:
             kept, mix = (add(operator.getitem, (kept, i), None, "selector") for i in (0, 1))
+        if rows is not None and mix is None:
+            kept = add(with_rows, (kept, patches, rows), None, "selector")
+        elif rows is not None:
+            both = add(with_rows_merged, (kept, mix, patches, rows, n_here), None, "selector")
+            kept, mix = (add(operator.getitem, (both, i), None, "selector") for i in (0, 1))
+    if kept is None:
+        idx = add(drop_block_index, (start, seq, n_here), None, "selector")
+    else:
         idx = add(sequence_index, (start, kept, seq), {"n_image": n_here}, "selector")
+    if rows is not None:
+        gm.meta[PROTECTED] = (rows, kept)
     # At the vision site every image row is new: gather the text rows from the plain embeddings, so
     # that the original projector and image merge become dead code and drop out of the engine.
-    source = facts.boundary.text_embeds if rows is not None else h
+    source = facts.boundary.text_embeds if block is not None else h
     h2 = add(gather_dim, (source, idx, 1), None, "gather")
     if mix is not None:
         h2 = add(apply_image_mix, (h2, h, start, mix, n_here), None, "selector")
-    if rows is not None:
-        h2 = add(write_image_block, (h2, start, rows), None, "gather")
+    if block is not None:
+        h2 = add(write_image_block, (h2, start, block), None, "gather")
     pos = idx if red.positions == "keep" else add(renumbered_index, (idx,), None, "gather")
     s2 = add(torch.ops.aten.sym_size.int, (h2, 1), None, "gather")
 
@@ -210,6 +255,51 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     stable_topological_sort(g)
     finish_transform(gm)
     refresh_meta(gm)
-    log.info("%s: layer %d keeps %d of %d image tokens", red.method, red.layer, red.count, n_here)
-    return PassResult(gm, True, facts={"layer": red.layer, "count": red.count, "n_image": n_here,
+    log.info("%s: layer %d keeps %d of %d image tokens%s", red.method, red.layer, red.count + n_protected, n_here,
+             f" ({n_protected} of them {red.layout.why}, kept)" if n_protected else "")
+    return PassResult(gm, True, facts={"layer": red.layer, "count": red.count + n_protected, "n_image": n_here,
                                         "inserted": len(new)})
+
+
+def _protected_view(gm: fx.GraphModule, red: Reduction, facts, inputs: SelectorInputs, add):
+    """The protected rows at this site ([B, p]: constants at the first site, else where the previous site left
+    them), the patch rows [B, n - p], and the selector's inputs on the view (ImageLayout)."""
+    lay, n_here, start = red.layout, inputs.n_image, inputs.image_start
+    p = len(lay.protected)
+    earlier = gm.meta.get(PROTECTED)
+    if earlier is None:
+        if n_here != facts.boundary.n_image:
+            raise VtrError(f"{red.method}: the image block was reduced before this site without keeping "
+                           f"{lay.why}; put every reduction through the same layout")
+        rows = add(constant_rows, (start, list(lay.protected)), None, "selector")
+    else:
+        rows = add(rows_after_selection, earlier, None, "selector")
+    patches = add(patch_rows, (rows, n_here), None, "selector")
+    order = add(view_order, (rows, patches), None, "selector")
+    seq_view = add(sequence_index, (start, order, inputs.seq_len), {"n_image": n_here}, "selector")
+    def moved(node: fx.Node, fn, *args) -> fx.Node:
+        out = add(fn, (node, seq_view, *args), None, "selector")
+        out.meta["val"] = val(node)  # a permutation of the sequence: same shape (selectors read shapes)
+        return out
+
+    prev = inputs.previous
+    if prev is not None:
+        changes = {"q": moved(prev.q, gather_dim, 2), "k": moved(prev.k, gather_dim, 2),
+                   "v": moved(prev.v, gather_dim, 2)}
+        if prev.mask is not None:
+            changes["mask"] = moved(prev.mask, gather_seq_dims, (2, 3))
+        if prev.k_proj is not None:
+            changes["k_proj"] = moved(prev.k_proj, gather_dim, 1)
+        prev = dataclasses.replace(prev, **changes)
+    n_full = facts.boundary.n_image
+    first = earlier is None
+    full_patches = patches if first else add(patch_rows, (add(constant_rows, (start, list(lay.protected)), None,
+                                                               "selector"), n_full), None, "selector")
+    feats = add(patch_features, (inputs.image_features, full_patches, inputs.batch, n_full), None, "selector")
+    f = val(inputs.image_features)
+    feats.meta["val"] = f.reshape(inputs.batch, n_full, f.shape[-1])[:, :n_full - p].reshape(-1, f.shape[-1])
+    view = dataclasses.replace(
+        inputs, image_start=add(shift_rows, (start, p), None, "selector"), image_features=feats,
+        hidden=moved(inputs.hidden, gather_dim, 1), previous=prev,
+        n_image=n_here - p, n_image_full=n_full - p, segments=tuple(lay.segments) if first and lay.segments else None)
+    return rows, patches, view

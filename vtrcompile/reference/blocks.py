@@ -128,6 +128,47 @@ def top_rows_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values
 
 
+# While a reference runs on a model whose image block holds rows that are not patches (LLaVA-NeXT's row
+# ends): a bool [n] over the current block, True where a row is one of those (kept by every method).
+PROTECTED: ContextVar = ContextVar("protected_rows", default=None)
+
+
+def protected_mask(model, n: int) -> torch.Tensor | None:
+    """The unreduced block's protected rows (the family's image layout) as a bool [n], or None."""
+    layout = family_of(model).image_layout(model.config)
+    if not layout or not layout["protected"]:
+        return None
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[layout["protected"]] = True
+    return mask
+
+
+def patches_present(n: int) -> int:
+    """Image tokens of the current n-row block that a method may select among."""
+    mask = PROTECTED.get()
+    return n if mask is None else n - int(mask.sum())
+
+
+def pick_rows(scores: torch.Tensor, keep: int, by=None) -> torch.Tensor:
+    """Block rows a method keeps: the top `keep` patches by score (or `by(patch_scores, keep)`), plus every
+    protected row, ascending; the next block's protected rows are recorded."""
+    choose = by or top_rows_ascending
+    mask = PROTECTED.get()
+    if mask is None:
+        return choose(scores, keep)
+    patches = (~mask).nonzero().flatten()
+    picked = patches[choose(scores[patches], keep)] if keep else patches[:0]
+    kept = torch.sort(torch.cat([picked, mask.nonzero().flatten()])).values
+    PROTECTED.set(mask[kept])
+    return kept
+
+
+def image_segments(model) -> list[int] | None:
+    """Patch counts of the image block's parts (LLaVA-NeXT: base grid, hi-res grid), or None."""
+    layout = family_of(model).image_layout(model.config)
+    return list(layout["segments"]) if layout else None
+
+
 def full_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
     """The unmodified model's next-token logits [B, vocab] via the same loop (a sanity anchor)."""
     feats = image_features(model, pixel_values, input_ids.shape[0])

@@ -11,11 +11,16 @@ from .blocks import (
     image_features,
     image_start,
     language_model,
+    PROTECTED,
+    image_segments,
     last_row_attention,
     layer_additions,
     next_token_logits,
+    patches_present,
+    pick_rows,
     pre_rope_keys,
     prompt_positions,
+    protected_mask,
     renumbered,
     run_layers,
     top_rows_ascending,
@@ -31,8 +36,9 @@ def fastv_site(model, keep: int):
     ascending, positions kept."""
     def reduce(layer, h_prev, h, pos, start, n):
         scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
-        rows = kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
-        return h[:, rows], pos[..., rows], keep
+        kept = pick_rows(scores, keep)
+        rows = kept_rows(h.shape[1], start, n, kept)
+        return h[:, rows], pos[..., rows], len(kept)
     return reduce
 
 
@@ -58,13 +64,26 @@ def gprune_reference_scores(f: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, keep: int) -> torch.Tensor:
-    """G-Prune at the projector: keep top-`keep` projected tokens by s, ascending, positions kept."""
+def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, keep: int,
+                     keeps: list[int] | None = None) -> torch.Tensor:
+    """G-Prune at the projector: keep top-`keep` projected tokens by s, ascending, positions kept. Where the
+    block has parts (LLaVA-NeXT: base and hi-res patches) and `keeps` is given, one graph per part, keeping
+    keeps[i] of part i; rows that are not patches are always kept."""
     n_layers = len(language_model(model).layers)
     feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
     s, n, start = h.shape[1], feats.shape[1], image_start(model, input_ids)
-    kept = top_rows_ascending(gprune_reference_scores(feats[0]), keep)
+    mask = protected_mask(model, n)
+    segments = image_segments(model) if keeps is not None else None
+    if mask is None:
+        kept = top_rows_ascending(gprune_reference_scores(feats[0]), keep)
+    else:
+        patches = (~mask).nonzero().flatten()
+        pf, picked, offset = feats[0][patches], [], 0
+        for n_i, k_i in zip(segments or [len(patches)], keeps or [keep]):
+            picked.append(offset + top_rows_ascending(gprune_reference_scores(pf[offset:offset + n_i]), k_i))
+            offset += n_i
+        kept = torch.sort(torch.cat([patches[torch.cat(picked)], mask.nonzero().flatten()])).values
     rows = kept_rows(s, start, n, kept)
     pos = prompt_positions(model, input_ids)[..., rows]
     return next_token_logits(model, run_layers(model, h[:, rows], pos, range(n_layers)))
@@ -73,9 +92,19 @@ def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
 def projector_stage_rows(first, feats: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, start: int
                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Apply a projector stage `first(feats [N, D]) -> (block [n, D], policy, kept)` to a prompt's embeddings:
-    -> (h with the image block replaced, positions under the stage's policy, n)."""
+    -> (h with the image block replaced, positions under the stage's policy, n). Where the block holds
+    protected rows (PROTECTED), the stage selects among the patches only and the protected rows stay."""
     n_full = feats.shape[0]
-    block, policy, kept = first(feats)
+    mask = PROTECTED.get()
+    if mask is None:
+        block, policy, kept = first(feats)
+    else:
+        patches = (~mask).nonzero().flatten()
+        part, policy, picked = first(feats[patches])
+        assert torch.equal(part, feats[patches][picked]), "a merging stage on a block with protected rows"
+        kept = torch.sort(torch.cat([patches[picked], mask.nonzero().flatten()])).values
+        block = feats[kept]
+        PROTECTED.set(mask[kept])
     rows = kept_rows(h.shape[1], start, n_full, kept)
     h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n_full:]], dim=1)
     pos = renumbered(pos, rows) if policy == "renumber" else pos[..., rows]
@@ -92,17 +121,21 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     h = embed_prompt(model, input_ids, feats)
     start, n = image_start(model, input_ids), feats.shape[1]
     pos = prompt_positions(model, input_ids)
-    if first is not None:
-        h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
     adds = layer_additions(model, pixel_values, input_ids.shape[0])
-    h_prev = h
-    for layer in range(n_layers):
-        if layer in sites:
-            h, pos, n = reduce(layer, h_prev, h, pos, start, n)
+    token = PROTECTED.set(protected_mask(model, n))
+    try:
+        if first is not None:
+            h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
         h_prev = h
-        h = run_layers(model, h, pos, range(layer, layer + 1))
-        if layer in adds:
-            h = add_to_image_rows(h, start, n, adds[layer])
+        for layer in range(n_layers):
+            if layer in sites:
+                h, pos, n = reduce(layer, h_prev, h, pos, start, n)
+            h_prev = h
+            h = run_layers(model, h, pos, range(layer, layer + 1))
+            if layer in adds:
+                h = add_to_image_rows(h, start, n, adds[layer])
+    finally:
+        PROTECTED.reset(token)
     return next_token_logits(model, h)
 
 
@@ -111,9 +144,9 @@ def pyramiddrop_sites(model, n_layers: int, keep_ratio: float = 0.5) -> dict:
     last-token attention; positions renumbered."""
     def reduce(layer, h_prev, h, pos, start, n):
         scores = last_row_attention(model, layer - 1, h_prev, pos)[0, start:start + n]
-        keep = int(keep_ratio * n)
-        rows = kept_rows(h.shape[1], start, n, top_rows_ascending(scores, keep))
-        return h[:, rows], renumbered(pos, rows), keep
+        kept = pick_rows(scores, int(keep_ratio * patches_present(n)))
+        rows = kept_rows(h.shape[1], start, n, kept)
+        return h[:, rows], renumbered(pos, rows), len(kept)
     return dict.fromkeys(sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0}), reduce)
 
 
@@ -129,8 +162,9 @@ def vtw_reference(model, input_ids, pixel_values, layer: int) -> torch.Tensor:
     """All image tokens withdrawn before layer K; the text keeps its positions."""
 
     def reduce(_, h_prev, h, pos, start, n):
-        rows = kept_rows(h.shape[1], start, n, torch.arange(0))
-        return h[:, rows], pos[..., rows], 0
+        kept = pick_rows(torch.zeros(n), 0)
+        rows = kept_rows(h.shape[1], start, n, kept)
+        return h[:, rows], pos[..., rows], len(kept)
 
     return _progressive(model, input_ids, pixel_values, {layer}, reduce)
 
@@ -143,12 +177,15 @@ def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, me
     sites = {round(2 * n_layers / 12), round(5 * n_layers / 12), round(8 * n_layers / 12)} - {0}
 
     def reduce(layer, h_prev, h, pos, start, n):
+        mask = PROTECTED.get()
+        rows_p = torch.arange(n) if mask is None else (~mask).nonzero().flatten()  # block rows of the patches
+        n_p = len(rows_p)
         probs = attention_probs(model, layer - 1, h_prev, pos)[0]  # [S, S]
-        scores = probs[start + n:, start:start + n].mean(dim=0)
-        n_prune = round(prune_ratio * n)
-        kept = top_rows_ascending(scores, n - n_prune).tolist()
-        n_merge = min(round(merge_ratio * n), len(kept) // 2)
-        keys = pre_rope_keys(model, layer - 1, h_prev)[0, start:start + n]
+        scores = probs[start + n:, start + rows_p].mean(dim=0)
+        n_prune = round(prune_ratio * n_p)
+        kept = top_rows_ascending(scores, n_p - n_prune).tolist()  # patch-relative
+        n_merge = min(round(merge_ratio * n_p), len(kept) // 2)
+        keys = pre_rope_keys(model, layer - 1, h_prev)[0, start + rows_p]
         keys = keys / keys.norm(dim=-1, keepdim=True)
         a, b = kept[0::2], kept[1::2]
         best = []
@@ -159,14 +196,18 @@ def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, me
         order = sorted(range(len(a)), key=lambda t: (-best[t][0], t))
         merged = {a[t]: best[t][1] for t in order[:n_merge]}
         block = h[0, start:start + n]
-        out_rows, out_pos = [], []
+        out = {}  # block row -> its new hidden state
         for tok in sorted(set(kept) - set(merged)):
             members = [tok] + [x for x, dst in merged.items() if dst == tok]
-            out_rows.append(torch.stack([block[m] for m in members]).mean(dim=0))
-            out_pos.append(pos[..., start + tok])
-        new_h = torch.cat([h[:, :start], torch.stack(out_rows)[None], h[:, start + n:]], dim=1)
+            out[int(rows_p[tok])] = torch.stack([block[rows_p[m]] for m in members]).mean(dim=0)
+        if mask is not None:
+            out.update({int(r): block[r] for r in mask.nonzero().flatten()})
+            PROTECTED.set(mask[sorted(out)])
+        order_rows = sorted(out)
+        new_h = torch.cat([h[:, :start], torch.stack([out[r] for r in order_rows])[None], h[:, start + n:]], dim=1)
+        out_pos = [pos[..., start + r] for r in order_rows]
         new_pos = torch.cat([pos[..., :start], torch.stack(out_pos, dim=-1), pos[..., start + n:]], dim=-1)
-        return new_h, new_pos, len(out_rows)
+        return new_h, new_pos, len(order_rows)
 
     return _progressive(model, input_ids, pixel_values, sites, reduce)
 

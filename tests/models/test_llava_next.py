@@ -1,0 +1,262 @@
+"""The LLaVA-NeXT family (llavanext-tiny preset, built from LlavaNextConfig): anyres geometry, engines against
+the Hugging Face model and its generate, methods against their eager references with the row-end
+(image_newline) tokens always kept, G-Prune's split budget, preprocessing against HF's processor, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REFERENCE_ATOL, max_diff
+from vtrcompile import load_engine
+from vtrcompile.build import build
+from vtrcompile.errors import UnsupportedModelError, VtrError
+from vtrcompile.methods import tensor_ops as ops
+from vtrcompile.models.family import family_of
+from vtrcompile.models.llava_next import LLAVA_NEXT
+from vtrcompile.models.loading import example_prompt, load_model
+from vtrcompile.reference.baselines import divprune_stage, random_stage
+from vtrcompile.reference.generation import generate_reference
+from vtrcompile.reference.methods import (
+    fastv_reference,
+    fastv_site,
+    gprune_reference,
+    pumer_reference,
+    pyramiddrop_reference,
+    run_stages,
+    vtw_reference,
+)
+
+CASES = ((5, 8), (1, 1), (20, 3))
+STEPS = 6
+N, ROW_ENDS, PATCHES = 88, 8, 80  # 16 base + 8x8 hi-res + 8 row ends
+SIZE = [56, 56]
+
+
+@pytest.fixture(scope="module")
+def nxt():
+    return load_model("llavanext-tiny")
+
+
+class _Engines(dict):
+    """ONNX engines of llavanext-tiny, built on first use into one folder (one decode engine)."""
+
+    RECIPES = {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10}), "pyramiddrop": ("pyramiddrop", {})}
+
+    def __init__(self, src, folder) -> None:
+        super().__init__()
+        self.src, self.folder = src, folder
+
+    def __missing__(self, name: str):
+        from vtrcompile.optimize import optimize
+
+        method, opts = self.RECIPES[name]
+        self[name] = optimize(self.src, method, opts, self.folder / f"{name}.onnx", max_prompt=256)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def nxt_engines(nxt, tmp_path_factory):
+    return _Engines(nxt, tmp_path_factory.mktemp("llava_next"))
+
+
+def _prompts(src):
+    return [example_prompt(src.hf_model.config, pre, suf, seed=30 + i) for i, (pre, suf) in enumerate(CASES)]
+
+
+def _hf_logits(m, ids, px):
+    with torch.no_grad():
+        return m(input_ids=ids, pixel_values=px.reshape(1, -1, *px.shape[1:]), image_sizes=[SIZE]).logits[:, -1].float()
+
+
+def test_geometry_and_layout_are_the_family_s(nxt):
+    cfg = nxt.hf_model.config
+    assert family_of(nxt.hf_model) is LLAVA_NEXT
+    ids, px = nxt.example_inputs
+    assert LLAVA_NEXT.image_token_count(cfg) == N and int((ids == cfg.image_token_id).sum()) == N
+    assert tuple(px.shape) == (5, 3, 28, 28)  # the base tile, then 2x2 hi-res tiles
+    layout = LLAVA_NEXT.image_layout(cfg)
+    assert layout["segments"] == [16, 64]
+    assert layout["protected"] == [16 + r * 9 + 8 for r in range(8)]  # after each row of the 8x8 grid
+    with torch.no_grad():  # the rows the layout names are the model's image_newline vector
+        feats = LLAVA_NEXT.image_features(nxt.hf_model, px, 1)[0]
+    newline = nxt.hf_model.model.image_newline
+    assert all(torch.equal(feats[r], newline) for r in layout["protected"])
+    assert not any(torch.equal(feats[r], newline) for r in range(N) if r not in layout["protected"])
+    from vtrcompile.models.presets import preset_config
+
+    assert LLAVA_NEXT.image_token_count(preset_config("llavanext-geometry")) == 576 + 48 * 48 + 48
+
+
+def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(nxt):
+    base = build(nxt, "none", {}, 256)
+    keep_all = [build(nxt, "gprune", {"keep": PATCHES}, 256), build(nxt, "fastv", {"keep": PATCHES}, 256)]
+    for ids, px in _prompts(nxt):
+        hf = _hf_logits(nxt.hf_model, ids, px)
+        assert max_diff(base.logits(ids, px), hf) <= REFERENCE_ATOL
+        for b in keep_all:
+            assert max_diff(b.logits(ids, px), hf) <= REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("method,opts,reference", [
+    ("fastv", {"layer": 2, "keep": 10}, lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
+    ("gprune", {}, lambda m, i, p: gprune_reference(m, i, p, 40, keeps=[8, 32])),  # int(0.5 * 16), int(0.5 * 64)
+    ("gprune", {"keep": 9}, lambda m, i, p: gprune_reference(m, i, p, 9, keeps=[2, 7])),  # 9 split 1.8 : 7.2
+    ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+    ("pumer", {}, lambda m, i, p: pumer_reference(m, i, p)),
+    ("vtw", {"layer": 2}, lambda m, i, p: vtw_reference(m, i, p, 2)),
+    ("divprune", {"keep": 20}, lambda m, i, p: run_stages(m, i, p, first=divprune_stage(20))),
+    ("random", {"keep": 20}, lambda m, i, p: run_stages(m, i, p, first=random_stage(PATCHES, keep=20))),
+    ("divprune", {"keep": 40, "then": "fastv keep=10"},
+     lambda m, i, p: run_stages(m, i, p, first=divprune_stage(40), sites={2: fastv_site(m, 10)})),
+], ids=["fastv", "gprune-split", "gprune-keep", "pyramiddrop", "pumer", "vtw", "divprune", "random", "stacked"])
+def test_methods_equal_their_eager_references(nxt, method, opts, reference):
+    b = build(nxt, method, opts, 256)
+    m = nxt.hf_model
+    for ids, px in _prompts(nxt):
+        with torch.no_grad():
+            got = b.logits(ids, px)
+            assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
+            assert max_diff(got, nxt.module(ids, px)) > 10 * REFERENCE_ATOL  # the reduction happened
+
+
+def test_the_row_ends_are_kept_and_never_chosen(nxt, monkeypatch):
+    """Token counts per layer: every site keeps its budget of patches plus the 8 row ends; and the reference
+    that treats the row ends as patches gives other logits (so the engines' protection is what matches)."""
+    ids, px = nxt.example_inputs
+    s = ids.shape[1]
+    text = s - N
+    assert build(nxt, "fastv", {"layer": 2, "keep": 10}, 256).llm_tokens(s) == [s, s, text + 18, text + 18]
+    assert build(nxt, "pyramiddrop", {}, 256).llm_tokens(s) == [s, text + 48, text + 28, text + 18]
+    assert build(nxt, "gprune", {}, 256).llm_tokens(s) == [text + 48] * 4
+    assert build(nxt, "vtw", {"layer": 3}, 256).llm_tokens(s) == [s, s, s, text + ROW_ENDS]
+    got = build(nxt, "fastv", {"layer": 2, "keep": 10}, 256).logits(ids, px)
+    monkeypatch.setattr(LLAVA_NEXT, "image_layout", lambda cfg: None)
+    assert max_diff(got, fastv_reference(nxt.hf_model, ids, px, 2, 10)) > 10 * REFERENCE_ATOL
+
+
+def test_protected_row_helpers_against_plain_python():
+    rng = np.random.default_rng(0)
+    start = torch.zeros(2, dtype=torch.int64)
+    rows = ops.constant_rows(start, [2, 5, 9])
+    patches = ops.patch_rows(rows, 12)
+    assert patches.tolist() == [[0, 1, 3, 4, 6, 7, 8, 10, 11]] * 2
+    kept = torch.tensor([[0, 4, 8], [1, 2, 3]])  # patch-relative
+    full = ops.with_rows(kept, patches, rows)
+    assert full.tolist() == [[0, 2, 5, 6, 9, 11], [1, 2, 3, 4, 5, 9]]
+    assert ops.rows_after_selection(rows, full).tolist() == [[1, 2, 4], [1, 4, 5]]
+    mix = torch.from_numpy(rng.random((2, 3, 9)).astype(np.float32))
+    kept_m, mix_m = ops.with_rows_merged(kept, mix, patches, rows, 12)
+    assert kept_m.tolist() == full.tolist()
+    for b in range(2):
+        for i, r in enumerate(kept_m[b].tolist()):
+            if r in (2, 5, 9):  # a protected row is itself
+                assert mix_m[b, i].tolist() == [1.0 if c == r else 0.0 for c in range(12)]
+            else:  # a kept patch carries its mix over the patches' columns
+                j = kept[b].tolist().index(patches[b].tolist().index(r))
+                want = np.zeros(12, dtype=np.float32)
+                want[patches[b].numpy()] = mix[b, j].numpy()
+                assert np.allclose(mix_m[b, i].numpy(), want)
+
+
+def test_the_view_is_inserted_only_where_the_block_has_protected_rows(nxt):
+    """Must not fire: a LLaVA-1.5 build has no protected-row nodes; a LLaVA-NeXT one has them."""
+    def helpers(b):
+        return {n.target.__name__ for n in b.graph_module.graph.nodes if n.op == "call_function"
+                and getattr(n.target, "__module__", "") == ops.__name__}
+    assert "constant_rows" in helpers(build(nxt, "fastv", {"keep": 10}, 256))
+    plain = helpers(build(load_model("tiny"), "fastv", {"keep": 10}, 256))
+    assert plain and not plain & {"constant_rows", "patch_rows", "with_rows", "rows_after_selection"}
+
+
+@pytest.mark.parametrize("method,opts,match", [
+    ("pool", {}, "pool reads the image block as one token grid"),
+    ("prumerge", {"keep": 4}, "appends row-end"),
+    ("prumerge-plus", {}, "appends row-end"),
+    ("visionzip", {"dominant": 6, "contextual": 2}, "appends row-end"),
+    ("gprune", {"keep": PATCHES + 1}, "outside 1..80"),
+])
+def test_refusals_name_the_reason(nxt, method, opts, match):
+    with pytest.raises(VtrError, match=match):
+        build(nxt, method, opts, 256)
+
+
+def test_image_size_must_be_a_pinpoint():
+    with pytest.raises(UnsupportedModelError, match=r"--image-size 42x42: .*pinpoints \(56x56, 28x56, 56x28\)"):
+        load_model("llavanext-tiny", image_size=(42, 42))
+    wide = load_model("llavanext-tiny", image_size=(28, 56))  # a 1x2 grid: 16 + 4x8 + 4 row ends
+    assert LLAVA_NEXT.image_token_count(wide.hf_model.config) == 52
+    assert tuple(wide.example_inputs[1].shape) == (3, 3, 28, 28)
+
+
+def test_engine_equals_hf_and_generates_like_hf(nxt, nxt_engines):
+    """The unmodified ONNX engine pair: HF's logits over several prompt lengths through one engine, the same
+    greedy tokens and per-step logits as transformers' generate; it takes the processor's layout (pixel_values
+    [B, tiles, 3, s, s] and image_sizes) and refuses another image size."""
+    engine = load_engine(nxt_engines["none"].files[-1], threads=1)
+    assert engine.metadata["processor"]["family"] == "llava_next"
+    m = nxt.hf_model
+    for ids, px in _prompts(nxt):
+        px5 = px.reshape(1, -1, *px.shape[1:])
+        with torch.no_grad():
+            hf = m.generate(input_ids=ids, pixel_values=px5, image_sizes=torch.tensor([SIZE]), max_new_tokens=STEPS,
+                            do_sample=False, output_logits=True, return_dict_in_generate=True, eos_token_id=None,
+                            min_new_tokens=STEPS)
+        assert max_diff(engine(input_ids=ids, pixel_values=px), hf.logits[0]) <= REFERENCE_ATOL
+        out = engine.generate(input_ids=ids.numpy(), pixel_values=px5.numpy(), image_sizes=np.array([SIZE]),
+                              max_new_tokens=STEPS, eos_token_id=[])
+        assert out.tokens[0].tolist() == hf.sequences[0, ids.shape[1]:].tolist()
+        for t in range(STEPS):
+            assert float(np.abs(out.logits[0, t] - hf.logits[t][0].numpy()).max()) <= REFERENCE_ATOL
+    ids, px = nxt.example_inputs
+    with pytest.raises(VtrError, match=r"image_sizes \[\[28, 56\]\]: this engine takes images of 56x56"):
+        engine(input_ids=ids, pixel_values=px, image_sizes=np.array([[28, 56]]))
+
+
+@pytest.mark.parametrize("name,positions,prefill", [
+    ("fastv", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
+    pytest.param("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5),
+                 marks=pytest.mark.slow),
+])
+def test_reduced_generation_equals_the_spec_reference(nxt, nxt_engines, name, positions, prefill):
+    engine = load_engine(nxt_engines[name].files[-1], threads=1)
+    for ids, px in _prompts(nxt)[:2]:
+        out = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
+        tokens, logits, lengths = generate_reference(nxt.hf_model, ids, px, prefill, positions, STEPS)
+        assert out.tokens[0].tolist() == tokens.tolist()
+        assert float(np.abs(out.logits[0] - logits.numpy()).max()) <= REFERENCE_ATOL
+        assert out.cache_lengths == lengths == nxt_engines[name].build.llm_tokens(ids.shape[1])
+
+
+@pytest.mark.parametrize("size", [(300, 200), (64, 64)])
+def test_preprocessing_equals_hf_s_processor_on_an_image_of_the_engine_s_size(size):
+    """LLaVA-NeXT's own image processor, given the image resized to the engine's size, returns the same pixels
+    (base tile first, then the grid) as the family's preprocessing of the original image."""
+    from PIL import Image
+    from transformers import LlavaNextImageProcessorPil
+
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    facts = {"tile_size": 28}
+    ours = LLAVA_NEXT.preprocess(img, SIZE, 1, facts).transpose(0, 3, 1, 2)
+    hf = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                    image_grid_pinpoints=[[56, 56], [28, 56], [56, 28]], do_normalize=False)
+    want = hf(images=img.resize((56, 56), Image.BICUBIC), return_tensors="np")
+    assert want["image_sizes"].tolist() == [SIZE]
+    assert want["pixel_values"].shape == (1, 5, 3, 28, 28)
+    assert np.abs(ours - want["pixel_values"][0]).max() <= 1e-6
+
+
+def test_cli_inspect_and_methods_refusal():
+    import json
+
+    from click.testing import CliRunner
+
+    from vtrcompile.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", "llavanext-tiny", "--max-prompt", "256", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["boundary"]["n_image"] == N
+    res = CliRunner().invoke(main, ["optimize", "llavanext-tiny", "--method", "pool", "--out", "x.onnx"])
+    assert res.exit_code == 2 and "pool reads the image block as one token grid" in res.output

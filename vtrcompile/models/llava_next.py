@@ -1,0 +1,178 @@
+"""The LLaVA-NeXT family (LlavaNextForConditionalGeneration: CLIP tower, MLP projector, Llama / Mistral / Qwen2
+LLM, "anyres" images).
+
+An image is a base tile (the whole image resized to the tower's side s) plus a grid of gh x gw tiles of a
+resolution from `image_grid_pinpoints`; the model lays the tiles' patches out as one (gh*p) x (gw*p) grid
+(p = s / patch), appends its learned `image_newline` vector after every grid row, and writes base patches
+first. An engine is built for one image size (`--image-size HxW`, one of the pinpoints; default the first
+square one): the layout is then fixed (`image_sizes` becomes a constant of the capture, as
+`transformers.exporters` passes it), N = p^2 + (gh*p)*(gw*p) + gh*p, and the runner resizes every image to
+H x W before LLaVA-NeXT's own tiling. Choosing a pinpoint means no padding, so nothing is unpadded.
+
+The row-end (`image_newline`) rows are not patches: every method keeps them and never scores or merges them
+(docs/methods.md, "Model families"); the family reports them as the image layout's protected rows, and
+G-Prune runs on the base and hi-res patches separately (its official LLaVA-NeXT code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .family import Family
+from .llava import CLIP_MEAN, CLIP_STD
+
+
+class LlavaNextNextTokenLogits(nn.Module):
+    """forward(input_ids [B,S], pixel_values [B*T, 3, s, s] f32) -> logits [B, vocab]; T = 1 + gh*gw tiles, the
+    base tile first; the image size is a constant of the module."""
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], tiles: int) -> None:
+        super().__init__()
+        self.model, self.size, self.tiles = model, [int(image_size[0]), int(image_size[1])], tiles
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.dtype
+        if pixel_values.dtype != dtype:
+            pixel_values = pixel_values.to(dtype)
+        b = input_ids.shape[0]
+        pixels = pixel_values.reshape(b, self.tiles, *pixel_values.shape[1:])
+        out = self.model(input_ids=input_ids, pixel_values=pixels, image_sizes=[self.size] * b, use_cache=False,
+                         logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+
+class LlavaNextFamily(Family):
+    name = "llava_next"
+    model_types = ("llava_next",)
+    architecture = "LlavaNextForConditionalGeneration"
+    config_class_name = "LlavaNextConfig"
+    template = "USER: {image}\n{prompt} ASSISTANT:"  # LLaVA-1.5's, when the tokenizer has no chat template
+    image_mean, image_std = CLIP_MEAN, CLIP_STD
+    vision_site_refusal = ("LLaVA-NeXT lays its tiles' patches out as one grid and appends row-end (image_newline) "
+                           "tokens after the projector, so the image block is not the projector's rows in order; "
+                           "use a projector or llm@ method")
+    # Methods whose definition reads the block as something LLaVA-NeXT's is not.
+    method_refusals = {
+        "pool": "pool reads the image block as one token grid, and LLaVA-NeXT's is a base grid, a hi-res grid and "
+                "row-end tokens; use divprune, gprune or random for a projector-site baseline",
+    }
+
+    def preset_config(self, vision: dict, text: dict, image_token_id: int, extra: dict):
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+        extra = dict(extra)
+        size = extra.pop("image_size", None)
+        defaults = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+                    "projector_hidden_act": "gelu"}
+        cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                              image_token_id=image_token_id, **{**defaults, **extra})
+        self.fix_geometry(cfg, tuple(size) if size else None)
+        return cfg
+
+    # --- image geometry ------------------------------------------------------------------------------
+    def tile_side(self, config) -> int:
+        return super().image_size(config)
+
+    def pinpoints(self, config) -> list[tuple[int, int]]:
+        return [(int(h), int(w)) for h, w in config.image_grid_pinpoints]
+
+    def fix_geometry(self, config, image_size: tuple[int, int] | None) -> None:
+        """Record the engine's image size (H, W), one of the model's pinpoints, on the loaded config."""
+        pins = self.pinpoints(config)
+        if image_size is None:
+            image_size = getattr(config, "vtrcompile_image_size", None) or next(
+                (p for p in pins if p[0] == p[1]), pins[0])
+        size = (int(image_size[0]), int(image_size[1]))
+        s = self.tile_side(config)
+        if size not in pins or size[0] % s or size[1] % s:
+            listed = ", ".join(f"{h}x{w}" for h, w in pins)
+            raise UnsupportedModelError(f"--image-size {size[0]}x{size[1]}: a LLaVA-NeXT engine is built for one of "
+                                        f"the model's image_grid_pinpoints ({listed})")
+        config.vtrcompile_image_size = list(size)
+
+    def image_size(self, config) -> list[int]:  # type: ignore[override]
+        """[H, W] of the engine's images (the runner resizes every image to it)."""
+        if getattr(config, "vtrcompile_image_size", None) is None:
+            self.fix_geometry(config, None)
+        return [int(v) for v in config.vtrcompile_image_size]
+
+    def grid(self, config) -> tuple[int, int]:
+        """(gh, gw): the hi-res tiles of the engine's image size."""
+        h, w = self.image_size(config)
+        s = self.tile_side(config)
+        return h // s, w // s
+
+    def tile_patches(self, config) -> int:
+        """p: patches along one side of a tile."""
+        return self.tile_side(config) // self.patch_size(config)
+
+    def base_tokens(self, config) -> int:
+        p = self.tile_patches(config)
+        return p * p + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+    def image_token_count(self, config, tiles: int = 1) -> int:
+        gh, gw = self.grid(config)
+        p = self.tile_patches(config)
+        return tiles * (self.base_tokens(config) + gh * p * gw * p + gh * p)
+
+    def pixel_shape(self, config, tiles: int = 1) -> list[int]:
+        gh, gw = self.grid(config)
+        s = self.tile_side(config)
+        return [tiles * (1 + gh * gw), 3, s, s]
+
+    def image_layout(self, config) -> dict[str, Any]:
+        """Rows of the image block (image-relative) that are not patches and how the patches group: the row
+        ends (kept by every method, never scored), and [base patches, hi-res patches] (G-Prune's two graphs)."""
+        if config.vision_feature_select_strategy == "full":
+            raise UnsupportedModelError("LLaVA-NeXT with vision_feature_select_strategy 'full' (a CLS row per "
+                                        "tile inside the grid) is not supported; use 'default'")
+        gh, gw = self.grid(config)
+        p = self.tile_patches(config)
+        base, width = self.base_tokens(config), gw * p
+        row_ends = [base + r * (width + 1) + width for r in range(gh * p)]
+        return {"protected": row_ends, "segments": [base, gh * p * width],
+                "why": "LLaVA-NeXT's row-end (image_newline) tokens"}
+
+    # --- preprocessing (LlavaNextImageProcessor on an image of the engine's size) -------------------
+    def preprocess(self, image, size, tiles: int, processing: dict | None = None) -> np.ndarray:
+        """The image resized to the engine's H x W (bicubic), then LLaVA-NeXT's tiling: the whole image resized
+        to s x s first, then the gh x gw tiles in row-major order -> [1 + gh*gw, s, s, 3] in [0, 1]."""
+        from PIL import Image
+
+        if not processing or "tile_size" not in processing:
+            raise ValueError("LLaVA-NeXT preprocessing needs the tile size (the engine's processor facts)")
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        s = int(processing["tile_size"])
+        image = image.resize((w, h), Image.BICUBIC)
+
+        def arr(im) -> np.ndarray:
+            return np.asarray(im, dtype=np.float32) / 255.0
+
+        base = arr(image.resize((s, s), Image.BICUBIC))
+        big = arr(image)
+        cells = [big[r:r + s, c:c + s] for r in range(0, h, s) for c in range(0, w, s)]
+        return np.stack([base, *cells])
+
+    def processor_facts(self, config, model_dir=None) -> dict[str, Any]:
+        return {**super().processor_facts(config, model_dir), "tile_size": self.tile_side(config)}
+
+    # --- capture and the eager references ----------------------------------------------------------------
+    def capture_module(self, model: nn.Module, batch: int = 1) -> nn.Module:
+        return LlavaNextNextTokenLogits(model, tuple(self.image_size(model.config)),
+                                        self.pixel_shape(model.config)[0])
+
+    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
+        cfg = model.config
+        pixels = pixel_values.reshape(batch, self.pixel_shape(cfg)[0], *pixel_values.shape[1:])
+        out = model.model.get_image_features(pixel_values=pixels, image_sizes=[self.image_size(cfg)] * batch,
+                                             vision_feature_layer=cfg.vision_feature_layer,
+                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        return torch.cat(list(out.pooler_output)).reshape(batch, -1, out.pooler_output[0].shape[-1])
+
+
+LLAVA_NEXT = LlavaNextFamily()
