@@ -51,6 +51,10 @@ SUITES = {
         ("fastv", {}), ("gprune", {}), ("pyramiddrop", {}), ("divprune", {}),
         ("fastv", {"keep": 64}), ("gprune", {"keep": 64}), ("divprune", {"keep": 64}),
     ],
+    # LLaVA-NeXT (2880 patches + 48 row ends at 672x672): the budgets count patches; the row ends always stay.
+    "anyres": [
+        ("fastv", {}), ("gprune", {}), ("pyramiddrop", {}), ("divprune", {}), ("fastv", {"keep": 576}),
+    ],
     # Qwen3-VL: sites only after the DeepStack layers (k = 3 on the preset and on the released models).
     "deepstack": [
         ("fastv", {"layer": 3}), ("fastv", {"layer": 3, "keep": 64}), ("pyramiddrop", {}), ("vtw", {"layer": 6}),
@@ -71,17 +75,18 @@ def main() -> None:
     ap.add_argument("--build-dir", default="build/bench")
     ap.add_argument("--suite", choices=list(SUITES), default="core")
     ap.add_argument("--tiles", type=int, default=1, help="images (tiles) per prompt, for families that tile")
+    ap.add_argument("--max-prompt", type=int, default=2048, help="longest prompt the engines take")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/prefill-<suite>.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     d = Path(args.build_dir)
     src = load_model(args.preset, tiles=args.tiles)
     t0 = time.perf_counter()
-    base = optimize(src, "none", {}, d / "baseline.onnx")
+    base = optimize(src, "none", {}, d / "baseline.onnx", max_prompt=args.max_prompt)
     rows = []
     for method, opts in SUITES[args.suite]:
         name = label(method, opts).replace(" ", "_").replace("=", "").replace(".", "")
-        res = optimize(src, method, opts, d / f"{name}.onnx")
+        res = optimize(src, method, opts, d / f"{name}.onnx", max_prompt=args.max_prompt)
         rep = compare(res.files[-1], base.files[-1], warmup=args.warmup, reps=args.reps, threads=args.threads)
         rep["label"] = label(method, opts)
         rep["preflight_findings"] = [str(f) for f in res.findings]

@@ -65,9 +65,12 @@ def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.Exporte
     if found != n_image:
         raise VtrError(f"{source.label}: the example prompt has {found} image tokens, the model needs "
                        f"{n_image}; a prompt without image tokens cannot locate the visual-token boundary")
-    max_prompt = min(max_prompt, family.text_config(cfg).max_position_embeddings)
+    limit = family.text_config(cfg).max_position_embeddings
+    max_prompt = min(max_prompt, limit)
     if max_prompt <= n_image + 2:
-        raise VtrError(f"--max-prompt {max_prompt} leaves no room for text around {n_image} image tokens")
+        hint = (f"; give --max-prompt up to {limit} (the LLM's max_position_embeddings)" if limit > n_image + 2
+                else "; the LLM's max_position_embeddings is too small for this image size")
+        raise VtrError(f"--max-prompt {max_prompt} leaves no room for text around {n_image} image tokens{hint}")
     device = module_device(source.module)  # a meta-device model (analysis only) takes meta inputs
     p = next(iter(source.module.parameters()), None)
     key = (max_prompt, p.dtype if p is not None else None, device.type)

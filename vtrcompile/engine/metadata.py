@@ -41,7 +41,9 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "processor": ((PREFILL,), "image preprocessing, prompt template and tokenizer folder"),
     "method": ((PREFILL,), "the reduction method"),
     "options": ((PREFILL,), "the method's options as given"),
-    "reductions": ((PREFILL,), "each reduction site: {method, site, layer, count, positions} and its constants"),
+    "reductions": ((PREFILL,), "each reduction site: {method, site, layer, count (image tokens it leaves, "
+                               "protected rows included), positions} and its constants (protected_rows: "
+                               "image rows every site keeps, e.g. LLaVA-NeXT row ends)"),
     "image_token_id": ((PREFILL,), "the image placeholder id"),
     "n_image": ((PREFILL,), "image placeholders per prompt"),
     "pixel_shape": ((PREFILL,), "shape of one row of pixel_values: [3, H, W] of one image (tile), or one "

@@ -47,7 +47,7 @@ def gprune_split_keep(image_features: torch.Tensor, batch: int, segments: list[i
     -> kept [B, sum(keeps)] ascending."""
     feats = image_features.reshape(batch, sum(segments), image_features.shape[-1])
     out, offset = [], 0
-    for n_i, k_i in zip(segments, keeps):
+    for n_i, k_i in zip(segments, keeps, strict=True):
         if k_i:
             out.append(topk_ascending(gprune_scores(feats[:, offset:offset + n_i]), k_i) + offset)
         offset += n_i

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from .blocks import (
+    PROTECTED,
     add_to_image_rows,
     attention_probs,
     embed_prompt,
     image_features,
+    image_segments,
     image_start,
     language_model,
-    PROTECTED,
-    image_segments,
     last_row_attention,
     layer_additions,
     next_token_logits,
@@ -80,7 +80,7 @@ def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
     else:
         patches = (~mask).nonzero().flatten()
         pf, picked, offset = feats[0][patches], [], 0
-        for n_i, k_i in zip(segments or [len(patches)], keeps or [keep]):
+        for n_i, k_i in zip(segments or [len(patches)], keeps or [keep], strict=True):
             picked.append(offset + top_rows_ascending(gprune_reference_scores(pf[offset:offset + n_i]), k_i))
             offset += n_i
         kept = torch.sort(torch.cat([patches[torch.cat(picked)], mask.nonzero().flatten()])).values
