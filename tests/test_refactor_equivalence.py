@@ -14,12 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SLOW_ENGINES
 from vtrcompile.models.loading import example_prompt
 
 BEFORE = json.loads((Path(__file__).parent / "data" / "programs_before_method_modules.json").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(BEFORE))
+# Configurations whose engines the default run does not build elsewhere (second budgets, one per kind kept) run
+# with -m slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ENGINES else n
+                                  for n in sorted(BEFORE)])
 def test_program_unchanged(tiny, tiny_build, name):
     want = BEFORE[name]
     b = tiny_build(want["method"], **want["options"])

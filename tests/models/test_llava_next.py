@@ -114,7 +114,7 @@ def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(nxt):
 def test_methods_equal_their_eager_references(nxt, method, opts, reference):
     b = build(nxt, method, opts, 256)
     m = nxt.hf_model
-    for ids, px in _prompts(nxt):
+    for ids, px in _prompts(nxt)[:2]:
         with torch.no_grad():
             got = b.logits(ids, px)
             assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
@@ -260,3 +260,71 @@ def test_cli_inspect_and_methods_refusal():
     assert json.loads(res.output[res.output.index("{"):])["boundary"]["n_image"] == N
     res = CliRunner().invoke(main, ["optimize", "llavanext-tiny", "--method", "pool", "--out", "x.onnx"])
     assert res.exit_code == 2 and "pool reads the image block as one token grid" in res.output
+
+
+# --- LLaVA-OneVision: the same layout on SigLIP + Qwen2, with the hi-res grid downsampled (anyres_max_M) -------
+
+@pytest.fixture(scope="module")
+def onev():
+    return load_model("onevision-tiny")
+
+
+def _hf_onev(m, ids, px):
+    with torch.no_grad():
+        return m(input_ids=ids, pixel_values=px.reshape(1, -1, *px.shape[1:]), image_sizes=[SIZE]).logits[:, -1].float()
+
+
+def test_onevision_geometry_downsamples_the_grid_as_the_model_does(onev):
+    from vtrcompile.models.llava_next import LLAVA_ONEVISION
+
+    cfg = onev.hf_model.config
+    assert family_of(onev.hf_model) is LLAVA_ONEVISION
+    # 8x8 hi-res patches; anyres_max_2: r = sqrt(64 / 32) > 1.1 -> 5x5, plus 5 row ends; 16 base tokens (no CLS)
+    assert LLAVA_ONEVISION.grid_rows(cfg) == (5, 5)
+    assert LLAVA_ONEVISION.image_token_count(cfg) == 16 + 25 + 5
+    layout = LLAVA_ONEVISION.image_layout(cfg)
+    with torch.no_grad():
+        feats = LLAVA_ONEVISION.image_features(onev.hf_model, onev.example_inputs[1], 1)[0]
+    assert feats.shape[0] == 46
+    newline = onev.hf_model.model.image_newline
+    assert [r for r in range(46) if torch.equal(feats[r], newline)] == layout["protected"] == [21, 27, 33, 39, 45]
+
+
+@pytest.mark.parametrize("method,opts,reference", [
+    ("none", {}, None),
+    ("fastv", {"layer": 2, "keep": 8}, lambda m, i, p: fastv_reference(m, i, p, 2, 8)),
+    ("gprune", {}, lambda m, i, p: gprune_reference(m, i, p, 20, keeps=[8, 12])),  # int(0.5 * 16), int(0.5 * 25)
+    ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+])
+def test_onevision_engines_equal_hf_and_the_references(onev, method, opts, reference):
+    b = build(onev, method, opts, 256)
+    m = onev.hf_model
+    for ids, px in _prompts(onev)[:2]:
+        with torch.no_grad():
+            got = b.logits(ids, px)
+            want = _hf_onev(m, ids, px) if reference is None else reference(m, ids, px)
+            assert max_diff(got, want) <= REFERENCE_ATOL
+            if reference is not None:
+                assert max_diff(got, _hf_onev(m, ids, px)) > 10 * REFERENCE_ATOL
+
+
+def test_onevision_preprocessing_equals_hf_s_processor():
+    from PIL import Image
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from vtrcompile.models.llava_next import LLAVA_ONEVISION
+
+    img = Image.fromarray(np.random.default_rng(7).integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    ours = LLAVA_ONEVISION.preprocess(img, SIZE, 1, {"tile_size": 28}).transpose(0, 3, 1, 2)
+    hf = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28},
+                                         image_grid_pinpoints=[[56, 56], [28, 56], [56, 28]], do_normalize=False)
+    want = hf(images=img.resize((56, 56), Image.BICUBIC), return_tensors="np")
+    assert want["pixel_values"].shape == (1, 5, 3, 28, 28)
+    assert np.abs(ours - want["pixel_values"][0]).max() <= 1e-6
+
+
+def test_onevision_refuses_vision_site_methods_and_pool(onev):
+    with pytest.raises(VtrError, match="SigLIP tower has no CLS"):
+        build(onev, "prumerge", {"keep": 4}, 256)
+    with pytest.raises(VtrError, match="LLaVA-OneVision's is a base grid"):
+        build(onev, "pool", {}, 256)

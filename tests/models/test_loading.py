@@ -58,8 +58,8 @@ def _config_dir(tmp_path, cfg: dict):
 
 
 def test_other_families_are_not_supported_yet(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="'llava_next' is not supported yet"):
-        load_model(_config_dir(tmp_path, {"model_type": "llava_next", "vision_config": {}}))
+    with pytest.raises(UnsupportedModelError, match="'llava_next_video' is not supported yet"):
+        load_model(_config_dir(tmp_path, {"model_type": "llava_next_video", "vision_config": {}}))
 
 
 def test_text_only_model_is_refused(tmp_path):

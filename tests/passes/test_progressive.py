@@ -17,12 +17,13 @@ CASES = [
     ("vtw", {}, lambda m, i, p: vtw_reference(m, i, p, 2), [36, 36, 0, 0]),
     ("vtw", {"layer": 1}, lambda m, i, p: vtw_reference(m, i, p, 1), [36, 0, 0, 0]),
     ("pumer", {}, lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3), [36, 21, 13, 8]),
-    ("pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}, lambda m, i, p: pumer_reference(m, i, p, 0.2, 0.2),
-     [36, 22, 14, 8]),
+    pytest.param("pumer", {"prune_ratio": 0.2, "merge_ratio": 0.2}, lambda m, i, p: pumer_reference(m, i, p, 0.2, 0.2),
+                 [36, 22, 14, 8], marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("method,opts,ref,image_tokens", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("method,opts,ref,image_tokens", CASES,
+                         ids=[f"{(c.values if hasattr(c, 'values') else c)[0]}-{i}" for i, c in enumerate(CASES)])
 def test_matches_eager_reference_and_schedule(tiny, tiny_build, method, opts, ref, image_tokens):
     b = tiny_build(method, **opts)
     check_against_reference(b.program.module(), ref, tiny)

@@ -79,13 +79,13 @@ def check_processor_extras(meta: dict[str, Any], feeds: dict[str, Any]) -> None:
 def check_image_sizes(meta: dict[str, Any], feeds: dict[str, Any]) -> None:
     """LLaVA-NeXT's processor returns `image_sizes` [B, 2] and pixel_values [B, tiles, 3, s, s]: the sizes must
     be the engine's fixed one (removed from `feeds`), the pixels are flattened to [B * tiles, 3, s, s]."""
-    sizes = feeds.pop("image_sizes", None)
     proc = meta.get("processor") or {}
+    if "tile_size" not in proc:  # not a tiling family: image_sizes stays an unknown input, refused by name
+        return
+    sizes = feeds.pop("image_sizes", None)
     if sizes is not None:
         want = proc.get("image_size")
         got = np.asarray(sizes).reshape(-1, 2).tolist() if np.asarray(sizes).size % 2 == 0 else None
-        if proc.get("family") != "llava_next" or not isinstance(want, list):
-            raise VtrError("the engine takes no image_sizes (its image geometry is fixed); drop it")
         if got is None or any(g != want for g in got):
             raise VtrError(f"image_sizes {np.asarray(sizes).tolist()}: this engine takes images of {want[0]}x{want[1]} "
                            f"px; resize each image to that size before the processor (the engine's layout is fixed), "

@@ -187,15 +187,15 @@ class Family:
 def families() -> list[Family]:
     from .internvl import INTERNVL
     from .llava import LLAVA
-    from .llava_next import LLAVA_NEXT
+    from .llava_next import LLAVA_NEXT, LLAVA_ONEVISION
     from .qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 
-    return [LLAVA, INTERNVL, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, LLAVA_NEXT]
+    return [LLAVA, INTERNVL, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, LLAVA_NEXT, LLAVA_ONEVISION]
 
 
 # Vision-language families we recognise but do not compile yet (each needs its own module here first).
 LATER_FAMILIES = {
-    "llava_next_video", "llava_onevision", "qwen3_vl_moe",
+    "llava_next_video", "qwen3_vl_moe",
     "idefics2", "idefics3", "paligemma", "mllama", "gemma3", "smolvlm", "pixtral",
 }
 

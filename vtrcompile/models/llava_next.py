@@ -48,6 +48,7 @@ class LlavaNextNextTokenLogits(nn.Module):
 
 class LlavaNextFamily(Family):
     name = "llava_next"
+    title = "LLaVA-NeXT"
     model_types = ("llava_next",)
     architecture = "LlavaNextForConditionalGeneration"
     config_class_name = "LlavaNextConfig"
@@ -91,7 +92,7 @@ class LlavaNextFamily(Family):
         s = self.tile_side(config)
         if size not in pins or size[0] % s or size[1] % s:
             listed = ", ".join(f"{h}x{w}" for h, w in pins)
-            raise UnsupportedModelError(f"--image-size {size[0]}x{size[1]}: a LLaVA-NeXT engine is built for one of "
+            raise UnsupportedModelError(f"--image-size {size[0]}x{size[1]}: a {self.title} engine is built for one of "
                                         f"the model's image_grid_pinpoints ({listed})")
         config.vtrcompile_image_size = list(size)
 
@@ -115,10 +116,20 @@ class LlavaNextFamily(Family):
         p = self.tile_patches(config)
         return p * p + (1 if config.vision_feature_select_strategy == "full" else 0)
 
-    def image_token_count(self, config, tiles: int = 1) -> int:
+    def grid_rows(self, config) -> tuple[int, int]:
+        """(rows, columns) of the hi-res token grid the model writes (before its row ends)."""
         gh, gw = self.grid(config)
         p = self.tile_patches(config)
-        return tiles * (self.base_tokens(config) + gh * p * gw * p + gh * p)
+        return gh * p, gw * p
+
+    def image_token_count(self, config, tiles: int = 1) -> int:
+        rows, cols = self.grid_rows(config)
+        return tiles * (self.base_tokens(config) + rows * cols + rows)
+
+    def check_strategy(self, config) -> None:
+        if config.vision_feature_select_strategy == "full":
+            raise UnsupportedModelError("LLaVA-NeXT with vision_feature_select_strategy 'full' (a CLS row per "
+                                        "tile inside the grid) is not supported; use 'default'")
 
     def pixel_shape(self, config, tiles: int = 1) -> list[int]:
         gh, gw = self.grid(config)
@@ -128,15 +139,12 @@ class LlavaNextFamily(Family):
     def image_layout(self, config) -> dict[str, Any]:
         """Rows of the image block (image-relative) that are not patches and how the patches group: the row
         ends (kept by every method, never scored), and [base patches, hi-res patches] (G-Prune's two graphs)."""
-        if config.vision_feature_select_strategy == "full":
-            raise UnsupportedModelError("LLaVA-NeXT with vision_feature_select_strategy 'full' (a CLS row per "
-                                        "tile inside the grid) is not supported; use 'default'")
-        gh, gw = self.grid(config)
-        p = self.tile_patches(config)
-        base, width = self.base_tokens(config), gw * p
-        row_ends = [base + r * (width + 1) + width for r in range(gh * p)]
-        return {"protected": row_ends, "segments": [base, gh * p * width],
-                "why": "LLaVA-NeXT's row-end (image_newline) tokens"}
+        self.check_strategy(config)
+        rows, width = self.grid_rows(config)
+        base = self.base_tokens(config)
+        row_ends = [base + r * (width + 1) + width for r in range(rows)]
+        return {"protected": row_ends, "segments": [base, rows * width],
+                "why": f"{self.title}'s row-end (image_newline) tokens"}
 
     # --- preprocessing (LlavaNextImageProcessor on an image of the engine's size) -------------------
     def preprocess(self, image, size, tiles: int, processing: dict | None = None) -> np.ndarray:
@@ -171,8 +179,66 @@ class LlavaNextFamily(Family):
         pixels = pixel_values.reshape(batch, self.pixel_shape(cfg)[0], *pixel_values.shape[1:])
         out = model.model.get_image_features(pixel_values=pixels, image_sizes=[self.image_size(cfg)] * batch,
                                              vision_feature_layer=cfg.vision_feature_layer,
-                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                             **self.feature_kwargs(cfg))
         return torch.cat(list(out.pooler_output)).reshape(batch, -1, out.pooler_output[0].shape[-1])
+
+    def feature_kwargs(self, config) -> dict[str, Any]:
+        return {}
+
+
+class LlavaOnevisionFamily(LlavaNextFamily):
+    """LLaVA-OneVision (LlavaOnevisionForConditionalGeneration: SigLIP without CLS, strategy 'full', Qwen2 LLM):
+    LLaVA-NeXT's layout, and a hi-res grid larger than `anyres_max_M` allows (more than 1.1 x sqrt(M) tiles'
+    worth of patches along the diagonal) is downsampled bilinearly to (rows // r, cols // r) before the row
+    ends, r = sqrt(rows * cols / (M p^2)), as the model does."""
+
+    name = "llava_onevision"
+    title = "LLaVA-OneVision"
+    model_types = ("llava_onevision",)
+    architecture = "LlavaOnevisionForConditionalGeneration"
+    config_class_name = "LlavaOnevisionConfig"
+    template = "<|im_start|>user\n{image}\n{prompt}<|im_end|>\n<|im_start|>assistant\n"  # Qwen2's chat layout
+    vision_site_refusal = ("LLaVA-OneVision's SigLIP tower has no CLS token, and the model lays its tiles' patches "
+                           "out as one grid with row-end (image_newline) tokens after the projector; use a "
+                           "projector or llm@ method")
+    method_refusals = {"pool": LlavaNextFamily.method_refusals["pool"].replace("LLaVA-NeXT", "LLaVA-OneVision")}
+
+    def preset_config(self, vision: dict, text: dict, image_token_id: int, extra: dict):
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        extra = dict(extra)
+        size = extra.pop("image_size", None)
+        cfg = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision).to_dict(),
+                                   text_config=Qwen2Config(**text).to_dict(), image_token_id=image_token_id,
+                                   **{"vision_feature_layer": -1, "vision_feature_select_strategy": "full", **extra})
+        self.fix_geometry(cfg, tuple(size) if size else None)
+        return cfg
+
+    def check_strategy(self, config) -> None:
+        if config.vision_feature_select_strategy != "full":
+            raise UnsupportedModelError("LLaVA-OneVision with vision_feature_select_strategy "
+                                        f"'{config.vision_feature_select_strategy}' is not supported; its SigLIP tower "
+                                        "has no CLS token to drop ('full')")
+
+    def base_tokens(self, config) -> int:
+        p = self.tile_patches(config)
+        return p * p
+
+    def grid_rows(self, config) -> tuple[int, int]:
+        import math
+
+        rows, cols = super().grid_rows(config)
+        p = self.tile_patches(config)
+        max_tiles = int(config.vision_aspect_ratio.strip("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (max_tiles * p * p))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return rows, cols
+
+    def feature_kwargs(self, config) -> dict[str, Any]:
+        return {"vision_aspect_ratio": config.vision_aspect_ratio}
 
 
 LLAVA_NEXT = LlavaNextFamily()
+LLAVA_ONEVISION = LlavaOnevisionFamily()

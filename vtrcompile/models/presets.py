@@ -163,6 +163,19 @@ PRESETS: dict[str, Preset] = {
             extra={"image_grid_pinpoints": [[56, 56], [28, 56], [56, 28]], "image_size": [56, 56]},
         ),
         Preset(
+            "onevision-tiny",
+            "tests: LLaVA-OneVision, SigLIP 2x32 on 28 px tiles (patch 7: 16 base tokens, no CLS), 56x56 images = "
+            "2x2 hi-res tiles, 8x8 grid downsampled to 5x5 by anyres_max_2, + 5 row ends: 46 image tokens, Qwen2 "
+            "4x64 with GQA (4 q / 2 kv heads)",
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=28, patch_size=7),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024),
+            image_token_id=319, family="llava_onevision",
+            extra={"image_grid_pinpoints": [[56, 56], [28, 56], [56, 28]], "image_size": [56, 56],
+                   "vision_aspect_ratio": "anyres_max_2"},
+        ),
+        Preset(
             "llavanext-geometry",
             "LLaVA-NeXT geometry (336 px tiles, patch 14; 672x672 images = 576 base + 48x48 hi-res + 48 row-end "
             "tokens = 2928 image tokens), CLIP 6x256, Llama 12x512, widths cut for a 2-core CPU",
