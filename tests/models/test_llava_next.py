@@ -269,11 +269,6 @@ def onev():
     return load_model("onevision-tiny")
 
 
-def _hf_onev(m, ids, px):
-    with torch.no_grad():
-        return m(input_ids=ids, pixel_values=px.reshape(1, -1, *px.shape[1:]), image_sizes=[SIZE]).logits[:, -1].float()
-
-
 def test_onevision_geometry_downsamples_the_grid_as_the_model_does(onev):
     from vtrcompile.models.llava_next import LLAVA_ONEVISION
 
@@ -302,10 +297,10 @@ def test_onevision_engines_equal_hf_and_the_references(onev, method, opts, refer
     for ids, px in _prompts(onev)[:2]:
         with torch.no_grad():
             got = b.logits(ids, px)
-            want = _hf_onev(m, ids, px) if reference is None else reference(m, ids, px)
+            want = _hf_logits(m, ids, px) if reference is None else reference(m, ids, px)
             assert max_diff(got, want) <= REFERENCE_ATOL
             if reference is not None:
-                assert max_diff(got, _hf_onev(m, ids, px)) > 10 * REFERENCE_ATOL
+                assert max_diff(got, _hf_logits(m, ids, px)) > 10 * REFERENCE_ATOL
 
 
 def test_onevision_preprocessing_equals_hf_s_processor():
@@ -328,3 +323,20 @@ def test_onevision_refuses_vision_site_methods_and_pool(onev):
         build(onev, "prumerge", {"keep": 4}, 256)
     with pytest.raises(VtrError, match="LLaVA-OneVision's is a base grid"):
         build(onev, "pool", {}, 256)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llavanext-tiny", "onevision-tiny"])
+def test_an_engine_streamed_from_a_saved_checkpoint_equals_the_model(tmp_path, preset):
+    """save_pretrained -> optimize streams the weights (the family found from config.json) -> same logits."""
+    from vtrcompile.optimize import optimize
+
+    src = load_model(preset)
+    src.hf_model.save_pretrained(tmp_path / "ckpt")
+    streamed = load_model(str(tmp_path / "ckpt"))
+    assert streamed.weights is not None and streamed.family is family_of(src.hf_model)
+    engine = load_engine(optimize(streamed, "fastv", {"keep": 6}, tmp_path / "e" / "f.onnx", max_prompt=128).files[-1])
+    ids, px = src.example_inputs
+    with torch.no_grad():
+        want = build(src, "fastv", {"keep": 6}, 128).logits(ids, px)
+    assert max_diff(engine(input_ids=ids, pixel_values=px), want) <= REFERENCE_ATOL
