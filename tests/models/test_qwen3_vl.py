@@ -141,3 +141,24 @@ def _onnx_nodes(path):
     import onnx
 
     return onnx.load(str(path), load_external_data=False).graph.node
+
+
+@pytest.mark.parametrize("size", [(128, 128), (160, 96)])
+def test_preprocessing_equals_hf_s_processor(tmp_path, size):
+    """Qwen3-VL's processor (transformers' Qwen2VLImageProcessor with patch 16, merge 2, mean/std 0.5, as the
+    released preprocessor_config.json sets it) on an image already of the engine's size: the same pixel_values."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vtrcompile.calibration import preprocess
+
+    src = load_model("qwen3vl-tiny", image_size=size)
+    fam, cfg = family_of(src.hf_model), src.hf_model.config
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    hf = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3)(images=Image.open(path).convert("RGB"), return_tensors="np")
+    assert hf["image_grid_thw"].tolist() == [[1, size[0] // 16, size[1] // 16]]
+    got = preprocess(path, list(size), fam.processor_facts(cfg)).numpy()
+    assert got.shape == hf["pixel_values"].shape
+    assert float(np.abs(got - hf["pixel_values"]).max()) < 1e-5

@@ -230,7 +230,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
 
         rows, cols = super().grid_rows(config)
         p = self.tile_patches(config)
-        max_tiles = int(config.vision_aspect_ratio.strip("anyres_max_"))
+        max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))  # HF: .strip("anyres_max_")
         ratio = math.sqrt(rows * cols / (max_tiles * p * p))
         if ratio > 1.1:
             rows, cols = int(rows // ratio), int(cols // ratio)
