@@ -214,6 +214,22 @@ def test_engine_equals_hf_and_generates_like_hf(nxt, nxt_engines):
         engine(input_ids=ids, pixel_values=px, image_sizes=np.array([[28, 56]]))
 
 
+def test_eval_fidelity_and_profile_run_on_the_engines(nxt_engines, calibration_dir):
+    """`eval --fidelity` tiles each calibration image as the engine records (an engine against itself agrees on
+    every image, with zero KL); `profile` compares the pair and reports the cache ratio."""
+    from tests.test_cli import _run
+
+    base, fastv = str(nxt_engines["none"].files[-1]), str(nxt_engines["fastv"].files[-1])
+    res = _run("eval", base, "--baseline", base, "--fidelity", "--calibration", str(calibration_dir), "--no-speed")
+    assert res.exit_code == 0, res.output
+    assert "100.0%" in res.output and "0.0000" in res.output, res.output
+    res = _run("eval", fastv, "--baseline", base, "--fidelity", "--calibration", str(calibration_dir), "--no-speed")
+    assert res.exit_code == 0 and "fastv" in res.output, res.output
+    res = _run("profile", fastv, "--baseline", base, "--reps", "2", "--new-tokens", "2")
+    assert res.exit_code == 0, res.output
+    assert "KV cache after prefill" in res.output
+
+
 @pytest.mark.parametrize("name,positions,prefill", [
     ("fastv", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
     pytest.param("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5),
