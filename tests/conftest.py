@@ -6,6 +6,7 @@ import functools
 import warnings
 from collections.abc import Mapping
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,23 @@ def check_against_reference(engine, reference, source: ModelSource) -> None:
                 got = got[0]
             assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
             assert max_diff(got, source.module(ids, px)) > 10 * REFERENCE_ATOL
+
+
+def check_generation(engine, model, prompt_list, prefill, positions: str, steps: int) -> list:
+    """engine.generate over prompt_list equals the spec's generation reference (reference/generation.py): the
+    same greedy tokens, per-step logits within REFERENCE_ATOL, each layer's cache length the reference's.
+    Returns the engine's outputs, in prompt order."""
+    from vtrcompile.reference.generation import generate_reference
+
+    outs = []
+    for ids, px in prompt_list:
+        out = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=steps, eos_token_id=[])
+        tokens, logits, lengths = generate_reference(model, ids, px, prefill, positions, steps)
+        assert out.tokens[0].tolist() == tokens.tolist()
+        assert float(np.abs(out.logits[0] - logits.numpy()).max()) <= REFERENCE_ATOL
+        assert out.cache_lengths == lengths
+        outs.append(out)
+    return outs
 
 
 # name -> (method, options) of the tiny ONNX engines; the second budgets are only used by tests marked slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, max_diff
+from tests.conftest import REFERENCE_ATOL, check_generation, max_diff
 from vtrcompile import load_engine
 from vtrcompile.build import build
 from vtrcompile.errors import UnsupportedModelError, VtrError
@@ -17,7 +17,6 @@ from vtrcompile.models.family import family_of
 from vtrcompile.models.llava_next import LLAVA_NEXT
 from vtrcompile.models.loading import example_prompt, load_model
 from vtrcompile.reference.baselines import divprune_stage, random_stage
-from vtrcompile.reference.generation import generate_reference
 from vtrcompile.reference.methods import (
     fastv_reference,
     fastv_site,
@@ -112,13 +111,21 @@ def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(nxt):
      lambda m, i, p: run_stages(m, i, p, first=divprune_stage(40), sites={2: fastv_site(m, 10)})),
 ], ids=["fastv", "gprune-split", "gprune-keep", "pyramiddrop", "pumer", "vtw", "divprune", "random", "stacked"])
 def test_methods_equal_their_eager_references(nxt, method, opts, reference):
-    b = build(nxt, method, opts, 256)
-    m = nxt.hf_model
-    for ids, px in _prompts(nxt)[:2]:
+    _check_build(nxt, method, opts, reference)
+
+
+def _check_build(src, method, opts, reference):
+    """The build's logits equal reference(model, ids, px) on two prompts and differ from the unmodified model's
+    (the reduction happened); with no reference, they equal the HF model's."""
+    b = build(src, method, opts, 256)
+    m = src.hf_model
+    for ids, px in _prompts(src)[:2]:
         with torch.no_grad():
             got = b.logits(ids, px)
-            assert max_diff(got, reference(m, ids, px)) <= REFERENCE_ATOL
-            assert max_diff(got, nxt.module(ids, px)) > 10 * REFERENCE_ATOL  # the reduction happened
+            want = _hf_logits(m, ids, px) if reference is None else reference(m, ids, px)
+            assert max_diff(got, want) <= REFERENCE_ATOL
+            if reference is not None:
+                assert max_diff(got, _hf_logits(m, ids, px)) > 10 * REFERENCE_ATOL
 
 
 def test_the_row_ends_are_kept_and_never_chosen(nxt, monkeypatch):
@@ -237,12 +244,10 @@ def test_eval_fidelity_and_profile_run_on_the_engines(nxt_engines, calibration_d
 ])
 def test_reduced_generation_equals_the_spec_reference(nxt, nxt_engines, name, positions, prefill):
     engine = load_engine(nxt_engines[name].files[-1], threads=1)
-    for ids, px in _prompts(nxt)[:2]:
-        out = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
-        tokens, logits, lengths = generate_reference(nxt.hf_model, ids, px, prefill, positions, STEPS)
-        assert out.tokens[0].tolist() == tokens.tolist()
-        assert float(np.abs(out.logits[0] - logits.numpy()).max()) <= REFERENCE_ATOL
-        assert out.cache_lengths == lengths == nxt_engines[name].build.llm_tokens(ids.shape[1])
+    cases = _prompts(nxt)[:2]
+    for (ids, _), out in zip(cases, check_generation(engine, nxt.hf_model, cases, prefill, positions, STEPS),
+                             strict=True):
+        assert out.cache_lengths == nxt_engines[name].build.llm_tokens(ids.shape[1])
 
 
 @pytest.mark.parametrize("size", [(300, 200), (64, 64)])
@@ -308,15 +313,7 @@ def test_onevision_geometry_downsamples_the_grid_as_the_model_does(onev):
     ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
 ])
 def test_onevision_engines_equal_hf_and_the_references(onev, method, opts, reference):
-    b = build(onev, method, opts, 256)
-    m = onev.hf_model
-    for ids, px in _prompts(onev)[:2]:
-        with torch.no_grad():
-            got = b.logits(ids, px)
-            want = _hf_logits(m, ids, px) if reference is None else reference(m, ids, px)
-            assert max_diff(got, want) <= REFERENCE_ATOL
-            if reference is not None:
-                assert max_diff(got, _hf_logits(m, ids, px)) > 10 * REFERENCE_ATOL
+    _check_build(onev, method, opts, reference)
 
 
 def test_onevision_preprocessing_equals_hf_s_processor():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, max_diff
+from tests.conftest import REFERENCE_ATOL, check_generation, max_diff
 from tests.models.test_qwen_vl import _hf_inputs  # what Qwen's processor returns
 from vtrcompile import load_engine
 from vtrcompile.build import build
@@ -21,7 +21,6 @@ from vtrcompile.models.loading import example_prompt, load_model
 from vtrcompile.models.mrope import mrope_positions
 from vtrcompile.reference.baselines import dart_site
 from vtrcompile.reference.blocks import full_logits
-from vtrcompile.reference.generation import generate_reference
 from vtrcompile.reference.methods import fastv_reference, run_stages, vtw_reference
 
 CASES = ((5, 8), (1, 1), (20, 3))
@@ -129,12 +128,7 @@ def test_engine_pair_generates_like_hf_and_the_reduced_one_like_the_reference(qw
             assert float(np.abs(out.logits[0, t] - hf.logits[t][0].numpy()).max()) <= REFERENCE_ATOL
     fastv = load_engine(qwen3_engines["fastv"].files[-1], threads=1)
     prefill = lambda mm, i, p: fastv_reference(mm, i, p, 2, 10)  # noqa: E731
-    for ids, px in _prompts(qwen3)[:2]:
-        tokens, logits, lengths = generate_reference(m, ids, px, prefill, "keep", STEPS)
-        out = fastv.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=STEPS, eos_token_id=[])
-        assert out.cache_lengths == lengths
-        assert out.tokens[0].tolist() == tokens.tolist()
-        assert float(np.abs(out.logits[0] - logits.numpy()).max()) <= REFERENCE_ATOL
+    check_generation(fastv, m, _prompts(qwen3)[:2], prefill, "keep", STEPS)
 
 
 def _onnx_nodes(path):

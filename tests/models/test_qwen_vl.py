@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, max_diff
+from tests.conftest import REFERENCE_ATOL, check_generation, max_diff
 from vtrcompile import load_engine
 from vtrcompile.build import build
 from vtrcompile.errors import UnsupportedModelError, VtrError
@@ -18,7 +18,6 @@ from vtrcompile.models.family import family_of
 from vtrcompile.models.loading import example_prompt, load_model
 from vtrcompile.models.mrope import mrope_positions
 from vtrcompile.reference.baselines import dart_site, divprune_stage, pool_stage, random_stage
-from vtrcompile.reference.generation import generate_reference
 from vtrcompile.reference.methods import (
     fastv_reference,
     fastv_site,
@@ -228,12 +227,7 @@ def test_reduced_generation_equals_the_spec_reference(qwen_engines, name, prefil
     """Generation continues the unreduced prompt's mRoPE numbering in every layer (positions kept)."""
     src, made = qwen_engines
     engine = load_engine(made[name].files[-1], threads=1)
-    for ids, px in _prompts(src)[:2]:
-        tokens, logits, lengths = generate_reference(src.hf_model, ids, px, prefill, "keep", STEPS)
-        out = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=STEPS, eos_token_id=[])
-        assert out.cache_lengths == lengths
-        assert out.tokens[0].tolist() == tokens.tolist()
-        assert float(np.abs(out.logits[0] - logits.numpy()).max()) <= REFERENCE_ATOL
+    check_generation(engine, src.hf_model, _prompts(src)[:2], prefill, "keep", STEPS)
 
 
 def test_processor_extras_are_checked(qwen_engines):
