@@ -353,3 +353,20 @@ def test_an_engine_streamed_from_a_saved_checkpoint_equals_the_model(tmp_path, p
     with torch.no_grad():
         want = build(src, "fastv", {"keep": 6}, 128).logits(ids, px)
     assert max_diff(engine(input_ids=ids, pixel_values=px), want) <= REFERENCE_ATOL
+
+
+def test_onevision_engine_pair_generates_like_hf(onev, tmp_path):
+    """The unmodified OneVision ONNX engine pair: transformers' greedy tokens and per-step logits."""
+    from vtrcompile.optimize import optimize
+
+    engine = load_engine(optimize(onev, "none", {}, tmp_path / "none.onnx", max_prompt=128).files[-1], threads=1)
+    ids, px = _prompts(onev)[0]
+    with torch.no_grad():
+        hf = onev.hf_model.generate(input_ids=ids, pixel_values=px.reshape(1, -1, *px.shape[1:]),
+                                    image_sizes=torch.tensor([SIZE]), max_new_tokens=4, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True, eos_token_id=None,
+                                    min_new_tokens=4)
+    out = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=4, eos_token_id=[])
+    assert out.tokens[0].tolist() == hf.sequences[0, ids.shape[1]:].tolist()
+    for t in range(4):
+        assert float(np.abs(out.logits[0, t] - hf.logits[t][0].numpy()).max()) <= REFERENCE_ATOL
