@@ -356,9 +356,16 @@ def test_an_engine_streamed_from_a_saved_checkpoint_equals_the_model(tmp_path, p
 
 
 def test_onevision_engine_pair_generates_like_hf(onev, tmp_path):
-    """The unmodified OneVision ONNX engine pair: transformers' greedy tokens and per-step logits."""
+    """The unmodified OneVision ONNX engine pair: transformers' greedy tokens and per-step logits; a FastV
+    engine (pairing with the same decode engine) generates as the spec's generation reference."""
     from vtrcompile.optimize import optimize
 
+    fastv = optimize(onev, "fastv", {"layer": 2, "keep": 8}, tmp_path / "fastv.onnx", max_prompt=128)
+    cases = _prompts(onev)[:1]
+    for (ids, _), out in zip(cases, check_generation(load_engine(fastv.files[-1], threads=1), onev.hf_model, cases,
+                                                     lambda m, i, p: fastv_reference(m, i, p, 2, 8), "keep", 4),
+                             strict=True):
+        assert out.cache_lengths == fastv.build.llm_tokens(ids.shape[1])
     engine = load_engine(optimize(onev, "none", {}, tmp_path / "none.onnx", max_prompt=128).files[-1], threads=1)
     ids, px = _prompts(onev)[0]
     with torch.no_grad():
