@@ -149,18 +149,28 @@ def patches_present(n: int) -> int:
     return n if mask is None else n - int(mask.sum())
 
 
-def pick_rows(scores: torch.Tensor, keep: int, by=None) -> torch.Tensor:
-    """Block rows a method keeps: the top `keep` patches by score (or `by(patch_scores, keep)`), plus every
-    protected row, ascending; the next block's protected rows are recorded."""
-    choose = by or top_rows_ascending
+def patch_rows_present(n: int) -> torch.Tensor:
+    """Block rows of the current n-row block that are patches (every row when nothing is protected)."""
+    mask = PROTECTED.get()
+    return torch.arange(n) if mask is None else (~mask).nonzero().flatten()
+
+
+def with_protected(picked: torch.Tensor) -> torch.Tensor:
+    """Block rows a method keeps: `picked` (block rows of patches) plus every protected row, ascending; the
+    next block's protected rows are recorded."""
     mask = PROTECTED.get()
     if mask is None:
-        return choose(scores, keep)
-    patches = (~mask).nonzero().flatten()
-    picked = patches[choose(scores[patches], keep)] if keep else patches[:0]
+        return torch.sort(picked).values
     kept = torch.sort(torch.cat([picked, mask.nonzero().flatten()])).values
     PROTECTED.set(mask[kept])
     return kept
+
+
+def pick_rows(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The top `keep` patches of the block by score (scores over all n rows), plus every protected row,
+    ascending."""
+    patches = patch_rows_present(len(scores))
+    return with_protected(patches[top_rows_ascending(scores[patches], keep)])
 
 
 def image_segments(model) -> list[int] | None:

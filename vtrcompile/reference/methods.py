@@ -16,6 +16,7 @@ from .blocks import (
     last_row_attention,
     layer_additions,
     next_token_logits,
+    patch_rows_present,
     patches_present,
     pick_rows,
     pre_rope_keys,
@@ -24,6 +25,7 @@ from .blocks import (
     renumbered,
     run_layers,
     top_rows_ascending,
+    with_protected,
 )
 
 
@@ -95,16 +97,14 @@ def projector_stage_rows(first, feats: torch.Tensor, h: torch.Tensor, pos: torch
     -> (h with the image block replaced, positions under the stage's policy, n). Where the block holds
     protected rows (PROTECTED), the stage selects among the patches only and the protected rows stay."""
     n_full = feats.shape[0]
-    mask = PROTECTED.get()
-    if mask is None:
+    if PROTECTED.get() is None:
         block, policy, kept = first(feats)
     else:
-        patches = (~mask).nonzero().flatten()
+        patches = patch_rows_present(n_full)
         part, policy, picked = first(feats[patches])
         assert torch.equal(part, feats[patches][picked]), "a merging stage on a block with protected rows"
-        kept = torch.sort(torch.cat([patches[picked], mask.nonzero().flatten()])).values
+        kept = with_protected(patches[picked])
         block = feats[kept]
-        PROTECTED.set(mask[kept])
     rows = kept_rows(h.shape[1], start, n_full, kept)
     h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + n_full:]], dim=1)
     pos = renumbered(pos, rows) if policy == "renumber" else pos[..., rows]
@@ -177,8 +177,7 @@ def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, me
     sites = {round(2 * n_layers / 12), round(5 * n_layers / 12), round(8 * n_layers / 12)} - {0}
 
     def reduce(layer, h_prev, h, pos, start, n):
-        mask = PROTECTED.get()
-        rows_p = torch.arange(n) if mask is None else (~mask).nonzero().flatten()  # block rows of the patches
+        rows_p = patch_rows_present(n)  # block rows of the patches
         n_p = len(rows_p)
         probs = attention_probs(model, layer - 1, h_prev, pos)[0]  # [S, S]
         scores = probs[start + n:, start + rows_p].mean(dim=0)
@@ -196,14 +195,12 @@ def pumer_reference(model, input_ids, pixel_values, prune_ratio: float = 0.1, me
         order = sorted(range(len(a)), key=lambda t: (-best[t][0], t))
         merged = {a[t]: best[t][1] for t in order[:n_merge]}
         block = h[0, start:start + n]
-        out = {}  # block row -> its new hidden state
+        out = {}  # block row -> its new hidden state (a protected row stays itself)
         for tok in sorted(set(kept) - set(merged)):
             members = [tok] + [x for x, dst in merged.items() if dst == tok]
             out[int(rows_p[tok])] = torch.stack([block[rows_p[m]] for m in members]).mean(dim=0)
-        if mask is not None:
-            out.update({int(r): block[r] for r in mask.nonzero().flatten()})
-            PROTECTED.set(mask[sorted(out)])
-        order_rows = sorted(out)
+        order_rows = with_protected(torch.tensor(sorted(out), dtype=torch.long)).tolist()
+        out = {r: out[r] if r in out else block[r] for r in order_rows}
         new_h = torch.cat([h[:, :start], torch.stack([out[r] for r in order_rows])[None], h[:, start + n:]], dim=1)
         out_pos = [pos[..., start + r] for r in order_rows]
         new_pos = torch.cat([pos[..., :start], torch.stack(out_pos, dim=-1), pos[..., start + n:]], dim=-1)
