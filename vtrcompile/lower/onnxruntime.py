@@ -23,6 +23,34 @@ __all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"
 
 log = logging.getLogger(__name__)
 
+# Threads of the process-wide ONNX Runtime pool once this module has made it (0: another caller made it first,
+# its size unknown). See _thread_options.
+_shared_pool_threads: int | None = None
+
+
+def _thread_options(so: ort.SessionOptions, threads: int) -> None:
+    """Every engine of the process runs on one shared intra-op pool when it asks for the pool's thread count.
+
+    Each ONNX Runtime session otherwise owns a pool whose idle workers spin for a while after each run; an
+    engine pair (prefill then decode, or two engines timed in turn) then runs while the other session's
+    workers still hold the cores. Measured on 2 cores: the demo model's FastV prefill took 21.5 ms instead
+    of 9.7 ms right after the unmodified one. An engine asking for another thread count gets its own pool
+    with spinning off, so it never steals cores from the others either."""
+    global _shared_pool_threads
+    if _shared_pool_threads is None:
+        try:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _shared_pool_threads = threads
+        except Exception:  # the pool exists already (made outside vtrcompile): size unknown
+            _shared_pool_threads = 0
+        log.debug("ONNX Runtime: shared thread pool of %s threads", _shared_pool_threads or "unknown")
+    if threads == _shared_pool_threads:
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
 
 def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:
     """ONNX node name -> 'selector' | 'gather' for nodes inserted by a reduction (from name scopes)."""
@@ -49,8 +77,7 @@ class OrtEngine:
         if not self.metadata.get("has_weights", True):
             raise VtrError(f"{self.path}: built from a meta-device model, it holds no weights and cannot run")
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or os.cpu_count() or 1
-        so.inter_op_num_threads = 1
+        _thread_options(so, threads or os.cpu_count() or 1)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
