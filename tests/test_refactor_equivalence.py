@@ -19,6 +19,12 @@ from vtrcompile.models.loading import example_prompt
 
 BEFORE = json.loads((Path(__file__).parent / "data" / "programs_before_method_modules.json").read_text())
 
+# Changed on purpose after the snapshot, logits unchanged: a vision-site method's new block now enters the shorter
+# sequence through merge_image_block at the gathered placeholders (so that an llm@ site stacked after it finds
+# the boundary there), which adds the placeholders' gather, the block start found again and the block's reshapes.
+VISION_SITE_MERGE = {"aten.gather.default": 1, "aten.expand.default": 1, "aten.eq.Scalar": 1, "aten.to.dtype": 1,
+                     "aten.argmax.default": 1, "aten.reshape.default": 2}
+
 
 # Configurations whose engines the default run does not build elsewhere (second budgets, one per kind kept) run
 # with -m slow.
@@ -28,7 +34,10 @@ def test_program_unchanged(tiny, tiny_build, name):
     want = BEFORE[name]
     b = tiny_build(want["method"], **want["options"])
     ops = collections.Counter(str(n.target) for n in b.program.graph.nodes if n.op == "call_function")
-    assert dict(sorted(ops.items())) == want["ops"]
+    expected = collections.Counter(want["ops"])
+    if any(r.site == "vision" for r in b.reductions):
+        expected.update(VISION_SITE_MERGE)
+    assert dict(sorted(ops.items())) == dict(sorted(expected.items()))
     for (pre, suf, seed), logits in zip(((5, 8, 10), (20, 3, 12)), want["logits"], strict=True):
         ids, px = example_prompt(tiny.hf_model.config, pre, suf, seed=seed)
         with torch.no_grad():

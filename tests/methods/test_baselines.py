@@ -25,6 +25,7 @@ from vtrcompile.reference.baselines import (
     random_stage,
 )
 from vtrcompile.reference.methods import fastv_site, pyramiddrop_sites, run_stages
+from vtrcompile.reference.vision import VisionStage, prumerge_block, visionzip_block
 
 # ---- tensor functions -------------------------------------------------------------------------------
 
@@ -123,16 +124,25 @@ CASES = [
      lambda m, i, p: run_stages(m, i, p, first=pool_stage(side=4), sites={1: dart_site(m, keep=12)})),
     ("random", {"keep": 24, "then": "random site=llm@2 keep=6"},
      lambda m, i, p: run_stages(m, i, p, first=random_stage(36, keep=24), sites={2: random_site(6)})),
+    # a vision-site first stage: the new block is merged at the gathered placeholders, where the later site's
+    # analysis finds the boundary again
+    ("prumerge", {"keep": 8, "then": "fastv keep=4"},
+     lambda m, i, p: run_stages(m, i, p, first=VisionStage(lambda mm, px: prumerge_block(mm, px, 8)),
+                                sites={2: fastv_site(m, 4)})),
+    ("visionzip", {"dominant": 8, "contextual": 4, "then": "pyramiddrop"},
+     lambda m, i, p: run_stages(m, i, p, first=VisionStage(lambda mm, px: visionzip_block(mm, px, 8, 4)),
+                                sites=pyramiddrop_sites(m, 4))),
 ]
 
 
-# the first budget of each method and one stacked pair (DivPrune + FastV) run by default; the second budgets
-# and the other stacked pairs (the same two-stage machinery) are marked slow
+# the first budget of each method and two stacked pairs (DivPrune + FastV: a projector stage; PruMerge + FastV:
+# a vision stage) run by default; the second budgets and the other stacked pairs (the same two-stage machinery)
+# are marked slow
 SECOND = {1, 2, 4, 5, 7, 9, 13}
 
 
 def _slow(i: int, method: str, opts: dict) -> bool:
-    return i in SECOND or (opts.get("then") is not None and method != "divprune")
+    return i in SECOND or (opts.get("then") is not None and method not in ("divprune", "prumerge"))
 
 
 @pytest.mark.parametrize("method,opts,ref", [
@@ -150,6 +160,7 @@ def test_tokens_per_layer(tiny_build):
     assert tiny_build("divprune").llm_tokens(s) == [18] * 4  # round(0.098 * 36) = 4
     assert tiny_build("dart", keep=12).llm_tokens(s) == [50, 50, 26, 26]
     assert tiny_build("divprune", keep=20, then="fastv keep=8").llm_tokens(s) == [34, 34, 22, 22]
+    assert tiny_build("prumerge", keep=8, then="fastv keep=4").llm_tokens(s) == [23, 23, 18, 18]  # 9 tokens, then 4
 
 
 def test_stacked_renumber_after_keep_reads_unshifted_positions(tiny, tiny_build):

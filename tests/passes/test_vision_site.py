@@ -36,8 +36,9 @@ def test_projector_is_applied_to_the_new_tokens(tiny_build):
     b = tiny_build("visionzip", dominant=8, contextual=4)
     proj_width = b.facts.boundary.hidden_size
     linears = [n.meta["val"].shape for n in b.program.graph.nodes if n.target == torch.ops.aten.linear.default
-               and any(p == "vtrcompile.visionzip.selector" for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
-    # The projector copy runs on the 12 new tokens; the original projector (36 tokens) is dead and gone.
+               and any(p == b.facts.projector.module for p, _ in (n.meta.get("nn_module_stack") or {}).values())]
+    # The projector's copy (inline, with the projector's provenance) runs on the 12 new tokens; the original
+    # projector (36 tokens) is dead and gone.
     assert linears == [(1, 12, proj_width), (1, 12, proj_width)]
     all_linear = [n.meta["val"].shape for n in b.program.graph.nodes if n.target == torch.ops.aten.linear.default]
     assert (1, 36, proj_width) not in all_linear

@@ -9,7 +9,7 @@ from torch import fx
 from ..errors import AnalysisError
 from .facts import GraphFacts
 from .find_decoder_layers import SDPA, layer_nodes, qk_projections
-from .graph_utils import module_from_nodes
+from .graph_utils import copy_nodes
 
 
 @dataclass
@@ -46,12 +46,13 @@ def find_vision_taps(gm: fx.GraphModule, facts: GraphFacts) -> VisionTaps:
     return VisionTaps(features, patches, att[0], k_proj, nq, nk, has_cls=v.drops_cls)
 
 
-def projector_module(gm: fx.GraphModule, facts: GraphFacts) -> fx.GraphModule:
-    """The projector's nodes as a GraphModule of their own (sharing gm's weights), so a pass can apply
-    the projector to new vision tokens: forward(x [B, n, C]) -> [B, n, D]."""
+def apply_projector(gm: fx.GraphModule, facts: GraphFacts, x: fx.Node, after: fx.Node) -> list[fx.Node]:
+    """The projector's nodes copied inline after `after`, applied to new vision tokens x [B, n, C] -> [B, n, D]
+    (the last node returned), sharing gm's weights and keeping the projector's provenance: the rewritten graph
+    still shows a projector between the tower and the LLM, where the analysis of a later site looks for it."""
     pj = facts.projector
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     start, end = order[pj.input], order[pj.output]
     body = [n for n in gm.graph.nodes if start < order[n] <= end and n.op == "call_function"
             and pj.module in {p for p, _ in (n.meta.get("nn_module_stack") or {}).values()}]
-    return module_from_nodes(gm, body, pj.input, pj.output, f"the projector ({pj.module})")
+    return copy_nodes(gm, body, pj.input, x, pj.output, after, f"the projector ({pj.module})")

@@ -53,22 +53,47 @@ def tag_provenance(node: fx.Node, anchor: fx.Node, label: str) -> None:
     node.meta["nn_module_stack"] = stack
 
 
+def _check_reads(body: list[fx.Node], x_in: fx.Node, what: str) -> None:
+    """A body node may read x_in, another body node or a weight (get_attr); anything else is an error."""
+    from ..errors import AnalysisError
+
+    inside = set(body) | {x_in}
+    for n in body:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr":
+                raise AnalysisError(f"{what}: node {n.name} reads {a.name}, which is neither its input nor a "
+                                    "weight; cannot re-apply it")
+
+
 def module_from_nodes(gm: fx.GraphModule, body: list[fx.Node], x_in: fx.Node, out: fx.Node, what: str
                       ) -> fx.GraphModule:
     """`body` (nodes of gm, graph order) as a GraphModule of their own, forward(x) with x standing for `x_in`,
-    sharing gm's weights: so a pass can apply a copy of a module (the projector, the final norm) elsewhere.
+    sharing gm's weights: so a pass can apply a copy of a module (the final norm) elsewhere.
     A body node that reads anything other than x_in, another body node or a weight is an error."""
-    from ..errors import AnalysisError
-
+    _check_reads(body, x_in, what)
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {x_in: g.placeholder("x")}
     for n in body:
         for a in n.all_input_nodes:
             if a not in env:
-                if a.op != "get_attr":
-                    raise AnalysisError(f"{what}: node {n.name} reads {a.name}, which is neither its input nor a "
-                                        "weight; cannot re-apply it")
                 env[a] = g.get_attr(a.target)
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[out])
     return fx.GraphModule(gm, g)
+
+
+def copy_nodes(gm: fx.GraphModule, body: list[fx.Node], x_in: fx.Node, x: fx.Node, out: fx.Node, after: fx.Node,
+               what: str) -> list[fx.Node]:
+    """`body` (nodes of gm, graph order) applied again, inline, to `x` in place of `x_in`, inserted after
+    `after`: the copies keep the originals' provenance (a module re-applied is still that module), read the
+    same weights, and end with the copy of `out`. Returns the copies, in order."""
+    _check_reads(body, x_in, what)
+    env: dict[fx.Node, fx.Node] = {x_in: x}
+    copies = []
+    cursor = after
+    for n in body:
+        with gm.graph.inserting_after(cursor):
+            cursor = env[n] = gm.graph.node_copy(n, lambda a: env.get(a, a))
+        copies.append(cursor)
+    assert copies[-1] is env[out]
+    return copies

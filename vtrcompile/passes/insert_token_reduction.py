@@ -28,6 +28,7 @@ from ..methods.tensor_ops import (
     first_image_row,
     gather_dim,
     gather_seq_dims,
+    merge_image_block,
     patch_features,
     patch_rows,
     renumbered_index,
@@ -37,14 +38,13 @@ from ..methods.tensor_ops import (
     view_order,
     with_rows,
     with_rows_merged,
-    write_image_block,
 )
 from .analysis import analyze
 from .base import PassResult, finish_transform
 from .facts import DecoderLayer
 from .find_decoder_layers import inputs_written_between_layers
 from .find_final_norm import final_norm_module
-from .find_vision_taps import VisionTaps, find_vision_taps, projector_module
+from .find_vision_taps import VisionTaps, apply_projector, find_vision_taps
 from .graph_utils import refresh_meta, stable_topological_sort, tag_provenance
 from .provenance import descendants, val
 
@@ -194,13 +194,9 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
         inputs.vision = find_vision_taps(gm, facts)
         fn, args, kwargs = red.selector(inputs)
         feats = add(fn, args, kwargs, "selector")
-        name = f"vtrcompile_projector_{red.method}"
-        gm.add_submodule(name, projector_module(gm, facts))
-        with g.inserting_after(cursor):
-            block = g.call_module(name, (feats,))
-        tag_provenance(block, h, f"{red.method}.selector")
-        new.append(block)
-        cursor = block
+        projected = apply_projector(gm, facts, feats, cursor)
+        new += projected
+        block = cursor = projected[-1]
         kept = add(block_order, (block,), None, "selector")
     elif red.selector is None:
         kept = rows
@@ -227,7 +223,11 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     if mix is not None:
         h2 = add(apply_image_mix, (h2, h, start, mix, n_here), None, "selector")
     if block is not None:
-        h2 = add(write_image_block, (h2, start, block), None, "gather")
+        # The new block enters the shorter sequence as the model's own image merge would (merge_image_block at
+        # the gathered placeholders): a later site's analysis finds it there as the boundary, with n rows.
+        ids = add(gather_dim, (facts.boundary.input_ids, idx, 1), None, "gather")
+        h2 = add(merge_image_block, (h2, ids, block),
+                 {"image_token_id": facts.boundary.image_token_id, "n_image": red.count}, "gather")
     pos = idx if red.positions == "keep" else add(renumbered_index, (idx,), None, "gather")
     s2 = add(torch.ops.aten.sym_size.int, (h2, 1), None, "gather")
 
