@@ -383,7 +383,8 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
 @click.option("--metric", type=click.Choice(["accuracy", "agreement", "kl"]), default=None,
               help="Quality metric (default: accuracy with labels, agreement without).")
 @click.option("--first", default=None,
-              help="A projector method that runs before the LLM, e.g. \"divprune keep=288\": the schedule is searched "
+              help="A vision or projector method that runs before the LLM, e.g. \"divprune keep=288\" or \"prumerge "
+                   "keep=32\": the schedule is searched "
                    "on the tokens it leaves and compiles as --method divprune --keep 288 --then \"schedule "
                    "schedule=FILE\".")
 @_tiles_opt

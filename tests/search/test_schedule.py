@@ -20,6 +20,7 @@ from vtrcompile.optimize import model_id, write_engine
 from vtrcompile.reference.baselines import divprune_stage, projector_stage
 from vtrcompile.reference.blocks import full_logits
 from vtrcompile.reference.methods import run_stages, schedule_reference, schedule_sites
+from vtrcompile.reference.vision import prumerge_plus_reference, prumerge_reference, visionzip_reference
 from vtrcompile.search.evaluator import ScheduleEvaluator
 from vtrcompile.search.schedule_file import load_schedule, save_schedule
 
@@ -156,6 +157,48 @@ def test_schedule_after_a_projector_stage_equals_reference_and_evaluator(tiny, t
         assert max_diff(got[i], graph[0]) <= REFERENCE_ATOL
 
 
+# A vision-site method as the first stage: its eager block comes from the pixels (reference/vision.py), and the
+# search's evaluator runs the same stage; (method, options given, the canonical text, tokens it leaves).
+VISION_FIRSTS = [
+    ("prumerge", {"keep": 8}, "prumerge keep=8", 9),
+    ("prumerge-plus", {"keep_ratio": 0.25}, "prumerge-plus keep_ratio=0.25", 19),
+    ("visionzip", {"dominant": 8, "contextual": 4}, "visionzip contextual=4 dominant=8", 12),
+]
+
+
+@pytest.mark.parametrize("method,given,text,n", VISION_FIRSTS, ids=[v[0] for v in VISION_FIRSTS])
+def test_schedule_after_a_vision_stage_equals_reference_and_evaluator(tiny, tmp_path, method, given, text, n):
+    """A vision-site method, then a searched schedule over the n tokens it leaves: the engine equals the eager
+    composition of the two references and the search evaluator run with the same first stage."""
+    from vtrcompile.reference.vision import vision_stage
+    from vtrcompile.search.job import first_stage
+
+    m, keeps = tiny.hf_model, [n, n, n // 2, 2]
+    path = _write(tmp_path, tiny, keeps, n_image=n, first=text)
+    b = build(tiny, method, {**given, "then": f"schedule schedule={path}"})
+    assert [(r.method, r.layer, r.count) for r in b.reductions] == [(method, 0, n), ("schedule", 2, n // 2),
+                                                                     ("schedule", 3, 2)]
+    stage, canonical = first_stage(m, " ".join([method, *(f"{k}={v}" for k, v in given.items())]))
+    assert canonical == text
+    cases = prompts(m.config)[:3]
+    ev = ScheduleEvaluator(m, [Item(ids.numpy(), px.numpy()) for ids, px in cases], first=stage)
+    assert ev.n_image == n
+    got = ev.logits(keeps)
+    ref_stage = vision_stage(resolve(method, given, 36, 4)[0])
+    for i, (ids, px) in enumerate(cases):
+        with torch.no_grad():
+            graph = b.logits(ids, px)
+        ref = run_stages(m, ids, px, first=ref_stage, sites=schedule_sites(m, keeps))
+        assert max_diff(graph, ref) <= REFERENCE_ATOL
+        assert max_diff(got[i], graph[0]) <= REFERENCE_ATOL
+    # the stage alone (the evaluator's unreduced schedule) is the vision method's own whole-model reference
+    alone = {"prumerge": lambda i, p: prumerge_reference(m, i, p, 8),
+             "prumerge-plus": lambda i, p: prumerge_plus_reference(m, i, p, 0.25),
+             "visionzip": lambda i, p: visionzip_reference(m, i, p, 8, 4)}[method]
+    for i, (ids, px) in enumerate(cases):
+        assert max_diff(ev.full[i], alone(ids, px)[0]) <= REFERENCE_ATOL
+
+
 def test_a_schedule_is_compiled_after_the_stage_it_was_searched_after(tiny, tmp_path):
     staged = _write(tmp_path, tiny, [20, 20, 10, 5], name="staged.json", n_image=20, first=FIRST)
     plain = _write(tmp_path, tiny, [36, 20, 10, 5], name="plain.json")
@@ -187,7 +230,7 @@ def test_search_with_a_first_stage_end_to_end(tiny, tmp_path, calibration_dir):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["search", "tiny", "--algo", "gsearch", "--calibration", str(calibration_dir),
                                   "--out", str(tmp_path / "h.json"), "--first", "fastv keep=9"])
-    assert r.exit_code == 2 and "fastv is not a projector method the search can run" in r.output
+    assert r.exit_code == 2 and "fastv is not a vision or projector method the search can run" in r.output
 
 
 def test_keep_auto_refuses_the_test_split():

@@ -27,6 +27,7 @@ from .blocks import (
     top_rows_ascending,
     with_protected,
 )
+from .vision import VisionStage
 
 
 def kept_rows(s: int, start: int, n: int, kept: torch.Tensor) -> torch.Tensor:
@@ -111,11 +112,24 @@ def projector_stage_rows(first, feats: torch.Tensor, h: torch.Tensor, pos: torch
     return h, pos, block.shape[0]
 
 
+def first_stage_rows(first, model, pixel_values: torch.Tensor, feats: torch.Tensor, h: torch.Tensor,
+                     pos: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The first stage of a stacked reduction or a search, before layer 0: a projector stage on the image
+    features `feats` [N, D] (projector_stage_rows), or a VisionStage, whose rows from the pixels replace the
+    block, every position renumbered (vision-site methods). -> (h, positions, n)."""
+    if not isinstance(first, VisionStage):
+        return projector_stage_rows(first, feats, h, pos, start)
+    block = first(model, pixel_values)
+    rows = kept_rows(h.shape[1], start, feats.shape[0], torch.arange(block.shape[0]))
+    h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + feats.shape[0]:]], dim=1)
+    return h, renumbered(pos, rows), block.shape[0]
+
+
 def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> torch.Tensor:
     """Run the decoder layer by layer; before each site layer l, `reduce(l, h_in_prev, h, pos, start, n)`
     returns the new (h, pos, n) from h (entering layer l) and h_in_prev (what entered layer l-1).
-    `first(feats [N, D]) -> (block [n, D], positions)` replaces the image block before layer 0 (a projector
-    stage); positions 'keep' or 'renumber'."""
+    `first` replaces the image block before layer 0: a projector stage `first(feats [N, D]) -> (block [n, D],
+    positions 'keep' or 'renumber', kept)`, or a VisionStage (first_stage_rows)."""
     n_layers = len(language_model(model).layers)
     feats = image_features(model, pixel_values, input_ids.shape[0])
     h = embed_prompt(model, input_ids, feats)
@@ -125,7 +139,7 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     token = PROTECTED.set(protected_mask(model, n))
     try:
         if first is not None:
-            h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
+            h, pos, n = first_stage_rows(first, model, pixel_values, feats[0], h, pos, start)
         h_prev = h
         for layer in range(n_layers):
             if layer in sites:
@@ -235,7 +249,7 @@ def schedule_reference(model, input_ids, pixel_values, keeps: list[int]) -> torc
 
 
 def run_stages(model, input_ids, pixel_values, first=None, sites: dict | None = None) -> torch.Tensor:
-    """A projector stage, then LLM sites {layer: reduce}: every progressive reference, and the composition a
+    """A projector or vision stage, then LLM sites {layer: reduce}: every progressive reference, and the composition a
     stacked engine must equal."""
     sites = sites or {}
     return torch.no_grad()(_progressive)(model, input_ids, pixel_values, set(sites),

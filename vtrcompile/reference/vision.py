@@ -1,6 +1,12 @@
-"""Eager references of the vision-site methods (PruMerge, PruMerge+, VisionZip), batch 1, from the spec."""
+"""Eager references of the vision-site methods (PruMerge, PruMerge+, VisionZip), batch 1, from the spec.
+
+Each method's block (`*_block`: pixels -> the projected rows that replace the image block) is also a first
+stage (`vision_stage`) for stacked references and for `search --first`."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -53,24 +59,22 @@ def _prumerge_tokens(model, pixel_values, kept_of) -> torch.Tensor:
     return torch.stack(out)
 
 
-@torch.no_grad()
-def prumerge_reference(model, input_ids, pixel_values, keep: int) -> torch.Tensor:
+def prumerge_block(model, pixel_values, keep: int) -> torch.Tensor:
+    """PruMerge's keep + 1 projected tokens [keep + 1, D]."""
     tokens = _prumerge_tokens(model, pixel_values, lambda a, n: _stable_top(a, keep))
-    return _llm_logits(model, input_ids, model.model.multi_modal_projector(tokens[None])[0])
+    return model.model.multi_modal_projector(tokens[None])[0]
 
 
-@torch.no_grad()
-def prumerge_plus_reference(model, input_ids, pixel_values, ratio: float = 0.125) -> torch.Tensor:
+def prumerge_plus_block(model, pixel_values, ratio: float = 0.125) -> torch.Tensor:
     def kept(a, n):
         step = int(1 / ratio)
         return _stable_top(a, int(n * ratio)) + list(range(step // 2, n - 1, step))
 
     tokens = _prumerge_tokens(model, pixel_values, kept)
-    return _llm_logits(model, input_ids, model.model.multi_modal_projector(tokens[None])[0])
+    return model.model.multi_modal_projector(tokens[None])[0]
 
 
-@torch.no_grad()
-def visionzip_reference(model, input_ids, pixel_values, dominant: int, contextual: int) -> torch.Tensor:
+def visionzip_block(model, pixel_values, dominant: int, contextual: int) -> torch.Tensor:
     h_in, hf, layer = _feature_states(model, pixel_values)
     blk = model.model.vision_tower.encoder.layers[layer]
     att = blk.self_attn
@@ -95,4 +99,42 @@ def visionzip_reference(model, input_ids, pixel_values, dominant: int, contextua
         joined[targets[int(torch.argmax(sims))]].append(o)
     ctx = [h[t] + (torch.stack([h[j] for j in joined[t]]).mean(dim=0) if joined[t] else 0) for t in targets]
     tokens = torch.cat([h[dom], torch.stack(ctx)])
-    return _llm_logits(model, input_ids, model.model.multi_modal_projector(tokens[None])[0])
+    return model.model.multi_modal_projector(tokens[None])[0]
+
+
+@torch.no_grad()
+def prumerge_reference(model, input_ids, pixel_values, keep: int) -> torch.Tensor:
+    return _llm_logits(model, input_ids, prumerge_block(model, pixel_values, keep))
+
+
+@torch.no_grad()
+def prumerge_plus_reference(model, input_ids, pixel_values, ratio: float = 0.125) -> torch.Tensor:
+    return _llm_logits(model, input_ids, prumerge_plus_block(model, pixel_values, ratio))
+
+
+@torch.no_grad()
+def visionzip_reference(model, input_ids, pixel_values, dominant: int, contextual: int) -> torch.Tensor:
+    return _llm_logits(model, input_ids, visionzip_block(model, pixel_values, dominant, contextual))
+
+
+@dataclass(frozen=True)
+class VisionStage:
+    """A vision-site method as the first stage of a stacked reference or a search: (model, pixel_values [1, 3,
+    H, W]) -> the projected rows [n, D] that replace the image block; every position renumbered after it."""
+
+    block: Callable[..., torch.Tensor]
+
+    def __call__(self, model, pixel_values) -> torch.Tensor:
+        return self.block(model, pixel_values)
+
+
+def vision_stage(reduction) -> VisionStage | None:
+    """The eager stage of a planned vision-site Reduction (PruMerge, PruMerge+, VisionZip), or None."""
+    o = reduction.options
+    if reduction.method == "prumerge":
+        return VisionStage(lambda m, px: prumerge_block(m, px, o["keep"]))
+    if reduction.method == "prumerge-plus":
+        return VisionStage(lambda m, px: prumerge_plus_block(m, px, o["keep_ratio"]))
+    if reduction.method == "visionzip":
+        return VisionStage(lambda m, px: visionzip_block(m, px, o["dominant"], o["contextual"]))
+    return None

@@ -26,7 +26,7 @@ from ..reference.blocks import (
     run_layers,
 )
 from ..reference.blocks import top_rows_ascending as _top
-from ..reference.methods import projector_stage_rows, suffix_scores
+from ..reference.methods import first_stage_rows, suffix_scores
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class _State:
 
 class ScheduleEvaluator:
     def __init__(self, model, items: list, answers: list[int] | None = None, first=None) -> None:
-        """`first`: a projector stage (reference/baselines.py) applied before the LLM; the schedule then
-        counts the image tokens it leaves."""
+        """`first`: a projector stage (reference/baselines.py) or a vision stage (reference/vision.py) applied
+        before the LLM; the schedule then counts the image tokens it leaves."""
         self.model = model.eval()
         self.layers = len(language_model(model).layers)
         self.answers = answers
@@ -55,7 +55,7 @@ class ScheduleEvaluator:
                 h, start = embed_prompt(model, ids, feats), image_start(model, ids)
                 pos, n = prompt_positions(model, ids), int(feats.shape[1])
                 if first is not None:
-                    h, pos, n = projector_stage_rows(first, feats[0], h, pos, start)
+                    h, pos, n = first_stage_rows(first, model, px.to(feats.dtype), feats[0], h, pos, start)
                 self._h0.append((h, start, pos))
             self.n_image = n
         self._cp: tuple[int, tuple[int, ...], list[_State]] | None = None

@@ -41,18 +41,21 @@ def _partial(out: Path, algo: str, settings: dict, model_id: str) -> dict[str, l
 
 
 def first_stage(model, text: str, tiles: int = 1):
-    """'divprune keep=288' -> (its eager projector stage, the canonical text a stacked build must match)."""
+    """'divprune keep=288' -> (its eager projector or vision stage, the canonical text a stacked build must
+    match)."""
     from ..methods.registry import parse_then, resolve, stage_text, validate
     from ..models.family import family_of
     from ..reference.baselines import projector_stage
+    from ..reference.vision import vision_stage
 
     method, given = parse_then(text)
     fam = family_of(model)
     plan = resolve(method, given, fam.image_token_count(model.config, tiles), len(fam.language_model(model).layers))
-    stage = projector_stage(plan[0]) if len(plan) == 1 and plan[0].site == "projector" else None
+    makers = {"projector": projector_stage, "vision": vision_stage}
+    stage = makers[plan[0].site](plan[0]) if len(plan) == 1 and plan[0].site in makers else None
     if stage is None:
-        raise VtrError(f"--first: {method} is not a projector method the search can run (random, pool, divprune, "
-                       "gprune)")
+        raise VtrError(f"--first: {method} is not a vision or projector method the search can run (random, pool, "
+                       "divprune, gprune, prumerge, prumerge-plus, visionzip)")
     return stage, stage_text(method, validate(method, given))
 
 
