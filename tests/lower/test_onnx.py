@@ -215,3 +215,12 @@ def test_host_check_rejects_bad_prompts():
         check_prompt(np.array([[1, 9, 9, 2, 2]]), 9, 3)
     with pytest.raises(VtrError, match="followed by at least one text token"):
         check_prompt(np.array([[1, 2, 9, 9, 9]]), 9, 3)
+
+
+def test_sessions_stop_spinning_after_each_run(engines):
+    """A session's idle workers must not hold the cores while the next engine (the decode step, or the other
+    engine of a timed pair) runs: lower/onnxruntime._thread_options."""
+    eng = OrtEngine(engines["none"].files[-1], threads=2)
+    opts = eng.session.get_session_options()
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert opts.intra_op_num_threads == 2
