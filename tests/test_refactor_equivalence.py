@@ -24,6 +24,9 @@ BEFORE = json.loads((Path(__file__).parent / "data" / "programs_before_method_mo
 # the boundary there), which adds the placeholders' gather, the block start found again and the block's reshapes.
 VISION_SITE_MERGE = {"aten.gather.default": 1, "aten.expand.default": 1, "aten.eq.Scalar": 1, "aten.to.dtype": 1,
                      "aten.argmax.default": 1, "aten.reshape.default": 2}
+# And every engine: each boolean attention mask (the model's, and each llm@ site's gathered copy) is made additive
+# once (passes/replace_bool_attention_masks.py): a where and a cast per mask.
+ADDITIVE_MASK = {"aten.where.Scalar": 1, "aten.to.dtype": 1}
 
 
 # Configurations whose engines the default run does not build elsewhere (second budgets, one per kind kept) run
@@ -37,6 +40,8 @@ def test_program_unchanged(tiny, tiny_build, name):
     expected = collections.Counter(want["ops"])
     if any(r.site == "vision" for r in b.reductions):
         expected.update(VISION_SITE_MERGE)
+    for _ in range(1 + len({r.layer for r in b.reductions if r.site == "llm"})):
+        expected.update(ADDITIVE_MASK)
     assert dict(sorted(ops.items())) == dict(sorted(expected.items()))
     for (pre, suf, seed), logits in zip(((5, 8, 10), (20, 3, 12)), want["logits"], strict=True):
         ids, px = example_prompt(tiny.hf_model.config, pre, suf, seed=seed)

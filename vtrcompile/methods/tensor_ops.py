@@ -37,6 +37,12 @@ def merge_image_block(text_embeds: torch.Tensor, input_ids: torch.Tensor, image_
     return torch.where(inside[..., None], gathered, text_embeds)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean attention mask (True = may attend), any shape -> the same shape in `dtype`: 0 where True, the
+    dtype's lowest finite value where False (softmax then gives those keys exactly 0)."""
+    return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
 def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores [B, N] -> [B, k] int64: indices of the k highest scores, sorted by index."""
     top = torch.topk(scores, k, dim=-1, largest=True, sorted=False).indices

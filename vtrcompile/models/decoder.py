@@ -32,8 +32,8 @@ class DecodeStep(nn.Module):
     (logits [B,vocab] float32, present k/v per layer [B,kv,P_l+1,d] ..., layer_position_ids + 1).
 
     The new token sits at position layer_position_ids[:, l] in layer l and attends to the whole cache of
-    that layer plus itself (one query row: no causal mask needed; an all-true mask keeps HF on the same
-    expanded-GQA attention path as the prefill).
+    that layer plus itself (one query row: no causal mask needed; an all-zero additive mask keeps HF on the
+    same expanded-GQA attention path as the prefill, and exports without the NaN guard a boolean one brings).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -46,7 +46,7 @@ class DecodeStep(nn.Module):
         h = lm.embed_tokens(input_ids)
         for i, layer in enumerate(lm.layers):
             pos = layer_position_ids[:, i:i + 1]
-            mask = torch.ones(h.shape[0], 1, 1, past[2 * i].shape[2] + 1, dtype=torch.bool, device=h.device)
+            mask = torch.zeros(h.shape[0], 1, 1, past[2 * i].shape[2] + 1, dtype=h.dtype, device=h.device)
             h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache,
                       position_embeddings=lm.rotary_emb(h, pos))
         logits = self.model.lm_head(lm.norm(h))[:, -1, :].float()

@@ -9,6 +9,7 @@ from .base import Pass
 from .fold_whole_splits import fold_whole_splits
 from .insert_cache_outputs import insert_cache_outputs
 from .insert_token_reduction import Reduction, insert_token_reduction
+from .replace_bool_attention_masks import replace_bool_attention_masks
 from .replace_image_index_writes import replace_image_index_writes
 from .replace_masked_scatter import replace_masked_scatter
 from .strip_runtime_asserts import strip_runtime_asserts
@@ -16,7 +17,7 @@ from .strip_runtime_asserts import strip_runtime_asserts
 
 def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[str],
                    position_input: int | None = None) -> list[tuple[Pass, Any]]:
-    """strip asserts -> fold one-chunk splits -> fixed-size image merge and image-row writes -> one reduction per site, shallow to deep -> KV cache outputs.
+    """strip asserts -> fold one-chunk splits -> fixed-size image merge and image-row writes -> one reduction per site, shallow to deep -> additive attention masks -> KV cache outputs.
 
     The baseline engine runs the same list with no reductions, so both engines differ only there.
     attention_modules: each decoder layer's attention module path (from the analysis of the unmodified graph).
@@ -26,5 +27,6 @@ def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[
                                       (replace_masked_scatter, None), (replace_image_index_writes, None)]
     for red in sorted(reductions, key=lambda r: r.layer):
         passes.append((insert_token_reduction, red))
+    passes.append((replace_bool_attention_masks, None))
     passes.append((insert_cache_outputs, (list(attention_modules), list(reductions), position_input)))
     return passes
