@@ -29,6 +29,29 @@ def test_gprune_scores_match_reference_formula():
     assert torch.allclose(gprune_scores(f)[0], gprune_reference_scores(f[0]), rtol=1e-5, atol=1e-6)
 
 
+def test_gprune_scores_equal_the_spec_steps_bit_for_bit():
+    """The selector folds the spec's two masking steps into one select: the scores must not change at all."""
+    def spec_steps(features):
+        f = features.float()
+        w = f.norm(dim=-1)
+        a = (f / w[..., None]) @ (f / w[..., None]).transpose(1, 2)
+        a = a.clone()
+        a[a < 0.5] = 0
+        a = a / 0.03
+        a[a.abs() < 1e-6] = -5000
+        p = torch.softmax(a, dim=-1)
+        v = w[:, None, :]
+        for _ in range(5):
+            v = v @ p
+        return v[:, 0, :] / (p != 0).sum(dim=-1).to(torch.float32)
+
+    for seed in range(6):
+        torch.manual_seed(seed)
+        f = torch.randn(1, 200, 32) + (2.0 * torch.randn(1, 1, 32) if seed % 2 else 0.0)
+        f[0, 3] = 1.5 * f[0, 9]  # a duplicated direction
+        assert torch.equal(gprune_scores(f), spec_steps(f))
+
+
 def test_gprune_isolated_tokens_score_by_norm():
     # Orthogonal features: no edges above 0.5 except self, so P = I, deg = 1 and s = ||F_i||.
     f = torch.eye(4)[None] * torch.tensor([1.0, 3.0, 2.0, 0.5])[None, :, None]

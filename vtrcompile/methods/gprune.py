@@ -24,10 +24,13 @@ def gprune_scores(features: torch.Tensor) -> torch.Tensor:
     w = f.norm(dim=-1)  # [B, N]
     fn = f / w[..., None]
     a = torch.matmul(fn, fn.transpose(1, 2))
-    a = torch.where(a < SIM_THRESHOLD, torch.zeros_like(a), a) / TEMPERATURE
-    a = torch.where(a.abs() < 1e-6, torch.full_like(a, -5000.0), a)
+    # The two masking steps in one select with a scalar: an entry below the threshold becomes 0, then -5000
+    # (|0| < 1e-6), and every kept one is >= 0.5 / 0.03, so the second test never fires on it: the same values
+    # bit for bit (NaN included), without two full N x N operands (two selects took 24% of the demo model's
+    # reduced prefill in ONNX Runtime).
+    a = torch.where(a < SIM_THRESHOLD, -5000.0, a / TEMPERATURE)
     p = torch.softmax(a, dim=-1)
-    deg = (p != 0).sum(dim=-1).to(torch.float32)  # [B, N]
+    deg = (p != 0).to(torch.float32).sum(dim=-1)  # [B, N]: counts are exact in float32
     v = w[:, None, :]  # row vector [B, 1, N]
     for _ in range(ITERATIONS):
         v = torch.matmul(v, p)
