@@ -139,3 +139,18 @@ def test_a_checkpoint_asked_for_in_another_dtype_is_in_that_dtype_everywhere():
         n: p.dtype for n, p in loaded.module.named_parameters()}
     assert {p.dtype for p in lazy.module.parameters()} == {torch.bfloat16}
     assert {n: b.dtype for n, b in lazy.module.named_buffers()} == {n: b.dtype for n, b in loaded.module.named_buffers()}
+
+
+def test_openvino_estimate_follows_the_measured_peak(checkpoint):
+    """A lazily read checkpoint to .xml: the estimate is the weights once plus the runtime (7B bf16 measured 14.2 GB
+    peak for 14.1 GB of weights); an in-memory model keeps the larger 1.5x."""
+    from vtrcompile.memory import RUNTIME, optimize_estimate, weight_bytes
+
+    src = load_model(str(checkpoint))
+    w = weight_bytes(src, torch.float32)
+    need, what, advice = optimize_estimate(src, "openvino", torch.float32, profile=False)
+    assert need == pytest.approx(RUNTIME + w) and "read by OpenVINO" in what
+    assert any(".onnx engine" in a for a in advice)
+    eager = load_model("tiny")
+    assert optimize_estimate(eager, "openvino", torch.float32, False)[0] == pytest.approx(
+        RUNTIME + 1.5 * weight_bytes(eager, torch.float32))
