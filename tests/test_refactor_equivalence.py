@@ -27,6 +27,10 @@ VISION_SITE_MERGE = {"aten.gather.default": 1, "aten.expand.default": 1, "aten.e
 # And every engine: each boolean attention mask (the model's, and each llm@ site's gathered copy) is made additive
 # once (passes/replace_bool_attention_masks.py): a where and a cast per mask.
 ADDITIVE_MASK = {"aten.where.Scalar": 1, "aten.to.dtype": 1}
+# And G-Prune's selector: its two N x N selects folded into one select with a scalar (same scores bit for bit,
+# tests/methods/test_methods.py).
+GPRUNE_ONE_SELECT = {"aten.where.ScalarSelf": 1, "aten.where.self": -2, "aten.zeros_like.default": -1,
+                     "aten.full_like.default": -1, "aten.abs.default": -1, "aten.lt.Scalar": -1}
 
 
 # Configurations whose engines the default run does not build elsewhere (second budgets, one per kind kept) run
@@ -42,6 +46,10 @@ def test_program_unchanged(tiny, tiny_build, name):
         expected.update(VISION_SITE_MERGE)
     for _ in range(1 + len({r.layer for r in b.reductions if r.site == "llm"})):
         expected.update(ADDITIVE_MASK)
+    if any(r.method == "gprune" for r in b.reductions):
+        expected.update(GPRUNE_ONE_SELECT)
+    assert min(expected.values()) >= 0, expected  # a delta removes only ops the snapshot had
+    expected = +expected  # drop the ops no longer there
     assert dict(sorted(ops.items())) == dict(sorted(expected.items()))
     for (pre, suf, seed), logits in zip(((5, 8, 10), (20, 3, 12)), want["logits"], strict=True):
         ids, px = example_prompt(tiny.hf_model.config, pre, suf, seed=seed)
