@@ -58,15 +58,16 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool) -
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
-    if source.weights is not None and backend in ("onnxruntime", "tensorrt"):
+    streamed = source.weights is not None and backend in ("onnxruntime", "tensorrt")
+    if streamed:
         need, what = RUNTIME + 3 * 4 * source.weights.largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
     elif source.weights is not None and backend == "openvino":
         # The weights stream into the ONNX store; OpenVINO's reader then touches each once while it writes the IR:
         # measured 14.2 GB peak for 14.1 GB of weights (7B bf16, 2026-12-04).
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by OpenVINO while it writes the IR"
-        advice.append("write an .onnx engine (its weights stream from a Hugging Face checkpoint)")
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
+    if not streamed:
         advice.append("write an .onnx engine (its weights stream from a Hugging Face checkpoint)")
     if profile:
         need += 2 * w

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
+def attention_mask_arg(op: fx.Node) -> tuple[str | int, fx.Node | None]:
+    """Where an SDPA call holds its attention mask (positional index 3, or the keyword) and the mask node."""
+    if len(op.args) > 3:
+        return 3, op.args[3]
+    return "attn_mask", op.kwargs.get("attn_mask")
+
+
 def attention_ops(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
 
@@ -95,7 +102,7 @@ def find_decoder_layers(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
         if isinstance(res, str):
             raise AnalysisError(f"{path}: cannot tell the residual-stream input ({res})")
         q, k, v = op.args[:3]
-        mask = op.args[3] if len(op.args) > 3 else op.kwargs.get("attn_mask")
+        _, mask = attention_mask_arg(op)
         att_path = module_stack(op)[-1][0]
         _, k_lin = qk_projections(op, nodes)
         layers.append(DecoderLayer(

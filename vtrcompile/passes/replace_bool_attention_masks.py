@@ -15,19 +15,11 @@ from torch import fx
 
 from ..methods.tensor_ops import additive_mask
 from .base import PassResult, finish_transform
+from .find_decoder_layers import SDPA, attention_mask_arg
 from .graph_utils import refresh_meta
 from .provenance import val
 
 log = logging.getLogger(__name__)
-
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
-
-
-def _mask_arg(node: fx.Node) -> tuple[str | int, fx.Node | None]:
-    """Where the attention mask sits in an SDPA call (positional index 3 or the keyword), and the node."""
-    if len(node.args) > 3:
-        return 3, node.args[3]
-    return "attn_mask", node.kwargs.get("attn_mask")
 
 
 def replace_bool_attention_masks(gm: fx.GraphModule, config=None) -> PassResult:
@@ -42,7 +34,7 @@ def replace_bool_attention_masks(gm: fx.GraphModule, config=None) -> PassResult:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != SDPA:
             continue
-        where, mask = _mask_arg(node)
+        where, mask = attention_mask_arg(node)
         if not isinstance(mask, fx.Node) or val(mask).dtype != torch.bool:
             continue
         if mask not in converted:

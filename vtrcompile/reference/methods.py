@@ -117,12 +117,10 @@ def first_stage_rows(first, model, pixel_values: torch.Tensor, feats: torch.Tens
     """The first stage of a stacked reduction or a search, before layer 0: a projector stage on the image
     features `feats` [N, D] (projector_stage_rows), or a VisionStage, whose rows from the pixels replace the
     block, every position renumbered (vision-site methods). -> (h, positions, n)."""
-    if not isinstance(first, VisionStage):
-        return projector_stage_rows(first, feats, h, pos, start)
-    block = first(model, pixel_values)
-    rows = kept_rows(h.shape[1], start, feats.shape[0], torch.arange(block.shape[0]))
-    h = torch.cat([h[:, :start], block[None].to(h.dtype), h[:, start + feats.shape[0]:]], dim=1)
-    return h, renumbered(pos, rows), block.shape[0]
+    if isinstance(first, VisionStage):  # as a projector stage whose rows are all new: kept = 0..n-1, renumbered
+        block = first(model, pixel_values)
+        first = lambda _feats: (block, "renumber", torch.arange(block.shape[0]))  # noqa: E731
+    return projector_stage_rows(first, feats, h, pos, start)
 
 
 def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> torch.Tensor:
