@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import VtrError
+from ..lower.atomic import scratch_dir
 from ..models.prompt import layout_prompt
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,11 @@ def copy_tokenizer(model_dir: Path, folder: Path, model_id: str) -> Path:
     dest = folder / tokenizer_folder_name(model_id)
     if dest.is_dir():
         return dest
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
-    try:
+    with scratch_dir(folder, f".{dest.name}.") as tmp:
         for f in TOKENIZER_FILES:
             if (model_dir / f).is_file():
                 shutil.copy2(model_dir / f, tmp / f)
         os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import VtrError
@@ -34,10 +35,27 @@ def _check_writable(out: Path) -> None:
     if out.is_dir():
         raise VtrError(f"cannot write {out}: it is a directory; give a file name such as {out}/engine.onnx")
     # the OS may refuse even where permissions look fine (/proc, a read-only mount, a name too long): ask it now
-    os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.probe.", dir=parent))
+    with scratch_dir(parent, f".{out.name[:64]}.probe."):
+        pass
     probe = parent / f".{out.name}.vtr-probe"
-    probe.touch()
-    probe.unlink()
+    try:
+        probe.touch()
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@contextmanager
+def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new folder in `parent` for the body to write in, removed on leaving (what the body renamed out of it
+    stays). Its name is chosen before it exists and it is made inside the try, so a signal (SIGINT, SIGTERM:
+    raised in Python) landing anywhere leaves nothing behind; tempfile.mkdtemp makes the folder before it returns
+    its name, and an interrupt in between leaked it (a search's partial file, seen in tests/test_interrupts.py)."""
+    path = parent / f"{prefix}{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    try:
+        path.mkdir(mode=0o700)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
@@ -45,22 +63,17 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
     (the main file and sidecars such as `<name>.data`) into place. Returns the final paths."""
     check_writable(out)
     try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", dir=out.parent))
-    except OSError as e:
+        with scratch_dir(out.parent, f".{out.name[:64]}.") as tmpdir:
+            write(tmpdir / out.name)
+            made = sorted(tmpdir.iterdir(), key=lambda p: p.name != out.name)
+            if not made or made[0].name != out.name:
+                raise VtrError(f"the backend wrote no {out.name}")
+            final = []
+            for p in made[1:] + made[:1]:  # sidecars first, main file last
+                dest = out.parent / p.name
+                os.replace(p, dest)
+                final.append(dest)
+            return final
+    except OSError as e:  # no room for the folder, disk full, file system gone read-only, ...: nothing partial stays
         raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__} in {out.parent}; choose another "
                        "--out") from None
-    try:
-        write(tmpdir / out.name)
-        made = sorted(tmpdir.iterdir(), key=lambda p: p.name != out.name)
-        if not made or made[0].name != out.name:
-            raise VtrError(f"the backend wrote no {out.name}")
-        final = []
-        for p in made[1:] + made[:1]:  # sidecars first, main file last
-            dest = out.parent / p.name
-            os.replace(p, dest)
-            final.append(dest)
-        return final
-    except OSError as e:  # disk full, file system gone read-only, ...: nothing partial stays behind
-        raise VtrError(f"cannot write {out}: {e.strerror or type(e).__name__}") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)

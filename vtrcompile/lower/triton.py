@@ -6,11 +6,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import VtrError
+from .atomic import scratch_dir
 
 MARKER = "vtrcompile.json"  # our sidecar inside the model folder; also marks folders we may replace
 _TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
@@ -59,19 +59,15 @@ def write_model(repo: Path, name: str, plan: Path, sidecar: dict[str, Any]) -> P
     dest = repo / name
     if dest.exists() and not (dest / MARKER).is_file():
         raise VtrError(f"{dest} exists and was not written by vtrcompile; choose another --triton-repo or remove it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
-    try:
+    with scratch_dir(repo, f".{name}.") as tmp:
         (tmp / "1").mkdir()
         shutil.copyfile(plan, tmp / "1" / "model.plan")
         (tmp / "config.pbtxt").write_text(config_pbtxt(name, sidecar))
         (tmp / MARKER).write_text(json.dumps(sidecar, indent=1, sort_keys=True))
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
-            os.replace(dest, old / name)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            with scratch_dir(repo, f".{name}.old.") as old:
+                os.replace(dest, old / name)
+                os.replace(tmp, dest)
         else:
             os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
