@@ -107,13 +107,37 @@ def check_store(folder: Path, engines: list[Path]) -> dict:
             "spans_tile_the_file": tiled, "engines": per_engine}
 
 
+def check_ir_store(folder: Path, irs: list[Path]) -> dict:
+    """Each IR's .bin is the weight store (the same file), every Const of every IR lies inside it, and the
+    store's index tiles it: every weight, and each IR's own small constants, once."""
+    import os
+    import xml.etree.ElementTree as ET
+
+    from vtrcompile.lower.openvino import read_ir
+
+    store = folder / read_ir(irs[0])[1]["weights_file"]
+    size = store.stat().st_size
+    index = json.loads(store.with_suffix(".json").read_text())["tensors"]
+    spans = sorted(index.values())
+    tiled = all(o1 + n1 == o2 for (o1, n1), (o2, _) in zip(spans, spans[1:], strict=False)) and \
+        sum(n for _, n in spans) == size
+    per_ir = {}
+    for x in irs:
+        consts = [ly.find("data").attrib for ly in ET.parse(x).getroot().find("layers") if ly.get("type") == "Const"]
+        per_ir[x.name] = {"bin_is_the_store": os.path.samefile(x.with_suffix(".bin"), store), "consts": len(consts),
+                          "all_in_store": all(int(d["offset"]) + int(d["size"]) <= size for d in consts),
+                          "xml_bytes": x.stat().st_size}
+    return {"store": store.name, "store_bytes": size, "tensors": len(index), "spans_tile_the_file": tiled,
+            "irs": per_ir}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llava15-7b", choices=["tiny", "llava15-7b", "llava15-13b"])
     ap.add_argument("--work", default="build/scale")
     ap.add_argument("--keep", type=int, default=64, help="FastV's image-token budget")
     ap.add_argument("--ext", default=".onnx", choices=[".onnx", ".xml"],
-                    help="engine type: .onnx (weights streamed into the store) or .xml (OpenVINO converts that ONNX)")
+                    help="engine type: .onnx (weights streamed into the store) or .xml (an IR whose .bin is that store)")
     ap.add_argument("--keep-checkpoint", action="store_true")
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
@@ -132,6 +156,9 @@ def main() -> None:
     result = {"preset": args.preset, "checkpoint": made, "optimize": run}
     if run["exit"] == 0 and args.ext == ".xml":
         result["engines"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+        result["disk_bytes"] = sum(f.stat().st_size for f in {f.stat().st_ino: f for f in out.iterdir()}.values())
+        result["store"] = check_ir_store(out, [out / "fastv.xml", *sorted(out.glob("decode-*.xml"))])
+        result["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     elif run["exit"] == 0:
         engines = [out / "fastv.onnx", *sorted(out.glob("decode-*.onnx"))]
         result["store"] = check_store(out, engines)

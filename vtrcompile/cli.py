@@ -273,7 +273,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
             raise VtrError(f"the model's weights are {own}, which vtrcompile does not export; give --dtype")
         target = dataclasses.replace(target, dtype=own)
         check_target(target)
-    check_fits("optimize", optimize_estimate(src, target.backend, DTYPES[target.dtype], do_profile))
+    check_fits("optimize", optimize_estimate(src, target.backend, DTYPES[target.dtype], do_profile,
+                                                target.weights))
     if given.get("keep") == "auto" and src.weights is not None:  # PruMerge's rule runs the vision tower eagerly
         check_fits("--keep auto", eager_estimate(src, DTYPES[target.dtype]))
     given = prepare_options(src, method, given, calibration)

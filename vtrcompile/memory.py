@@ -53,22 +53,27 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
     return total
 
 
-def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool) -> tuple[float, str, list[str]]:
-    """(bytes, what they are, what would need less) for `optimize` of `source` to `backend`."""
+def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, weights: str = "none"
+                      ) -> tuple[float, str, list[str]]:
+    """(bytes, what they are, what would need less) for `optimize` of `source` to `backend` (`weights`: OpenVINO's
+    weight compression, "none" or "int8")."""
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
-    streamed = source.weights is not None and backend in ("onnxruntime", "tensorrt")
+    # OpenVINO IRs point at the ONNX weight store (lower/openvino_store.py); NNCF's compression reads every weight
+    streamed = source.weights is not None and (backend in ("onnxruntime", "tensorrt") or
+                                               (backend == "openvino" and weights == "none"))
     if streamed:
         need, what = RUNTIME + 3 * 4 * source.weights.largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
     elif source.weights is not None and backend == "openvino":
-        # The weights stream into the ONNX store; OpenVINO's reader then touches each once while it writes the IR:
-        # measured 14.2 GB peak for 14.1 GB of weights (7B bf16, 2026-12-04).
-        need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by OpenVINO while it writes the IR"
+        # The weights stream into the ONNX store; NNCF then reads each once while it compresses them
+        need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by NNCF while it compresses them"
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
-    if not streamed:
-        advice.append("write an .onnx engine (its weights stream from a Hugging Face checkpoint)")
+    if not streamed and source.weights is not None and backend == "openvino":
+        advice.append("drop --weights int8 (the IR then reads the weights where the checkpoint streamed them)")
+    elif not streamed:
+        advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")
     if profile:
         need += 2 * w
         what += ", plus two ONNX Runtime sessions for --profile"

@@ -57,8 +57,8 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "llm_token_drop": ((PREFILL,), "per decoder layer: S - S_l"),
     "flops_poly": ((PREFILL,), "prefill FLOPs = a + b S + c S^2"),
     "has_weights": (BOTH, "LOWERING (ONNX): false when written without weights"),
-    "weights_file": (BOTH, "LOWERING (ONNX): the model's shared weight store the initializers point at, when "
-                           "the weights were streamed from a checkpoint"),
+    "weights_file": (BOTH, "LOWERING (ONNX, OpenVINO): the model's shared weight store the initializers (the "
+                           "IR's .bin link) point at, when the weights were streamed from a checkpoint"),
     "device": (BOTH, "LOWERING (AOTInductor): the device it was compiled for"),
     "weights": (BOTH, "LOWERING (OpenVINO): none, or int8 (NNCF weight-only compression)"),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from ..engine.host_inputs import prefill_feeds
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from .atomic import write_atomically
+from .atomic import scratch_dir, write_atomically
 from .onnx import METADATA_KEY, export_onnx
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,23 @@ def check_nncf() -> None:
 
 def export_openvino(program: Any, out: Path, metadata: dict[str, Any], weights: str = "none",
                     streamed: Any = None) -> list[Path]:
-    """ONNX export to a scratch folder (weights streamed there from a checkpoint when `streamed` is given), then
-    OpenVINO's conversion of that file (`ir_from_onnx`, which holds the weights in memory while it converts)."""
+    """ONNX export, then OpenVINO's conversion of that file. Weights streamed from a checkpoint (`streamed`) stay
+    in the model's weight store beside `out` and the IR points at them (`ir_on_store`: nothing holds or copies a
+    weight); otherwise, and for int8 weights (NNCF reads them), `ir_from_onnx` writes the IR with its own .bin."""
     _ov()
+    if streamed is not None and weights == "none":
+        return ir_on_store(program, out, metadata, streamed)
     with tempfile.TemporaryDirectory(prefix=".vtr-onnx.", dir=out.parent if out.parent.is_dir() else None) as d:
         onnx_path = Path(d) / (out.stem + ".onnx")
         export_onnx(program, onnx_path, metadata, streamed)
         return ir_from_onnx(onnx_path, out, metadata, weights)
+
+
+def _ir_metadata(metadata: dict[str, Any], weights: str) -> str:
+    meta = {**metadata, "backend": "openvino", "weights": weights}
+    if meta.get("decode"):  # the paired decode engine is an IR too
+        meta["decode"] = {**meta["decode"], "file": str(Path(meta["decode"]["file"]).with_suffix(".xml"))}
+    return json.dumps(meta, sort_keys=True)
 
 
 def ir_from_onnx(onnx_path: Path, out: Path, metadata: dict[str, Any], weights: str = "none") -> list[Path]:
@@ -91,16 +102,56 @@ def ir_from_onnx(onnx_path: Path, out: Path, metadata: dict[str, Any], weights: 
         import nncf
 
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    meta = {**metadata, "backend": "openvino", "weights": weights}
-    if meta.get("decode"):  # the paired decode engine is an IR too
-        meta["decode"] = {**meta["decode"], "file": str(Path(meta["decode"]["file"]).with_suffix(".xml"))}
-    model.set_rt_info(json.dumps(meta, sort_keys=True), [METADATA_KEY])
+    model.set_rt_info(_ir_metadata(metadata, weights), [METADATA_KEY])
 
     def save(tmp: Path) -> None:
         ov.save_model(model, str(tmp), compress_to_fp16=False)
 
     files = write_atomically(out, save)
     log.debug("wrote %s in %.1fs", out, time.perf_counter() - t0)
+    return files
+
+
+def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any) -> list[Path]:
+    """A program whose weights stream from a checkpoint -> an IR whose .bin is the model's weight store.
+
+    The ONNX export streams the weights into the store beside `out` (shared with the model's other engines, as for
+    .onnx engines). OpenVINO's reader converts that ONNX file with each stored weight swapped for a stand-in input
+    before the IR is saved, so no weight is read; the saved IR's constants that remain (small ones, inline in the
+    ONNX) are appended to the store as one block, and `openvino_store.point_at_store` turns each stand-in back into a
+    constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
+    system has no hard links): every IR of the model reads the same bytes, stored once."""
+    ov = _ov()
+    from .onnx import read_metadata
+    from .openvino_store import point_at_store, stand_in_weights
+    from .weight_store import WeightStore
+
+    t0 = time.perf_counter()
+    onnx_path = out.parent / f".{out.stem}.vtr-ir.onnx"  # beside out, so that the store is the model's shared one
+    try:
+        export_onnx(program, onnx_path, metadata, streamed)
+        meta = read_metadata(onnx_path)
+        store = WeightStore(out.parent, meta.get("model_id", "model"), meta.get("dtype", "float32"))
+        model = ov.Core().read_model(str(onnx_path))
+        stored = stand_in_weights(model, onnx_path, store.data.name)
+        model.set_rt_info(_ir_metadata({**metadata, "weights_file": store.data.name}, "none"), [METADATA_KEY])
+        with scratch_dir(out.parent, f".{out.stem[:64]}.ir.") as d:
+            ov.save_model(model, str(d / "skeleton.xml"), compress_to_fp16=False)
+            del model
+            xml = point_at_store(d / "skeleton.xml", d / "skeleton.bin", stored, store)
+
+        def save(tmp: Path) -> None:
+            tmp.write_bytes(xml)
+            try:
+                os.link(store.data, tmp.with_suffix(".bin"))
+            except OSError as e:
+                log.warning("%s: no hard link to %s (%s); copying it", out, store.data.name, e.strerror)
+                shutil.copyfile(store.data, tmp.with_suffix(".bin"))
+
+        files = write_atomically(out, save)
+    finally:
+        onnx_path.unlink(missing_ok=True)
+    log.info("%s: %d weights point into %s (%.1fs)", out, len(stored), store.data.name, time.perf_counter() - t0)
     return files
 
 
