@@ -107,13 +107,19 @@ def check_store(folder: Path, engines: list[Path]) -> dict:
             "spans_tile_the_file": tiled, "engines": per_engine}
 
 
-def check_ir_store(folder: Path, irs: list[Path]) -> dict:
+def check_ir_store(folder: Path, irs: list[Path], checkpoint: Path) -> dict:
     """Each IR's .bin is the weight store (the same file), every Const of every IR lies inside it, and the
-    store's index tiles it: every weight, and each IR's own small constants, once."""
+    store's index tiles it: every weight, and each IR's own small constants, once. Then OpenVINO reads each IR
+    (memory-mapped) and every constant that is a checkpoint weight under its own name (not a transposed copy) is
+    compared, bit for bit, with the checkpoint tensor: these include weights stored past 4 GiB."""
     import os
     import xml.etree.ElementTree as ET
 
+    import numpy as np
+    import openvino as ov
+
     from vtrcompile.lower.openvino import read_ir
+    from vtrcompile.models.checkpoint import read_index, read_tensor
 
     store = folder / read_ir(irs[0])[1]["weights_file"]
     size = store.stat().st_size
@@ -121,12 +127,40 @@ def check_ir_store(folder: Path, irs: list[Path]) -> dict:
     spans = sorted(index.values())
     tiled = all(o1 + n1 == o2 for (o1, n1), (o2, _) in zip(spans, spans[1:], strict=False)) and \
         sum(n for _, n in spans) == size
+    entries = {}
+    for key, e in read_index(checkpoint).items():  # checkpoint keys in the legacy layout -> the model's names
+        for new, old in LEGACY:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        entries[key] = e
     per_ir = {}
     for x in irs:
-        consts = [ly.find("data").attrib for ly in ET.parse(x).getroot().find("layers") if ly.get("type") == "Const"]
+        layers = ET.parse(x).getroot().find("layers")
+        consts = [ly for ly in layers if ly.get("type") == "Const"]
+        offset_of = {}
+        for ly in consts:
+            port = ly.find("output/port")
+            for name in (port.get("names", "") if port is not None else "").split(","):
+                offset_of[name] = int(ly.find("data").get("offset"))
+        checked, equal, furthest = 0, 0, 0
+        for op in ov.Core().read_model(str(x)).get_ordered_ops():
+            if op.get_type_name() != "Constant":
+                continue
+            for name in op.output(0).get_names():
+                e = entries.get(name.removeprefix("model."))
+                if e is None:
+                    continue
+                want = read_tensor(e).to(torch.bfloat16).view(torch.int16).numpy()
+                got = np.ascontiguousarray(op.get_data()).view(np.int16)
+                checked += 1
+                equal += int(got.shape == want.shape and bool((got == want).all()))
+                furthest = max(furthest, offset_of.get(name, 0))
         per_ir[x.name] = {"bin_is_the_store": os.path.samefile(x.with_suffix(".bin"), store), "consts": len(consts),
-                          "all_in_store": all(int(d["offset"]) + int(d["size"]) <= size for d in consts),
-                          "xml_bytes": x.stat().st_size}
+                          "all_in_store": all(int(ly.find("data").get("offset")) + int(ly.find("data").get("size"))
+                                              <= size for ly in consts),
+                          "named_weights_checked": checked, "named_weights_equal": equal,
+                          "furthest_checked_offset": furthest, "xml_bytes": x.stat().st_size}
     return {"store": store.name, "store_bytes": size, "tensors": len(index), "spans_tile_the_file": tiled,
             "irs": per_ir}
 
@@ -157,7 +191,7 @@ def main() -> None:
     if run["exit"] == 0 and args.ext == ".xml":
         result["engines"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
         result["disk_bytes"] = sum(f.stat().st_size for f in {f.stat().st_ino: f for f in out.iterdir()}.values())
-        result["store"] = check_ir_store(out, [out / "fastv.xml", *sorted(out.glob("decode-*.xml"))])
+        result["store"] = check_ir_store(out, [out / "fastv.xml", *sorted(out.glob("decode-*.xml"))], ckpt)
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     elif run["exit"] == 0:
         engines = [out / "fastv.onnx", *sorted(out.glob("decode-*.onnx"))]

@@ -60,20 +60,25 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
-    # OpenVINO IRs point at the ONNX weight store (lower/openvino_store.py); NNCF's compression reads every weight
-    streamed = source.weights is not None and (backend in ("onnxruntime", "tensorrt") or
+    # OpenVINO IRs point at the ONNX weight store (lower/openvino_store.py); NNCF's compression reads every weight,
+    # and so does TensorRT's ONNX parser: the network it builds references host buffers of every weight until the
+    # build ends (TensorRT's API contract; not measured here, no GPU)
+    streamed = source.weights is not None and (backend == "onnxruntime" or
                                                (backend == "openvino" and weights == "none"))
     if streamed:
         need, what = RUNTIME + 3 * 4 * source.weights.largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
     elif source.weights is not None and backend == "openvino":
-        # The weights stream into the ONNX store; NNCF then reads each once while it compresses them
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by NNCF while it compresses them"
+    elif source.weights is not None and backend == "tensorrt":
+        need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights held by TensorRT's parser while it builds"
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
     if not streamed and source.weights is not None and backend == "openvino":
         advice.append("drop --weights int8 (the IR then reads the weights where the checkpoint streamed them)")
     elif not streamed:
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")
+        if source.weights is not None and backend == "tensorrt":
+            advice.append("build the .plan on a machine with more memory")
     if profile:
         need += 2 * w
         what += ", plus two ONNX Runtime sessions for --profile"

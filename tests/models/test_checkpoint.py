@@ -164,7 +164,7 @@ def test_a_checkpoint_asked_for_in_another_dtype_is_in_that_dtype_everywhere():
 
 def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     """A lazily read checkpoint to .xml streams like .onnx (the IR points at the weight store); with --weights int8
-    NNCF reads every weight once; an in-memory model keeps the larger 1.5x."""
+    NNCF reads every weight once, as does TensorRT's parser; an in-memory model keeps the larger 1.5x."""
     from vtrcompile.memory import RUNTIME, optimize_estimate, weight_bytes
 
     src = load_model(str(checkpoint))
@@ -174,6 +174,8 @@ def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     need, what, advice = optimize_estimate(src, "openvino", torch.float32, False, "int8")
     assert need == pytest.approx(RUNTIME + w) and "read by NNCF" in what
     assert any("drop --weights int8" in a for a in advice)
+    need, what, _ = optimize_estimate(src, "tensorrt", torch.float32, False)  # its parser holds every weight
+    assert need == pytest.approx(RUNTIME + w) and "TensorRT's parser" in what
     eager = load_model("tiny")
     assert optimize_estimate(eager, "openvino", torch.float32, False)[0] == pytest.approx(
         RUNTIME + 1.5 * weight_bytes(eager, torch.float32))
