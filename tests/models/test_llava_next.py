@@ -283,6 +283,65 @@ def test_cli_inspect_and_methods_refusal():
     assert res.exit_code == 2 and "pool reads the image block as one token grid" in res.output
 
 
+# --- Searched schedules (G-Search / P-Sigmoid) on LLaVA-NeXT: counts are patches, row ends stay -------------
+
+def _schedule(src, folder, keeps, n_image=80):
+    from vtrcompile.optimize import model_id
+    from vtrcompile.search.schedule_file import save_schedule
+
+    path = folder / f"s{'-'.join(map(str, keeps))}.json"
+    save_schedule(path, {"algo": "gsearch", "settings": {}, "model": src.label, "model_id": model_id(src.module, None),
+                         "n_image": n_image, "llm_layers": 4, "keep": keeps, "complete": True})
+    return path
+
+
+@pytest.mark.parametrize("keeps", [[80, 80, 40, 10], [80, 30, 0, 0]])
+def test_a_schedule_keeps_the_row_ends_in_the_graph_the_reference_and_the_search_evaluator(nxt, tmp_path, keeps):
+    """The 80 patches of llavanext-tiny (88 image tokens, 8 row ends): the compiled schedule, the spec reference
+    and the search's evaluator (from layer 0, and from its G-Search checkpoint) keep the top patches by suffix-text
+    attention plus all 8 row ends, so their logits agree; a count of 0 leaves the row ends only."""
+    from vtrcompile.evaluation import Item
+    from vtrcompile.reference.methods import schedule_reference
+    from vtrcompile.search.evaluator import ScheduleEvaluator
+
+    b = build(nxt, "schedule", {"schedule": str(_schedule(nxt, tmp_path, keeps))}, 256)
+    s = b.example_inputs[0].shape[1]
+    drops = [k for layer, k in enumerate(keeps) if layer and k < keeps[layer - 1]]
+    assert [r.count for r in b.reductions] == drops  # the plan counts patches
+    assert b.llm_tokens(s) == [s - N + k + 8 for k in keeps]  # ... and the graph keeps the 8 row ends on top
+    cases = _prompts(nxt)[:2]
+    ev = ScheduleEvaluator(nxt.hf_model, [Item(ids.numpy(), px.numpy()) for ids, px in cases])
+    assert ev.n_image == 80
+    got = ev.logits(keeps)
+    ev.checkpoint(keeps, 2)
+    got_cp = ev.logits(keeps)
+    for i, (ids, px) in enumerate(cases):
+        with torch.no_grad():
+            graph = b.logits(ids, px)
+        ref = schedule_reference(nxt.hf_model, ids, px, keeps)
+        assert max_diff(graph, ref) <= REFERENCE_ATOL
+        assert max_diff(got[i], graph[0]) <= REFERENCE_ATOL and max_diff(got_cp[i], graph[0]) <= REFERENCE_ATOL
+
+
+def test_search_runs_on_llava_next_and_its_schedule_compiles(tmp_path, calibration_dir):
+    """`vtrcompile search` on llavanext-tiny: the schedule counts the 80 patches, and optimize compiles it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vtrcompile.cli import main
+
+    out = tmp_path / "g.json"
+    r = CliRunner().invoke(main, ["search", "llavanext-tiny", "--algo", "gsearch", "--calibration",
+                                  str(calibration_dir), "--out", str(out), "--tolerance", "0.2", "--count", "3"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["complete"] and rec["n_image"] == 80 and rec["keep"][0] == 80 and len(rec["keep"]) == 4
+    r = CliRunner().invoke(main, ["optimize", "llavanext-tiny", "--method", "schedule", "--schedule", str(out),
+                                  "--max-prompt", "256", "--out", str(tmp_path / "s.onnx")])
+    assert r.exit_code == 0, r.output
+
+
 # --- LLaVA-OneVision: the same layout on SigLIP + Qwen2, with the hi-res grid downsampled (anyres_max_M) -------
 
 @pytest.fixture(scope="module")
@@ -304,6 +363,18 @@ def test_onevision_geometry_downsamples_the_grid_as_the_model_does(onev):
     assert feats.shape[0] == 46
     newline = onev.hf_model.model.image_newline
     assert [r for r in range(46) if torch.equal(feats[r], newline)] == layout["protected"] == [21, 27, 33, 39, 45]
+
+
+def test_onevision_geometry_preset_keeps_the_grid_under_its_anyres_max():
+    """onevision-geometry: 384 px SigLIP tiles (27 x 27 patches, no CLS), 384x768 images = 1x2 hi-res tiles; a
+    27 x 54 grid is under anyres_max_9's 9 x 729 tokens, so it is not downsampled; 27 row ends, protected."""
+    from vtrcompile.models.llava_next import LLAVA_ONEVISION
+    from vtrcompile.models.presets import preset_config
+
+    cfg = preset_config("onevision-geometry")
+    assert LLAVA_ONEVISION.grid_rows(cfg) == (27, 54)
+    assert LLAVA_ONEVISION.image_token_count(cfg) == 729 + 27 * 54 + 27
+    assert LLAVA_ONEVISION.image_layout(cfg)["protected"] == [729 + r * 55 + 54 for r in range(27)]
 
 
 @pytest.mark.parametrize("method,opts,reference", [

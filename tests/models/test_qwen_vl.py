@@ -139,6 +139,17 @@ def test_tokens_per_layer(qwen):
     assert build(qwen, "gprune", {"keep": 9}, 256).llm_tokens(s) == [s - n + 9] * 4
 
 
+@pytest.mark.parametrize("preset,family", [("qwen2vl-geometry", "qwen2_vl"), ("qwen25vl-geometry", "qwen2_5_vl")])
+def test_geometry_presets_have_the_family_s_token_geometry(preset, family):
+    """448 x 448 images, patch 14, 2 x 2 merger: 32 x 32 patches -> 256 image tokens, on both Qwen families."""
+    from vtrcompile.models.family import family_for, family_named
+    from vtrcompile.models.presets import preset_config
+
+    cfg = preset_config(preset)
+    assert family_for(cfg) is family_named(family)
+    assert family_for(cfg).image_token_count(cfg) == 256
+
+
 @pytest.mark.parametrize("method", ["prumerge", "prumerge-plus", "visionzip"])
 def test_vision_site_methods_are_refused_with_the_reason(method):
     opts = {"visionzip": {"dominant": 6, "contextual": 2}, "prumerge": {"keep": 4}}.get(method, {})

@@ -41,7 +41,7 @@ def check_options(method: str, given: dict[str, Any], calibration: Path | None) 
 
 def prepare_options(src, method: str, given: dict[str, Any], calibration: Path | None) -> dict[str, Any]:
     """The options with --keep auto resolved (PruMerge's IQR rule over the calibration images) and a
-    schedule checked against this model's identity and N."""
+    schedule checked against this model's identity and N (the patches, where the family protects rows)."""
     out = dict(given)
     cfg = src.hf_model.config if src.hf_model is not None else None
     for i, (m, g) in enumerate(stages(method, given)):
@@ -51,10 +51,10 @@ def prepare_options(src, method: str, given: dict[str, Any], calibration: Path |
 
             sched = load_schedule(g["schedule"])
             fam = src.family
-            n = fam.image_token_count(cfg, src.tiles) if fam else sched["n_image"]
+            n, segments = fam.budget_basis(cfg, src.tiles) if fam else (sched["n_image"], None)
             if i == 1 and fam:  # the image tokens the first stage leaves
                 n = resolve(method, {k: v for k, v in given.items() if k != THEN}, n,
-                            fam.text_config(cfg).num_hidden_layers)[-1].count
+                            fam.text_config(cfg).num_hidden_layers, segments)[-1].count
             check_model(sched, source_id(src), n, str(g["schedule"]))
     if given.get("keep") == "auto":
         from .prumerge_auto import auto_keep

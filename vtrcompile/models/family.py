@@ -161,6 +161,15 @@ class Family:
         "why": what the protected rows are}; None for a block of patches only."""
         return None
 
+    def budget_basis(self, config, tiles: int = 1) -> tuple[int, tuple[int, ...] | None]:
+        """(the image tokens a method selects among and its budgets count: N less the protected rows, the
+        patch counts of the block's parts or None), as `build` plans a method's reductions."""
+        layout = self.image_layout(config)
+        n = self.image_token_count(config, tiles)
+        if not layout:
+            return n, None
+        return n - len(layout["protected"]), tuple(layout["segments"]) or None
+
     def layer_additions(self, model: nn.Module, pixel_values: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
         """{LLM layer l: [batch, N, D]}: what the model adds to the image rows of the hidden states after layer
         l (Qwen3-VL's DeepStack); empty for most families."""

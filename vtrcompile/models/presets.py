@@ -138,6 +138,19 @@ PRESETS: dict[str, Preset] = {
             extra=QWEN_GEOMETRY_IDS | {"image_size": [448, 448]},
         ),
         Preset(
+            "qwen2vl-geometry",
+            "Qwen2-VL geometry (448x448 image, patch 14, 2x2 merger: 256 image tokens; full attention over the "
+            "1024 patches), ViT 8x256, Qwen2 12x768 (12 q / 2 kv heads, mRoPE), widths cut for a 2-core CPU",
+            vision=dict(depth=8, embed_dim=256, hidden_size=768, num_heads=4, mlp_ratio=4, patch_size=14,
+                        spatial_merge_size=2, temporal_patch_size=2),
+            text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                       "mrope_section": [8, 12, 12]}),
+            image_token_id=32000, family="qwen2_vl",
+            extra=QWEN_GEOMETRY_IDS | {"image_size": [448, 448]},
+        ),
+        Preset(
             "qwen3vl-geometry",
             "Qwen3-VL geometry (448x448 image, patch 16, 2x2 merger: 196 image tokens; DeepStack features of "
             "vision layers 1, 3, 5 added after LLM layers 0-2, as the released models' 3), ViT 8x256, Qwen3 12x768 "
@@ -186,6 +199,19 @@ PRESETS: dict[str, Preset] = {
             image_token_id=32000, family="llava_next",
             extra={"image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
                    "image_size": [672, 672]},
+        ),
+        Preset(
+            "onevision-geometry",
+            "LLaVA-OneVision geometry (384 px SigLIP tiles, patch 14, no CLS; 384x768 images = 729 base + 27x54 "
+            "hi-res from 1x2 tiles + 27 row ends = 2214 image tokens), SigLIP 6x256, Qwen2 12x512 (8 q / 2 kv "
+            "heads), widths cut for a 2-core CPU",
+            vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                        image_size=384, patch_size=14),
+            text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=32064, max_position_embeddings=8192),
+            image_token_id=32000, family="llava_onevision",
+            extra={"image_grid_pinpoints": [[384, 384], [384, 768], [768, 384], [768, 768]],
+                   "image_size": [384, 768], "vision_aspect_ratio": "anyres_max_9"},
         ),
     ]
 }

@@ -228,14 +228,12 @@ def suffix_scores(model, layer: int, h_prev: torch.Tensor, pos: torch.Tensor, st
 
 
 def schedule_sites(model, keeps: list[int]) -> dict:
-    """A keep schedule's sites: before layer l where the count drops, the top n_l still present by layer
-    l-1's suffix-text attention (ascending, positions kept; 0 withdraws them all)."""
+    """A keep schedule's sites: before layer l where the count drops, the top n_l patches still present by layer
+    l-1's suffix-text attention, plus every protected row (ascending, positions kept; 0 withdraws every patch)."""
     def reduce(layer, h_prev, h, pos, start, n):
-        keep = keeps[layer]
-        kept = top_rows_ascending(suffix_scores(model, layer - 1, h_prev, pos, start, n), keep) if keep else \
-            torch.arange(0)
+        kept = pick_rows(suffix_scores(model, layer - 1, h_prev, pos, start, n), keeps[layer])
         rows = kept_rows(h.shape[1], start, n, kept)
-        return h[:, rows], pos[..., rows], keep
+        return h[:, rows], pos[..., rows], len(kept)
     return {layer: reduce for layer in range(1, len(keeps)) if keeps[layer] < keeps[layer - 1]}
 
 

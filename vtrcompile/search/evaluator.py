@@ -17,15 +17,17 @@ import torch
 
 from ..errors import VtrError
 from ..reference.blocks import (
+    PROTECTED,
     embed_prompt,
     image_features,
     image_start,
     language_model,
     next_token_logits,
+    pick_rows,
     prompt_positions,
+    protected_mask,
     run_layers,
 )
-from ..reference.blocks import top_rows_ascending as _top
 from ..reference.methods import first_stage_rows, suffix_scores
 
 log = logging.getLogger(__name__)
@@ -37,47 +39,60 @@ class _State:
     h: torch.Tensor  # what enters layer l
     pos: torch.Tensor
     start: int
-    n: int
+    n: int  # image-block rows present
+    protected: torch.Tensor | None  # bool [n]: rows no reduction selects or drops (LLaVA-NeXT's row ends)
 
 
 class ScheduleEvaluator:
     def __init__(self, model, items: list, answers: list[int] | None = None, first=None) -> None:
         """`first`: a projector stage (reference/baselines.py) or a vision stage (reference/vision.py) applied
-        before the LLM; the schedule then counts the image tokens it leaves."""
+        before the LLM; the schedule then counts the image tokens it leaves. Where the family's image block
+        holds rows that are not patches (LLaVA-NeXT's row ends), schedules count patches, as every budget
+        does there, and those rows stay in every layer, as in the compiled engine."""
         self.model = model.eval()
         self.layers = len(language_model(model).layers)
         self.answers = answers
-        self._h0: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self._h0: list[tuple[torch.Tensor, int, torch.Tensor, int, torch.Tensor | None]] = []
         with torch.no_grad():
             for it in items:
                 ids, px = torch.as_tensor(it.ids), torch.as_tensor(it.pixels)
                 feats = image_features(model, px.to(next(model.parameters()).dtype), ids.shape[0])
                 h, start = embed_prompt(model, ids, feats), image_start(model, ids)
                 pos, n = prompt_positions(model, ids), int(feats.shape[1])
-                if first is not None:
-                    h, pos, n = first_stage_rows(first, model, px.to(feats.dtype), feats[0], h, pos, start)
-                self._h0.append((h, start, pos))
-            self.n_image = n
+                token = PROTECTED.set(protected_mask(model, n))
+                try:
+                    if first is not None:
+                        h, pos, n = first_stage_rows(first, model, px.to(feats.dtype), feats[0], h, pos, start)
+                    protected = PROTECTED.get()
+                finally:
+                    PROTECTED.reset(token)
+                self._h0.append((h, start, pos, n, protected))
+            self.n_image = n - (0 if protected is None else int(protected.sum()))
         self._cp: tuple[int, tuple[int, ...], list[_State]] | None = None
         self.evaluations = 0
         self.full = self.logits([self.n_image] * self.layers)
 
     def _start_state(self, i: int) -> _State:
-        h, start, pos = self._h0[i]
-        return _State(h, h, pos, start, self.n_image)
+        h, start, pos, n, protected = self._h0[i]
+        return _State(h, h, pos, start, n, protected)
 
     def _advance(self, st: _State, keeps: list[int], lo: int, hi: int) -> _State:
-        """Run layers lo..hi-1, reducing before each layer l where keeps[l] < keeps[l-1]."""
-        h_prev, h, pos, start, n = st.h_prev, st.h, st.pos, st.start, st.n
+        """Run layers lo..hi-1, reducing before each layer l where keeps[l] < keeps[l-1]: the top keeps[l]
+        patches by layer l-1's suffix-text attention, plus every protected row."""
+        h_prev, h, pos, start, n, protected = st.h_prev, st.h, st.pos, st.start, st.n, st.protected
         for layer in range(lo, hi):
-            if layer > 0 and keeps[layer] < n:
-                keep = keeps[layer]
-                kept = _top(suffix_scores(self.model, layer - 1, h_prev, pos, start, n), keep) if keep \
-                    else torch.arange(0)
+            patches = n - (0 if protected is None else int(protected.sum()))
+            if layer > 0 and keeps[layer] < patches:
+                token = PROTECTED.set(protected)
+                try:
+                    kept = pick_rows(suffix_scores(self.model, layer - 1, h_prev, pos, start, n), keeps[layer])
+                    protected = PROTECTED.get()
+                finally:
+                    PROTECTED.reset(token)
                 rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
-                h, pos, n = h[:, rows], pos[..., rows], keep
+                h, pos, n = h[:, rows], pos[..., rows], len(kept)
             h_prev, h = h, run_layers(self.model, h, pos, range(layer, layer + 1))
-        return _State(h_prev, h, pos, start, n)
+        return _State(h_prev, h, pos, start, n, protected)
 
     @torch.no_grad()
     def checkpoint(self, keeps: list[int], layer: int) -> None:

@@ -50,7 +50,8 @@ def first_stage(model, text: str, tiles: int = 1):
 
     method, given = parse_then(text)
     fam = family_of(model)
-    plan = resolve(method, given, fam.image_token_count(model.config, tiles), len(fam.language_model(model).layers))
+    n, segments = fam.budget_basis(model.config, tiles)  # budgets count patches where rows are protected
+    plan = resolve(method, given, n, len(fam.language_model(model).layers), segments)
     makers = {"projector": projector_stage, "vision": vision_stage}
     stage = makers[plan[0].site](plan[0]) if len(plan) == 1 and plan[0].site in makers else None
     if stage is None:
