@@ -285,13 +285,13 @@ def test_cli_inspect_and_methods_refusal():
 
 # --- Searched schedules (G-Search / P-Sigmoid) on LLaVA-NeXT: counts are patches, row ends stay -------------
 
-def _schedule(src, folder, keeps, n_image=80):
+def _schedule(src, folder, keeps, n_image=80, **over):
     from vtrcompile.optimize import model_id
     from vtrcompile.search.schedule_file import save_schedule
 
     path = folder / f"s{'-'.join(map(str, keeps))}.json"
     save_schedule(path, {"algo": "gsearch", "settings": {}, "model": src.label, "model_id": model_id(src.module, None),
-                         "n_image": n_image, "llm_layers": 4, "keep": keeps, "complete": True})
+                         "n_image": n_image, "llm_layers": 4, "keep": keeps, "complete": True, **over})
     return path
 
 
@@ -321,6 +321,30 @@ def test_a_schedule_keeps_the_row_ends_in_the_graph_the_reference_and_the_search
         ref = schedule_reference(nxt.hf_model, ids, px, keeps)
         assert max_diff(graph, ref) <= REFERENCE_ATOL
         assert max_diff(got[i], graph[0]) <= REFERENCE_ATOL and max_diff(got_cp[i], graph[0]) <= REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("first", ["gprune", "divprune"])
+def test_a_schedule_after_a_first_stage_on_llava_next_equals_the_search_evaluator(nxt, tmp_path, first):
+    """`search --first "M keep=40"` on llavanext-tiny: the first stage picks 40 of the 80 patches (G-Prune split
+    8 base + 32 hi-res, as its LLaVA-NeXT code) and keeps the row ends; the evaluator run with that stage equals
+    the compiled `M --then schedule` engine."""
+    from vtrcompile.evaluation import Item
+    from vtrcompile.search.evaluator import ScheduleEvaluator
+    from vtrcompile.search.job import first_stage
+
+    stage, text = first_stage(nxt.hf_model, f"{first} keep=40")
+    keeps = [40, 40, 20, 5]
+    path = _schedule(nxt, tmp_path, keeps, n_image=40, first=text)
+    b = build(nxt, first, {"keep": 40, "then": f"schedule schedule={path}"}, 256)
+    assert [(r.method, r.layer, r.count) for r in b.reductions] == [(first, 0, 40), ("schedule", 2, 20),
+                                                                     ("schedule", 3, 5)]
+    cases = _prompts(nxt)[:2]
+    ev = ScheduleEvaluator(nxt.hf_model, [Item(ids.numpy(), px.numpy()) for ids, px in cases], first=stage)
+    assert ev.n_image == 40
+    got = ev.logits(keeps)
+    for i, (ids, px) in enumerate(cases):
+        with torch.no_grad():
+            assert max_diff(got[i], b.logits(ids, px)[0]) <= REFERENCE_ATOL
 
 
 def test_search_runs_on_llava_next_and_its_schedule_compiles(tmp_path, calibration_dir):

@@ -60,11 +60,20 @@ def divprune_stage(keep: int):
     return stage
 
 
-def gprune_stage(keep: int):
+def gprune_stage(keep: int, segments: list[int] | None = None, keeps: list[int] | None = None):
+    """G-Prune at the projector: top `keep` by its score; where the block has parts (LLaVA-NeXT's base and hi-res
+    patches: `segments` rows keeping `keeps`), one graph per part, as its official LLaVA-NeXT code."""
     from .methods import gprune_reference_scores
 
     def stage(f):
-        kept = top_rows_ascending(gprune_reference_scores(f), keep)
+        if not segments:
+            kept = top_rows_ascending(gprune_reference_scores(f), keep)
+        else:
+            picked, offset = [], 0
+            for n_i, k_i in zip(segments, keeps or [], strict=True):
+                picked.append(offset + top_rows_ascending(gprune_reference_scores(f[offset:offset + n_i]), k_i))
+                offset += n_i
+            kept = torch.cat(picked)
         return f[kept], "keep", kept
     return stage
 
@@ -118,5 +127,5 @@ def projector_stage(reduction):
     if name == "divprune":
         return divprune_stage(count)
     if name == "gprune":
-        return gprune_stage(count)
+        return gprune_stage(count, reduction.recorded.get("segments"), reduction.recorded.get("segment_keeps"))
     return None

@@ -81,12 +81,11 @@ def gprune_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tensor,
     if mask is None:
         kept = top_rows_ascending(gprune_reference_scores(feats[0]), keep)
     else:
+        from .baselines import gprune_stage
+
         patches = (~mask).nonzero().flatten()
-        pf, picked, offset = feats[0][patches], [], 0
-        for n_i, k_i in zip(segments or [len(patches)], keeps or [keep], strict=True):
-            picked.append(offset + top_rows_ascending(gprune_reference_scores(pf[offset:offset + n_i]), k_i))
-            offset += n_i
-        kept = torch.sort(torch.cat([patches[torch.cat(picked)], mask.nonzero().flatten()])).values
+        picked = gprune_stage(keep, segments, keeps)(feats[0][patches])[2]
+        kept = torch.sort(torch.cat([patches[picked], mask.nonzero().flatten()])).values
     rows = kept_rows(s, start, n, kept)
     pos = prompt_positions(model, input_ids)[..., rows]
     return next_token_logits(model, run_layers(model, h[:, rows], pos, range(n_layers)))
