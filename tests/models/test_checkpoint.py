@@ -162,6 +162,22 @@ def test_a_checkpoint_asked_for_in_another_dtype_is_in_that_dtype_everywhere():
     assert {n: b.dtype for n, b in lazy.module.named_buffers()} == {n: b.dtype for n, b in loaded.module.named_buffers()}
 
 
+def test_a_failed_openvino_build_leaves_no_weight_store(checkpoint, tmp_path, monkeypatch):
+    """The IR writer fails after the ONNX export streamed the weights: the store that build began goes too."""
+    pytest.importorskip("openvino")
+    from vtrcompile.lower import openvino_store
+    from vtrcompile.optimize import Target
+
+    def broken(*_a, **_k):
+        raise VtrError("injected failure")
+
+    monkeypatch.setattr(openvino_store, "stand_in_weights", broken)
+    lazy = load_model(str(checkpoint))
+    with pytest.raises(VtrError, match="injected failure"):
+        write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "e" / "f.xml", Target(backend="openvino"))
+    assert [p.name for p in (tmp_path / "e").iterdir()] == []
+
+
 def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     """A lazily read checkpoint to .xml streams like .onnx (the IR points at the weight store); with --weights int8
     NNCF reads every weight once, as does TensorRT's parser; an in-memory model keeps the larger 1.5x."""

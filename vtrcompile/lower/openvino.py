@@ -128,6 +128,7 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
 
     t0 = time.perf_counter()
     onnx_path = out.parent / f".{out.stem}.vtr-ir.onnx"  # beside out, so that the store is the model's shared one
+    before = WeightStore(out.parent, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))
     try:
         export_onnx(program, onnx_path, metadata, streamed)
         meta = read_metadata(onnx_path)
@@ -149,6 +150,9 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
                 shutil.copyfile(store.data, tmp.with_suffix(".bin"))
 
         files = write_atomically(out, save)
+    except BaseException:
+        before.discard_if_new()  # a store this build began, and no engine points at, is not left behind
+        raise
     finally:
         onnx_path.unlink(missing_ok=True)
     log.info("%s: %d weights point into %s (%.1fs)", out, len(stored), store.data.name, time.perf_counter() - t0)
