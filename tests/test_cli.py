@@ -188,3 +188,14 @@ def test_engine_given_as_a_model_and_invalid_config(tmp_path):
 def test_unknown_output_extension(tmp_path):
     res = _run("optimize", "tiny", "--method", "fastv", "--out", str(tmp_path / "x.bin"))
     _assert_clean_error(res, tmp_path, "unknown output type")
+
+
+def test_the_default_prompt_range_makes_room_for_many_image_tokens():
+    """onevision-geometry has 2214 image tokens: without --max-prompt the engine takes up to N + 512 (not 2048,
+    which would leave no room for text); a --max-prompt too small for them is refused in one line."""
+    r = CliRunner().invoke(main, ["inspect", "onevision-geometry", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["sequence"]["range"] == [2214 + 2, 2214 + 512]
+    r = CliRunner().invoke(main, ["inspect", "onevision-geometry", "--max-prompt", "2048"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1].startswith("error: --max-prompt 2048 leaves no room for text around 2214")

@@ -113,7 +113,7 @@ def image_layout(source: ModelSource, n_image: int) -> ImageLayout | None:
     return ImageLayout(tuple(facts["protected"]), tuple(facts["segments"]), facts["why"])
 
 
-def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt: int = 2048) -> Build:
+def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt: int | None = None) -> Build:
     t0 = time.perf_counter()
     ep = capture(source, max_prompt)
     t1 = time.perf_counter()

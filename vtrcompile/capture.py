@@ -16,6 +16,11 @@ from .models.loading import ModelSource
 
 log = logging.getLogger(__name__)
 
+# The longest prompt an engine takes when --max-prompt is not given: DEFAULT_MAX_PROMPT, or the image tokens plus
+# TEXT_ROOM when they need more (LLaVA-NeXT's 2928 at 672x672), never beyond the LLM's max_position_embeddings.
+DEFAULT_MAX_PROMPT = 2048
+TEXT_ROOM = 512
+
 
 def prompt_dim(n_image: int, max_prompt: int) -> torch.export.Dim:
     # At least two text tokens: the last prompt token is text, and a reduction that withdraws every
@@ -51,7 +56,7 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.ExportedProgram:
+def capture(source: ModelSource, max_prompt: int | None = None) -> torch.export.ExportedProgram:
     """The unmodified program of a model source (exports eager modules, passes programs through)."""
     if source.program is not None:
         return source.program
@@ -66,6 +71,8 @@ def capture(source: ModelSource, max_prompt: int = 2048) -> torch.export.Exporte
         raise VtrError(f"{source.label}: the example prompt has {found} image tokens, the model needs "
                        f"{n_image}; a prompt without image tokens cannot locate the visual-token boundary")
     limit = family.text_config(cfg).max_position_embeddings
+    if max_prompt is None:
+        max_prompt = max(DEFAULT_MAX_PROMPT, n_image + TEXT_ROOM)
     max_prompt = min(max_prompt, limit)
     if max_prompt <= n_image + 2:
         hint = (f"; give --max-prompt up to {limit} (the LLM's max_position_embeddings)" if limit > n_image + 2

@@ -141,7 +141,9 @@ def _tiles_opt(f):
 @main.command()
 @_model_arg
 @_pickle_opt
-@click.option("--max-prompt", default=2048, show_default=True, help="Largest prompt length the engine accepts.")
+@click.option("--max-prompt", default=None, type=click.IntRange(3),
+              help="Largest prompt length the engine accepts (default: 2048, or the image tokens + 512 when they "
+                   "need more; at most the LLM's max_position_embeddings).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_tiles_opt
 def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tiles: int, image_size) -> None:
@@ -237,8 +239,9 @@ def _generation_opts(f):
               help="Also write a Triton model repository with the reduced and the unmodified TensorRT engines.")
 @click.option("--min-prompt", default=None, type=click.IntRange(3),
               help="Shortest prompt the TensorRT profile covers (default: N image tokens + 2).")
-@click.option("--max-prompt", default=2048, show_default=True, type=click.IntRange(3),
-              help="Longest prompt the engine accepts.")
+@click.option("--max-prompt", default=None, type=click.IntRange(3),
+              help="Longest prompt the engine accepts (default: 2048, or the image tokens + 512 when they need "
+                   "more; at most the LLM's max_position_embeddings).")
 @click.option("--workspace", default=8.0, show_default=True, type=Finite(0.1),
               help="TensorRT builder workspace limit, GiB.")
 @_pickle_opt
@@ -263,7 +266,7 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     target = Target(backend_for(out, backend), device, dtype or "float32", min_prompt, max_prompt, workspace, weights)
     if triton_repo is not None and target.backend != "tensorrt":
         raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
-    if min_prompt is not None and min_prompt > max_prompt:
+    if min_prompt is not None and max_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
     src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles, image_size=image_size)

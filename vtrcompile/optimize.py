@@ -169,7 +169,7 @@ class Target:
     device: str = "cpu"
     dtype: str = "float32"
     min_prompt: int | None = None
-    max_prompt: int = 2048
+    max_prompt: int | None = None  # None: capture.DEFAULT_MAX_PROMPT, or N + TEXT_ROOM when N needs more
     workspace_gb: float = 8.0
     weights: str = "none"  # "int8": NNCF weight-only compression of the linear layers (OpenVINO)
 
@@ -284,7 +284,7 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
 
 
 def optimize(source: ModelSource, method: str, options: dict[str, Any], out: Path,
-             max_prompt: int = 2048, backend: str | None = None, target: Target | None = None) -> Optimized:
+             max_prompt: int | None = None, backend: str | None = None, target: Target | None = None) -> Optimized:
     t = target or Target(backend=backend_for(out, backend), max_prompt=max_prompt)
     check_target(t)
     check_writable(out)  # fail before minutes of work, not after
