@@ -69,16 +69,14 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
         need, what = RUNTIME + 3 * 4 * source.weights.largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
     elif source.weights is not None and backend == "openvino":
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by NNCF while it compresses them"
+        advice.append("drop --weights int8 (the IR then reads the weights where the checkpoint streamed them)")
     elif source.weights is not None and backend == "tensorrt":
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights held by TensorRT's parser while it builds"
+        advice += ["write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)",
+                   "build the .plan on a machine with more memory"]
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
-    if not streamed and source.weights is not None and backend == "openvino":
-        advice.append("drop --weights int8 (the IR then reads the weights where the checkpoint streamed them)")
-    elif not streamed:
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")
-        if source.weights is not None and backend == "tensorrt":
-            advice.append("build the .plan on a machine with more memory")
     if profile:
         need += 2 * w
         what += ", plus two ONNX Runtime sessions for --profile"

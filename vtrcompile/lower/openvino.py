@@ -122,17 +122,16 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
     constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
     system has no hard links): every IR of the model reads the same bytes, stored once."""
     ov = _ov()
-    from .onnx import read_metadata
     from .openvino_store import point_at_store, stand_in_weights
     from .weight_store import WeightStore
 
     t0 = time.perf_counter()
     onnx_path = out.parent / f".{out.stem}.vtr-ir.onnx"  # beside out, so that the store is the model's shared one
-    before = WeightStore(out.parent, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))
+    which = (out.parent, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))  # as export_onnx's
+    before = WeightStore(*which)
     try:
         export_onnx(program, onnx_path, metadata, streamed)
-        meta = read_metadata(onnx_path)
-        store = WeightStore(out.parent, meta.get("model_id", "model"), meta.get("dtype", "float32"))
+        store = WeightStore(*which)  # its index as the export left it
         model = ov.Core().read_model(str(onnx_path))
         stored = stand_in_weights(model, onnx_path, store.data.name)
         model.set_rt_info(_ir_metadata({**metadata, "weights_file": store.data.name}, "none"), [METADATA_KEY])

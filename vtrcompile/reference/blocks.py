@@ -3,6 +3,8 @@ explicit positions. The family's module (models/) says where the parts are."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
@@ -131,6 +133,17 @@ def top_rows_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
 # While a reference runs on a model whose image block holds rows that are not patches (LLaVA-NeXT's row
 # ends): a bool [n] over the current block, True where a row is one of those (kept by every method).
 PROTECTED: ContextVar = ContextVar("protected_rows", default=None)
+
+
+@contextmanager
+def protecting(mask: torch.Tensor | None) -> Iterator[None]:
+    """The body runs with PROTECTED = `mask` (restored on leaving); PROTECTED.get() inside reads the mask of the
+    block the body's selections left."""
+    token = PROTECTED.set(mask)
+    try:
+        yield
+    finally:
+        PROTECTED.reset(token)
 
 
 def protected_mask(model, n: int) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from .blocks import (
     pre_rope_keys,
     prompt_positions,
     protected_mask,
+    protecting,
     renumbered,
     run_layers,
     top_rows_ascending,
@@ -133,8 +134,7 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     start, n = image_start(model, input_ids), feats.shape[1]
     pos = prompt_positions(model, input_ids)
     adds = layer_additions(model, pixel_values, input_ids.shape[0])
-    token = PROTECTED.set(protected_mask(model, n))
-    try:
+    with protecting(protected_mask(model, n)):
         if first is not None:
             h, pos, n = first_stage_rows(first, model, pixel_values, feats[0], h, pos, start)
         h_prev = h
@@ -145,8 +145,6 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
             h = run_layers(model, h, pos, range(layer, layer + 1))
             if layer in adds:
                 h = add_to_image_rows(h, start, n, adds[layer])
-    finally:
-        PROTECTED.reset(token)
     return next_token_logits(model, h)
 
 

@@ -26,6 +26,7 @@ from ..reference.blocks import (
     pick_rows,
     prompt_positions,
     protected_mask,
+    protecting,
     run_layers,
 )
 from ..reference.methods import first_stage_rows, suffix_scores
@@ -59,13 +60,10 @@ class ScheduleEvaluator:
                 feats = image_features(model, px.to(next(model.parameters()).dtype), ids.shape[0])
                 h, start = embed_prompt(model, ids, feats), image_start(model, ids)
                 pos, n = prompt_positions(model, ids), int(feats.shape[1])
-                token = PROTECTED.set(protected_mask(model, n))
-                try:
+                with protecting(protected_mask(model, n)):
                     if first is not None:
                         h, pos, n = first_stage_rows(first, model, px.to(feats.dtype), feats[0], h, pos, start)
                     protected = PROTECTED.get()
-                finally:
-                    PROTECTED.reset(token)
                 self._h0.append((h, start, pos, n, protected))
             self.n_image = n - (0 if protected is None else int(protected.sum()))
         self._cp: tuple[int, tuple[int, ...], list[_State]] | None = None
@@ -83,12 +81,9 @@ class ScheduleEvaluator:
         for layer in range(lo, hi):
             patches = n - (0 if protected is None else int(protected.sum()))
             if layer > 0 and keeps[layer] < patches:
-                token = PROTECTED.set(protected)
-                try:
+                with protecting(protected):
                     kept = pick_rows(suffix_scores(self.model, layer - 1, h_prev, pos, start, n), keeps[layer])
                     protected = PROTECTED.get()
-                finally:
-                    PROTECTED.reset(token)
                 rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
                 h, pos, n = h[:, rows], pos[..., rows], len(kept)
             h_prev, h = h, run_layers(self.model, h, pos, range(layer, layer + 1))
