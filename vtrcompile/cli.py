@@ -131,7 +131,8 @@ def _parse_image_size(ctx, param, value):
 _image_size = click.option("--image-size", default=None, callback=_parse_image_size, metavar="HxW",
                            help="The image size (height x width, px) the engine takes, fixed at compile time, for "
                                 "families whose vision tower takes several (Qwen-VL: default 448x448, sides multiples "
-                                "of 28 px, of 112 px on Qwen2.5-VL). Images are resized to it.")
+                                "of 28 px, of 112 px on Qwen2.5-VL; LLaVA-NeXT / OneVision: any size, default the first square "
+                                "pinpoint, padded into its best pinpoint as the model does). Images are resized to it.")
 
 
 def _tiles_opt(f):

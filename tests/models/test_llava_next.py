@@ -64,9 +64,9 @@ def _prompts(src):
     return [example_prompt(src.hf_model.config, pre, suf, seed=30 + i) for i, (pre, suf) in enumerate(CASES)]
 
 
-def _hf_logits(m, ids, px):
+def _hf_logits(m, ids, px, size=SIZE):
     with torch.no_grad():
-        return m(input_ids=ids, pixel_values=px.reshape(1, -1, *px.shape[1:]), image_sizes=[SIZE]).logits[:, -1].float()
+        return m(input_ids=ids, pixel_values=px.reshape(1, -1, *px.shape[1:]), image_sizes=[size]).logits[:, -1].float()
 
 
 def test_geometry_and_layout_are_the_family_s(nxt):
@@ -114,7 +114,7 @@ def test_methods_equal_their_eager_references(nxt, method, opts, reference):
     _check_build(nxt, method, opts, reference)
 
 
-def _check_build(src, method, opts, reference):
+def _check_build(src, method, opts, reference, size=SIZE):
     """The build's logits equal reference(model, ids, px) on two prompts and differ from the unmodified model's
     (the reduction happened); with no reference, they equal the HF model's."""
     b = build(src, method, opts, 256)
@@ -122,10 +122,10 @@ def _check_build(src, method, opts, reference):
     for ids, px in _prompts(src)[:2]:
         with torch.no_grad():
             got = b.logits(ids, px)
-            want = _hf_logits(m, ids, px) if reference is None else reference(m, ids, px)
+            want = _hf_logits(m, ids, px, size) if reference is None else reference(m, ids, px)
             assert max_diff(got, want) <= REFERENCE_ATOL
             if reference is not None:
-                assert max_diff(got, _hf_logits(m, ids, px)) > 10 * REFERENCE_ATOL
+                assert max_diff(got, _hf_logits(m, ids, px, size)) > 10 * REFERENCE_ATOL
 
 
 def test_the_row_ends_are_kept_and_never_chosen(nxt, monkeypatch):
@@ -189,12 +189,94 @@ def test_refusals_name_the_reason(nxt, method, opts, match):
         build(nxt, method, opts, 256)
 
 
-def test_image_size_must_be_a_pinpoint():
-    with pytest.raises(UnsupportedModelError, match=r"--image-size 42x42: .*pinpoints \(56x56, 28x56, 56x28\)"):
-        load_model("llavanext-tiny", image_size=(42, 42))
-    wide = load_model("llavanext-tiny", image_size=(28, 56))  # a 1x2 grid: 16 + 4x8 + 4 row ends
+@pytest.mark.parametrize("preset", ["llavanext-tiny", "onevision-tiny"])
+@pytest.mark.parametrize("size", [(40, 56), (56, 40), (50, 29), (100, 37), (21, 80), (33, 33)])
+def test_any_image_size_lays_out_the_block_as_the_model_does(preset, size):
+    """At a size that is not a pinpoint the model pads the image into its best pinpoint and removes the padded
+    grid rows (columns) again: the family's N, tile count, segments and row ends equal what the model writes."""
+    src = load_model(preset, image_size=size)
+    m, fam = src.hf_model, src.family
+    n, (ph, pw) = fam.image_token_count(m.config), fam.padded_size(m.config)
+    ids, px = src.example_inputs
+    assert int((ids == m.config.image_token_id).sum()) == n
+    assert tuple(px.shape) == (1 + ph // 28 * (pw // 28), 3, 28, 28)
+    with torch.no_grad():
+        feats = fam.image_features(m, px, 1)[0]
+    assert feats.shape[0] == n
+    layout = fam.image_layout(m.config)
+    assert [r for r in range(n) if torch.equal(feats[r], m.model.image_newline)] == layout["protected"]
+    assert sum(layout["segments"]) + len(layout["protected"]) == n
+
+
+def test_the_padding_is_removed_as_the_model_and_processor_count_it():
+    """40x56 on llavanext-tiny: best pinpoint 56x56, the image fills 40 of 56 px rows, the model keeps rows 1..6
+    of the 8x8 grid: 16 + 6 x 8 + 6 row ends = 70, as LlavaNextProcessor counts too. A size the model would unpad
+    to nothing is refused in one line."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    cfg = load_model("llavanext-tiny", image_size=(40, 56)).hf_model.config
+    assert LLAVA_NEXT.padded_size(cfg) == (56, 56) and LLAVA_NEXT.grid_rows(cfg) == (6, 8)
+    assert LLAVA_NEXT.image_token_count(cfg) == 70
+    proc = LlavaNextProcessor.__new__(LlavaNextProcessor)  # only the counting, no tokenizer
+    proc.image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[[56, 56], [28, 56], [56, 28]])
+    proc.patch_size, proc.num_additional_image_tokens = 7, 0
+    for size in [(40, 56), (56, 40), (50, 29), (100, 37), (21, 80)]:
+        c = load_model("llavanext-tiny", image_size=size).hf_model.config
+        assert proc._get_number_of_features(size[0], size[1], 28, 28) == LLAVA_NEXT.image_token_count(c)
+    with pytest.raises(UnsupportedModelError, match=r"--image-size 2x200: .*no patch row or column"):
+        load_model("llavanext-tiny", image_size=(2, 200))
+    wide = load_model("llavanext-tiny", image_size=(28, 56))  # a pinpoint: a 1x2 grid, 16 + 4x8 + 4 row ends
     assert LLAVA_NEXT.image_token_count(wide.hf_model.config) == 52
     assert tuple(wide.example_inputs[1].shape) == (3, 3, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def nxt_padded():
+    return load_model("llavanext-tiny", image_size=(40, 56))
+
+
+@pytest.mark.parametrize("method,opts,reference", [
+    ("fastv", {"layer": 2, "keep": 10}, lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
+    ("gprune", {}, lambda m, i, p: gprune_reference(m, i, p, 32, keeps=[8, 24])),  # int(0.5 * 16), int(0.5 * 48)
+    ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+], ids=["fastv", "gprune-split", "pyramiddrop"])
+def test_methods_at_a_padded_size_equal_their_eager_references(nxt_padded, method, opts, reference):
+    _check_build(nxt_padded, method, opts, reference, size=[40, 56])
+
+
+def test_an_engine_at_a_padded_size_takes_the_processor_s_output_and_generates_like_hf(nxt_padded, tmp_path):
+    """The engine for 40x56 images: the HF processor's pixel_values and image_sizes for a 40x56 photo go in by
+    name; the logits and the greedy tokens equal transformers' on the same inputs, and the family's own
+    preprocessing (used by `generate --image`) gives the processor's pixels."""
+    from PIL import Image
+    from transformers import LlavaNextImageProcessorPil
+
+    from vtrcompile.optimize import optimize
+
+    engine = load_engine(optimize(nxt_padded, "none", {}, tmp_path / "none.onnx", max_prompt=128).files[-1],
+                         threads=1)
+    assert engine.metadata["processor"]["padded_size"] == [56, 56]
+    hf_proc = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                         image_grid_pinpoints=[[56, 56], [28, 56], [56, 28]],
+                                         image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    inputs = hf_proc(images=img, return_tensors="np")
+    assert inputs["image_sizes"].tolist() == [[40, 56]] and inputs["pixel_values"].shape == (1, 5, 3, 28, 28)
+    m = nxt_padded.hf_model
+    ids, _ = example_prompt(m.config, 5, 8, seed=31)
+    with torch.no_grad():
+        hf = m.generate(input_ids=ids, pixel_values=torch.from_numpy(inputs["pixel_values"]),
+                        image_sizes=torch.tensor([[40, 56]]), max_new_tokens=4, do_sample=False, output_logits=True,
+                        return_dict_in_generate=True, eos_token_id=None, min_new_tokens=4)
+    out = engine.generate(input_ids=ids.numpy(), **inputs, max_new_tokens=4, eos_token_id=[])
+    assert out.tokens[0].tolist() == hf.sequences[0, ids.shape[1]:].tolist()
+    assert max(float(np.abs(out.logits[0, t] - hf.logits[t][0].numpy()).max()) for t in range(4)) <= REFERENCE_ATOL
+    ours = LLAVA_NEXT.preprocess(img, [40, 56], 1, engine.metadata["processor"]).transpose(0, 3, 1, 2)
+    plain = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                       image_grid_pinpoints=[[56, 56], [28, 56], [56, 28]], do_normalize=False)
+    assert np.abs(ours - plain(images=img, return_tensors="np")["pixel_values"][0]).max() <= 1e-6
+    with pytest.raises(VtrError, match=r"image_sizes \[\[56, 56\]\]: this engine takes images of 40x56"):
+        engine(input_ids=ids, pixel_values=inputs["pixel_values"], image_sizes=np.array([[56, 56]]))
 
 
 def test_engine_equals_hf_and_generates_like_hf(nxt, nxt_engines):
@@ -418,12 +500,16 @@ def test_onevision_preprocessing_equals_hf_s_processor():
     from vtrcompile.models.llava_next import LLAVA_ONEVISION
 
     img = Image.fromarray(np.random.default_rng(7).integers(0, 256, (90, 130, 3), dtype=np.uint8))
-    ours = LLAVA_ONEVISION.preprocess(img, SIZE, 1, {"tile_size": 28}).transpose(0, 3, 1, 2)
     hf = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28},
                                          image_grid_pinpoints=[[56, 56], [28, 56], [56, 28]], do_normalize=False)
-    want = hf(images=img.resize((56, 56), Image.BICUBIC), return_tensors="np")
-    assert want["pixel_values"].shape == (1, 5, 3, 28, 28)
-    assert np.abs(ours - want["pixel_values"][0]).max() <= 1e-6
+    for (h, w), padded in [((56, 56), None), ((30, 50), [56, 56])]:  # a pinpoint; a size padded into one
+        cfg = load_model("onevision-tiny", image_size=(h, w)).hf_model.config
+        facts = LLAVA_ONEVISION.processor_facts(cfg)
+        assert facts["padded_size"] == (padded or [h, w])
+        ours = LLAVA_ONEVISION.preprocess(img, [h, w], 1, facts).transpose(0, 3, 1, 2)
+        want = hf(images=img.resize((w, h), Image.BICUBIC), return_tensors="np")
+        assert want["pixel_values"].shape == (1, 5, 3, 28, 28)
+        assert np.abs(ours - want["pixel_values"][0]).max() <= 1e-6
 
 
 def test_onevision_refuses_vision_site_methods_and_pool(onev):

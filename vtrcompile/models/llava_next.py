@@ -4,10 +4,13 @@ LLM, "anyres" images).
 An image is a base tile (the whole image resized to the tower's side s) plus a grid of gh x gw tiles of a
 resolution from `image_grid_pinpoints`; the model lays the tiles' patches out as one (gh*p) x (gw*p) grid
 (p = s / patch), appends its learned `image_newline` vector after every grid row, and writes base patches
-first. An engine is built for one image size (`--image-size HxW`, one of the pinpoints; default the first
-square one): the layout is then fixed (`image_sizes` becomes a constant of the capture, as
-`transformers.exporters` passes it), N = p^2 + (gh*p)*(gw*p) + gh*p, and the runner resizes every image to
-H x W before LLaVA-NeXT's own tiling. Choosing a pinpoint means no padding, so nothing is unpadded.
+first. An engine is built for one image size (`--image-size HxW`, any size; default the first square
+pinpoint): the layout is then fixed (`image_sizes` becomes a constant of the capture, as
+`transformers.exporters` passes it), and the runner resizes every image to H x W before LLaVA-NeXT's own
+processing. That processing is the model's: the best-fitting pinpoint P is chosen for H x W, the image is
+resized to fit inside P keeping its aspect ratio and padded (black, centred) to P, and the model drops the
+padded rows or columns of the grid again ("unpad") before the row ends: N = p^2 + rows * (cols + 1) with
+(rows, cols) the unpadded grid. At a pinpoint size nothing is padded.
 
 The row-end (`image_newline`) rows are not patches: every method keeps them and never scores or merges them
 (docs/methods.md, "Model families"); the family reports them as the image layout's protected rows, and
@@ -16,6 +19,7 @@ G-Prune runs on the base and hi-res patches separately (its official LLaVA-NeXT 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,40 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .family import Family
 from .llava import CLIP_MEAN, CLIP_STD
+
+
+def best_pinpoint(size: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
+    """The pinpoint LLaVA-NeXT's processor and model choose for an H x W image: the most image pixels kept when
+    it is scaled to fit, then the least padding (first in the list on a tie)."""
+    h, w = size
+    best, kept, wasted = pinpoints[0], -1, 0
+    for ph, pw in pinpoints:
+        scale = min(pw / w, ph / h)
+        k = min(int(w * scale) * int(h * scale), w * h)
+        if k > kept or (k == kept and ph * pw - k < wasted):
+            best, kept, wasted = (ph, pw), k, ph * pw - k
+    return best
+
+
+def fitted_size(size: tuple[int, int], padded: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an H x W image resized to fit inside `padded` with its aspect ratio (the rest is padding); the
+    processor's arithmetic, in its order."""
+    (h, w), (ph, pw) = size, padded
+    scale_w, scale_h = pw / w, ph / h
+    if scale_w < scale_h:
+        return min(math.ceil(h * scale_w), ph), pw
+    return ph, min(math.ceil(w * scale_h), pw)
+
+
+def unpadded_grid(size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) left of a (rows, cols) patch grid once the model removes the padding of an H x W image: the
+    padded side loses (padding // 2) rows or columns at each end (the model's `unpad_image`, in its order)."""
+    (h, w), (rows, cols) = size, grid
+    if w / h > cols / rows:
+        pad = (rows - int(round(h * (cols / w), 7))) // 2
+        return max(rows - 2 * pad, 0), cols
+    pad = (cols - int(round(w * (rows / h), 7))) // 2
+    return rows, max(cols - 2 * pad, 0)
 
 
 class LlavaNextNextTokenLogits(nn.Module):
@@ -83,17 +121,27 @@ class LlavaNextFamily(Family):
         return [(int(h), int(w)) for h, w in config.image_grid_pinpoints]
 
     def fix_geometry(self, config, image_size: tuple[int, int] | None) -> None:
-        """Record the engine's image size (H, W), one of the model's pinpoints, on the loaded config."""
+        """Record the engine's image size (H, W) on the loaded config; refuse a size whose grid the model would
+        unpad to nothing, or a pinpoint list whose entries are not whole tiles."""
         pins = self.pinpoints(config)
         if image_size is None:
             image_size = getattr(config, "vtrcompile_image_size", None) or next(
                 (p for p in pins if p[0] == p[1]), pins[0])
         size = (int(image_size[0]), int(image_size[1]))
         s = self.tile_side(config)
-        if size not in pins or size[0] % s or size[1] % s:
-            listed = ", ".join(f"{h}x{w}" for h, w in pins)
-            raise UnsupportedModelError(f"--image-size {size[0]}x{size[1]}: a {self.title} engine is built for one of "
-                                        f"the model's image_grid_pinpoints ({listed})")
+        bad = [f"{h}x{w}" for h, w in pins if h % s or w % s]
+        if bad:
+            raise UnsupportedModelError(f"{self.title} image_grid_pinpoints {', '.join(bad)} are not multiples of the "
+                                        f"tower's {s} px tiles; fix the model's config")
+        if min(size) < 1:
+            raise UnsupportedModelError(f"--image-size {size[0]}x{size[1]}: give a height and width of at least 1 px")
+        ph, pw = best_pinpoint(size, pins)
+        p = s // self.patch_size(config)
+        rows, cols = unpadded_grid(size, (ph // s * p, pw // s * p))
+        if rows < 1 or cols < 1:
+            raise UnsupportedModelError(f"--image-size {size[0]}x{size[1]}: {self.title} keeps no patch row or column "
+                                        "of an image this elongated once it removes the padding; choose a size "
+                                        "closer to one of the model's image_grid_pinpoints")
         config.vtrcompile_image_size = list(size)
 
     def image_size(self, config) -> list[int]:  # type: ignore[override]
@@ -102,9 +150,13 @@ class LlavaNextFamily(Family):
             self.fix_geometry(config, None)
         return [int(v) for v in config.vtrcompile_image_size]
 
+    def padded_size(self, config) -> tuple[int, int]:
+        """The pinpoint the engine's images are resized and padded to (the model's best fit for H x W)."""
+        return best_pinpoint(tuple(self.image_size(config)), self.pinpoints(config))
+
     def grid(self, config) -> tuple[int, int]:
         """(gh, gw): the hi-res tiles of the engine's image size."""
-        h, w = self.image_size(config)
+        h, w = self.padded_size(config)
         s = self.tile_side(config)
         return h // s, w // s
 
@@ -117,10 +169,11 @@ class LlavaNextFamily(Family):
         return p * p + (1 if config.vision_feature_select_strategy == "full" else 0)
 
     def grid_rows(self, config) -> tuple[int, int]:
-        """(rows, columns) of the hi-res token grid the model writes (before its row ends)."""
+        """(rows, columns) of the hi-res token grid the model writes (before its row ends): the tiles' patch grid
+        with the padding's rows or columns removed."""
         gh, gw = self.grid(config)
         p = self.tile_patches(config)
-        return gh * p, gw * p
+        return unpadded_grid(tuple(self.image_size(config)), (gh * p, gw * p))
 
     def image_token_count(self, config, tiles: int = 1) -> int:
         rows, cols = self.grid_rows(config)
@@ -148,26 +201,32 @@ class LlavaNextFamily(Family):
 
     # --- preprocessing (LlavaNextImageProcessor on an image of the engine's size) -------------------
     def preprocess(self, image, size, tiles: int, processing: dict | None = None) -> np.ndarray:
-        """The image resized to the engine's H x W (bicubic), then LLaVA-NeXT's tiling: the whole image resized
-        to s x s first, then the gh x gw tiles in row-major order -> [1 + gh*gw, s, s, 3] in [0, 1]."""
+        """The image resized to the engine's H x W (bicubic), then LLaVA-NeXT's processing: the whole image
+        resized to s x s first, then the image resized to fit the padded size (aspect kept, bicubic), padded
+        black and centred, cut into gh x gw tiles in row-major order -> [1 + gh*gw, s, s, 3] in [0, 1]."""
         from PIL import Image
 
         if not processing or "tile_size" not in processing:
             raise ValueError("LLaVA-NeXT preprocessing needs the tile size (the engine's processor facts)")
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         s = int(processing["tile_size"])
+        ph, pw = (int(v) for v in processing.get("padded_size", (h, w)))  # older engines: a pinpoint size
         image = image.resize((w, h), Image.BICUBIC)
 
         def arr(im) -> np.ndarray:
             return np.asarray(im, dtype=np.float32) / 255.0
 
         base = arr(image.resize((s, s), Image.BICUBIC))
-        big = arr(image)
-        cells = [big[r:r + s, c:c + s] for r in range(0, h, s) for c in range(0, w, s)]
+        fh, fw = fitted_size((h, w), (ph, pw))
+        big = np.zeros((ph, pw, 3), np.float32)
+        top, left = (ph - fh) // 2, (pw - fw) // 2
+        big[top:top + fh, left:left + fw] = arr(image.resize((fw, fh), Image.BICUBIC))
+        cells = [big[r:r + s, c:c + s] for r in range(0, ph, s) for c in range(0, pw, s)]
         return np.stack([base, *cells])
 
     def processor_facts(self, config, model_dir=None) -> dict[str, Any]:
-        return {**super().processor_facts(config, model_dir), "tile_size": self.tile_side(config)}
+        return {**super().processor_facts(config, model_dir), "tile_size": self.tile_side(config),
+                "padded_size": list(self.padded_size(config))}
 
     # --- capture and the eager references ----------------------------------------------------------------
     def capture_module(self, model: nn.Module, batch: int = 1) -> nn.Module:
