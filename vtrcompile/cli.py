@@ -148,18 +148,19 @@ def _tiles_opt(f):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_tiles_opt
 def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tiles: int, image_size) -> None:
-    """Show what the analysis passes find in MODEL."""
+    """Show what the analysis passes find in MODEL (on the graph the reductions see)."""
     from .build import prompt_range
     from .capture import capture, editable_module
     from .inspect_report import facts_report, format_facts
     from .models.loading import load_model
     from .passes.analysis import analyze
-    from .passes.strip_runtime_asserts import strip_runtime_asserts
+    from .passes.base import run_pipeline
+    from .passes.pipeline import normalizing_passes
 
     src = load_model(model, allow_pickle, tiles=tiles, image_size=image_size)
     ep = capture(src, max_prompt)
     gm = editable_module(ep)
-    strip_runtime_asserts(gm)
+    run_pipeline(gm, normalizing_passes())
     report = facts_report(gm, analyze(gm), prompt_range(ep))
     click.echo(json.dumps(report, indent=2) if as_json else format_facts(report))
 

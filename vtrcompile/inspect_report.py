@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from .passes.facts import GraphFacts
-from .passes.find_decoder_layers import inputs_written_between_layers
+from .passes.find_decoder_layers import inputs_written_between_layers, stream_addends
 from .passes.find_sequence_side_tensors import rotary_origin
 from .passes.provenance import val
 
@@ -56,6 +56,7 @@ def facts_report(gm: fx.GraphModule, f: GraphFacts, prompt_range: tuple[int, int
                      "side_tensors": side},
         "decoder_layers": layers,
         "written_between_layers": [lay.index for lay in inputs_written_between_layers(f.layers)],
+        "added_between_layers": sorted(stream_addends(f.layers)),
     }
 
 
@@ -74,7 +75,12 @@ def format_facts(r: dict[str, Any]) -> str:
     late = r.get("written_between_layers") or []
     if late:
         lines.append(f"sites          layer >= {late[-1]} only: the inputs of layers {', '.join(map(str, late))} are "
-                     "written between decoder layers (e.g. DeepStack features at the image positions)")
+                     "written between decoder layers in a way a reduction cannot follow")
+    added = r.get("added_between_layers") or []
+    if added:
+        lines.append(f"additions      the inputs of layers {', '.join(map(str, added))} add a tensor at the image rows "
+                     "(e.g. DeepStack features): a site before them gathers it with the tokens it keeps; merging "
+                     f"methods only at layer >= {added[-1]}")
     lines.append("")
     cols = ["layer", "attention", "q", "k", "mask", "scale", "residual_input"]
     rows = [cols] + [[str(lay[c]) for c in cols] for lay in r["decoder_layers"]]

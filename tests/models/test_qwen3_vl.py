@@ -1,7 +1,8 @@
 """The Qwen3-VL family (qwen3vl-tiny, built from Qwen3VLConfig): patch 16, interleaved mRoPE from the host, and
 DeepStack (vision-layer features added to the image rows after LLM layers 0 and 1). Engines against the Hugging
-Face model and HF generate; the methods the graph allows (sites at layer >= 2) against their eager references
-with the DeepStack additions; earlier sites refused with the reason."""
+Face model and HF generate; methods at every site against their eager references with the DeepStack additions
+(gathered with the kept tokens where the site comes before them); merging methods there refused with the
+reason."""
 
 from __future__ import annotations
 
@@ -19,9 +20,15 @@ from vtrcompile.errors import UnsupportedModelError, VtrError
 from vtrcompile.models.family import family_of
 from vtrcompile.models.loading import example_prompt, load_model
 from vtrcompile.models.mrope import mrope_positions
-from vtrcompile.reference.baselines import dart_site
+from vtrcompile.reference.baselines import dart_site, divprune_stage, gprune_stage, random_stage
 from vtrcompile.reference.blocks import full_logits
-from vtrcompile.reference.methods import fastv_reference, run_stages, vtw_reference
+from vtrcompile.reference.methods import (
+    fastv_reference,
+    fastv_site,
+    pyramiddrop_reference,
+    run_stages,
+    vtw_reference,
+)
 
 CASES = ((5, 8), (1, 1), (20, 3))
 STEPS = 6
@@ -79,27 +86,79 @@ def test_methods_after_the_deepstack_layers_equal_their_references(qwen3, method
             assert max_diff(got, qwen3.module(*qwen3.inputs(ids, px))) > 10 * REFERENCE_ATOL  # it reduced
 
 
+@pytest.mark.parametrize("method,opts,reference", [
+    ("fastv", {"layer": 1, "keep": 8}, lambda m, i, p: fastv_reference(m, i, p, 1, 8)),
+    ("gprune", {"keep": 8}, lambda m, i, p: run_stages(m, i, p, first=gprune_stage(8))),
+    ("divprune", {"keep": 8}, lambda m, i, p: run_stages(m, i, p, first=divprune_stage(8))),
+    ("random", {"keep": 8}, lambda m, i, p: run_stages(m, i, p, first=random_stage(16, keep=8))),
+    ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+    ("divprune", {"keep": 12, "then": "fastv layer=1 keep=6"},
+     lambda m, i, p: run_stages(m, i, p, first=divprune_stage(12), sites={1: fastv_site(m, 6)})),
+], ids=["fastv-layer1", "gprune", "divprune", "random", "pyramiddrop", "stacked"])
+def test_sites_before_the_deepstack_layers_equal_their_references(qwen3, method, opts, reference):
+    """A site before a DeepStack layer (projector, or layer 1 < k = 2): the later additions go to the image tokens
+    that are left (the engine gathers them with the kept rows), as in the spec's reference; the reference run
+    without any addition gives other logits, so the gathered additions are what matches."""
+    b = build(qwen3, method, opts, 256)
+    m = qwen3.hf_model
+    for ids, px in _prompts(qwen3)[:2]:
+        with torch.no_grad():
+            got = b.logits(ids, px)
+            want = reference(m, ids, px)
+            assert max_diff(got, want) <= REFERENCE_ATOL
+            assert max_diff(got, qwen3.module(*qwen3.inputs(ids, px))) > 10 * REFERENCE_ATOL  # it reduced
+            with _without_additions():
+                assert max_diff(got, reference(m, ids, px)) > 10 * REFERENCE_ATOL
+
+
+def _without_additions():
+    from unittest import mock
+
+    from vtrcompile.models.qwen_vl import QWEN3_VL
+
+    return mock.patch.object(type(QWEN3_VL), "layer_additions", lambda self, model, px, batch: {})
+
+
+def test_the_additions_follow_the_kept_rows_in_the_graph(qwen3):
+    """Structure: the graph adds two DeepStack addends (no image-row write left); a projector site gathers both
+    with its kept rows, a site at layer 1 only the one entering layer 2, a site at layer 2 none; tokens per layer
+    follow the schedule."""
+    from vtrcompile.methods.tensor_ops import gather_seq_dims, image_rows_addend, put_image_block_rows
+
+    def gathered_addends(b):
+        nodes = b.graph_module.graph.nodes
+        assert not any(n.target is put_image_block_rows for n in nodes)
+        return sum(1 for n in nodes if n.target is gather_seq_dims and n.args[0].target is image_rows_addend)
+
+    s = qwen3.example_inputs[0].shape[1]
+    gp = build(qwen3, "gprune", {"keep": 8}, 256)
+    assert gathered_addends(gp) == 2 and gp.llm_tokens(s) == [s - 8] * 4
+    f1 = build(qwen3, "fastv", {"layer": 1, "keep": 8}, 256)
+    assert gathered_addends(f1) == 1 and f1.llm_tokens(s) == [s, s - 8, s - 8, s - 8]
+    assert gathered_addends(build(qwen3, "fastv", {"layer": 2, "keep": 8}, 256)) == 0
+
+
 @pytest.mark.parametrize("method,opts,where", [
-    ("gprune", {"keep": 8}, "at the projector"),
-    ("divprune", {"keep": 8}, "at the projector"),
-    ("fastv", {"layer": 1, "keep": 8}, "at layer 1"),
-    ("pyramiddrop", {}, "at layer 1"),
+    ("pool", {}, "at the projector that merges tokens"),
+    ("pumer", {}, "at layer 1 that merges tokens"),
 ])
-def test_sites_before_a_deepstack_write_are_refused(qwen3, method, opts, where):
-    with pytest.raises(VtrError, match=f"layers.2 is written between decoder layers .*{where}.*layer >= 2"):
+def test_merging_before_a_deepstack_layer_is_refused(qwen3, method, opts, where):
+    with pytest.raises(VtrError, match=f"add a tensor at the image rows .*{where}.*layer >= 2"):
         build(qwen3, method, opts, 256)
 
 
-def test_inspect_names_the_earliest_site():
+def test_inspect_names_the_deepstack_additions():
     from click.testing import CliRunner
 
     from vtrcompile.cli import main
 
     res = CliRunner().invoke(main, ["inspect", "qwen3vl-tiny"])
     assert res.exit_code == 0, res.output
-    assert "layer >= 2 only: the inputs of layers 1, 2 are written between decoder layers" in res.output
+    assert "the inputs of layers 1, 2 add a tensor at the image rows" in res.output
+    assert "merging methods only at layer >= 2" in res.output and "written between" not in res.output
     res = CliRunner().invoke(main, ["inspect", "qwen3vl-tiny", "--json"])
-    assert json.loads(res.output[res.output.index("{"):])["written_between_layers"] == [1, 2]
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["written_between_layers"] == [] and report["added_between_layers"] == [1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +167,8 @@ def qwen3_engines(qwen3, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("qwen3")
     return {name: optimize(qwen3, method, opts, folder / f"{name}.onnx", max_prompt=256)
-            for name, (method, opts) in {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10})}.items()}
+            for name, (method, opts) in {"none": ("none", {}), "fastv": ("fastv", {"layer": 1, "keep": 10}),
+                                         "gprune": ("gprune", {"keep": 8})}.items()}
 
 
 def test_engine_pair_generates_like_hf_and_the_reduced_one_like_the_reference(qwen3, qwen3_engines):
@@ -116,7 +176,7 @@ def test_engine_pair_generates_like_hf_and_the_reduced_one_like_the_reference(qw
     base = load_engine(qwen3_engines["none"].files[-1], threads=1)
     # No data-dependent op (the DeepStack writes are gathers; the static ScatterND of interleaved mRoPE stays).
     assert not any(n.op_type == "NonZero" for n in _onnx_nodes(qwen3_engines["none"].files[-1]))
-    assert qwen3_engines["none"].findings == [] and qwen3_engines["fastv"].findings == []  # TensorRT preflight
+    assert all(e.findings == [] for e in qwen3_engines.values())  # TensorRT preflight
     for ids, px in _prompts(qwen3)[:2]:
         inputs = _hf_inputs(qwen3, ids, px)
         with torch.no_grad():
@@ -126,9 +186,13 @@ def test_engine_pair_generates_like_hf_and_the_reduced_one_like_the_reference(qw
         assert out.tokens[0].tolist() == hf.sequences[0, ids.shape[1]:].tolist()
         for t in range(STEPS):
             assert float(np.abs(out.logits[0, t] - hf.logits[t][0].numpy()).max()) <= REFERENCE_ATOL
-    fastv = load_engine(qwen3_engines["fastv"].files[-1], threads=1)
-    prefill = lambda mm, i, p: fastv_reference(mm, i, p, 2, 10)  # noqa: E731
-    check_generation(fastv, m, _prompts(qwen3)[:2], prefill, "keep", STEPS)
+    # Sites before the DeepStack layers (layer 1, the projector): the later additions follow the kept tokens.
+    for name, prefill in [("fastv", lambda mm, i, p: fastv_reference(mm, i, p, 1, 10)),
+                          ("gprune", lambda mm, i, p: run_stages(mm, i, p, first=gprune_stage(8)))]:
+        engine = load_engine(qwen3_engines[name].files[-1], threads=1)
+        for (ids, _), out in zip(_prompts(qwen3)[:2], check_generation(engine, m, _prompts(qwen3)[:2], prefill, "keep",
+                                                                     STEPS), strict=True):
+            assert out.cache_lengths == qwen3_engines[name].build.llm_tokens(ids.shape[1])
 
 
 def _onnx_nodes(path):
@@ -156,3 +220,23 @@ def test_preprocessing_equals_hf_s_processor(tmp_path, size):
     got = preprocess(path, list(size), fam.processor_facts(cfg)).numpy()
     assert got.shape == hf["pixel_values"].shape
     assert float(np.abs(got - hf["pixel_values"]).max()) < 1e-5
+
+
+def test_the_search_evaluator_adds_deepstack_and_equals_a_compiled_schedule(qwen3, tmp_path):
+    """The search's eager evaluator: with no reduction it equals the model (it adds the DeepStack features), and a
+    schedule that drops tokens before a DeepStack layer equals the compiled `schedule` engine (the later
+    additions follow the kept tokens in both)."""
+    from tests.models.test_llava_next import _schedule
+    from vtrcompile.evaluation import Item
+    from vtrcompile.search.evaluator import ScheduleEvaluator
+
+    keeps = [16, 8, 8, 3]
+    b = build(qwen3, "schedule", {"schedule": str(_schedule(qwen3, tmp_path, keeps, n_image=16))}, 256)
+    cases = _prompts(qwen3)[:2]
+    ev = ScheduleEvaluator(qwen3.hf_model, [Item(ids.numpy(), px.numpy()) for ids, px in cases])
+    got = ev.logits(keeps)
+    for i, (ids, px) in enumerate(cases):
+        with torch.no_grad():
+            hf = qwen3.hf_model(**_hf_inputs(qwen3, ids, px)).logits[:, -1].float()
+            assert max_diff(ev.full[i], hf[0]) <= REFERENCE_ATOL
+            assert max_diff(got[i], b.logits(ids, px)[0]) <= REFERENCE_ATOL

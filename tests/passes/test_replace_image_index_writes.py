@@ -68,3 +68,74 @@ def test_graphs_without_image_mask_indexing_are_left_alone(preset):
     before = [str(n) for n in gm.graph.nodes]
     res = replace_image_index_writes(gm)
     assert not res.modified and [str(n) for n in gm.graph.nodes] == before
+
+
+# --- replace_image_row_additions: the DeepStack write as an addend with a sequence dimension -------------------
+
+def test_the_addend_equals_the_write_it_replaces():
+    """x + image_rows_addend(f) == put_image_block_rows(x, s, image_block_rows(x, s) + f), to the bit, and is
+    zero outside the block."""
+    from vtrcompile.methods.tensor_ops import image_rows_addend
+
+    torch.manual_seed(1)
+    ids = torch.tensor([[1, 2, 9, 9, 9, 3], [9, 9, 9, 4, 5, 6]])
+    x, f = torch.randn(2, 6, 4), torch.randn(6, 4)
+    start = first_image_row(ids, 9)
+    a = image_rows_addend(f, start, ids, 3)
+    assert torch.equal(x + a, put_image_block_rows(x, start, image_block_rows(x, start, 3) + f, 3))
+    assert torch.equal(a[ids != 9], torch.zeros(6, 4))
+
+
+def test_deepstack_writes_become_addends_with_the_same_logits():
+    from vtrcompile.methods.tensor_ops import image_rows_addend
+    from vtrcompile.passes.analysis import analyze
+    from vtrcompile.passes.find_decoder_layers import inputs_written_between_layers, stream_addends
+    from vtrcompile.passes.replace_image_row_additions import replace_image_row_additions
+
+    src, gm = _graph("qwen3vl-tiny")
+    replace_image_index_writes(gm)
+    facts = analyze(gm)
+    assert [lay.index for lay in inputs_written_between_layers(facts.layers)] == [1, 2]  # writes: refused sites
+    cfg = src.hf_model.config
+    prompts = [src.inputs(*example_prompt(cfg, pre, suf, seed=i)[:2]) for i, (pre, suf) in enumerate([(5, 8), (0, 3)])]
+    with torch.no_grad():
+        want = [gm(*p) for p in prompts]
+    res = replace_image_row_additions(gm)
+    assert res.modified and res.facts["rewritten"] == 2
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert put_image_block_rows not in targets and targets.count(image_rows_addend) == 2
+    facts = analyze(gm)
+    assert inputs_written_between_layers(facts.layers) == []
+    adds = stream_addends(facts.layers)
+    assert sorted(adds) == [1, 2] and all(d.target is image_rows_addend for d in adds.values())
+    with torch.no_grad():
+        for p, w in zip(prompts, want, strict=True):
+            assert max_diff(gm(*p), w) == 0.0
+
+
+def test_a_write_that_is_not_an_addition_is_left_alone():
+    """A write of rows that do not add to the rows read (here: an overwrite) stays a write, and the layer after
+    it stays a refused site."""
+    from vtrcompile.passes.replace_image_row_additions import replace_image_row_additions
+
+    src, gm = _graph("qwen3vl-tiny")
+    replace_image_index_writes(gm)
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is put_image_block_rows:
+            value = n.args[2]
+            n.replace_input_with(value, value.args[1])  # put f instead of rows + f
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    before = [str(n) for n in gm.graph.nodes]
+    res = replace_image_row_additions(gm)
+    assert not res.modified and [str(n) for n in gm.graph.nodes] == before
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2vl-tiny"])
+def test_graphs_without_image_row_writes_are_left_alone_by_the_addend_pass(preset):
+    from vtrcompile.passes.replace_image_row_additions import replace_image_row_additions
+
+    _, gm = _graph(preset)
+    replace_image_index_writes(gm)
+    before = [str(n) for n in gm.graph.nodes]
+    assert not replace_image_row_additions(gm).modified and [str(n) for n in gm.graph.nodes] == before

@@ -155,6 +155,19 @@ def put_image_block_rows(x: torch.Tensor, image_start: torch.Tensor, rows: torch
     return write_image_block(x, image_start, rows.reshape(x.shape[0], n_image, x.shape[-1]))
 
 
+def image_rows_addend(rows: torch.Tensor, image_start: torch.Tensor, input_ids: torch.Tensor, n_image: int
+                      ) -> torch.Tensor:
+    """rows [B*N, D], image_start [B], input_ids [B, S] -> [B, S, D]: the rows on the image block, zero elsewhere.
+    `x + image_rows_addend(rows, ...)` is `put_image_block_rows(x, s, image_block_rows(x, s) + rows)` for x
+    [B, S, D] (out of place), as a tensor with a sequence dimension that does not depend on x."""
+    b, s = input_ids.shape
+    block = rows.reshape(b, n_image, rows.shape[-1])
+    rel = torch.arange(s, device=rows.device)[None, :] - image_start[:, None]
+    inside = (rel >= 0) & (rel < n_image)
+    picked = block.gather(1, rel.clamp(0, n_image - 1)[..., None].expand(-1, -1, rows.shape[-1]))
+    return torch.where(inside[..., None], picked, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
 def block_order(rows: torch.Tensor) -> torch.Tensor:
     """rows [B, k, D] -> [B, k] = 0..k-1: 'kept' indices for a block whose rows are all new."""
     return torch.arange(rows.shape[1], device=rows.device)[None, :].expand(rows.shape[0], -1)

@@ -2,9 +2,10 @@
 Qwen3VLForConditionalGeneration): a ViT with 2-D rotary positions and no CLS token (window attention on
 Qwen2.5, patch 16 and learned position embeddings on Qwen3), a 2x2 patch merger as the projector, a Qwen2 /
 Qwen3 LLM with 3-axis rotary positions (mRoPE; interleaved on Qwen3). Qwen3-VL's DeepStack adds features of
-chosen vision layers to the hidden states after the first k LLM layers at the image positions, so a
-reduction may only sit at a layer >= k (passes/insert_token_reduction.py refuses earlier sites, found from
-the graph).
+chosen vision layers to the hidden states after the first k LLM layers at the image positions; a reduction
+before one of those layers gathers the later additions with the image tokens it keeps (passes
+replace_image_row_additions and insert_token_reduction, found from the graph; merging methods are refused
+there).
 
 An engine is built for one image size (`--image-size HxW`, default 448x448; sides multiples of 28 px, of the
 attention window, 112 px, on Qwen2.5): the vision tower's helper tensors for that grid (attention segments,

@@ -113,8 +113,36 @@ def find_decoder_layers(gm: fx.GraphModule, boundary: Boundary) -> PassResult:
     return PassResult(gm, False, facts=layers)
 
 
+def _sizes(node: fx.Node) -> tuple | None:
+    s = shape(node)
+    return None if s is None else tuple(str(x.node.expr) if isinstance(x, torch.SymInt) else x for x in s)
+
+
+def stream_addend(prev: DecoderLayer, lay: DecoderLayer) -> fx.Node | None:
+    """The tensor added to the stream between two layers, when the second one's residual input is the first
+    one's output plus a tensor of the same shape that does not depend on the stream (after
+    replace_image_row_additions: Qwen3-VL's DeepStack features on the image rows), else None."""
+    res = lay.residual_input
+    if res.op != "call_function" or res.target != torch.ops.aten.add.Tensor or len(res.args) != 2:
+        return None
+    inside = set(prev.nodes)
+    for a, d in (res.args, res.args[::-1]):
+        if (isinstance(a, fx.Node) and a in inside and isinstance(d, fx.Node) and _sizes(d) == _sizes(res)
+                and not ancestors([d]) & inside):
+            return d
+    return None
+
+
+def stream_addends(layers: list[DecoderLayer]) -> dict[int, fx.Node]:
+    """{layer j: the tensor added to its input between layer j-1 and layer j} (stream_addend)."""
+    found = {lay.index: stream_addend(prev, lay) for prev, lay in zip(layers, layers[1:], strict=False)}
+    return {j: d for j, d in found.items() if d is not None}
+
+
 def inputs_written_between_layers(layers: list[DecoderLayer]) -> list[DecoderLayer]:
-    """The layers whose residual input is not the previous layer's output: something between the two writes
-    into the stream (Qwen3-VL's DeepStack adds vision features at the image positions). A reduction must sit
+    """The layers whose residual input is not the previous layer's output, nor that output plus a stream addend:
+    something between the two writes into the stream in a way a reduction cannot follow. A reduction must sit
     at or after the last of them."""
-    return [lay for prev, lay in zip(layers, layers[1:], strict=False) if lay.residual_input not in prev.nodes]
+    adds = stream_addends(layers)
+    return [lay for prev, lay in zip(layers, layers[1:], strict=False)
+            if lay.residual_input not in prev.nodes and lay.index not in adds]

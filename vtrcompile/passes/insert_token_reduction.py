@@ -42,7 +42,7 @@ from ..methods.tensor_ops import (
 from .analysis import analyze
 from .base import PassResult, finish_transform
 from .facts import DecoderLayer
-from .find_decoder_layers import inputs_written_between_layers
+from .find_decoder_layers import inputs_written_between_layers, stream_addends
 from .find_final_norm import final_norm_module
 from .find_vision_taps import VisionTaps, apply_projector, find_vision_taps
 from .graph_utils import refresh_meta, stable_topological_sort, tag_provenance
@@ -120,18 +120,27 @@ def _size_expr(node: fx.Node, dim: int):
     return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s)
 
 
-def _check_later_inputs(layers: list[DecoderLayer], red: Reduction) -> None:
-    """Refuse a site before a layer whose input is written outside the decoder layers (an op between layer
-    j-1 and layer j, e.g. Qwen3-VL's DeepStack adding vision features at the image positions): that write
-    indexes the full-length sequence, so the reduction must come after it."""
+def _check_later_inputs(layers: list[DecoderLayer], red: Reduction) -> dict[int, fx.Node]:
+    """Refuse a site before a layer whose input is written outside the decoder layers in a way the reduction
+    cannot follow (an op between layer j-1 and layer j that indexes the full-length sequence): the reduction
+    must come after it. Return the stream addends of the later layers ({j: [B, S, D]}, e.g. Qwen3-VL's DeepStack
+    features on the image rows, after replace_image_row_additions), which the reduction gathers instead."""
     late = [lay for lay in inputs_written_between_layers(layers) if lay.index > red.layer]
+    where = "the projector" if red.site != "llm" else f"layer {red.layer}"
     if late:
         last = late[-1]
-        where = "the projector" if red.site != "llm" else f"layer {red.layer}"
         raise VtrError(f"{red.method}: the input of {last.module} is written between decoder layers "
                        f"({last.residual_input.target}, e.g. DeepStack vision features added at the image "
                        f"positions), so a reduction at {where} cannot come before it; use an llm@ method at layer "
                        f">= {last.index} (fastv: --layer {last.index} or later)")
+    adds = {j: d for j, d in stream_addends(layers).items() if j > red.layer}
+    if adds and (red.merges or red.site == "vision"):
+        kind = "merges tokens" if red.merges else "replaces the image block with new tokens"
+        raise VtrError(f"{red.method}: the inputs of layers {', '.join(map(str, adds))} add a tensor at the image "
+                       f"rows (e.g. DeepStack vision features), and a method at {where} that {kind} leaves rows "
+                       "that are no single original token, so which addition each gets is not defined; use a "
+                       f"selecting method there, or a site at layer >= {max(adds)}")
+    return adds
 
 
 def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
@@ -140,7 +149,7 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     if not 0 <= red.layer < len(facts.layers):
         raise VtrError(f"{red.method}: layer {red.layer} is outside the LLM's {len(facts.layers)} layers")
     layer = facts.layers[red.layer]
-    _check_later_inputs(facts.layers, red)
+    addends = _check_later_inputs(facts.layers, red)
     h = layer.residual_input
     dropped = sympy.simplify(facts.seq_symbol - _size_expr(h, 1))
     if not dropped.is_Integer:
@@ -238,6 +247,8 @@ def insert_token_reduction(gm: fx.GraphModule, red: Reduction) -> PassResult:
     downstream_layers = {n for lay in facts.layers[red.layer:] for n in lay.nodes}
     region = (downstream_layers | descendants([h2])) - added
     replace: dict[fx.Node, fx.Node] = {}
+    for d in addends.values():  # a later layer's addition to the image rows follows the rows kept
+        replace[d] = add(gather_seq_dims, (d, idx, (1,)), None, "gather")
     for st in side:
         if st.role == "seq_len":
             replace[st.node] = s2

@@ -27,11 +27,17 @@ def layer_additions(model, pixel_values: torch.Tensor, batch: int = 1) -> dict[i
     return family_of(model).layer_additions(model, pixel_values, batch)
 
 
-def add_to_image_rows(hidden: torch.Tensor, start: int, n: int, rows: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S', D] + rows [B, N, D] on its image block; the block must still hold all N rows."""
-    assert rows.shape[1] == n, "an addition to the image rows after a reduction (the engines refuse such a site)"
+def add_to_image_rows(hidden: torch.Tensor, start: int, n: int, rows: torch.Tensor,
+                      present: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [B, S', D] + rows [B, N, D] on its image block of n rows: the rows of the original block rows
+    `present` (ascending, n of them; default all N). A block whose rows are not original rows (merged, or new
+    tokens: present None after a reduction) takes no addition (the engines refuse such a site)."""
+    if present is None:
+        assert rows.shape[1] == n, "an addition to image rows that are no longer the original ones"
+        present = torch.arange(n)
+    assert len(present) == n
     out = hidden.clone()
-    out[:, start:start + n] = out[:, start:start + n] + rows.to(hidden.dtype)
+    out[:, start:start + n] = out[:, start:start + n] + rows[:, present].to(hidden.dtype)
     return out
 
 

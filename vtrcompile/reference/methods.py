@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from .blocks import (
@@ -32,7 +36,36 @@ from .vision import VisionStage
 
 
 def kept_rows(s: int, start: int, n: int, kept: torch.Tensor) -> torch.Tensor:
+    """Sequence rows left when the image block [start, start + n) keeps its rows `kept` (ascending); also
+    noted for the caller's row tracking (KEPT)."""
+    note = KEPT.get()
+    if note is not None:
+        note.append(torch.as_tensor(kept, dtype=torch.long))
     return torch.cat([torch.arange(start), start + kept, torch.arange(start + n, s)])
+
+
+# While a reduction runs inside _progressive, the block rows it keeps (kept_rows calls) are noted here, so the
+# image rows' later additions (DeepStack) follow the tokens that are left.
+KEPT: ContextVar[list | None] = ContextVar("kept_rows_noted", default=None)
+
+
+@contextmanager
+def noting_kept() -> Iterator[list]:
+    """Inside: the block rows each kept_rows call keeps are appended to the list yielded."""
+    note: list = []
+    token = KEPT.set(note)
+    try:
+        yield note
+    finally:
+        KEPT.reset(token)
+
+
+def follow(block_ids: torch.Tensor | None, note: list, n: int) -> torch.Tensor | None:
+    """The original block rows present after a reduction that noted `note` and left n rows: block_ids composed
+    with its one selection, or None when it made none that leaves n rows (a merge, or new tokens)."""
+    if block_ids is None or len(note) != 1 or note[0] is None or len(note[0]) != n:
+        return None
+    return block_ids[note[0]]
 
 
 def fastv_site(model, keep: int):
@@ -100,6 +133,9 @@ def projector_stage_rows(first, feats: torch.Tensor, h: torch.Tensor, pos: torch
     n_full = feats.shape[0]
     if PROTECTED.get() is None:
         block, policy, kept = first(feats)
+        note = KEPT.get()
+        if note is not None and not torch.equal(block, feats[kept]):
+            note.append(None)  # new rows (Pool): not the original rows `kept`
     else:
         patches = patch_rows_present(n_full)
         part, policy, picked = first(feats[patches])
@@ -134,17 +170,22 @@ def _progressive(model, input_ids, pixel_values, sites, reduce, first=None) -> t
     start, n = image_start(model, input_ids), feats.shape[1]
     pos = prompt_positions(model, input_ids)
     adds = layer_additions(model, pixel_values, input_ids.shape[0])
+    ids: torch.Tensor | None = torch.arange(n)  # the original block rows present, in order (None: not rows)
     with protecting(protected_mask(model, n)):
         if first is not None:
-            h, pos, n = first_stage_rows(first, model, pixel_values, feats[0], h, pos, start)
+            with noting_kept() as note:
+                h, pos, n = first_stage_rows(first, model, pixel_values, feats[0], h, pos, start)
+            ids = follow(None if isinstance(first, VisionStage) else ids, note, n)
         h_prev = h
         for layer in range(n_layers):
             if layer in sites:
-                h, pos, n = reduce(layer, h_prev, h, pos, start, n)
+                with noting_kept() as note:
+                    h, pos, n = reduce(layer, h_prev, h, pos, start, n)
+                ids = follow(ids, note, n)
             h_prev = h
             h = run_layers(model, h, pos, range(layer, layer + 1))
             if layer in adds:
-                h = add_to_image_rows(h, start, n, adds[layer])
+                h = add_to_image_rows(h, start, n, adds[layer], ids)
     return next_token_logits(model, h)
 
 

@@ -18,10 +18,12 @@ import torch
 from ..errors import VtrError
 from ..reference.blocks import (
     PROTECTED,
+    add_to_image_rows,
     embed_prompt,
     image_features,
     image_start,
     language_model,
+    layer_additions,
     next_token_logits,
     pick_rows,
     prompt_positions,
@@ -29,7 +31,8 @@ from ..reference.blocks import (
     protecting,
     run_layers,
 )
-from ..reference.methods import first_stage_rows, suffix_scores
+from ..reference.methods import first_stage_rows, follow, noting_kept, suffix_scores
+from ..reference.vision import VisionStage
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class _State:
     start: int
     n: int  # image-block rows present
     protected: torch.Tensor | None  # bool [n]: rows no reduction selects or drops (LLaVA-NeXT's row ends)
+    ids: torch.Tensor | None  # the original block rows present (None: new rows, after a vision stage)
+    adds: dict[int, torch.Tensor]  # {layer l: [1, N, D]} added to the image rows after layer l (DeepStack)
 
 
 class ScheduleEvaluator:
@@ -53,31 +58,35 @@ class ScheduleEvaluator:
         self.model = model.eval()
         self.layers = len(language_model(model).layers)
         self.answers = answers
-        self._h0: list[tuple[torch.Tensor, int, torch.Tensor, int, torch.Tensor | None]] = []
+        self._h0: list[_State] = []
         with torch.no_grad():
             for it in items:
                 ids, px = torch.as_tensor(it.ids), torch.as_tensor(it.pixels)
                 feats = image_features(model, px.to(next(model.parameters()).dtype), ids.shape[0])
                 h, start = embed_prompt(model, ids, feats), image_start(model, ids)
                 pos, n = prompt_positions(model, ids), int(feats.shape[1])
+                adds = layer_additions(model, px.to(feats.dtype), ids.shape[0])
+                present: torch.Tensor | None = torch.arange(n)
                 with protecting(protected_mask(model, n)):
                     if first is not None:
-                        h, pos, n = first_stage_rows(first, model, px.to(feats.dtype), feats[0], h, pos, start)
+                        with noting_kept() as note:
+                            h, pos, n = first_stage_rows(first, model, px.to(feats.dtype), feats[0], h, pos, start)
+                        present = follow(None if isinstance(first, VisionStage) else present, note, n)
                     protected = PROTECTED.get()
-                self._h0.append((h, start, pos, n, protected))
+                self._h0.append(_State(h, h, pos, start, n, protected, present, adds))
             self.n_image = n - (0 if protected is None else int(protected.sum()))
         self._cp: tuple[int, tuple[int, ...], list[_State]] | None = None
         self.evaluations = 0
         self.full = self.logits([self.n_image] * self.layers)
 
     def _start_state(self, i: int) -> _State:
-        h, start, pos, n, protected = self._h0[i]
-        return _State(h, h, pos, start, n, protected)
+        return self._h0[i]
 
     def _advance(self, st: _State, keeps: list[int], lo: int, hi: int) -> _State:
         """Run layers lo..hi-1, reducing before each layer l where keeps[l] < keeps[l-1]: the top keeps[l]
-        patches by layer l-1's suffix-text attention, plus every protected row."""
-        h_prev, h, pos, start, n, protected = st.h_prev, st.h, st.pos, st.start, st.n, st.protected
+        patches by layer l-1's suffix-text attention, plus every protected row; a layer's addition to the image
+        rows (DeepStack) goes to the original rows still present."""
+        h_prev, h, pos, start, n, protected, ids = st.h_prev, st.h, st.pos, st.start, st.n, st.protected, st.ids
         for layer in range(lo, hi):
             patches = n - (0 if protected is None else int(protected.sum()))
             if layer > 0 and keeps[layer] < patches:
@@ -86,8 +95,11 @@ class ScheduleEvaluator:
                     protected = PROTECTED.get()
                 rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
                 h, pos, n = h[:, rows], pos[..., rows], len(kept)
+                ids = None if ids is None else ids[kept]
             h_prev, h = h, run_layers(self.model, h, pos, range(layer, layer + 1))
-        return _State(h_prev, h, pos, start, n, protected)
+            if layer in st.adds:
+                h = add_to_image_rows(h, start, n, st.adds[layer], ids)
+        return _State(h_prev, h, pos, start, n, protected, ids, st.adds)
 
     @torch.no_grad()
     def checkpoint(self, keeps: list[int], layer: int) -> None:
