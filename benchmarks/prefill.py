@@ -5,7 +5,8 @@ profile protocol (interleaved runs, warm-up discarded), and writes a JSON file p
 Suites: `core` (FastV and G-Prune budgets), `methods` (every method at its defaults and at 64 and 144
 final image tokens), `selector` (DivPrune next to Random and G-Prune at the same counts), `families` (the
 methods every family supports, at their defaults and at 64 final image tokens, e.g. on internvl-geometry),
-`deepstack` (Qwen3-VL: FastV at layer 3, PyramidDrop, VTW; sites after the DeepStack layers).
+`deepstack` (Qwen3-VL: FastV at layer 3, PyramidDrop, VTW: sites after the DeepStack layers; `families` runs the
+ones before them).
 Usage: python benchmarks/prefill.py --suite methods --reps 10
 """
 
@@ -55,7 +56,8 @@ SUITES = {
     "anyres": [
         ("fastv", {}), ("gprune", {}), ("pyramiddrop", {}), ("divprune", {}), ("fastv", {"keep": 576}),
     ],
-    # Qwen3-VL: sites only after the DeepStack layers (k = 3 on the preset and on the released models).
+    # Qwen3-VL: sites after the DeepStack layers (k = 3 on the preset and on the released models); the `families`
+    # suite has the sites before them, whose reductions gather the later DeepStack additions.
     "deepstack": [
         ("fastv", {"layer": 3}), ("fastv", {"layer": 3, "keep": 64}), ("pyramiddrop", {}), ("vtw", {"layer": 6}),
     ],
