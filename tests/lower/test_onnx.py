@@ -224,3 +224,22 @@ def test_sessions_stop_spinning_after_each_run(engines):
     opts = eng.session.get_session_options()
     assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
     assert opts.intra_op_num_threads == 2
+
+
+def test_onnxruntime_fuses_every_rmsnorm(engines, tmp_path):
+    """The engine's RMSNorms (9 on the tiny preset's 4-layer LLM: two per layer and the final one) reach ONNX
+    Runtime as divisions by a square root, which its optimizer fuses: one SimplifiedLayerNormalization each, no
+    Reciprocal left (passes/replace_rsqrt_scaling.py)."""
+    import collections
+
+    import onnxruntime as ort
+
+    for name in ("none", "fastv-k2-18"):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
+        ort.InferenceSession(str(engines[name].files[-1]), so, providers=["CPUExecutionProvider"])
+        ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath,
+                                                               load_external_data=False).graph.node)
+        assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 9, ops
+        assert ops["Reciprocal"] == 0

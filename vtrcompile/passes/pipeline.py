@@ -13,6 +13,7 @@ from .replace_bool_attention_masks import replace_bool_attention_masks
 from .replace_image_index_writes import replace_image_index_writes
 from .replace_image_row_additions import replace_image_row_additions
 from .replace_masked_scatter import replace_masked_scatter
+from .replace_rsqrt_scaling import replace_rsqrt_scaling
 from .strip_runtime_asserts import strip_runtime_asserts
 
 
@@ -24,7 +25,7 @@ def normalizing_passes() -> list[tuple[Pass, Any]]:
 
 def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[str],
                    position_input: int | None = None) -> list[tuple[Pass, Any]]:
-    """strip asserts -> fold one-chunk splits -> fixed-size image merge and image-row writes -> additions to the image rows as addends -> one reduction per site, shallow to deep -> additive attention masks -> KV cache outputs.
+    """strip asserts -> fold one-chunk splits -> fixed-size image merge and image-row writes -> additions to the image rows as addends -> one reduction per site, shallow to deep -> additive attention masks -> RMSNorm as a division -> KV cache outputs.
 
     The baseline engine runs the same list with no reductions, so both engines differ only there.
     attention_modules: each decoder layer's attention module path (from the analysis of the unmodified graph).
@@ -34,5 +35,6 @@ def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[
     for red in sorted(reductions, key=lambda r: r.layer):
         passes.append((insert_token_reduction, red))
     passes.append((replace_bool_attention_masks, None))
+    passes.append((replace_rsqrt_scaling, None))
     passes.append((insert_cache_outputs, (list(attention_modules), list(reductions), position_input)))
     return passes
