@@ -97,3 +97,15 @@ def copy_nodes(gm: fx.GraphModule, body: list[fx.Node], x_in: fx.Node, x: fx.Nod
         copies.append(cursor)
     assert copies[-1] is env[out]
     return copies
+
+
+def take_provenance(new: fx.Node, old: fx.Node) -> None:
+    """`new` stands for `old` in reports: it gets old's meta (module stack and the like), not its value."""
+    new.meta.update({k: v for k, v in old.meta.items() if k != "val"})
+
+
+def substitute(old: fx.Node, new: fx.Node) -> None:
+    """`new` replaces `old`: it takes old's provenance and users, and old leaves the graph."""
+    take_provenance(new, old)
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)

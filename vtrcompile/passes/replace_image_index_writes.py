@@ -17,7 +17,7 @@ from torch import fx
 from ..methods.tensor_ops import first_image_row, image_block_rows, put_image_block_rows
 from .base import PassResult, finish_transform
 from .find_vision_llm_boundary import find_vision_llm_boundary
-from .graph_utils import refresh_meta
+from .graph_utils import refresh_meta, substitute
 from .provenance import val
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ def replace_image_index_writes(gm: fx.GraphModule, config=None) -> PassResult:
         else:
             with g.inserting_before(node):
                 new = g.call_function(image_block_rows, (target, start), {"n_image": n})
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
+        substitute(node, new)
         rewritten += 1
     finish_transform(gm)
     refresh_meta(gm)

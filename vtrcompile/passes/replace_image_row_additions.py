@@ -19,7 +19,7 @@ from torch import fx
 from ..methods.tensor_ops import image_block_rows, image_rows_addend, put_image_block_rows
 from .base import PassResult, finish_transform
 from .find_vision_llm_boundary import find_vision_llm_boundary
-from .graph_utils import refresh_meta
+from .graph_utils import refresh_meta, substitute, take_provenance
 from .provenance import ancestors
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,8 @@ def replace_image_row_additions(gm: fx.GraphModule, config=None) -> PassResult:
         with g.inserting_before(w):
             addend = g.call_function(image_rows_addend, (f, w.args[1], ids), {"n_image": w.kwargs["n_image"]})
             total = g.call_function(torch.ops.aten.add.Tensor, (base, addend))
-        for node in (addend, total):
-            node.meta.update({k: v for k, v in w.meta.items() if k != "val"})
-        w.replace_all_uses_with(total)
-        g.erase_node(w)
+        take_provenance(addend, w)
+        substitute(w, total)
         rewritten += 1
     finish_transform(gm)
     refresh_meta(gm)

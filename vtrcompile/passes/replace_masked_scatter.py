@@ -10,7 +10,7 @@ from torch import fx
 from ..methods.tensor_ops import merge_image_block
 from .base import PassResult, finish_transform
 from .find_vision_llm_boundary import find_vision_llm_boundary
-from .graph_utils import refresh_meta
+from .graph_utils import refresh_meta, substitute
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,7 @@ def replace_masked_scatter(gm: fx.GraphModule, config=None) -> PassResult:
             merge_image_block,
             (boundary.text_embeds, boundary.input_ids, boundary.image_features),
             {"image_token_id": boundary.image_token_id, "n_image": boundary.n_image})
-    merged.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-    node.replace_all_uses_with(merged)
-    g.erase_node(node)
+    substitute(node, merged)
     finish_transform(gm)
     refresh_meta(gm)
     return PassResult(gm, True)

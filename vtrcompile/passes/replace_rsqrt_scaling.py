@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from .base import PassResult, finish_transform
-from .graph_utils import refresh_meta
+from .graph_utils import refresh_meta, substitute, take_provenance
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,12 @@ def replace_rsqrt_scaling(gm: fx.GraphModule, config=None) -> PassResult:
             continue
         with g.inserting_after(r):
             root = g.call_function(torch.ops.aten.sqrt.default, (r.args[0],))
-        root.meta.update({k: v for k, v in r.meta.items() if k != "val"})
+        take_provenance(root, r)
         for m in muls:
             x = m.args[1] if m.args[0] is r else m.args[0]
             with g.inserting_before(m):
                 div = g.call_function(torch.ops.aten.div.Tensor, (x, root))
-            div.meta.update({k: v for k, v in m.meta.items() if k != "val"})
-            m.replace_all_uses_with(div)
-            g.erase_node(m)
+            substitute(m, div)
             rewritten += 1
     if not rewritten:
         log.debug("replace_rsqrt_scaling: declined, no multiplication by an rsqrt")
