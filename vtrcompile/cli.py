@@ -148,7 +148,7 @@ def _tiles_opt(f):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_tiles_opt
 def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tiles: int, image_size) -> None:
-    """Show what the analysis passes find in MODEL (on the graph the reductions see)."""
+    """Show what the analysis passes find in MODEL."""
     from .build import prompt_range
     from .capture import capture, editable_module
     from .inspect_report import facts_report, format_facts
@@ -156,12 +156,14 @@ def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tile
     from .passes.analysis import analyze
     from .passes.base import run_pipeline
     from .passes.pipeline import normalizing_passes
+    from .passes.strip_runtime_asserts import strip_runtime_asserts
 
     src = load_model(model, allow_pickle, tiles=tiles, image_size=image_size)
     ep = capture(src, max_prompt)
-    gm = editable_module(ep)
-    run_pipeline(gm, normalizing_passes())
-    report = facts_report(gm, analyze(gm), prompt_range(ep))
+    gm, normalized = editable_module(ep), editable_module(ep)
+    strip_runtime_asserts(gm)
+    run_pipeline(normalized, normalizing_passes())
+    report = facts_report(gm, analyze(gm), prompt_range(ep), analyze(normalized))
     click.echo(json.dumps(report, indent=2) if as_json else format_facts(report))
 
 

@@ -26,8 +26,12 @@ def _short(path: str, root: str) -> str:
     return path[len(root) + 1:] if root and path.startswith(root + ".") else path
 
 
-def facts_report(gm: fx.GraphModule, f: GraphFacts, prompt_range: tuple[int, int] | None = None) -> dict[str, Any]:
+def facts_report(gm: fx.GraphModule, f: GraphFacts, prompt_range: tuple[int, int] | None = None,
+                 normalized: GraphFacts | None = None) -> dict[str, Any]:
+    """The model's graph as the analysis finds it (`f`); what may sit between its decoder layers is read from
+    `normalized`, the analysis of the graph the reductions see (after passes.pipeline.normalizing_passes)."""
     b = f.boundary
+    between = (normalized or f).layers
     side = []
     for st in f.side[0]:
         role = rotary_origin(gm, st.node) if st.role == "rotary" else st.role
@@ -55,8 +59,8 @@ def facts_report(gm: fx.GraphModule, f: GraphFacts, prompt_range: tuple[int, int
         "sequence": {"symbol": str(f.seq_symbol), "range": list(prompt_range) if prompt_range else None,
                      "side_tensors": side},
         "decoder_layers": layers,
-        "written_between_layers": [lay.index for lay in inputs_written_between_layers(f.layers)],
-        "added_between_layers": sorted(stream_addends(f.layers)),
+        "written_between_layers": [lay.index for lay in inputs_written_between_layers(between)],
+        "added_between_layers": sorted(stream_addends(between)),
     }
 
 
