@@ -1,0 +1,96 @@
+"""Why a reduced prefill with few rows left misses its FLOPs-ideal speedup on a CPU: the LLM's weights.
+
+A FLOPs count scales with the rows the LLM processes; the bytes of weight the runtime reads per prefill do not
+(every linear layer's weight is read once, whatever the row count). With many rows the matmuls are compute
+bound and the weight reads hide behind them; with few rows (PruMerge leaves 88 of 631 on llava15-geometry) they
+no longer do. This script isolates that: a chain of MatMuls with the shapes and total size of one model's MLP
+weights (every weight distinct, as in the engine, so none stays in cache), timed in ONNX Runtime at several row
+counts. Its rates equal the engine's MLP rows in an ORT node profile (BENCHMARKS.md).
+
+Usage: python benchmarks/weight_streaming.py --preset llava15-geometry --rows 631 88 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from vtrcompile.models.presets import preset_config
+from vtrcompile.profile import environment
+
+
+def mlp_chain(rows: int, layers: int, hidden: int, inner: int) -> bytes:
+    """x [rows, hidden] through `layers` MLPs without their activation: gate and up [hidden, inner] both applied
+    to the layer's input, their sum through down [inner, hidden]; 3 distinct weights per layer, as in the LLM."""
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+
+    def weight(name: str, k: int, n: int) -> str:
+        inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) * 0.02).astype(np.float32), name))
+        return name
+
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [x, weight(f"gate{i}", hidden, inner)], [f"g{i}"]),
+                  helper.make_node("MatMul", [x, weight(f"up{i}", hidden, inner)], [f"u{i}"]),
+                  helper.make_node("Add", [f"g{i}", f"u{i}"], [f"s{i}"]),
+                  helper.make_node("MatMul", [f"s{i}", weight(f"down{i}", inner, hidden)], [f"h{i}"])]
+        x = f"h{i}"
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "mlp_chain", [value("x", TensorProto.FLOAT, [rows, hidden])],
+                              [value(x, TensorProto.FLOAT, [rows, hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def time_chain(rows: int, layers: int, hidden: int, inner: int, threads: int, reps: int) -> dict:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(mlp_chain(rows, layers, hidden, inner), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((rows, hidden)).astype(np.float32)
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    p50 = float(np.median(times))
+    flops = layers * 3 * 2 * rows * hidden * inner
+    weight_bytes = layers * 3 * hidden * inner * 4
+    return {"rows": rows, "p50_ms": p50 * 1e3, "gflops_per_s": flops / p50 / 1e9,
+            "weight_mb": weight_bytes / 1e6, "weight_gb_per_s": weight_bytes / p50 / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llava15-geometry")
+    ap.add_argument("--rows", type=int, nargs="+", default=[631, 88, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    text = preset_config(args.preset).text_config
+    layers, hidden, inner = text.num_hidden_layers, text.hidden_size, text.intermediate_size
+    rows = [time_chain(r, layers, hidden, inner, args.threads, args.reps) for r in args.rows]
+    base = rows[0]
+    for r in rows:
+        r["time_ratio_vs_first"] = base["p50_ms"] / r["p50_ms"]
+        r["rows_ratio_vs_first"] = base["rows"] / r["rows"]
+        print(f"{r['rows']:5d} rows: {r['p50_ms']:7.2f} ms, {r['gflops_per_s']:4.0f} GFLOP/s, "
+              f"{r['weight_mb']:.0f} MB of weights at {r['weight_gb_per_s']:.1f} GB/s; "
+              f"{r['time_ratio_vs_first']:.2f}x faster for {r['rows_ratio_vs_first']:.2f}x fewer rows")
+    out = Path(args.out or f"benchmarks/results/weight-streaming-{args.preset}.json")
+    out.write_text(json.dumps({"preset": args.preset, "llm_layers": layers, "hidden": hidden, "inner": inner,
+                               "environment": environment(args.threads), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
