@@ -20,6 +20,8 @@ from .engine.runners import read_engine_metadata
 from .errors import VtrError
 from .models.decoder import DecodeStep, cache_geometry, eos_token_ids
 from .models.family import family_of
+from .passes.replace_rsqrt_scaling import replace_rsqrt_scaling
+from .passes.strip_runtime_asserts import strip_runtime_asserts
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,11 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"torch.export of the decode step failed: {first}") from e
+    gm = ep.module()
+    if replace_rsqrt_scaling(gm).modified:  # the RMSNorms in the form ONNX Runtime fuses, as in the prefill
+        with torch.no_grad():
+            ep = torch.export.export(gm, (ids, pos, *past), dynamic_shapes=(None, None, *dims["past"]), strict=False)
+        strip_runtime_asserts(ep.graph_module)
     log.info("decode step exported in %.1fs (%d nodes)", time.perf_counter() - t0, len(ep.graph.nodes))
     sig = ep.graph_signature
     nodes = {nd.name: nd for nd in ep.graph.nodes}

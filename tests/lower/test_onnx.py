@@ -227,18 +227,21 @@ def test_sessions_stop_spinning_after_each_run(engines):
 
 
 def test_onnxruntime_fuses_every_rmsnorm(engines, tmp_path):
-    """The engine's RMSNorms (9 on the tiny preset's 4-layer LLM: two per layer and the final one) reach ONNX
+    """The engines' RMSNorms (9 on the tiny preset's 4-layer LLM: two per layer and the final one) reach ONNX
     Runtime as divisions by a square root, which its optimizer fuses: one SimplifiedLayerNormalization each, no
-    Reciprocal left (passes/replace_rsqrt_scaling.py)."""
+    Reciprocal left (passes/replace_rsqrt_scaling.py; the decode step runs the same pass in decode.py)."""
     import collections
 
     import onnxruntime as ort
 
-    for name in ("none", "fastv-k2-18"):
+    prefill = [engines[name].files[-1] for name in ("none", "fastv-k2-18")]
+    decode = sorted(prefill[0].parent.glob("decode-*.onnx"))  # the pair's decode step (no reduction), as well
+    assert len(decode) == 1
+    for i, path in enumerate([*prefill, *decode]):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
-        ort.InferenceSession(str(engines[name].files[-1]), so, providers=["CPUExecutionProvider"])
+        so.optimized_model_filepath = str(tmp_path / f"{i}.opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath,
                                                                load_external_data=False).graph.node)
         assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 9, ops
