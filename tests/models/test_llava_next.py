@@ -244,17 +244,21 @@ def test_methods_at_a_padded_size_equal_their_eager_references(nxt_padded, metho
     _check_build(nxt_padded, method, opts, reference, size=[40, 56])
 
 
-def test_an_engine_at_a_padded_size_takes_the_processor_s_output_and_generates_like_hf(nxt_padded, tmp_path):
+@pytest.fixture(scope="module")
+def padded_engine(nxt_padded, tmp_path_factory):
+    from vtrcompile.optimize import optimize
+
+    return optimize(nxt_padded, "none", {}, tmp_path_factory.mktemp("padded") / "none.onnx", max_prompt=128).files[-1]
+
+
+def test_an_engine_at_a_padded_size_takes_the_processor_s_output_and_generates_like_hf(nxt_padded, padded_engine):
     """The engine for 40x56 images: the HF processor's pixel_values and image_sizes for a 40x56 photo go in by
     name; the logits and the greedy tokens equal transformers' on the same inputs, and the family's own
     preprocessing (used by `generate --image`) gives the processor's pixels."""
     from PIL import Image
     from transformers import LlavaNextImageProcessorPil
 
-    from vtrcompile.optimize import optimize
-
-    engine = load_engine(optimize(nxt_padded, "none", {}, tmp_path / "none.onnx", max_prompt=128).files[-1],
-                         threads=1)
+    engine = load_engine(padded_engine, threads=1)
     assert engine.metadata["processor"]["padded_size"] == [56, 56]
     hf_proc = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                                          image_grid_pinpoints=[[56, 56], [28, 56], [56, 28]],
@@ -349,6 +353,37 @@ def test_preprocessing_equals_hf_s_processor_on_an_image_of_the_engine_s_size(si
     assert want["image_sizes"].tolist() == [SIZE]
     assert want["pixel_values"].shape == (1, 5, 3, 28, 28)
     assert np.abs(ours - want["pixel_values"][0]).max() <= 1e-6
+
+
+def test_the_cli_generates_and_evaluates_with_a_padded_engine(nxt_padded, padded_engine, tmp_path, calibration_dir):
+    """`generate --image` on a 40x56 PNG prepares the pixels from the engine's own facts (padded into 56x56) and
+    gives the tokens the API gives on those pixels; `eval --fidelity` maps calibration images of other sizes
+    onto the engine's size and runs."""
+    import json
+
+    from PIL import Image
+
+    from tests.test_cli import _run
+
+    img = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(img)
+    res = _run("generate", str(padded_engine), "--image", str(img), "--ids", "5,6,image,7,8", "--max-new-tokens", "4",
+               "--json")
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output[res.output.index("{\n"):])
+    assert rec["prompt_tokens"] == 4 + 70
+    engine = load_engine(padded_engine, threads=1)
+    facts = engine.metadata["processor"]
+    pixels = LLAVA_NEXT.preprocess(Image.open(img).convert("RGB"), [40, 56], 1, facts)
+    mean, std = np.array(facts["image_mean"], np.float32), np.array(facts["image_std"], np.float32)
+    px = ((pixels - mean) / std).transpose(0, 3, 1, 2)[None].astype(np.float32)
+    ids = np.array([[5, 6, *([nxt_padded.hf_model.config.image_token_id] * 70), 7, 8]])
+    out = engine.generate(input_ids=ids, pixel_values=px, image_sizes=np.array([[40, 56]]), max_new_tokens=4,
+                          eos_token_id=[])
+    assert rec["tokens"] == out.tokens[0].tolist()
+    res = _run("eval", str(padded_engine), "--baseline", str(padded_engine), "--fidelity", "--calibration",
+               str(calibration_dir), "--no-speed")
+    assert res.exit_code == 0 and "100.0%" in res.output, res.output
 
 
 def test_cli_inspect_and_methods_refusal():
