@@ -5,9 +5,10 @@ A FLOPs count scales with the rows the LLM processes; the bytes of weight the ru
 bound and the weight reads hide behind them; with few rows (PruMerge leaves 88 of 631 on llava15-geometry) they
 no longer do. This script isolates that: a chain of MatMuls with the shapes and total size of one model's MLP
 weights (every weight distinct, as in the engine, so none stays in cache), timed in ONNX Runtime at several row
-counts. Its rates equal the engine's MLP rows in an ORT node profile (BENCHMARKS.md).
+counts. Its rates equal the engine's MLP rows in an ORT node profile (BENCHMARKS.md). `--backend openvino-bf16`
+runs the same chain in OpenVINO with bf16 weights (half the bytes) and bf16 compute.
 
-Usage: python benchmarks/weight_streaming.py --preset llava15-geometry --rows 631 88 32
+Usage: python benchmarks/weight_streaming.py --preset llava15-geometry --rows 631 88 32 [--backend openvino-bf16]
 """
 
 from __future__ import annotations
@@ -49,21 +50,36 @@ def mlp_chain(rows: int, layers: int, hidden: int, inner: int) -> bytes:
     return model.SerializeToString()
 
 
-def time_chain(rows: int, layers: int, hidden: int, inner: int, threads: int, reps: int) -> dict:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(mlp_chain(rows, layers, hidden, inner), so, providers=["CPUExecutionProvider"])
+def runner(model: bytes, backend: str, threads: int):
+    """A callable running the chain once: ONNX Runtime f32, or OpenVINO with weights and compute in bf16."""
+    if backend == "onnxruntime":
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return lambda x: sess.run(None, {"x": x})
+    import openvino as ov
+
+    core = ov.Core()
+    net = core.read_model(model=model)
+    compiled = core.compile_model(net, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16"})
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({"x": x})
+
+
+def time_chain(rows: int, layers: int, hidden: int, inner: int, threads: int, reps: int,
+               backend: str = "onnxruntime") -> dict:
+    run = runner(mlp_chain(rows, layers, hidden, inner), backend, threads)
     x = np.random.default_rng(1).standard_normal((rows, hidden)).astype(np.float32)
     for _ in range(3):
-        sess.run(None, {"x": x})
+        run(x)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        sess.run(None, {"x": x})
+        run(x)
         times.append(time.perf_counter() - t)
     p50 = float(np.median(times))
     flops = layers * 3 * 2 * rows * hidden * inner
-    weight_bytes = layers * 3 * hidden * inner * 4
+    weight_bytes = layers * 3 * hidden * inner * (4 if backend == "onnxruntime" else 2)
     return {"rows": rows, "p50_ms": p50 * 1e3, "gflops_per_s": flops / p50 / 1e9,
             "weight_mb": weight_bytes / 1e6, "weight_gb_per_s": weight_bytes / p50 / 1e9}
 
@@ -74,11 +90,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[631, 88, 32])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino-bf16"],
+                    help="ONNX Runtime f32, or OpenVINO with bf16 weights and compute (needs a CPU with native bf16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     text = preset_config(args.preset).text_config
     layers, hidden, inner = text.num_hidden_layers, text.hidden_size, text.intermediate_size
-    rows = [time_chain(r, layers, hidden, inner, args.threads, args.reps) for r in args.rows]
+    rows = [time_chain(r, layers, hidden, inner, args.threads, args.reps, args.backend) for r in args.rows]
     base = rows[0]
     for r in rows:
         r["time_ratio_vs_first"] = base["p50_ms"] / r["p50_ms"]
@@ -86,8 +104,9 @@ def main() -> None:
         print(f"{r['rows']:5d} rows: {r['p50_ms']:7.2f} ms, {r['gflops_per_s']:4.0f} GFLOP/s, "
               f"{r['weight_mb']:.0f} MB of weights at {r['weight_gb_per_s']:.1f} GB/s; "
               f"{r['time_ratio_vs_first']:.2f}x faster for {r['rows_ratio_vs_first']:.2f}x fewer rows")
-    out = Path(args.out or f"benchmarks/results/weight-streaming-{args.preset}.json")
-    out.write_text(json.dumps({"preset": args.preset, "llm_layers": layers, "hidden": hidden, "inner": inner,
+    suffix = "" if args.backend == "onnxruntime" else f"-{args.backend}"
+    out = Path(args.out or f"benchmarks/results/weight-streaming-{args.preset}{suffix}.json")
+    out.write_text(json.dumps({"preset": args.preset, "backend": args.backend, "llm_layers": layers, "hidden": hidden, "inner": inner,
                                "environment": environment(args.threads), "rows": rows}, indent=2))
     print(f"wrote {out}")
 
