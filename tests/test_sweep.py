@@ -55,3 +55,22 @@ def test_a_stacked_pair_sweeps_end_to_end(tmp_path):
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [x["method"] for x in rows] == ["divprune+fastv"] * 3 and not any("skipped" in x for x in rows)
     assert all(x["speedup_p50"] > 0 and "delta_overall_2se" in x for x in rows)
+
+
+def test_tables_show_a_class_without_questions_as_a_dash():
+    """A few prompts may hold no question of one class (its accuracy is None): the sweep's markdown and the eval
+    table print "-" there instead of failing."""
+    from vtrcompile.cli import _format_eval
+
+    acc = {"coarse": 0.5, "fine": None, "overall": 0.5, "per_kind": {}}
+    r = {"model": "m", "model_id": "x", "benchmark": "vqa-synth", "prompts": 3, "n_image": 36,
+         "environment": {"threads": 2}, "baseline": acc,
+         "rows": [{"method": "fastv", "options": {"keep": 8}, "image_tokens_last_layer": 8, **acc,
+                   "speedup_p50": 2.0}]}
+    md = sweep.markdown(r)
+    assert "| none | | 36 | 50.0 | - |" in md and "| 50.0 | - | +0.0 | - |" in md
+    table = _format_eval({"benchmark": "vqa-synth", "baseline": acc,
+                          "engines": [{"path": "e.onnx", "method": "fastv", "accuracy": acc}]})
+    rows = [line.split() for line in table.splitlines()]
+    assert ["(baseline)", "none", "50.0", "-", "50.0", "1.00x"] in rows
+    assert ["e.onnx", "fastv", "50.0", "(+0.0)", "-", "50.0", "(+0.0)"] in rows

@@ -502,15 +502,15 @@ def _format_eval(r: dict) -> str:
     rows = []
     b = r.get("baseline")
     if b:
-        rows.append(["(baseline)", "none", f"{100 * b['coarse']:.1f}", f"{100 * b['fine']:.1f}",
-                     f"{100 * b['overall']:.1f}", "", "", "", "1.00x"])
+        rows.append(["(baseline)", "none", *(f"{100 * b[k]:.1f}" if b.get(k) is not None else "-"
+                                             for k in ("coarse", "fine", "overall")), "", "", "", "1.00x"])
     for e in r["engines"]:
         a, f = e.get("accuracy"), e.get("fidelity")
 
         def pct(k, a=a):
             if not a or a.get(k) is None:
-                return ""
-            d = f" ({100 * (a[k] - b[k]):+.1f})" if b else ""
+                return "-" if a else ""
+            d = f" ({100 * (a[k] - b[k]):+.1f})" if b and b.get(k) is not None else ""
             return f"{100 * a[k]:.1f}{d}"
         rows.append([e["path"], e["method"], pct("coarse"), pct("fine"), pct("overall"),
                      f"{100 * f['top1_agreement']:.1f}%" if f else "", f"{f['mean_kl']:.4f}" if f else "",

@@ -158,6 +158,14 @@ def rep_env(threads: int | None) -> dict[str, Any]:
     return environment(threads or os.cpu_count() or 1)
 
 
+def _pct(v: float | None, base: float | None = None, signed: bool = False) -> str:
+    """An accuracy in percent ("-" where the prompts held no question of that class); with `base`, the
+    difference in points."""
+    if v is None or (signed and base is None):
+        return "-"
+    return f"{100 * (v - base):+.1f}" if signed else f"{100 * v:.1f}"
+
+
 def markdown(r: dict[str, Any]) -> str:
     b = r["baseline"]
     lines = [
@@ -168,7 +176,7 @@ def markdown(r: dict[str, Any]) -> str:
         "| method | options | image tokens (last layer) | coarse | fine | Δ coarse | Δ fine | Δ overall ± 2 SE | "
         "prefill speedup |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| none | | {r['n_image']} | {100 * b['coarse']:.1f} | {100 * b['fine']:.1f} | | | | 1.00x |",
+        f"| none | | {r['n_image']} | {_pct(b['coarse'])} | {_pct(b['fine'])} | | | | 1.00x |",
     ]
     for row in r["rows"]:
         opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
@@ -178,9 +186,9 @@ def markdown(r: dict[str, Any]) -> str:
         noise = (f"{row['delta_overall_points']:+.1f} ± {row['delta_overall_2se']:.1f}"
                  if "delta_overall_points" in row else "")
         lines.append(
-            f"| {row['method']} | {opts} | {row['image_tokens_last_layer']} | {100 * row['coarse']:.1f} | "
-            f"{100 * row['fine']:.1f} | {100 * (row['coarse'] - b['coarse']):+.1f} | "
-            f"{100 * (row['fine'] - b['fine']):+.1f} | {noise} | {row['speedup_p50']:.2f}x |")
+            f"| {row['method']} | {opts} | {row['image_tokens_last_layer']} | {_pct(row['coarse'])} | "
+            f"{_pct(row['fine'])} | {_pct(row['coarse'], b['coarse'], True)} | "
+            f"{_pct(row['fine'], b['fine'], True)} | {noise} | {row['speedup_p50']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,13 +202,16 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     rows = [x for x in r["rows"] if "skipped" not in x]
     for ax, cls in zip(axes, ("coarse", "fine"), strict=True):
+        ax.set_title(f"{cls} questions")
+        if r["baseline"][cls] is None:  # no question of this class among the prompts
+            ax.text(0.5, 0.5, f"no {cls} questions", ha="center", transform=ax.transAxes)
+            continue
         base = 100 * r["baseline"][cls]
         ax.axhline(base, color="gray", lw=0.8, ls="--")
         ax.plot([1.0], [base], "ks", label="unmodified")
         for m in dict.fromkeys(x["method"] for x in rows):
             pts = sorted((x["speedup_p50"], 100 * x[cls]) for x in rows if x["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=m)
-        ax.set_title(f"{cls} questions")
         ax.set_xlabel("measured prefill speedup (x)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
