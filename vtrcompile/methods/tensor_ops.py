@@ -161,11 +161,7 @@ def image_rows_addend(rows: torch.Tensor, image_start: torch.Tensor, input_ids: 
     `x + image_rows_addend(rows, ...)` is `put_image_block_rows(x, s, image_block_rows(x, s) + rows)` for x
     [B, S, D] (out of place), as a tensor with a sequence dimension that does not depend on x."""
     b, s = input_ids.shape
-    block = rows.reshape(b, n_image, rows.shape[-1])
-    rel = torch.arange(s, device=rows.device)[None, :] - image_start[:, None]
-    inside = (rel >= 0) & (rel < n_image)
-    picked = block.gather(1, rel.clamp(0, n_image - 1)[..., None].expand(-1, -1, rows.shape[-1]))
-    return torch.where(inside[..., None], picked, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return write_image_block(rows.new_zeros(b, s, rows.shape[-1]), image_start, rows.reshape(b, n_image, -1))
 
 
 def block_order(rows: torch.Tensor) -> torch.Tensor:

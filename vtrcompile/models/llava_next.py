@@ -34,14 +34,10 @@ from .llava import CLIP_MEAN, CLIP_STD
 def best_pinpoint(size: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
     """The pinpoint LLaVA-NeXT's processor and model choose for an H x W image: the most image pixels kept when
     it is scaled to fit, then the least padding (first in the list on a tie)."""
-    h, w = size
-    best, kept, wasted = pinpoints[0], -1, 0
-    for ph, pw in pinpoints:
-        scale = min(pw / w, ph / h)
-        k = min(int(w * scale) * int(h * scale), w * h)
-        if k > kept or (k == kept and ph * pw - k < wasted):
-            best, kept, wasted = (ph, pw), k, ph * pw - k
-    return best
+    from transformers.image_processing_utils import select_best_resolution
+
+    best = select_best_resolution(size, pinpoints)  # None when no pinpoint keeps a pixel: fix_geometry refuses
+    return tuple(best) if best is not None else tuple(pinpoints[0])
 
 
 def fitted_size(size: tuple[int, int], padded: tuple[int, int]) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from ..reference.blocks import (
     protecting,
     run_layers,
 )
-from ..reference.methods import first_stage_rows, follow, noting_kept, suffix_scores
+from ..reference.methods import first_stage_rows, follow, kept_rows, noting_kept, suffix_scores
 from ..reference.vision import VisionStage
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class ScheduleEvaluator:
                 with protecting(protected):
                     kept = pick_rows(suffix_scores(self.model, layer - 1, h_prev, pos, start, n), keeps[layer])
                     protected = PROTECTED.get()
-                rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + n, h.shape[1])])
+                rows = kept_rows(h.shape[1], start, n, kept)
                 h, pos, n = h[:, rows], pos[..., rows], len(kept)
                 ids = None if ids is None else ids[kept]
             h_prev, h = h, run_layers(self.model, h, pos, range(layer, layer + 1))
