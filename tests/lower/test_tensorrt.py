@@ -164,6 +164,22 @@ def test_export_plan_writes_plan_and_sidecar_from_a_preflighted_onnx(tiny_build,
     assert not list(tmp_path.glob(".engine.plan.*"))  # no temp folder left behind
 
 
+def test_opening_a_plan_without_tensorrt_names_the_engine(meta, tmp_path, monkeypatch):
+    """A .plan whose sidecar reads fine, on a machine without TensorRT: the one-line error names the engine
+    (a command may open two: `profile a.plan --baseline b.plan`) and says what to install."""
+    from vtrcompile.lower.tensorrt_runner import TrtEngine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # what tensorrt-stubs gives
+    plan = tmp_path / "e.plan"
+    plan.write_bytes(b"PLAN-BYTES")
+    shapes = trt_lower.profile_shapes(meta, 40, 300)
+    trt_lower.sidecar_path(plan).write_text(json.dumps(trt_lower.sidecar(meta, shapes, {"tensorrt": "10.13.0"},
+                                                                         {"name": "test-gpu"})))
+    with pytest.raises(VtrError, match="TensorRT is not installed") as e:
+        TrtEngine(plan)
+    assert str(e.value).startswith(f"{plan}: ") and "\n" not in str(e.value) and "pip install" in str(e.value)
+
+
 def test_old_tensorrt_and_stub_only_installs_are_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # what tensorrt-stubs gives
     with pytest.raises(VtrError, match="only its type stubs"):

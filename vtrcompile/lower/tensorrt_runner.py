@@ -26,8 +26,11 @@ class TrtEngine:
             raise VtrError(f"engine not found: {self.path}")
         self.sidecar = read_sidecar(self.path)
         self.metadata: dict[str, Any] = self.sidecar["vtrcompile_metadata"]
-        import_tensorrt()
-        check_cuda()
+        try:
+            import_tensorrt()
+            check_cuda()
+        except VtrError as e:  # name the engine the user asked for: it may be one of several in a command
+            raise VtrError(f"{self.path}: {e}") from None
         import tensorrt as trt  # typed by tensorrt-stubs in CI (mypy)
 
         self._torch = torch
