@@ -408,7 +408,7 @@ def search(model, allow_pickle, algo, calibration, out, count, tolerance, budget
     if first is not None:
         from .methods.registry import parse_then
 
-        parse_then(first)  # a bad stage fails before the model loads
+        parse_then(first, "--first")  # a bad stage fails before the model loads
     check_writable(out)
     rec = run_search(load_model(model, allow_pickle, tiles=tiles, image_size=image_size), algo, calibration, out, count, tolerance, budget, trials, seed,
                      storage, metric, first)

@@ -233,6 +233,18 @@ def test_search_with_a_first_stage_end_to_end(tiny, tmp_path, calibration_dir):
     assert r.exit_code == 2 and "fastv is not a vision or projector method the search can run" in r.output
 
 
+@pytest.mark.parametrize("first, says", [("", 'e.g. --first "divprune keep=288"'),
+                                         ("bogus keep=3", "--first: unknown method 'bogus'"),
+                                         ("divprune keep", "--first: 'keep' is not key=value")])
+def test_a_bad_first_stage_is_named_as_first(first, says, tmp_path):
+    """search --first is parsed before the model loads, and its errors name --first, not --then."""
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(main, ["search", "tiny", "--algo", "gsearch", "--calibration", "vqa-synth:val",
+                                  "--out", str(out), "--first", first])
+    assert r.exit_code == 2 and says in r.output and "--then" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_keep_auto_refuses_the_test_split():
     r = CliRunner().invoke(main, ["optimize", "models/vqa-synth-llava", "--method", "prumerge", "--keep", "auto",
                                   "--calibration", "vqa-synth:test", "--out", "/tmp/never-written.onnx"])

@@ -32,29 +32,31 @@ METHODS: dict[str, MethodSpec] = {m.SPEC.name: m.SPEC for m in (
 THEN = "then"  # the option key of a stacked reduction: "METHOD key=value ...", applied after this one
 
 
-def parse_then(text: str) -> tuple[str, dict[str, Any]]:
-    """'fastv keep=64 layer=2' -> ('fastv', {'keep': '64', 'layer': 2}): values typed as the method declares."""
+def parse_then(text: str, option: str = "--then") -> tuple[str, dict[str, Any]]:
+    """'fastv keep=64 layer=2' -> ('fastv', {'keep': '64', 'layer': 2}): values typed as the method declares.
+    `option`: the command-line option the text came from, named in every error (--then, or search's --first)."""
     words = str(text).split()
     if not words:
-        raise VtrError("--then: give a method and its options, e.g. --then \"fastv keep=64\"")
+        example = "divprune keep=288" if option == "--first" else "fastv keep=64"
+        raise VtrError(f"{option}: give a method and its options, e.g. {option} \"{example}\"")
     method, given = words[0], {}
     if method not in METHODS:
-        raise VtrError(f"--then: unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+        raise VtrError(f"{option}: unknown method '{method}'; choose one of: {', '.join(METHODS)}")
     types = {o.name: o.type for o in METHODS[method].options}
     for w in words[1:]:
         key, eq, value = w.partition("=")
         key = key.replace("-", "_")
         if not eq or not value:
-            raise VtrError(f"--then: '{w}' is not key=value (e.g. keep=64)")
+            raise VtrError(f"{option}: '{w}' is not key=value (e.g. keep=64)")
         if key not in types:
             takes = ", ".join(types) or "no options"
-            raise VtrError(f"--then: {method} does not take '{key}'; it takes {takes}")
+            raise VtrError(f"{option}: {method} does not take '{key}'; it takes {takes}")
         try:
             given[key] = types[key](value)
         except ValueError:
-            raise VtrError(f"--then: {key}={value} is not a {types[key].__name__}") from None
+            raise VtrError(f"{option}: {key}={value} is not a {types[key].__name__}") from None
     if THEN in given:
-        raise VtrError("--then: one stacked method only")
+        raise VtrError(f"{option}: one stacked method only")
     return method, given
 
 

@@ -48,7 +48,7 @@ def first_stage(model, text: str, tiles: int = 1):
     from ..reference.baselines import projector_stage
     from ..reference.vision import vision_stage
 
-    method, given = parse_then(text)
+    method, given = parse_then(text, "--first")
     fam = family_of(model)
     n, segments = fam.budget_basis(model.config, tiles)  # budgets count patches where rows are protected
     plan = resolve(method, given, n, len(fam.language_model(model).layers), segments)
