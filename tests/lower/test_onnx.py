@@ -246,3 +246,26 @@ def test_onnxruntime_fuses_every_rmsnorm(engines, tmp_path):
                                                                load_external_data=False).graph.node)
         assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 9, ops
         assert ops["Reciprocal"] == 0
+
+
+def test_selector_share_survives_a_node_name_that_is_not_utf8(engines, tiny, tmp_path):
+    """A node name whose bytes are not UTF-8 (a damaged copy that still runs): ONNX Runtime writes it into its
+    profile as it is, and the selector-share measurement of `profile` must still read that profile."""
+    import shutil
+
+    from vtrcompile.lower.onnxruntime import reduction_share
+
+    src = Path(engines["fastv-k2-18"].files[-1])
+    for f in src.parent.glob("*.data"):
+        shutil.copy(f, tmp_path / f.name)
+    model = onnx.load(str(src), load_external_data=False)
+    name = next(n.name for n in model.graph.node if n.name.startswith("node_") and len(n.name) > 8).encode()
+    data = bytearray(src.read_bytes())
+    at = data.find(name)
+    data[at + len(name) - 1] = 0xB2  # the name's last byte: not UTF-8 on its own
+    damaged = tmp_path / src.name
+    damaged.write_bytes(bytes(data))
+    ids, px = tiny.example_inputs
+    share = reduction_share(damaged, ids.numpy(), px.numpy(), 1, 2, threads=1)
+    assert set(share) == {"selector", "gather"} and 0 < share["selector"] < 1
+

@@ -50,6 +50,20 @@ def test_pickle_needs_explicit_permission(tiny, tmp_path):
         assert max_diff(src.module(ids, px), tiny.module(ids, px)) == 0
 
 
+def test_a_zip_with_a_damaged_directory_is_refused_in_one_line(tmp_path):
+    """A torch.save file (a zip) whose central directory is damaged: zipfile.is_zipfile still says yes (it finds
+    only the end record), so the loader must not let ZipFile's BadZipFile escape."""
+    path = tmp_path / "m.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the last central directory entry's signature
+    data[at + 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(VtrError) as e:
+        load_model(str(path), allow_pickle=True)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
 def _config_dir(tmp_path, cfg: dict):
     d = tmp_path / cfg["model_type"]
     d.mkdir()

@@ -147,7 +147,8 @@ def reduction_share(path: str | Path, input_ids: np.ndarray, pixel_values: np.nd
         eng = OrtEngine(path, threads, profile_dir=d)
         for _ in range(warmup + reps):
             eng(input_ids, pixel_values, check=False)
-        events = json.loads(Path(eng.session.end_profiling()).read_text())
+        # ORT writes node names as the file holds them; one that is not UTF-8 must not sink the profile
+        events = json.loads(Path(eng.session.end_profiling()).read_bytes().decode("utf-8", errors="replace"))
     runs = [e for e in events if e.get("name") == "model_run"][warmup:]
     kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     shares: dict[str, list[float]] = {"selector": [], "gather": []}

@@ -227,11 +227,20 @@ def _refuse_engine(path: Path) -> None:
                    ".pt2 program from torch.export.save, or a preset")
 
 
-def _is_aoti_package(path: Path) -> bool:
+def _zip_names(path: Path) -> list[str]:
+    """The member names of a zip archive; [] when it is none, or one whose directory is damaged (is_zipfile
+    only finds the end record): the loader that reads it next then names the damage."""
     if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any("aotinductor" in n for n in z.namelist())
+        return []
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+
+
+def _is_aoti_package(path: Path) -> bool:
+    return any("aotinductor" in n for n in _zip_names(path))
 
 
 def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None,
@@ -259,11 +268,8 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     _refuse_engine(path)
     with path.open("rb") as f:
         head = f.read(4)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-        if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
-            return _load_exported(path)
+    if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in _zip_names(path)):
+        return _load_exported(path)
     if not head:
         raise VtrError(f"{path}: empty file; expected a .pt2 program, a pickled module or a model directory")
     if path.suffix == ".pt2":
