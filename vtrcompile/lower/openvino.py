@@ -212,7 +212,9 @@ def check_threads(hint: str, threads: int, usable: int | None = None, amx: bool 
 class OvEngine:
     backend = "openvino"
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 extra_config: dict[str, Any] | None = None) -> None:
+        """`extra_config`: further OpenVINO compile properties (e.g. PERF_COUNT for a per-node profile)."""
         ov = _ov()
         self.path = Path(path)
         model, self.metadata = read_ir(self.path)
@@ -220,7 +222,7 @@ class OvEngine:
         self.threads = threads or usable_cores()
         check_threads(hint, self.threads)
         config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": hint,
-                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **(extra_config or {})}
         try:
             self.compiled = ov.Core().compile_model(model, "CPU", config)
         except Exception as e:
