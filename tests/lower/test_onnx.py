@@ -268,4 +268,3 @@ def test_selector_share_survives_a_node_name_that_is_not_utf8(engines, tiny, tmp
     ids, px = tiny.example_inputs
     share = reduction_share(damaged, ids.numpy(), px.numpy(), 1, 2, threads=1)
     assert set(share) == {"selector", "gather"} and 0 < share["selector"] < 1
-
