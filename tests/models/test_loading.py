@@ -64,6 +64,27 @@ def test_a_zip_with_a_damaged_directory_is_refused_in_one_line(tmp_path):
     assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text", ['{"image_mean": [0.5, 0.5', '[0.5, 0.5, 0.5]', '{"image_mean": [0.5, 0.5]}',
+                                  '{"image_std": [0.5, 0, 0.5]}', '{"image_mean": ["a", 0.5, 0.5]}',
+                                  '{"image_mean": [NaN, 0.5, 0.5]}'])
+def test_a_damaged_preprocessor_config_is_refused(tiny, tmp_path, text):
+    """The engine records the image mean and std and normalises every image with them: a preprocessor config
+    that is not JSON, not an object, or holds anything but 3 numbers (std nonzero) is named in one line."""
+    (tmp_path / "preprocessor_config.json").write_text(text)
+    with pytest.raises(VtrError, match="preprocessor_config.json: not a JSON object") as e:
+        tiny.family.processor_facts(tiny.hf_model.config, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_preprocessor_config_values_are_read_or_defaulted(tiny, tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text('{"image_mean": 0.5, "image_std": [0.25, 0.5, 1]}')
+    facts = tiny.family.processor_facts(tiny.hf_model.config, tmp_path)
+    assert facts["image_mean"] == [0.5] * 3 and facts["image_std"] == [0.25, 0.5, 1.0]  # one number: every channel
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    facts = tiny.family.processor_facts(tiny.hf_model.config, tmp_path)
+    assert facts["image_mean"] == list(tiny.family.image_mean) and facts["image_std"] == list(tiny.family.image_std)
+
+
 def _config_dir(tmp_path, cfg: dict):
     d = tmp_path / cfg["model_type"]
     d.mkdir()

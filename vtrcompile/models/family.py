@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, VtrError
 
 
 def prompt_rows(feats, batch: int) -> torch.Tensor:
@@ -186,11 +186,28 @@ class Family:
         if pc_file is not None and pc_file.is_file():
             try:
                 pc = json.loads(pc_file.read_text())
-                mean, std = pc.get("image_mean", mean), pc.get("image_std", std)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                pass
+                pc = None
+            mean, std = ((_channels(pc.get("image_mean", mean)), _channels(pc.get("image_std", std)))
+                         if isinstance(pc, dict) else (None, None))
+            if mean is None or std is None or 0 in std:
+                # the engine records these and normalises every image with them: a damaged file must not pass
+                raise VtrError(f"{pc_file}: not a JSON object whose image_mean and image_std are 3 numbers each "
+                               "(std nonzero); restore the model's own file, or remove it to use the family's "
+                               "defaults")
         return {"family": self.name, "image_size": self.image_size(config), "image_mean": mean,
                 "image_std": std, "template": self.template, "chat_image": self.chat_image}
+
+
+def _channels(v: Any) -> list[float] | None:
+    """A preprocessor config's image_mean / image_std as 3 finite numbers (one number: the same for every
+    channel, as Hugging Face image processors take it); None when it is anything else."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        v = [v] * 3
+    if isinstance(v, list | tuple) and len(v) == 3 and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x) for x in v):
+        return [float(x) for x in v]
+    return None
 
 
 def families() -> list[Family]:
