@@ -3,13 +3,16 @@ carries the metadata, and profiles like the other backends. CUDA runs are marked
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import REFERENCE_ATOL, max_diff, prompts
 from vtrcompile.errors import VtrError
-from vtrcompile.lower.aoti import AotiEngine, check_device
+from vtrcompile.lower.aoti import AotiEngine, check_device, compile_configs, export_aoti
 from vtrcompile.optimize import Target, write_engine
 from vtrcompile.profile import compare
 
@@ -65,6 +68,34 @@ def test_mixed_backends_are_refused(packages, tiny, tiny_build, tmp_path):
     onnx_file = write_engine(tiny_build("none"), tiny, tmp_path / "b.onnx", decode=False).files[-1]
     with pytest.raises(VtrError, match="same backend"):
         compare(packages["fastv"].files[-1], onnx_file, warmup=0, reps=1)
+
+
+@pytest.mark.slow  # compiles two C++ packages (about 2 minutes on 2 cores)
+def test_cpu_package_runs_linear_layers_on_prepacked_weights(packages):
+    """The compiled wrapper calls oneDNN's linear kernel on weights packed at compile time, not aten::mm."""
+    with zipfile.ZipFile(packages["fastv"].files[-1]) as z:
+        wrapper = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    assert wrapper.count("_linear_pointwise") >= 6  # every projection and MLP matmul of the tiny model's layers
+    assert "aoti_torch_cpu_mm_out" not in wrapper and "aoti_torch_cpu_addmm_out" not in wrapper
+
+
+def test_cpu_packages_are_compiled_with_frozen_weights(tmp_path, monkeypatch):
+    """export_aoti hands Inductor `freezing` with gradients off (Inductor ignores it otherwise); CUDA keeps the
+    defaults."""
+    seen = []
+
+    def fake_compile(ep, package_path, inductor_configs):
+        seen.append((dict(inductor_configs), torch.is_grad_enabled()))
+        Path(package_path).write_bytes(b"package")
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    ep = torch.export.export(torch.nn.Linear(4, 3), (torch.zeros(2, 4),))
+    export_aoti(ep, tmp_path / "m.pt2", {"method": "none"}, "cpu")
+    (configs, grad), = seen
+    assert configs["freezing"] is True and grad is False
+    assert compile_configs("cuda") == {}
+    assert (tmp_path / "m.pt2").read_bytes() == b"package"
 
 
 def test_cuda_without_gpu_is_one_clear_error():

@@ -39,14 +39,28 @@ def export_aoti(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     t0 = time.perf_counter()
     if device == "cuda":
         ep = _move_program(ep, "cuda")
-    configs = {"aot_inductor.metadata": {METADATA_KEY: json.dumps({**metadata, "device": device}, sort_keys=True)}}
+    configs = {**compile_configs(device),
+               "aot_inductor.metadata": {METADATA_KEY: json.dumps({**metadata, "device": device}, sort_keys=True)}}
 
     def save(tmp: Path) -> None:
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
+        with torch.no_grad():  # Inductor freezes (and so packs) the weights only when no gradient is recorded
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
 
     files = write_atomically(Path(out), save)
     log.info("compiled %s for %s in %.1fs", out, device, time.perf_counter() - t0)
     return files
+
+
+def compile_configs(device: str) -> dict[str, Any]:
+    """Inductor settings for a package compiled for `device`.
+
+    CPU: `freezing` makes the weights compile-time constants, so Inductor rewrites every linear layer into
+    oneDNN's kernel on a weight packed once at compile time (`mkldnn._linear_pointwise`, bias and residual
+    adds fused) instead of an `aten::mm` through the BLAS that torch ships. Measured on an AMD EPYC with
+    AVX-512 (2 threads, f32): a [631, 768] x [768, 2048] product ran at 206 GFLOP/s through `aten::mm` and
+    490 GFLOP/s through the packed kernel; the 32064-wide lm_head on one row took 5.9 ms and 2.1 ms. CUDA
+    packages keep Inductor's defaults (not measured: no GPU here)."""
+    return {"freezing": True} if device == "cpu" else {}
 
 
 def _move_program(ep: torch.export.ExportedProgram, device: str) -> torch.export.ExportedProgram:
