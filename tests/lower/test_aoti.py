@@ -98,6 +98,21 @@ def test_cpu_packages_are_compiled_with_frozen_weights(tmp_path, monkeypatch):
     assert (tmp_path / "m.pt2").read_bytes() == b"package"
 
 
+def test_bf16_tensors_handed_back_are_bound_contiguous():
+    """A prefill package returns its bf16 caches as transposed views; the decode package reads its inputs with
+    contiguous strides, so the runner binds them contiguous (with the views as they were, every decode step of a
+    bf16 pair read a scrambled cache)."""
+    eng = AotiEngine.__new__(AotiEngine)
+    eng.device = "cpu"
+    eng.metadata = {"io": {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", 1]},
+                                      {"name": "past", "dtype": "bfloat16", "shape": ["batch", 2, "past", 3]}]}}
+    past = torch.arange(24, dtype=torch.bfloat16).reshape(1, 4, 2, 3).transpose(1, 2)  # [1, 2, 4, 3], a view
+    assert not past.is_contiguous()
+    eng.bind({"input_ids": np.array([[5]]), "past": past})
+    ids, bound = eng._bound
+    assert bound.is_contiguous() and torch.equal(bound, past) and ids.tolist() == [[5]]
+
+
 def test_cuda_without_gpu_is_one_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -116,3 +131,40 @@ def test_cuda_package_matches_cpu_graph(tiny, tiny_build, tmp_path):
         ref = b.logits(ids, px)
     assert np.isfinite(eng(ids.numpy(), px.numpy())).all()
     assert max_diff(eng(ids.numpy(), px.numpy()), ref) < 1e-3
+
+
+@pytest.mark.slow  # compiles the demo model's prefill and decode packages in bf16 (about 2 minutes on 2 cores)
+def test_bf16_package_pair_generates_what_the_float32_reference_does(tmp_path):
+    """AOTInductor on the low-precision path: a FastV 64 pair of the trained demo model compiled with --dtype
+    bfloat16 hands each layer's reduced cache from the prefill to the decode package in bf16 and generates the
+    tokens the float32 spec reference generates, per-step logits within the bf16 tolerance OpenVINO's pair
+    meets (tests/lower/test_openvino.py), each layer's cache the schedule's length."""
+    from tests.lower.test_openvino import BF16_LOGIT_ATOL
+    from tests.models.test_demo_model import MODEL
+    from vtrcompile import load_engine
+    from vtrcompile.engine.host_inputs import prefill_feeds
+    from vtrcompile.evaluation import VqaSynthItems
+    from vtrcompile.models.loading import load_model
+    from vtrcompile.optimize import optimize
+    from vtrcompile.reference.generation import generate_reference
+    from vtrcompile.reference.methods import fastv_reference
+
+    out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "f.pt2",
+                   target=Target(backend="aoti", dtype="bfloat16")).files[-1]
+    engine = load_engine(out, threads=2)
+    assert engine.metadata["dtype"] == "bfloat16" and engine.decode_path.suffix == ".pt2"
+    model = load_model(str(MODEL)).eager().hf_model  # float32, weights in memory
+    items = VqaSynthItems("test", 6)
+    steps = 8
+    for item in (items[3], items[5]):  # a coarse and a fine-grained question
+        ids, px = torch.as_tensor(item.ids), torch.as_tensor(item.pixels)
+        engine.prefill.bind(prefill_feeds(engine.prefill.metadata, ids.numpy(), px.numpy()))
+        caches = [t for t, io in zip(engine.prefill.run(), engine.prefill.metadata["io"]["outputs"], strict=True)
+                  if io["name"].startswith("present.")]
+        assert caches and {t.dtype for t in caches} == {torch.bfloat16}
+        got = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=steps, eos_token_id=[])
+        tokens, logits, lengths = generate_reference(model, ids, px, lambda m, i, p: fastv_reference(m, i, p, 2, 64),
+                                                     "keep", steps)
+        assert got.tokens[0].tolist() == tokens.tolist()
+        assert got.cache_lengths == lengths and lengths[-1] == ids.shape[1] - (576 - 64)
+        assert float(np.abs(got.logits[0] - logits.numpy()).max()) <= BF16_LOGIT_ATOL

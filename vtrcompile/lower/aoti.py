@@ -103,10 +103,12 @@ class AotiEngine:
 
     def bind(self, feeds: dict[str, Any]) -> None:
         """Named inputs -> tensors on the package's device, in the order of the metadata's `io`. Tensors handed
-        back from an earlier run (bfloat16 caches, which numpy cannot hold) pass through as they are."""
+        back from an earlier run (bfloat16 caches, which numpy cannot hold) pass through without numpy, made
+        contiguous: a package reads its inputs with the strides of its example inputs, and the caches a prefill
+        package returns are views with another layout."""
         kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16}
         arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in kept}, set(kept))
-        self._bound = [kept[t["name"]].to(self.device) if t["name"] in kept else
+        self._bound = [kept[t["name"]].to(self.device).contiguous() if t["name"] in kept else
                        torch.from_numpy(arrays[t["name"]]).to(self.device) for t in self.metadata["io"]["inputs"]]
 
     def _outputs(self) -> list[torch.Tensor]:
