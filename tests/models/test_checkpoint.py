@@ -195,3 +195,15 @@ def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     eager = load_model("tiny")
     assert optimize_estimate(eager, "openvino", torch.float32, False)[0] == pytest.approx(
         RUNTIME + 1.5 * weight_bytes(eager, torch.float32))
+
+
+def test_aoti_estimate_counts_the_packed_weight_copies(checkpoint):
+    """AOTInductor compiles from the weights in memory and packs a copy of each linear layer's: more than the
+    generic in-memory estimate, whether the model streams or not."""
+    from vtrcompile.memory import AOTI_COPIES, RUNTIME, optimize_estimate, weight_bytes
+
+    for src in (load_model(str(checkpoint)), load_model("tiny")):
+        w = weight_bytes(src, torch.float32)
+        need, what, advice = optimize_estimate(src, "aoti", torch.float32, False)
+        assert need == pytest.approx(RUNTIME + AOTI_COPIES * w) and AOTI_COPIES >= 3.1  # 3.1 measured
+        assert "packed copies" in what and any(".onnx or .xml" in a for a in advice)
