@@ -163,33 +163,23 @@ def test_bf16_package_pair_generates_what_the_float32_reference_does(tmp_path):
     """AOTInductor on the low-precision path: a FastV 64 pair of the trained demo model compiled with --dtype
     bfloat16 hands each layer's reduced cache from the prefill to the decode package in bf16 and generates the
     tokens the float32 spec reference generates, per-step logits within the bf16 tolerance OpenVINO's pair
-    meets (tests/lower/test_openvino.py), each layer's cache the schedule's length."""
-    from tests.lower.test_openvino import BF16_LOGIT_ATOL
+    meets (tests/lower/bf16_generation.py), each layer's cache the schedule's length."""
+    from tests.lower.bf16_generation import check_fastv64_demo_generation
     from tests.models.test_demo_model import MODEL
     from vtrcompile import load_engine
     from vtrcompile.engine.host_inputs import prefill_feeds
-    from vtrcompile.evaluation import VqaSynthItems
     from vtrcompile.models.loading import load_model
     from vtrcompile.optimize import optimize
-    from vtrcompile.reference.generation import generate_reference
-    from vtrcompile.reference.methods import fastv_reference
 
     out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "f.pt2",
                    target=Target(backend="aoti", dtype="bfloat16")).files[-1]
     engine = load_engine(out, threads=2)
     assert engine.metadata["dtype"] == "bfloat16" and engine.decode_path.suffix == ".pt2"
-    model = load_model(str(MODEL)).eager().hf_model  # float32, weights in memory
-    items = VqaSynthItems("test", 6)
-    steps = 8
-    for item in (items[3], items[5]):  # a coarse and a fine-grained question
-        ids, px = torch.as_tensor(item.ids), torch.as_tensor(item.pixels)
+
+    def caches_are_bf16(ids, px):
         engine.prefill.bind(prefill_feeds(engine.prefill.metadata, ids.numpy(), px.numpy()))
         caches = [t for t, io in zip(engine.prefill.run(), engine.prefill.metadata["io"]["outputs"], strict=True)
                   if io["name"].startswith("present.")]
         assert caches and {t.dtype for t in caches} == {torch.bfloat16}
-        got = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=steps, eos_token_id=[])
-        tokens, logits, lengths = generate_reference(model, ids, px, lambda m, i, p: fastv_reference(m, i, p, 2, 64),
-                                                     "keep", steps)
-        assert got.tokens[0].tolist() == tokens.tolist()
-        assert got.cache_lengths == lengths and lengths[-1] == ids.shape[1] - (576 - 64)
-        assert float(np.abs(got.logits[0] - logits.numpy()).max()) <= BF16_LOGIT_ATOL
+
+    check_fastv64_demo_generation(engine, before=caches_are_bf16)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import REFERENCE_ATOL, max_diff, prompts
+from tests.lower.bf16_generation import check_fastv64_demo_generation
 from tests.lower.test_onnx import REFERENCES
 from vtrcompile.engine.runners import read_engine_metadata
 from vtrcompile.errors import VtrError
@@ -186,17 +186,12 @@ def test_weights_option_refused_where_it_does_not_apply():
         check_target(Target(backend="onnxruntime", weights="int8"))
 
 
-# bf16 rounds each layer's activations and its cached keys/values. On the trained demo model (logits up to about
-# 13 in magnitude) the largest per-step difference from the float32 reference measured 0.38 over 30 test prompts
-# x 8 steps (AMD EPYC with AVX-512 BF16, OpenVINO 2026.4), with every token equal.
-BF16_LOGIT_ATOL = 1.0
-
-
 def test_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):
     """Generation on the low-precision path: a FastV 64 engine pair built with --dtype bfloat16 (OpenVINO, the
     CPU's bf16 kernels) passes each layer's reduced cache from the prefill to the decode engine and back in bf16;
     on the trained demo model it generates the tokens the float32 spec reference generates (reference/
-    generation.py), per-step logits within BF16_LOGIT_ATOL, each layer's cache the schedule's length."""
+    generation.py), per-step logits within BF16_LOGIT_ATOL (tests/lower/bf16_generation.py), each layer's cache the
+    schedule's length."""
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in caps:
         pytest.skip(f"this CPU has no native bf16 for OpenVINO ({', '.join(caps)})")
@@ -206,11 +201,8 @@ def test_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):
         pytest.skip("one usable core: OpenVINO's bf16 path crashes there on AMX CPUs (refused, tested above)")
     from tests.models.test_demo_model import MODEL
     from vtrcompile import load_engine
-    from vtrcompile.evaluation import VqaSynthItems
     from vtrcompile.models.loading import load_model
     from vtrcompile.optimize import Target, optimize
-    from vtrcompile.reference.generation import generate_reference
-    from vtrcompile.reference.methods import fastv_reference
 
     out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "f.xml",
                    target=Target(backend="openvino", dtype="bfloat16")).files[-1]
@@ -218,14 +210,4 @@ def test_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):
     assert engine.metadata["dtype"] == "bfloat16"
     caches = [o for o in engine.decode.compiled.outputs if o.get_any_name().startswith("present.")]
     assert caches and {o.get_element_type().get_type_name() for o in caches} == {"bf16"}
-    model = load_model(str(MODEL)).eager().hf_model  # float32, weights in memory
-    items = VqaSynthItems("test", 6)
-    steps = 8
-    for item in (items[3], items[5]):  # a coarse and a fine-grained question (top-2 margins 7.3 and 3.4 all along)
-        ids, px = torch.as_tensor(item.ids), torch.as_tensor(item.pixels)
-        got = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=steps, eos_token_id=[])
-        tokens, logits, lengths = generate_reference(model, ids, px, lambda m, i, p: fastv_reference(m, i, p, 2, 64),
-                                                     "keep", steps)
-        assert got.tokens[0].tolist() == tokens.tolist()
-        assert got.cache_lengths == lengths and lengths[-1] == ids.shape[1] - (576 - 64)
-        assert float(np.abs(got.logits[0] - logits.numpy()).max()) <= BF16_LOGIT_ATOL
+    check_fastv64_demo_generation(engine)
