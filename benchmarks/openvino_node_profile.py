@@ -99,7 +99,8 @@ def main() -> None:
           f"{sum(base.values()) / sum(red.values()):.2f}x |")
     out = Path(args.out or f"benchmarks/results/openvino-node-profile-{args.preset}-{args.method}-{args.dtype}.json")
     out.write_text(json.dumps({"preset": args.preset, "method": args.method, "dtype": args.dtype, "reps": args.reps,
-                               "environment": environment(2), "regions": rows},
+                               "environment": environment(engines[args.method].threads, engines[args.method]),
+                               "regions": rows},
                               indent=2))
     print(f"wrote {out}")
 
