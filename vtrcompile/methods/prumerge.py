@@ -28,8 +28,22 @@ def _onehot(idx: torch.Tensor, n: int) -> torch.Tensor:
     return (idx[..., None] == torch.arange(n, device=idx.device)).to(torch.float32)
 
 
+def top_members(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """scores [..., N] -> bool [..., N]: True at the m highest scores of each row, ties to the lower index.
+
+    A membership mask instead of a one-hot of top-k's indices: every op here is [..., N], where a one-hot is
+    [..., m, N] (32x the work for PruMerge's neighbours). The m-th highest value is the same whatever a
+    runtime's top-k does with ties; the tied entries at that value are then taken lowest index first."""
+    kth = torch.topk(scores, m, dim=-1).values[..., -1:]
+    above = scores > kth
+    tied = scores == kth
+    room = m - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= room))
+
+
 def key_neighbour_merge(x: torch.Tensor, k: torch.Tensor, a: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """y_i = X_i + sum over i's min(32, N-1) most key-similar other patches j of a_j X_j.
+    """y_i = X_i + sum over i's min(32, N-1) most key-similar other patches j of a_j X_j
+    (ties to the lower index, as the reference).
 
     x [B, N, C] patch features, k [B, N, C] patch keys, a [B, N], kept [B, n] -> [B, n, C].
     """
@@ -37,8 +51,8 @@ def key_neighbour_merge(x: torch.Tensor, k: torch.Tensor, a: torch.Tensor, kept:
     kn = k.float() / k.float().norm(dim=-1, keepdim=True)
     sims = torch.matmul(kn.gather(1, kept[..., None].expand(-1, -1, kn.shape[-1])), kn.transpose(1, 2))
     sims = torch.where(kept[..., None] == torch.arange(n_tok, device=x.device), float("-inf"), sims)
-    nb = torch.topk(sims, min(NEIGHBOURS, n_tok - 1), dim=-1).indices  # [B, n, m]
-    weights = (_onehot(nb, n_tok) * a.gather(1, nb.flatten(1)).reshape(nb.shape)[..., None]).sum(dim=2)
+    nb = top_members(sims, min(NEIGHBOURS, n_tok - 1))  # [B, n, N]
+    weights = torch.where(nb, a[:, None, :], 0.0)
     own = x.gather(1, kept[..., None].expand(-1, -1, c))
     return own + torch.matmul(weights.to(x.dtype), x)
 
