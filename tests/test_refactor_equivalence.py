@@ -31,6 +31,14 @@ ADDITIVE_MASK = {"aten.where.Scalar": 1, "aten.to.dtype": 1}
 # tests/methods/test_methods.py).
 GPRUNE_ONE_SELECT = {"aten.where.ScalarSelf": 1, "aten.where.self": -2, "aten.zeros_like.default": -1,
                      "aten.full_like.default": -1, "aten.abs.default": -1, "aten.lt.Scalar": -1}
+# And PruMerge's key-neighbour merge: each kept token's neighbours as a membership mask (m-th value, ties by a
+# cumulative count) instead of a one-hot of top-k's indices weighted through a gather (same rows,
+# tests/methods/test_tensor_ops.py).
+PRUMERGE_MEMBERSHIP = {"aten.__and__.Tensor": 1, "aten.__or__.Tensor": 1, "aten.cumsum.default": 1, "aten.gt.Tensor": 1,
+                       "aten.le.Tensor": 1, "aten.rsub.Scalar": 1, "aten.slice.Tensor": 1, "aten.where.ScalarOther": 1,
+                       "aten.arange.default": -1, "aten.flatten.using_ints": -1, "aten.gather.default": -1,
+                       "aten.mul.Tensor": -1, "aten.reshape.default": -1, "aten.unsqueeze.default": -1}
+
 
 # And every engine: each multiplication by an rsqrt (the RMSNorms' scaling) is a division by a sqrt
 # (passes/replace_rsqrt_scaling.py), which ONNX Runtime fuses.
@@ -54,6 +62,8 @@ def test_program_unchanged(tiny, tiny_build, name):
         expected.update(ADDITIVE_MASK)
     if any(r.method == "gprune" for r in b.reductions):
         expected.update(GPRUNE_ONE_SELECT)
+    if any(r.method in ("prumerge", "prumerge-plus") for r in b.reductions):
+        expected.update(PRUMERGE_MEMBERSHIP)
     expected.update(rsqrt_as_division(want["ops"]))
     assert min(expected.values()) >= 0, expected  # a delta removes only ops the snapshot had
     expected = +expected  # drop the ops no longer there

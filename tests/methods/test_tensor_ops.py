@@ -12,6 +12,7 @@ from vtrcompile.methods.tensor_ops import (
     renumbered_index,
     sequence_index,
     take_image_block,
+    top_members,
     topk_ascending,
     topk_descending,
 )
@@ -70,3 +71,21 @@ def test_head_mean_attention_rows_uniform_keys():
     assert torch.allclose(out, torch.full((1, 1, 5), 0.2))
     masked = head_mean_attention_rows(q, k, 0.5, torch.tensor([True, True, False, False, False])[None, None, None])
     assert torch.allclose(masked, torch.tensor([[[0.5, 0.5, 0.0, 0.0, 0.0]]]))
+
+
+def test_top_members_takes_tied_scores_lowest_index_first():
+    # m = 3 over [5, 1, 4, 4, 7, 4]: 7 and 5 are above the 3rd value (4), then one of the three tied 4s: index 2.
+    s = torch.tensor([[5.0, 1.0, 4.0, 4.0, 7.0, 4.0]])
+    assert top_members(s, 3).nonzero()[:, 1].tolist() == [0, 2, 4]
+    # every row tied: the m lowest indices; -inf (the patch itself) is never taken while others remain
+    s = torch.tensor([[0.5, float("-inf"), 0.5, 0.5]])
+    assert top_members(s, 2)[0].tolist() == [True, False, True, False]
+
+
+def test_top_members_equals_the_stable_top_k_on_random_rows():
+    torch.manual_seed(0)
+    s = torch.randn(2, 5, 40).round(decimals=1)  # rounding makes ties common
+    got = top_members(s, 7)
+    for row, mask in zip(s.reshape(-1, 40), got.reshape(-1, 40), strict=True):
+        want = torch.sort(-row, stable=True).indices[:7]
+        assert sorted(mask.nonzero()[:, 0].tolist()) == sorted(want.tolist())

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vtrcompile.methods.prumerge import (
-    cls_attention,
-    grid_indices,
-    key_neighbour_merge,
-    leftover_token,
-    top_members,
-)
+from vtrcompile.methods.prumerge import cls_attention, grid_indices, key_neighbour_merge, leftover_token
 from vtrcompile.methods.visionzip import contextual_positions, visionzip_features
 
 
@@ -31,24 +25,6 @@ def test_key_neighbour_merge_with_few_patches_uses_all_others():
     assert torch.allclose(y[0, 1], torch.tensor([1.0, 0.2, 0.3, 0.4]))
     e = leftover_token(x, a, torch.tensor([[2, 0]]))
     assert torch.allclose(e[0, 0], torch.tensor([0.0, 0.2, 0.0, 0.4]))
-
-
-def test_top_members_takes_tied_scores_lowest_index_first():
-    # m = 3 over [5, 1, 4, 4, 7, 4]: 7 and 5 are above the 3rd value (4), then one of the three tied 4s: index 2.
-    s = torch.tensor([[5.0, 1.0, 4.0, 4.0, 7.0, 4.0]])
-    assert top_members(s, 3).nonzero()[:, 1].tolist() == [0, 2, 4]
-    # every row tied: the m lowest indices; -inf (the patch itself) is never taken while others remain
-    s = torch.tensor([[0.5, float("-inf"), 0.5, 0.5]])
-    assert top_members(s, 2)[0].tolist() == [True, False, True, False]
-
-
-def test_top_members_equals_the_stable_top_k_on_random_rows():
-    torch.manual_seed(0)
-    s = torch.randn(2, 5, 40).round(decimals=1)  # rounding makes ties common
-    got = top_members(s, 7)
-    for row, mask in zip(s.reshape(-1, 40), got.reshape(-1, 40), strict=True):
-        want = torch.sort(-row, stable=True).indices[:7]
-        assert sorted(mask.nonzero()[:, 0].tolist()) == sorted(want.tolist())
 
 
 def test_prumerge_plus_grid_for_llava_geometry():

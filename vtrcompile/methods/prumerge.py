@@ -10,7 +10,7 @@ import torch
 from ..errors import VtrError
 from ..passes.insert_token_reduction import Reduction, SelectorInputs
 from .spec import MethodSpec, Option, vision_taps
-from .tensor_ops import topk_descending
+from .tensor_ops import top_members, topk_descending
 
 NEIGHBOURS = 32
 
@@ -26,19 +26,6 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def _onehot(idx: torch.Tensor, n: int) -> torch.Tensor:
     """idx [...] int -> [..., n] float32 one-hot, by comparison (no scatter)."""
     return (idx[..., None] == torch.arange(n, device=idx.device)).to(torch.float32)
-
-
-def top_members(scores: torch.Tensor, m: int) -> torch.Tensor:
-    """scores [..., N] -> bool [..., N]: True at the m highest scores of each row, ties to the lower index.
-
-    A membership mask instead of a one-hot of top-k's indices: every op here is [..., N], where a one-hot is
-    [..., m, N] (32x the work for PruMerge's neighbours). The m-th highest value is the same whatever a
-    runtime's top-k does with ties; the tied entries at that value are then taken lowest index first."""
-    kth = torch.topk(scores, m, dim=-1).values[..., -1:]
-    above = scores > kth
-    tied = scores == kth
-    room = m - above.sum(dim=-1, keepdim=True)
-    return above | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= room))
 
 
 def key_neighbour_merge(x: torch.Tensor, k: torch.Tensor, a: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

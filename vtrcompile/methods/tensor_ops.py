@@ -54,6 +54,19 @@ def topk_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
 
 
+def top_members(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """scores [..., N] -> bool [..., N]: True at the m highest scores of each row, ties to the lower index.
+
+    A membership mask instead of a one-hot of top-k's indices: every op here is [..., N], where a one-hot is
+    [..., m, N]. The m-th highest value is the same whatever a runtime's top-k does with ties; the entries tied
+    at that value are then taken lowest index first, so the set does not depend on the runtime either."""
+    kth = torch.topk(scores, m, dim=-1).values[..., -1:]
+    above = scores > kth
+    tied = scores == kth
+    room = m - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= room))
+
+
 def sequence_index(image_start: torch.Tensor, kept: torch.Tensor, seq_len: int, n_image: int) -> torch.Tensor:
     """Map each row of the reduced sequence to a row of the full one.
 
