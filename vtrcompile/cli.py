@@ -248,13 +248,16 @@ def _generation_opts(f):
                    "more; at most the LLM's max_position_embeddings).")
 @click.option("--workspace", default=8.0, show_default=True, type=Finite(0.1),
               help="TensorRT builder workspace limit, GiB.")
+@click.option("--batch", default=None, type=click.IntRange(1, 256),
+              help="Prompts per run the engines take, fixed at compile time (default 1): each row its own image "
+                   "and its own selection; the prompts of one run have one length (no padding).")
 @_pickle_opt
 @_tiles_opt
 @_profile_opts
 @_generation_opts
 def optimize(model, method, calibration, then, out, backend, device, dtype, weights, do_profile, baseline_out,
-             triton_repo, min_prompt, max_prompt, workspace, allow_pickle, tiles, image_size, reps, warmup, threads,
-             as_json, new_tokens, kv_budget_gb, **method_options) -> None:
+             triton_repo, min_prompt, max_prompt, workspace, batch, allow_pickle, tiles, image_size, reps, warmup,
+             threads, as_json, new_tokens, kv_budget_gb, **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     import dataclasses
 
@@ -273,7 +276,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     if min_prompt is not None and max_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
-    src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles, image_size=image_size)
+    src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles, image_size=image_size,
+                     batch=batch)
     if dtype is None:  # the model's own precision
         own = str(src.dtype).removeprefix("torch.")
         if own not in DTYPES:
@@ -335,38 +339,49 @@ def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, ne
 
 @main.command()
 @click.argument("engine", type=click.Path(path_type=Path))
-@click.option("--image", type=click.Path(path_type=Path), required=True, help="Image file (PNG, JPEG, ...).")
-@click.option("--prompt", default=None, help="Text prompt; tokenized with the tokenizer the engine carries.")
-@click.option("--ids", default=None,
+@click.option("--image", type=click.Path(path_type=Path), required=True, multiple=True,
+              help="Image file (PNG, JPEG, ...); an engine built with --batch B takes B of them, one per prompt.")
+@click.option("--prompt", default=None, multiple=True,
+              help="Text prompt; tokenized with the tokenizer the engine carries. With --batch B: one prompt for "
+                   "every image, or B prompts of one token length.")
+@click.option("--ids", default=None, multiple=True,
               help="Token ids instead of --prompt, e.g. '2,3,image,7' ('image' = the N image tokens).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many tokens.")
 @click.option("--threads", default=None, type=click.IntRange(1, MAX_THREADS), help="Runtime threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
 def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> None:
     """Answer PROMPT about IMAGE with ENGINE (greedy, until EOS or --max-new-tokens)."""
-    from .engine.generate import load_engine
-    from .engine.prompting import image_pixels, load_tokenizer, parse_ids, prompt_ids
+    import numpy as np
 
-    if (prompt is None) == (ids is None):
+    from .engine.generate import load_engine
+    from .engine.prompting import batch_prompt, image_pixels, load_tokenizer
+
+    if bool(prompt) == bool(ids):
         raise VtrError("give the question as --prompt TEXT or as --ids '2,3,image,7', one of the two")
     eng = load_engine(engine, threads)
-    tok = load_tokenizer(eng.path, eng.metadata) if prompt is not None else None
-    input_ids = prompt_ids(tok, eng.metadata, prompt) if tok is not None else parse_ids(ids, eng.metadata)
-    out = eng.generate(input_ids=input_ids, pixel_values=image_pixels(image, eng.metadata),
-                       max_new_tokens=max_new_tokens)
-    tokens = out.tokens[0].tolist()
-    text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else None
-    rec = {"tokens": tokens, "text": text, "eos": out.eos_reached, "prompt_tokens": int(input_ids.shape[1]),
-           "time_to_first_token_ms": out.prefill_ms,
-           "time_per_output_token_ms": (sum(out.decode_ms) / len(out.decode_ms)) if out.decode_ms else None,
-           "cached_tokens_per_layer": out.cache_lengths}
-    if as_json:
-        click.echo(json.dumps(rec, indent=2))
+    tok = load_tokenizer(eng.path, eng.metadata) if prompt else None
+    input_ids = batch_prompt(eng.metadata, len(image), list(prompt or ids), tok)
+    pixels = np.concatenate([image_pixels(p, eng.metadata) for p in image])
+    out = eng.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens)
+    rows = []
+    for i, n in enumerate(out.lengths):
+        tokens = out.tokens[i, :n].tolist()
+        rows.append({"tokens": tokens, "text": tok.decode(tokens, skip_special_tokens=True) if tok else None,
+                     "eos": out.ended[i]})
+    timing = {"prompt_tokens": int(input_ids.shape[1]), "time_to_first_token_ms": out.prefill_ms,
+              "time_per_output_token_ms": (sum(out.decode_ms) / len(out.decode_ms)) if out.decode_ms else None,
+              "cached_tokens_per_layer": out.cache_lengths}
+    if as_json:  # batch 1: the sequence's fields at the top level; a batch: one record per sequence
+        click.echo(json.dumps({**rows[0], **timing} if len(rows) == 1 else {"sequences": rows, **timing}, indent=2))
         return
-    click.echo(text if text is not None else " ".join(map(str, tokens)))
-    tpot = f", {rec['time_per_output_token_ms']:.1f} ms per output token" if out.decode_ms else ""
-    click.echo(f"{len(tokens)} tokens ({'EOS' if out.eos_reached else 'max-new-tokens'}); time to first token "
-               f"{out.prefill_ms:.1f} ms{tpot}; prompt {rec['prompt_tokens']} tokens", err=True)
+    for r in rows:
+        click.echo(r["text"] if r["text"] is not None else " ".join(map(str, r["tokens"])))
+    tpot = f", {timing['time_per_output_token_ms']:.1f} ms per output token" if out.decode_ms else ""
+    ends = "EOS" if out.eos_reached else "max-new-tokens"
+    what = f"{len(rows[0]['tokens'])} tokens" if len(rows) == 1 else \
+        f"{len(rows)} sequences, {out.tokens.shape[1]} steps"
+    click.echo(f"{what} ({ends}); time to first token {out.prefill_ms:.1f} ms{tpot}; prompt "
+               f"{timing['prompt_tokens']} tokens", err=True)
 
 
 @main.command()

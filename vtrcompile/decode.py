@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 MIN_PAST = 2
 
 
-def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu", weights: str = "none") -> str:
+def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu", weights: str = "none",
+                     batch: int = 1) -> str:
+    """The decode engine's file name: one per model, dtype, weight format, device and batch (batch 1 unnamed)."""
     return (f"decode-{model_id[:12]}-{dtype}{'' if weights == 'none' else '-' + weights}"
-            f"{'' if device == 'cpu' else '-' + device}{ext}")
+            f"{'' if device == 'cpu' else '-' + device}{'' if batch == 1 else f'-b{batch}'}{ext}")
 
 
 def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
@@ -83,10 +85,10 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     from .optimize import BACKENDS
 
     ext = BACKENDS[target.backend][0]
-    path = folder / decode_file_name(model_id, target.dtype, ext, target.device, target.weights)
+    path = folder / decode_file_name(model_id, target.dtype, ext, target.device, target.weights, batch)
     meta = read_engine_metadata(path) if path.is_file() else None
     if meta and meta.get("role") == "decode" and meta.get("model_id") == model_id and \
-            meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype:
+            meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype and meta.get("batch") == batch:
         log.info("decode engine %s already built for this model; reused", path)
         return path
     ep, dim_names = capture_decode(model, batch)

@@ -222,6 +222,10 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
         gen = {str(p): load_engine(p, threads) for p in [*engines, *([baseline] if baseline else [])]}
     base = open_prefill(baseline, threads) if baseline is not None else None
     runners = [open_prefill(e, threads) for e in engines]
+    for r in [*runners, *([base] if base else [])]:
+        if r.metadata.get("batch", 1) != 1:
+            raise VtrError(f"{r.path}: takes {r.metadata['batch']} prompts per run; eval scores one prompt at a time, "
+                           "so build the engines to evaluate without --batch")
 
     def scored(path, runner):
         return gen[str(path)] if max_new_tokens > 1 else runner

@@ -112,8 +112,8 @@ def generation_metadata(source: ModelSource, mid: str, target: Target, n_layers:
     model_dir = Path(source.label) if source.kind == "hf-dir" else None
     processor = {**source.family.processor_facts(m.config, model_dir),
                  "tokenizer": tokenizer_folder_name(mid) if has_tokenizer(model_dir) else None}
-    decode = {"file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device, target.weights),
-              "model_id": mid}
+    decode = {"file": decode_file_name(mid, target.dtype, BACKENDS[target.backend][0], target.device, target.weights,
+                                       source.batch), "model_id": mid}
     return {"decode": decode, "eos_token_ids": eos_token_ids(m), **cache_geometry(m), "processor": processor}
 
 

@@ -122,8 +122,9 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def kv_bytes(meta: dict, cached_tokens: list[int]) -> int:
-    """Bytes of one sequence's KV cache: keys and values of every layer, in the engine's dtype."""
-    per_token = 2 * meta["batch"] * meta["kv_heads"] * meta["head_dim"] * _DTYPE_BYTES[meta.get("dtype", "float32")]
+    """Bytes of one sequence's KV cache (one row of a batch): keys and values of every layer, in the engine's
+    dtype."""
+    per_token = 2 * meta["kv_heads"] * meta["head_dim"] * _DTYPE_BYTES[meta.get("dtype", "float32")]
     return per_token * sum(cached_tokens)
 
 
@@ -158,7 +159,8 @@ def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray
         final = [c + new_tokens - 1 for c in cached]  # the last new token is produced, never cached
         res["engines"][name] = {
             "decode_step": asdict(Latency.of(dec)), "end_to_end": asdict(Latency.of(total)),
-            "tokens_per_s": new_tokens / (float(np.median(total)) / 1e3),
+            # every sequence of the batch generates new_tokens in one end-to-end run
+            "tokens_per_s": m["batch"] * new_tokens / (float(np.median(total)) / 1e3),
             "cached_tokens_per_layer": cached, "kv_bytes_after_prefill": kv_bytes(m, cached),
             # what the engine's outputs hold vs what its metadata's schedule says each layer processes
             "cache_matches_schedule": cached == llm_tokens(m, int(ids.shape[1])),
@@ -186,6 +188,9 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     if red.backend != base.backend:
         raise VtrError(f"{engine} is a {red.backend} engine and {baseline} a {base.backend} one; compare engines "
                        "built for the same backend")
+    if red.metadata["batch"] != base.metadata["batch"]:
+        raise VtrError(f"{engine} takes batch {red.metadata['batch']} and {baseline} batch {base.metadata['batch']}; "
+                       "compare engines built with the same --batch")
     if red.metadata["model_id"] != base.metadata["model_id"]:
         log.warning("engines come from different models: %s vs %s", red.metadata["model"], base.metadata["model"])
     for meta, path in ((red.metadata, engine), (base.metadata, baseline)):
@@ -205,6 +210,7 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     share = reduction_share(engine, ids, pixels, 1, selector_reps, threads) if red.backend == "onnxruntime" else None
     out = {
         "prompt_tokens": s,
+        "batch": red.metadata["batch"],
         "environment": environment(threads, red),
         "engines": {},
         "speedup_p50": lb.p50_ms / lr.p50_ms,
@@ -253,9 +259,11 @@ def format_report(r: dict) -> str:
     lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     sel = r["selector"]
+    b = r.get("batch", 1)
+    batch = f" x {b} prompts per run" if b > 1 else ""
     lines += [
         "",
-        f"prompt: {r['prompt_tokens']} tokens, {r['engines']['reduced']['latency']['reps']} timed runs each "
+        f"prompt: {r['prompt_tokens']} tokens{batch}, {r['engines']['reduced']['latency']['reps']} timed runs each "
         f"(interleaved), {r['environment']['threads']} threads, {r['environment']['backend']}",
         f"prefill speedup (p50): {r['speedup_p50']:.2f}x   FLOPs-ideal: {r['flops_ratio']:.2f}x   "
         f"measured/ideal: {r['speedup_p50'] / r['flops_ratio']:.2f}",
@@ -284,6 +292,9 @@ def format_report(r: dict) -> str:
         table.insert(1, "-" * len(table[0]))
         lines += ["", *table, f"decode step measured at the prompt's context ({r['prompt_tokens']} tokens, cache as the "
                   f"prefill left it); end to end = prefill + {g['new_tokens'] - 1} decode steps, greedy"]
+        if b > 1:
+            lines.append(f"batch {b}: every time is one run of all {b} prompts; tokens/s counts the tokens of all of "
+                         "them; KV cache is per sequence")
         if g.get("kv_budget"):
             kb = g["kv_budget"]
             lines.append(f"sequences whose KV cache fits in {kb['gb']:g} GB (computed from shapes, not measured): "

@@ -394,7 +394,7 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
     out = out_dir / "x.onnx"
     base = ["optimize", "tiny", "--method", "fastv", "--out", str(out)]
     res += _options_cases("optimize", base, ["--keep", "--layer", "--drop-ratio", "--max-prompt", "--min-prompt",
-                                             "--workspace", "--reps", "--kv-budget-gb", "--new-tokens", "--dtype"],
+                                             "--workspace", "--reps", "--kv-budget-gb", "--new-tokens", "--dtype", "--batch"],
                           rng, per_kind, w, may_create=("x.onnx", "decode-*.onnx"))
     res += _options_cases("optimize", ["optimize", "tiny", "--out", str(out)], ["--method"], rng, per_kind, w)
     made = ("x.onnx", "decode-*.onnx")

@@ -34,6 +34,10 @@ class GenerateOutput:
     decode_ms: list[float] = field(default_factory=list)  # one per decode step
     cache_lengths: list[int] = field(default_factory=list)  # per layer, after the prefill
     eos_reached: bool = False  # every sequence ended with an EOS token
+    # per row: tokens up to and including its first EOS (T when it has none); a row that ends before the others
+    # keeps being decoded (the batch runs together), and its tokens after `lengths[i]` mean nothing
+    lengths: list[int] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)  # per row: it produced an EOS token
 
 
 def cache_length(kv: Any) -> int:
@@ -81,7 +85,7 @@ class Engine:
             decode = open_engine(p, self._threads)  # an unreadable file or another format: one line
             meta = decode.metadata
             want = {"role": "decode", "model_id": self.metadata["model_id"], "dtype": self.metadata.get("dtype"),
-                    "weights": self.metadata.get("weights"),
+                    "weights": self.metadata.get("weights"), "batch": self.metadata.get("batch"),
                     "backend": self.metadata.get("backend"), "llm_layers": self.metadata.get("llm_layers")}
             bad = [f"{k} {meta.get(k)!r} (prefill: {v!r})" for k, v in want.items() if meta.get(k) != v]
             if bad:
@@ -136,11 +140,13 @@ class Engine:
         cache = [cache_length(out[f"present.{i}.key"]) for i in range(n)]
         tokens, logits, steps = [], [], []
         done = np.zeros(b, dtype=bool)
+        lengths = np.zeros(b, dtype=np.int64)
         while True:
             lg = out["logits"].astype(np.float32)
             tok = lg.argmax(axis=-1).astype(np.int64)  # ties: the lower index
             tokens.append(tok)
             logits.append(lg)
+            lengths[~done] += 1
             done |= np.isin(tok, list(eos))
             if done.all() or len(tokens) == max_new_tokens:
                 break
@@ -148,7 +154,7 @@ class Engine:
             out = decode.run(decode_feeds(out, tok, n))
             steps.append((time.perf_counter() - t1) * 1e3)
         return GenerateOutput(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_ms, steps, cache,
-                              bool(done.all()))
+                              bool(done.all()), lengths.tolist(), done.tolist())
 
 
 def load_engine(path: str | Path, threads: int | None = None) -> Engine:

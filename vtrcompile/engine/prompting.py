@@ -94,6 +94,26 @@ def parse_ids(text: str, meta: dict[str, Any]) -> np.ndarray:
                          meta["image_token_id"])
 
 
+def batch_prompt(meta: dict[str, Any], images: int, prompts: list[str], tokenizer=None) -> np.ndarray:
+    """The CLI's prompts (texts through `tokenizer`, else --ids strings) for an engine's fixed batch: one per
+    image, or one for all of them -> int64 [batch, S]. The rows of one run have one length (no padding)."""
+    b = int(meta.get("batch", 1))
+    if images != b:
+        built = f" (it was built with --batch {b})" if b > 1 else ""
+        raise VtrError(f"this engine takes {b} image{'s' if b > 1 else ''} per run{built}; got {images} --image")
+    rows = [prompt_ids(tokenizer, meta, t) if tokenizer is not None else parse_ids(t, meta) for t in prompts]
+    if len(rows) not in (1, b):
+        what = "the image" if b == 1 else f"all {b} images or one per image"
+        raise VtrError(f"give one prompt for {what}; got {len(rows)}")
+    rows = rows * b if len(rows) == 1 else rows
+    lengths = [int(r.shape[1]) for r in rows]
+    if len(set(lengths)) > 1:
+        raise VtrError(f"the prompts are {lengths} tokens long; one run of a batch engine takes prompts of one length "
+                       "(no padding): word them to one length, or run them one at a time on an engine built "
+                       "without --batch")
+    return np.concatenate(rows)
+
+
 def image_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:
     """An image file -> float32 [tiles, 3, H, W] as the model's processor prepares it (recorded in the engine)."""
     from ..calibration import preprocess

@@ -37,6 +37,7 @@ class ModelSource:
     # every weight from the checkpoint (models/checkpoint.py); `eager()` loads them for jobs that run the model.
     weights: Any = None
     tiles: int = 1  # images (tiles) per prompt the example inputs, and so the engines, are built for
+    batch: int = 1  # prompts per run the example inputs, and so the engines, are built for (fixed)
     image_size: tuple[int, int] | None = None  # the fixed image size asked for (--image-size), if any
 
     @property
@@ -60,7 +61,7 @@ class ModelSource:
         if self.weights is None:
             return self
         loaded = _load_hf_dir(Path(self.label), self.weights.dtype, stream=False, tiles=self.tiles,
-                              image_size=self.image_size)
+                              image_size=self.image_size, batch=self.batch)
         self.module, self.hf_model, self.weights, self.captured = loaded.module, loaded.hf_model, None, {}
         return self
 
@@ -144,7 +145,7 @@ def _refuse_eager(module, args, kwargs):
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = True, tiles: int = 1,
-                 image_size: tuple[int, int] | None = None) -> ModelSource:
+                 image_size: tuple[int, int] | None = None, batch: int = 1) -> ModelSource:
     """A Hugging Face directory in its own dtype (the config's), or `dtype` when given; never upcast silently.
     `stream`: build the model with empty parameters and read the weights from the safetensors files only when
     an engine is written (folders without safetensors files load eagerly)."""
@@ -152,6 +153,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
 
     family, config = _read_config(path)
     family.check_tiles(tiles)
+    family.check_batch(batch)
     family.fix_geometry(config, image_size)
     dtype = dtype or config_dtype(config) or torch.float32
     if stream and any(path.glob("*.safetensors")):
@@ -161,9 +163,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
         model.register_forward_pre_hook(_refuse_eager, with_kwargs=True)
         log.info("%s: %.1f GB of %s weights, read from the checkpoint when engines are written", path,
                  weights.nbytes / 1e9, str(dtype).removeprefix("torch."))
-        return ModelSource(str(path), "hf-dir", family.capture_module(model), None,
-                           example_prompt(model.config, tiles=tiles), hf_model=model, weights=weights, tiles=tiles,
-                           image_size=image_size)
+        return ModelSource(str(path), "hf-dir", family.capture_module(model, batch), None,
+                           example_prompt(model.config, tiles=tiles, batch=batch), hf_model=model, weights=weights,
+                           tiles=tiles, image_size=image_size, batch=batch)
     try:
         model = family.model_class().from_pretrained(
             path, config=config, local_files_only=True, attn_implementation="sdpa", dtype=dtype)
@@ -171,11 +173,12 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"{path}: could not load the weights ({first}); check the safetensors files") from None
     model.eval()
-    return ModelSource(str(path), "hf-dir", family.capture_module(model), None,
-                       example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles, image_size=image_size)
+    return ModelSource(str(path), "hf-dir", family.capture_module(model, batch), None,
+                       example_prompt(model.config, tiles=tiles, batch=batch), hf_model=model, tiles=tiles,
+                       image_size=image_size, batch=batch)
 
 
-def _load_exported(path: Path) -> ModelSource:
+def _load_exported(path: Path, batch: int | None = None) -> ModelSource:
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
@@ -185,10 +188,15 @@ def _load_exported(path: Path) -> ModelSource:
     if not example or len(example[0]) != 2:
         raise VtrError(f"{path}: the exported program must take (input_ids, pixel_values) and carry "
                        "its example inputs; export with torch.export.export(model, (ids, pixels), ...)")
-    return ModelSource(str(path), "exported", None, ep, tuple(example[0]))
+    own = int(example[0][0].shape[0])
+    if batch is not None and batch != own:
+        raise VtrError(f"{path}: the exported program was traced with batch {own}; --batch {batch} cannot change "
+                       f"it (export it again with {batch} prompts, or leave --batch out)")
+    return ModelSource(str(path), "exported", None, ep, tuple(example[0]), batch=own)
 
 
-def _load_pickle(path: Path, tiles: int = 1, image_size: tuple[int, int] | None = None) -> ModelSource:
+def _load_pickle(path: Path, tiles: int = 1, image_size: tuple[int, int] | None = None, batch: int = 1
+                 ) -> ModelSource:
     try:
         obj = torch.load(str(path), weights_only=False, map_location="cpu")
     except Exception as e:
@@ -203,10 +211,12 @@ def _load_pickle(path: Path, tiles: int = 1, image_size: tuple[int, int] | None 
             "needs it to build example inputs")
     family = family_for(cfg, str(path))
     family.check_tiles(tiles)
+    family.check_batch(batch)
     family.fix_geometry(cfg, image_size)
     obj.eval()
-    return ModelSource(str(path), "pickle", family.capture_module(obj), None, example_prompt(cfg, tiles=tiles),
-                       hf_model=obj, tiles=tiles, image_size=image_size)
+    return ModelSource(str(path), "pickle", family.capture_module(obj, batch), None,
+                       example_prompt(cfg, tiles=tiles, batch=batch), hf_model=obj, tiles=tiles, image_size=image_size,
+                       batch=batch)
 
 
 def _refuse_engine(path: Path) -> None:
@@ -244,37 +254,42 @@ def _is_aoti_package(path: Path) -> bool:
 
 
 def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None,
-               stream: bool = True, tiles: int = 1, image_size: tuple[int, int] | None = None) -> ModelSource:
+               stream: bool = True, tiles: int = 1, image_size: tuple[int, int] | None = None,
+               batch: int | None = None) -> ModelSource:
     """Resolve the MODEL argument of the CLI. A Hugging Face directory is read in its own dtype (or `dtype`);
     with `stream` its weights stay in the checkpoint until an engine is written (ModelSource.eager() loads them).
     `tiles`: images per prompt the engines take (families that tile an image, e.g. InternVL); `image_size`:
-    (H, W) of the engines' fixed image (families whose tower takes several sizes, e.g. Qwen-VL)."""
+    (H, W) of the engines' fixed image (families whose tower takes several sizes, e.g. Qwen-VL); `batch`: prompts
+    per run the engines take (default 1; an exported program keeps the batch it was traced with)."""
+    if batch is not None and batch < 1:
+        raise VtrError(f"--batch {batch}: give at least 1")
     if spec in PRESETS:
         device = "meta" if spec in META_PRESETS else "cpu"
         model = build_preset(spec, device=device)
         family = family_for(model.config)
         family.check_tiles(tiles)
+        family.check_batch(batch or 1)
         family.fix_geometry(model.config, image_size)
-        return ModelSource(f"preset:{spec}", "preset", family.capture_module(model), None,
-                           example_prompt(model.config, tiles=tiles), hf_model=model, tiles=tiles,
-                           image_size=image_size)
+        return ModelSource(f"preset:{spec}", "preset", family.capture_module(model, batch or 1), None,
+                           example_prompt(model.config, tiles=tiles, batch=batch or 1), hf_model=model, tiles=tiles,
+                           image_size=image_size, batch=batch or 1)
     path = Path(spec)
     if not path.exists():
         raise VtrError(f"model not found: {spec} (give a Hugging Face model directory, a .pt2 file from "
                        f"torch.export.save, a pickled nn.Module with --allow-pickle, or a preset: "
                        f"{', '.join(PRESETS)})")
     if path.is_dir():
-        return _load_hf_dir(path, dtype, stream, tiles, image_size)
+        return _load_hf_dir(path, dtype, stream, tiles, image_size, batch or 1)
     _refuse_engine(path)
     with path.open("rb") as f:
         head = f.read(4)
     if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in _zip_names(path)):
-        return _load_exported(path)
+        return _load_exported(path, batch)
     if not head:
         raise VtrError(f"{path}: empty file; expected a .pt2 program, a pickled module or a model directory")
     if path.suffix == ".pt2":
-        return _load_exported(path)
+        return _load_exported(path, batch)
     if not allow_pickle:
         raise VtrError(f"{path}: looks like a pickled module; unpickling runs arbitrary code, so pass "
                        "--allow-pickle only if you trust this file")
-    return _load_pickle(path, tiles, image_size)
+    return _load_pickle(path, tiles, image_size, batch or 1)

@@ -61,6 +61,10 @@ class QwenNextTokenLogits(nn.Module):
 
 class QwenVLFamily(Family):
     name = "qwen2_vl"
+    # transformers splits the image features per image by sizes torch.export cannot fix (data-dependent) once
+    # there are two images in a run
+    batch_refusal = "the Qwen-VL families are captured one prompt per run (their per-image split is data-dependent " \
+                    "under torch.export)"
     model_types = ("qwen2_vl",)
     architecture = "Qwen2VLForConditionalGeneration"
     config_class_name = "Qwen2VLConfig"

@@ -1,0 +1,161 @@
+"""Engines built for several prompts per run (`optimize --batch 2`): each row is its own prompt, with its own
+image and its own selection, and generates what the spec's generation reference gives that prompt alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import REFERENCE_ATOL, prompts
+from vtrcompile import load_engine
+from vtrcompile.cli import main
+from vtrcompile.decode import decode_file_name
+from vtrcompile.errors import UnsupportedModelError, VtrError
+from vtrcompile.models.loading import load_model
+from vtrcompile.optimize import optimize
+from vtrcompile.reference.generation import generate_reference
+from vtrcompile.reference.methods import (
+    fastv_reference,
+    gprune_reference,
+    pumer_reference,
+    pyramiddrop_reference,
+)
+from vtrcompile.reference.vision import prumerge_reference
+
+STEPS = 6
+# name -> (method, options, positions policy, eager prefill reference); the first two run by default
+BATCH_ENGINES = {
+    "fastv": ("fastv", {"layer": 2, "keep": 18}, "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
+    "prumerge": ("prumerge", {"keep": 8}, "renumber", lambda m, i, p: prumerge_reference(m, i, p, 8)),
+    "pyramiddrop": ("pyramiddrop", {}, "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+    "pumer": ("pumer", {}, "keep", lambda m, i, p: pumer_reference(m, i, p, 0.1, 0.3)),
+    "gprune": ("gprune", {"keep": 9}, "keep", lambda m, i, p: gprune_reference(m, i, p, 9)),
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("batch")
+
+
+@pytest.fixture(scope="module")
+def batch2(folder):
+    """name -> a batch-2 ONNX Runtime engine of the tiny preset, built on first use into one folder."""
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            method, opts, *_ = BATCH_ENGINES[name]
+            built[name] = optimize(load_model("tiny", batch=2), method, opts, folder / f"{name}.onnx")
+        return built[name]
+    return get
+
+
+def two_prompts(config):
+    """Two prompts of one length, each its own text and image -> ids [2, S], pixels [2, 3, H, W], and the rows."""
+    rows = prompts(config, cases=((5, 8), (5, 8)))
+    assert not torch.equal(rows[0][0], rows[1][0]) and not torch.equal(rows[0][1], rows[1][1])
+    return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), rows
+
+
+@pytest.mark.parametrize("name", [n if n in ("fastv", "prumerge") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in BATCH_ENGINES])
+def test_each_row_generates_what_its_prompt_alone_does(tiny, batch2, name):
+    _, _, positions, prefill = BATCH_ENGINES[name]
+    opt = batch2(name)
+    assert opt.metadata["batch"] == 2 and opt.build.example_inputs[0].shape[0] == 2
+    engine = load_engine(opt.files[-1], threads=1)
+    ids, px, rows = two_prompts(tiny.hf_model.config)
+    assert engine(input_ids=ids, pixel_values=px).shape == (2, tiny.hf_model.config.text_config.vocab_size)
+    out = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=STEPS, eos_token_id=[])
+    assert out.tokens.shape == (2, STEPS) and out.lengths == [STEPS, STEPS] and out.ended == [False, False]
+    for r, (ids_r, px_r) in enumerate(rows):
+        tokens, logits, lengths = generate_reference(tiny.hf_model, ids_r, px_r, prefill, positions, STEPS)
+        assert out.tokens[r].tolist() == tokens.tolist()
+        assert float(np.abs(out.logits[r] - logits.numpy()).max()) <= REFERENCE_ATOL
+        assert out.cache_lengths == lengths
+    assert out.cache_lengths == opt.build.llm_tokens(ids.shape[1])
+
+
+def test_a_row_that_ends_early_is_cut_at_its_eos(tiny, batch2):
+    engine = load_engine(batch2("fastv").files[-1], threads=1)
+    ids, px, _ = two_prompts(tiny.hf_model.config)
+    free = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
+    first = free.tokens[:, 0].tolist()
+    if first[0] == first[1]:
+        pytest.skip("both rows start with the same token; no row can end alone")  # not the case for these seeds
+    out = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=first[0])
+    assert out.lengths[0] == 1 and out.ended[0]
+    assert out.tokens[1].tolist() == free.tokens[1].tolist()  # row 1 runs on, unaffected
+    assert not out.ended[1] or out.lengths[1] < STEPS
+
+
+def test_batch_engines_keep_their_own_decode_engine_beside_batch_1_ones(tiny, batch2, folder):
+    opt = batch2("fastv")
+    assert opt.metadata["decode"]["file"] == decode_file_name(opt.metadata["model_id"], "float32", ".onnx", batch=2)
+    assert opt.metadata["decode"]["file"].endswith("-b2.onnx")
+    assert decode_file_name("abc", "float32", ".onnx") == "decode-abc-float32.onnx"  # batch 1 keeps its name
+    one = optimize(load_model("tiny"), "none", {}, folder / "none-b1.onnx")
+    assert one.metadata["batch"] == 1 and one.metadata["decode"]["file"] != opt.metadata["decode"]["file"]
+    ids, px = tiny.example_inputs
+    assert load_engine(one.files[-1], threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=3).tokens.shape \
+        == (1, 3)
+    # a batch-1 prefill engine handed the batch-2 decode engine under its own decode file's name: refused
+    decode1 = folder / one.metadata["decode"]["file"]
+    saved = decode1.read_bytes()
+    shutil.copyfile(folder / opt.metadata["decode"]["file"], decode1)
+    try:
+        with pytest.raises(VtrError, match=r"does not pair .*batch 2 \(prefill: 1\)"):
+            load_engine(one.files[-1], threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=3)
+    finally:
+        decode1.write_bytes(saved)
+
+
+def test_the_cli_builds_generates_and_profiles_a_batch(tiny, batch2, folder, tmp_path):
+    from PIL import Image
+
+    engine = batch2("fastv").files[-1]
+    imgs = []
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        imgs.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", (120, 90), colour).save(imgs[-1])
+    run = CliRunner().invoke
+    res = run(main, ["generate", str(engine), "--image", str(imgs[0]), "--image", str(imgs[1]), "--ids", "5,6,image,7",
+                     "--max-new-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output[res.output.index("{\n"):])
+    assert [len(s["tokens"]) for s in rec["sequences"]] == [3, 3] and rec["prompt_tokens"] == 3 + 36
+    # each row equals that image's answer from a batch-1 engine of the same method and model
+    single = optimize(load_model("tiny"), "fastv", {"layer": 2, "keep": 18}, folder / "fastv-b1.onnx").files[-1]
+    for img, seq in zip(imgs, rec["sequences"], strict=True):
+        res = run(main, ["generate", str(single), "--image", str(img), "--ids", "5,6,image,7", "--max-new-tokens", "3",
+                         "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output[res.output.index("{\n"):])["tokens"] == seq["tokens"]
+    # two prompts of two lengths, or an image count that is not the batch: one line, exit 2
+    for args, words in [(["--image", str(imgs[0]), "--ids", "5,image,7"], "takes 2 images per run"),
+                        (["--image", str(imgs[0]), "--image", str(imgs[1]), "--ids", "5,image,7", "--ids",
+                          "5,6,image,7"], "one length"),
+                        (["--image", str(imgs[0]), "--image", str(imgs[1]), "--ids", "5,image", "--ids", "5,image,7",
+                          "--ids", "6,image,7"], "one per image")]:
+        res = run(main, ["generate", str(engine), *args])
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+        assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1, res.output
+    # profile: engines of two batch sizes are not compared; eval takes batch-1 engines
+    res = run(main, ["profile", str(engine), "--baseline", str(single), "--reps", "1", "--new-tokens", "0"])
+    assert res.exit_code == 2 and "same --batch" in res.output, res.output
+    res = run(main, ["eval", str(engine), "--count", "2", "--no-speed"])
+    assert res.exit_code == 2 and "without --batch" in res.output, res.output
+
+
+def test_batch_is_refused_where_it_cannot_be_built(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="--batch 2: the Qwen-VL families"):
+        load_model("qwen2vl-tiny", batch=2)
+    res = CliRunner().invoke(main, ["optimize", "tiny", "--method", "fastv", "--batch", "0", "--out",
+                                    str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and "--batch" in res.output and not list(tmp_path.iterdir())
