@@ -9,6 +9,7 @@ caches fit in 40 GB (computed from shapes, not measured).
 Usage: python benchmarks/generation.py --model llava15-geometry --new-tokens 32 --reps 10
        python benchmarks/generation.py --model models/vqa-synth-llava
        python benchmarks/generation.py --model llava15-geometry --ext .xml --dtype bfloat16
+       python benchmarks/generation.py --model llava15-geometry --batch 4 --methods prumerge,fastv
        python benchmarks/generation.py --kv-7b
 """
 
@@ -37,12 +38,12 @@ def label(method: str, opts: dict) -> str:
 
 
 def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv_budget_gb: float,
-        ext: str = ".onnx", dtype: str = "float32") -> dict:
-    src = load_model(model)
+        ext: str = ".onnx", dtype: str = "float32", batch: int = 1, methods: list[str] | None = None) -> dict:
+    src = load_model(model, batch=batch)
     target = Target(backend=backend_for(Path("e" + ext), None), dtype=dtype)
     base = optimize(src, "none", {}, build_dir / f"baseline{ext}", target=target)
     rows = []
-    for method, opts in METHODS:
+    for method, opts in [m for m in METHODS if methods is None or m[0] in methods]:
         name = label(method, opts).replace(" ", "_").replace("=", "")
         res = optimize(src, method, opts, build_dir / f"{name}{ext}", target=target)
         rep = compare(res.files[-1], base.files[-1], warmup=warmup, reps=reps, new_tokens=new_tokens,
@@ -52,7 +53,8 @@ def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv
         g = rep["generation"]
         logging.info("%s: TTFT %.2fx, TPOT %.2fx, e2e %.2fx, KV %.3f", rep["label"], rep["speedup_p50"],
                      g["decode_speedup_p50"], g["end_to_end_speedup_p50"], g["kv_ratio"])
-    return {"model": model, "new_tokens": new_tokens, "backend": target.backend, "dtype": dtype, "runs": rows}
+    return {"model": model, "new_tokens": new_tokens, "backend": target.backend, "dtype": dtype, "batch": batch,
+            "runs": rows}
 
 
 def kv_7b(new_tokens: int, budget_gb: float) -> dict:
@@ -81,7 +83,7 @@ def kv_7b(new_tokens: int, budget_gb: float) -> dict:
 def markdown(out: dict) -> str:
     lines = [f"model `{out['model']}`, {out['runs'][0]['prompt_tokens']}-token prompt, {out['new_tokens']} new tokens, "
              f"{out['runs'][0]['environment']['threads']} threads, {out['runs'][0]['environment']['backend']}, "
-             f"{out.get('dtype', 'float32')}", "",
+             f"{out.get('dtype', 'float32')}, batch {out.get('batch', 1)} (KV per sequence)", "",
              "| method | TTFT p50 ms (base / reduced) | TTFT speedup | FLOPs-ideal | TPOT p50 ms (base / reduced) "
              "| TPOT speedup | end to end ms (base / reduced) | e2e speedup | KV after prefill MB (base / reduced) "
              "| KV ratio |",
@@ -110,6 +112,8 @@ def main() -> None:
     ap.add_argument("--kv-7b", action="store_true", help="only the 7B KV-bytes table (from shapes)")
     ap.add_argument("--ext", default=".onnx", choices=[".onnx", ".xml", ".pt2"], help="engine type (backend)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch", type=int, default=1, help="prompts per run the engines are built for")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(m for m, _ in METHODS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -119,8 +123,10 @@ def main() -> None:
         path = Path(args.out or "benchmarks/results/generation-kv-7b.json")
     else:
         tag = "" if (args.ext, args.dtype) == (".onnx", "float32") else f"-{args.ext[1:]}-{args.dtype}"
+        tag += f"-b{args.batch}" if args.batch > 1 else ""
         out = run(args.model, args.new_tokens, args.reps, args.warmup,
-                  Path(args.build_dir) / (Path(args.model).name + tag), args.kv_budget_gb, args.ext, args.dtype)
+                  Path(args.build_dir) / (Path(args.model).name + tag), args.kv_budget_gb, args.ext, args.dtype,
+                  args.batch, args.methods.split(",") if args.methods else None)
         path = Path(args.out or f"benchmarks/results/generation-{Path(args.model).name}{tag}.json")
         print(markdown(out))
     out["total_s"] = time.perf_counter() - t0

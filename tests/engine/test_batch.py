@@ -159,3 +159,14 @@ def test_batch_is_refused_where_it_cannot_be_built(tmp_path):
     res = CliRunner().invoke(main, ["optimize", "tiny", "--method", "fastv", "--batch", "0", "--out",
                                     str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "--batch" in res.output and not list(tmp_path.iterdir())
+
+
+def test_tensorrt_profiles_of_a_batch_engine_fix_its_batch(batch2, folder):
+    from vtrcompile.engine.runners import read_engine_metadata
+    from vtrcompile.lower.tensorrt import engine_profile
+
+    meta = batch2("fastv").metadata
+    shapes = engine_profile(meta, None, None).shapes
+    assert [s[0] for s in shapes["input_ids"]] == [2, 2, 2] and shapes["pixel_values"][0][0] == 2
+    decode = read_engine_metadata(folder / meta["decode"]["file"])
+    assert all(s[0] == 2 for lo_opt_hi in engine_profile(decode, None, None).shapes.values() for s in lo_opt_hi)
