@@ -15,7 +15,7 @@ from tests.conftest import REFERENCE_ATOL, prompts
 from vtrcompile import load_engine
 from vtrcompile.cli import main
 from vtrcompile.decode import decode_file_name
-from vtrcompile.errors import UnsupportedModelError, VtrError
+from vtrcompile.errors import VtrError
 from vtrcompile.models.loading import load_model
 from vtrcompile.optimize import optimize
 from vtrcompile.reference.generation import generate_reference
@@ -153,12 +153,33 @@ def test_the_cli_builds_generates_and_profiles_a_batch(tiny, batch2, folder, tmp
     assert res.exit_code == 2 and "without --batch" in res.output, res.output
 
 
-def test_batch_is_refused_where_it_cannot_be_built(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="--batch 2: the Qwen-VL families"):
-        load_model("qwen2vl-tiny", batch=2)
+def test_a_bad_batch_is_refused(tmp_path):
     res = CliRunner().invoke(main, ["optimize", "tiny", "--method", "fastv", "--batch", "0", "--out",
                                     str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "--batch" in res.output and not list(tmp_path.iterdir())
+    with pytest.raises(VtrError, match="--batch 0"):
+        load_model("tiny", batch=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["qwen3vl-tiny", "internvl-tiny", "onevision-tiny"])
+def test_other_families_generate_each_row_as_its_prompt_alone(model, tmp_path):
+    """Qwen-VL (mRoPE positions on the host, DeepStack additions, the tower's per-image split given as ints),
+    InternVL and OneVision: each row of a batch-2 FastV pair generates what a batch-1 pair gives its prompt."""
+    from vtrcompile.profile import profile_prompt
+
+    two = optimize(load_model(model, batch=2), "fastv", {"keep": 8}, tmp_path / "b2.onnx")
+    one = optimize(load_model(model), "fastv", {"keep": 8}, tmp_path / "b1.onnx")
+    e2, e1 = load_engine(two.files[-1], threads=1), load_engine(one.files[-1], threads=1)
+    ids, px = profile_prompt(e2.metadata, 6, 5)
+    ids[1, :6] = ids[0, :6][::-1].copy()  # two texts as well as two images
+    rows = px.shape[0] // 2
+    out = e2.generate(input_ids=ids, pixel_values=px, max_new_tokens=4, eos_token_id=[])
+    for r in range(2):
+        ref = e1.generate(input_ids=ids[r:r + 1], pixel_values=px[r * rows:(r + 1) * rows], max_new_tokens=4,
+                          eos_token_id=[])
+        assert out.tokens[r].tolist() == ref.tokens[0].tolist()
+        assert float(np.abs(out.logits[r] - ref.logits[0]).max()) <= REFERENCE_ATOL
 
 
 def test_tensorrt_profiles_of_a_batch_engine_fix_its_batch(batch2, folder):

@@ -42,8 +42,6 @@ class Family:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_tiles: int = 1  # images (tiles) per prompt an engine may be built for
-    # Why engines of this family cannot be built for several prompts per run (--batch above 1), or None.
-    batch_refusal: str | None = None
     # "1d": one position per token, 0..S-1 (the graph computes them); "mrope": three axes per token, computed on
     # the host and passed to the engine as `position_ids` (host_inputs).
     positions: str = "1d"
@@ -107,10 +105,6 @@ class Family:
                 "vocab": int(self.text_config(config).vocab_size), "pixel_shape": self.pixel_shape(config)[1:],
                 "pixel_rows": self.pixel_shape(config, tiles)[0], "tiles": tiles,
                 "processor": self.processor_facts(config), "host_inputs": self.host_inputs(config)}
-
-    def check_batch(self, batch: int) -> None:
-        if batch > 1 and self.batch_refusal:
-            raise UnsupportedModelError(f"--batch {batch}: {self.batch_refusal}; build with --batch 1")
 
     def check_tiles(self, tiles: int) -> None:
         if not 1 <= tiles <= self.max_tiles:

@@ -153,7 +153,6 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
 
     family, config = _read_config(path)
     family.check_tiles(tiles)
-    family.check_batch(batch)
     family.fix_geometry(config, image_size)
     dtype = dtype or config_dtype(config) or torch.float32
     if stream and any(path.glob("*.safetensors")):
@@ -211,7 +210,6 @@ def _load_pickle(path: Path, tiles: int = 1, image_size: tuple[int, int] | None 
             "needs it to build example inputs")
     family = family_for(cfg, str(path))
     family.check_tiles(tiles)
-    family.check_batch(batch)
     family.fix_geometry(cfg, image_size)
     obj.eval()
     return ModelSource(str(path), "pickle", family.capture_module(obj, batch), None,
@@ -268,7 +266,6 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
         model = build_preset(spec, device=device)
         family = family_for(model.config)
         family.check_tiles(tiles)
-        family.check_batch(batch or 1)
         family.fix_geometry(model.config, image_size)
         return ModelSource(f"preset:{spec}", "preset", family.capture_module(model, batch or 1), None,
                            example_prompt(model.config, tiles=tiles, batch=batch or 1), hf_model=model, tiles=tiles,

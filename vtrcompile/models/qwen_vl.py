@@ -48,23 +48,38 @@ class QwenNextTokenLogits(nn.Module):
         helpers: dict[str, Any] = {"grid_thw": self.grid}
         precompute_export_inputs(model.model.visual, helpers)
         self.helpers = {f"image_{k}": v for k, v in helpers.items() if k != "grid_thw" and v is not None}
+        # Each image's rows of the tower's output, as Python ints: transformers computes them from the grid
+        # tensor with .tolist(), which torch.export cannot fix once there are two images in a run.
+        t, h, w = grid_thw
+        merge = model.config.vision_config.spatial_merge_size
+        self.split = [t * h * w // merge ** 2] * batch
+
+    def image_features(self, pixel_values: torch.Tensor):
+        """The vision tower's output split per image, as the model's get_image_features returns it."""
+        out = self.model.model.visual(pixel_values, grid_thw=self.grid, return_dict=True,
+                                      **{k.removeprefix("image_"): v for k, v in self.helpers.items()})
+        out.pooler_output = torch.split(out.pooler_output, self.split)
+        if getattr(out, "deepstack_features", None) is not None:
+            out.deepstack_features = [torch.split(f, self.split) for f in out.deepstack_features]
+        return out
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, position_ids: torch.Tensor
                 ) -> torch.Tensor:
         dtype = self.model.dtype
         if pixel_values.dtype != dtype:
             pixel_values = pixel_values.to(dtype)
-        out = self.model(input_ids=input_ids, pixel_values=pixel_values, position_ids=position_ids,
-                         image_grid_thw=self.grid, use_cache=False, logits_to_keep=1, **self.helpers)
+        if len(self.split) == 1:
+            out = self.model(input_ids=input_ids, pixel_values=pixel_values, position_ids=position_ids,
+                             image_grid_thw=self.grid, use_cache=False, logits_to_keep=1, **self.helpers)
+        else:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, image_grid_thw=self.grid,
+                             mm_encoder_outputs={"image": self.image_features(pixel_values)}, use_cache=False,
+                             logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
 
 class QwenVLFamily(Family):
     name = "qwen2_vl"
-    # transformers splits the image features per image by sizes torch.export cannot fix (data-dependent) once
-    # there are two images in a run
-    batch_refusal = "the Qwen-VL families are captured one prompt per run (their per-image split is data-dependent " \
-                    "under torch.export)"
     model_types = ("qwen2_vl",)
     architecture = "Qwen2VLForConditionalGeneration"
     config_class_name = "Qwen2VLConfig"
