@@ -261,22 +261,23 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     per run the engines take (default 1; an exported program keeps the batch it was traced with)."""
     if batch is not None and batch < 1:
         raise VtrError(f"--batch {batch}: give at least 1")
+    rows = 1 if batch is None else batch  # an exported program's own batch is checked against `batch` as given
     if spec in PRESETS:
         device = "meta" if spec in META_PRESETS else "cpu"
         model = build_preset(spec, device=device)
         family = family_for(model.config)
         family.check_tiles(tiles)
         family.fix_geometry(model.config, image_size)
-        return ModelSource(f"preset:{spec}", "preset", family.capture_module(model, batch or 1), None,
-                           example_prompt(model.config, tiles=tiles, batch=batch or 1), hf_model=model, tiles=tiles,
-                           image_size=image_size, batch=batch or 1)
+        return ModelSource(f"preset:{spec}", "preset", family.capture_module(model, rows), None,
+                           example_prompt(model.config, tiles=tiles, batch=rows), hf_model=model, tiles=tiles,
+                           image_size=image_size, batch=rows)
     path = Path(spec)
     if not path.exists():
         raise VtrError(f"model not found: {spec} (give a Hugging Face model directory, a .pt2 file from "
                        f"torch.export.save, a pickled nn.Module with --allow-pickle, or a preset: "
                        f"{', '.join(PRESETS)})")
     if path.is_dir():
-        return _load_hf_dir(path, dtype, stream, tiles, image_size, batch or 1)
+        return _load_hf_dir(path, dtype, stream, tiles, image_size, rows)
     _refuse_engine(path)
     with path.open("rb") as f:
         head = f.read(4)
@@ -289,4 +290,4 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     if not allow_pickle:
         raise VtrError(f"{path}: looks like a pickled module; unpickling runs arbitrary code, so pass "
                        "--allow-pickle only if you trust this file")
-    return _load_pickle(path, tiles, image_size, batch or 1)
+    return _load_pickle(path, tiles, image_size, rows)

@@ -48,8 +48,8 @@ class QwenNextTokenLogits(nn.Module):
         helpers: dict[str, Any] = {"grid_thw": self.grid}
         precompute_export_inputs(model.model.visual, helpers)
         self.helpers = {f"image_{k}": v for k, v in helpers.items() if k != "grid_thw" and v is not None}
-        # Each image's rows of the tower's output, as Python ints: transformers computes them from the grid
-        # tensor with .tolist(), which torch.export cannot fix once there are two images in a run.
+        # Each image's rows of the tower's output, as Python ints: the model's get_image_features computes them
+        # from the grid tensor with .tolist(), which torch.export cannot fix once there are two images in a run.
         t, h, w = grid_thw
         merge = model.config.vision_config.spatial_merge_size
         self.split = [t * h * w // merge ** 2] * batch
@@ -68,13 +68,9 @@ class QwenNextTokenLogits(nn.Module):
         dtype = self.model.dtype
         if pixel_values.dtype != dtype:
             pixel_values = pixel_values.to(dtype)
-        if len(self.split) == 1:
-            out = self.model(input_ids=input_ids, pixel_values=pixel_values, position_ids=position_ids,
-                             image_grid_thw=self.grid, use_cache=False, logits_to_keep=1, **self.helpers)
-        else:
-            out = self.model(input_ids=input_ids, position_ids=position_ids, image_grid_thw=self.grid,
-                             mm_encoder_outputs={"image": self.image_features(pixel_values)}, use_cache=False,
-                             logits_to_keep=1)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, image_grid_thw=self.grid,
+                         mm_encoder_outputs={"image": self.image_features(pixel_values)}, use_cache=False,
+                         logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
 
