@@ -39,7 +39,8 @@ class QwenNextTokenLogits(nn.Module):
     The image grid is fixed: image_grid_thw and the vision helpers are constants of this module, so no
     data-dependent size (the encoder's per-image split) reaches the trace."""
 
-    def __init__(self, model: nn.Module, grid_thw: tuple[int, int, int], batch: int = 1) -> None:
+    def __init__(self, model: nn.Module, grid_thw: tuple[int, int, int], rows_per_image: int, batch: int = 1
+                 ) -> None:
         super().__init__()
         from transformers.exporters.utils import precompute_export_inputs
 
@@ -47,17 +48,14 @@ class QwenNextTokenLogits(nn.Module):
         self.grid = torch.tensor([list(grid_thw)] * batch, dtype=torch.int64)
         helpers: dict[str, Any] = {"grid_thw": self.grid}
         precompute_export_inputs(model.model.visual, helpers)
-        self.helpers = {f"image_{k}": v for k, v in helpers.items() if k != "grid_thw" and v is not None}
+        self.helpers = {k: v for k, v in helpers.items() if k != "grid_thw" and v is not None}
         # Each image's rows of the tower's output, as Python ints: the model's get_image_features computes them
         # from the grid tensor with .tolist(), which torch.export cannot fix once there are two images in a run.
-        t, h, w = grid_thw
-        merge = model.config.vision_config.spatial_merge_size
-        self.split = [t * h * w // merge ** 2] * batch
+        self.split = [rows_per_image] * batch
 
     def image_features(self, pixel_values: torch.Tensor):
         """The vision tower's output split per image, as the model's get_image_features returns it."""
-        out = self.model.model.visual(pixel_values, grid_thw=self.grid, return_dict=True,
-                                      **{k.removeprefix("image_"): v for k, v in self.helpers.items()})
+        out = self.model.model.visual(pixel_values, grid_thw=self.grid, return_dict=True, **self.helpers)
         out.pooler_output = torch.split(out.pooler_output, self.split)
         if getattr(out, "deepstack_features", None) is not None:
             out.deepstack_features = [torch.split(f, self.split) for f in out.deepstack_features]
@@ -148,7 +146,7 @@ class QwenVLFamily(Family):
 
     # --- capture -------------------------------------------------------------------------------------
     def capture_module(self, model: nn.Module, batch: int = 1) -> nn.Module:
-        return QwenNextTokenLogits(model, self.patch_grid(model.config), batch)
+        return QwenNextTokenLogits(model, self.patch_grid(model.config), self.tokens_per_tile(model.config), batch)
 
     def export_context(self):
         """transformers' export patches: the vision attention over uniform segments as one batched SDPA
