@@ -87,12 +87,14 @@ def test_a_row_that_ends_early_is_cut_at_its_eos(tiny, batch2):
     ids, px, _ = two_prompts(tiny.hf_model.config)
     free = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
     first = free.tokens[:, 0].tolist()
-    if first[0] == first[1]:
-        pytest.skip("both rows start with the same token; no row can end alone")  # not the case for these seeds
-    out = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=first[0])
+    assert first[0] != first[1], "the two prompts must start their answers differently for row 0 to end alone"
+    eos = first[0]
+    out = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=eos)
     assert out.lengths[0] == 1 and out.ended[0]
-    assert out.tokens[1].tolist() == free.tokens[1].tolist()  # row 1 runs on, unaffected
-    assert not out.ended[1] or out.lengths[1] < STEPS
+    row1 = free.tokens[1].tolist()
+    n1 = row1.index(eos) + 1 if eos in row1 else STEPS  # row 1 runs on, unaffected, to its own EOS
+    assert out.lengths[1] == n1 and out.ended[1] == (eos in row1)
+    assert out.tokens[1, :n1].tolist() == row1[:n1] and out.tokens.shape[1] == n1
 
 
 def test_batch_engines_keep_their_own_decode_engine_beside_batch_1_ones(tiny, batch2, folder):
