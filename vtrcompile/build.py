@@ -44,9 +44,10 @@ class Build:
     def input_names(self) -> list[str]:
         return ["input_ids", "pixel_values", *self.host_inputs]
 
-    def inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every graph input for a prompt and its pixels (host inputs derived as a runner derives them)."""
-        return graph_inputs(self.host_inputs, input_ids, pixel_values)
+    def inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Every graph input for a prompt, its pixels and its padding (host inputs derived as a runner does)."""
+        return graph_inputs(self.host_inputs, input_ids, pixel_values, attention_mask)
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, vocab] of the rewritten graph (its first output; the rest is the KV cache)."""
@@ -142,7 +143,9 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
                 r.positions = "keep"
                 r.recorded["positions_asked"] = "renumber"
     position_input = 2 + mrope[0] if mrope else None
-    run_pipeline(gm, build_pipeline(reductions, [lay.attention_module for lay in facts.layers], position_input))
+    padding = [i for i, h in enumerate(host.values()) if h["kind"] == "padding"]
+    run_pipeline(gm, build_pipeline(reductions, [lay.attention_module for lay in facts.layers], position_input,
+                                    2 + padding[0] if padding else None))
     t2 = time.perf_counter()
     lo, hi = prompt_range(ep)
     device = next((t.device for t in ep.state_dict.values()), torch.device("cpu"))

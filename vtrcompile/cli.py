@@ -343,7 +343,7 @@ def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, ne
               help="Image file (PNG, JPEG, ...); an engine built with --batch B takes B of them, one per prompt.")
 @click.option("--prompt", default=None, multiple=True,
               help="Text prompt; tokenized with the tokenizer the engine carries. With --batch B: one prompt for "
-                   "every image, or B prompts of one token length.")
+                   "every image, or B prompts (left-padded to the longest).")
 @click.option("--ids", default=None, multiple=True,
               help="Token ids instead of --prompt, e.g. '2,3,image,7' ('image' = the N image tokens).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many tokens.")
@@ -360,14 +360,17 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
         raise VtrError("give the question as --prompt TEXT or as --ids '2,3,image,7', one of the two")
     eng = load_engine(engine, threads)
     tok = load_tokenizer(eng.path, eng.metadata) if prompt else None
-    input_ids = batch_prompt(eng.metadata, len(image), list(prompt or ids), tok)
+    input_ids, mask = batch_prompt(eng.metadata, len(image), list(prompt or ids), tok)
     pixels = np.concatenate([image_pixels(p, eng.metadata) for p in image])
-    out = eng.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens)
+    padding = {} if mask is None else {"attention_mask": mask}
+    out = eng.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens, **padding)
     rows = []
     for i, n in enumerate(out.lengths):
         tokens = out.tokens[i, :n].tolist()
         rows.append({"tokens": tokens, "text": tok.decode(tokens, skip_special_tokens=True) if tok else None,
                      "eos": out.ended[i]})
+        if mask is not None:
+            rows[-1]["prompt_tokens"] = int(mask[i].sum())
     timing = {"prompt_tokens": int(input_ids.shape[1]), "time_to_first_token_ms": out.prefill_ms,
               "time_per_output_token_ms": (sum(out.decode_ms) / len(out.decode_ms)) if out.decode_ms else None,
               "cached_tokens_per_layer": out.cache_lengths}

@@ -37,7 +37,8 @@ def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu", w
 
 
 def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """torch.export of DecodeStep with every layer's past length its own dynamic dim."""
+    """torch.export of DecodeStep with every layer's past length its own dynamic dim; batch > 1 also takes the
+    left-padding attention_mask [B, context]."""
     geo = cache_geometry(model)
     n, kv, d = geo["llm_layers"], geo["kv_heads"], geo["head_dim"]
     p = next(iter(model.parameters()))
@@ -47,20 +48,24 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
         past += [t, t.clone()]
     ids = torch.zeros(batch, 1, dtype=torch.int64, device=p.device)
     pos = torch.full((batch, n), MIN_PAST + 3, dtype=torch.int64, device=p.device)
-    dims = {"input_ids": None, "layer_position_ids": None,
-            "past": tuple({2: torch.export.Dim.DYNAMIC(min=MIN_PAST, max=geo["max_context"] - 1)}
-                          for _ in range(2 * n))}
+    padded = batch > 1
+    mask = [torch.ones(batch, MIN_PAST + 4 + n, dtype=torch.int64, device=p.device)] if padded else []
+    past_dims = tuple({2: torch.export.Dim.DYNAMIC(min=MIN_PAST, max=geo["max_context"] - 1)} for _ in range(2 * n))
+    mask_dims = ({1: torch.export.Dim.DYNAMIC(min=MIN_PAST + 1, max=geo["max_context"])},) if padded else ()
+    dims = {"input_ids": None, "layer_position_ids": None, "rest": (*past_dims, *mask_dims)}
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            ep = torch.export.export(DecodeStep(model).eval(), (ids, pos, *past), dynamic_shapes=dims, strict=False)
+            ep = torch.export.export(DecodeStep(model, padded).eval(), (ids, pos, *past, *mask), dynamic_shapes=dims,
+                                     strict=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"torch.export of the decode step failed: {first}") from e
     gm = ep.module()
     if replace_rsqrt_scaling(gm).modified:  # the RMSNorms in the form ONNX Runtime fuses, as in the prefill
         with torch.no_grad():
-            ep = torch.export.export(gm, (ids, pos, *past), dynamic_shapes=(None, None, *dims["past"]), strict=False)
+            ep = torch.export.export(gm, (ids, pos, *past, *mask), dynamic_shapes=(None, None, *dims["rest"]),
+                                     strict=False)
         strip_runtime_asserts(ep.graph_module)
     log.info("decode step exported in %.1fs (%d nodes)", time.perf_counter() - t0, len(ep.graph.nodes))
     sig = ep.graph_signature
@@ -69,6 +74,8 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
     for i in range(n):
         s = nodes[sig.user_inputs[2 + 2 * i]].meta["val"].shape[2]
         dim_names[s.node.expr] = f"past.{i}"
+    if padded:
+        dim_names[nodes[sig.user_inputs[-1]].meta["val"].shape[1].node.expr] = "context"
     return ep, dim_names
 
 
@@ -88,12 +95,14 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     path = folder / decode_file_name(model_id, target.dtype, ext, target.device, target.weights, batch)
     meta = read_engine_metadata(path) if path.is_file() else None
     if meta and meta.get("role") == "decode" and meta.get("model_id") == model_id and \
-            meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype and meta.get("batch") == batch:
+            meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype and meta.get("batch") == batch \
+            and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(cache_geometry(model)["llm_layers"],
+                                                                           batch > 1):
         log.info("decode engine %s already built for this model; reused", path)
         return path
     ep, dim_names = capture_decode(model, batch)
     n = cache_geometry(model)["llm_layers"]
-    io = describe(ep, decode_inputs(n), decode_outputs(n), dim_names)
+    io = describe(ep, decode_inputs(n, batch > 1), decode_outputs(n), dim_names)
     meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io, batch)
     from .optimize import lower_program
 

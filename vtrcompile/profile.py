@@ -139,7 +139,7 @@ def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray
     steps = []
     for e in engines:  # one decode step fed with this engine's own prefill cache, re-run as is
         out = e.prefill.run(feeds)
-        e.decode.bind(decode_feeds(out, out["logits"].argmax(-1), n))
+        e.decode.bind(decode_feeds(out, out["logits"].argmax(-1), n, feeds.get("attention_mask")))
         steps.append([cache_length(out[f"present.{i}.key"]) for i in range(n)])
     t_dec = time_interleaved([e.decode.time_ms for e in engines], warmup, reps)
 

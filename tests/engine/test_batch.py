@@ -1,5 +1,6 @@
 """Engines built for several prompts per run (`optimize --batch 2`): each row is its own prompt, with its own
-image and its own selection, and generates what the spec's generation reference gives that prompt alone."""
+image and its own selection, left-padded to the longest row, and generates what the spec's generation reference
+gives that prompt alone."""
 
 from __future__ import annotations
 
@@ -56,30 +57,60 @@ def batch2(folder):
     return get
 
 
-def two_prompts(config):
-    """Two prompts of one length, each its own text and image -> ids [2, S], pixels [2, 3, H, W], and the rows."""
-    rows = prompts(config, cases=((5, 8), (5, 8)))
-    assert not torch.equal(rows[0][0], rows[1][0]) and not torch.equal(rows[0][1], rows[1][1])
-    return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), rows
+def two_prompts(config, cases=((5, 8), (5, 8))):
+    """Two prompts, each its own text and image -> ids [2, S], pixels [2, 3, H, W], and the rows; of one length
+    by default, else left-padded to the longer -> also the attention_mask [2, S]."""
+    rows = prompts(config, cases=cases)
+    assert not torch.equal(rows[0][1], rows[1][1])
+    s = max(r[0].shape[1] for r in rows)
+    ids = torch.zeros(2, s, dtype=torch.int64)
+    mask = torch.zeros(2, s, dtype=torch.int64)
+    for i, (r, _) in enumerate(rows):
+        ids[i, s - r.shape[1]:], mask[i, s - r.shape[1]:] = r[0], 1
+    if len({r[0].shape[1] for r in rows}) == 1:
+        assert not torch.equal(rows[0][0], rows[1][0])
+        return ids, torch.cat([r[1] for r in rows]), rows
+    return ids, torch.cat([r[1] for r in rows]), rows, mask
 
 
 @pytest.mark.parametrize("name", [n if n in ("fastv", "prumerge") else pytest.param(n, marks=pytest.mark.slow)
                                   for n in BATCH_ENGINES])
 def test_each_row_generates_what_its_prompt_alone_does(tiny, batch2, name):
+    """Row 1 is 9 tokens shorter than row 0 and left-padded: each generates what its prompt alone gives."""
     _, _, positions, prefill = BATCH_ENGINES[name]
     opt = batch2(name)
     assert opt.metadata["batch"] == 2 and opt.build.example_inputs[0].shape[0] == 2
+    assert [t["name"] for t in opt.metadata["io"]["inputs"]] == ["input_ids", "pixel_values", "attention_mask"]
     engine = load_engine(opt.files[-1], threads=1)
-    ids, px, rows = two_prompts(tiny.hf_model.config)
-    assert engine(input_ids=ids, pixel_values=px).shape == (2, tiny.hf_model.config.text_config.vocab_size)
-    out = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=STEPS, eos_token_id=[])
+    ids, px, rows, mask = two_prompts(tiny.hf_model.config, ((5, 8), (1, 3)))
+    assert mask[1].tolist() == [0] * 9 + [1] * (ids.shape[1] - 9) and mask[0].all()
+    assert engine(input_ids=ids, pixel_values=px, attention_mask=mask).shape == \
+        (2, tiny.hf_model.config.text_config.vocab_size)
+    out = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), attention_mask=mask.numpy(),
+                          max_new_tokens=STEPS, eos_token_id=[])
     assert out.tokens.shape == (2, STEPS) and out.lengths == [STEPS, STEPS] and out.ended == [False, False]
     for r, (ids_r, px_r) in enumerate(rows):
         tokens, logits, lengths = generate_reference(tiny.hf_model, ids_r, px_r, prefill, positions, STEPS)
         assert out.tokens[r].tolist() == tokens.tolist()
         assert float(np.abs(out.logits[r] - logits.numpy()).max()) <= REFERENCE_ATOL
-        assert out.cache_lengths == lengths
+        assert [c - 9 * r for c in out.cache_lengths] == lengths  # the padding sits in every layer's cache
     assert out.cache_lengths == opt.build.llm_tokens(ids.shape[1])
+    # without a mask the rows are taken whole: row 1's padding is read as its text
+    whole = engine.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=2, eos_token_id=[])
+    assert float(np.abs(whole.logits[1] - out.logits[1, :2]).max()) > 1e-3
+
+
+def test_padding_must_be_on_the_left(tiny, batch2):
+    engine = load_engine(batch2("fastv").files[-1], threads=1)
+    ids, px, _, mask = two_prompts(tiny.hf_model.config, ((5, 8), (1, 3)))
+    for bad, words in [(mask.flip(1), "left padding"), (mask * 2, "other than 0 and 1"), (mask[:, 1:], "one mask value"),
+                       (torch.cat([mask[:, :-1], torch.zeros(2, 1, dtype=torch.int64)], 1), "left padding")]:
+        with pytest.raises(VtrError, match=words):
+            engine.generate(input_ids=ids, pixel_values=px, attention_mask=bad, max_new_tokens=2)
+    one = load_engine(optimize(load_model("tiny"), "none", {}, batch2("fastv").files[-1].parent / "pad-b1.onnx")
+                      .files[-1], threads=1)
+    with pytest.raises(VtrError, match="batch-1 engine takes one prompt without padding"):
+        one.generate(input_ids=ids[1:], pixel_values=px[1:], attention_mask=mask[1:], max_new_tokens=2)
 
 
 def test_a_row_that_ends_early_is_cut_at_its_eos(tiny, batch2):
@@ -139,10 +170,18 @@ def test_the_cli_builds_generates_and_profiles_a_batch(tiny, batch2, folder, tmp
                          "--json"])
         assert res.exit_code == 0, res.output
         assert json.loads(res.output[res.output.index("{\n"):])["tokens"] == seq["tokens"]
-    # two prompts of two lengths, or an image count that is not the batch: one line, exit 2
+    # two prompts of two lengths: left-padded, each row its prompt's answer from the batch-1 engine
+    res = run(main, ["generate", str(engine), "--image", str(imgs[0]), "--image", str(imgs[1]), "--ids", "5,image,7",
+                     "--ids", "5,6,8,image,7", "--max-new-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output[res.output.index("{\n"):])
+    assert rec["prompt_tokens"] == 4 + 36 and [s["prompt_tokens"] for s in rec["sequences"]] == [2 + 36, 4 + 36]
+    for img, text, seq in zip(imgs, ["5,image,7", "5,6,8,image,7"], rec["sequences"], strict=True):
+        res = run(main, ["generate", str(single), "--image", str(img), "--ids", text, "--max-new-tokens", "3", "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output[res.output.index("{\n"):])["tokens"] == seq["tokens"]
+    # an image count that is not the batch, or a prompt count that is neither 1 nor B: one line, exit 2
     for args, words in [(["--image", str(imgs[0]), "--ids", "5,image,7"], "takes 2 images per run"),
-                        (["--image", str(imgs[0]), "--image", str(imgs[1]), "--ids", "5,image,7", "--ids",
-                          "5,6,image,7"], "one length"),
                         (["--image", str(imgs[0]), "--image", str(imgs[1]), "--ids", "5,image", "--ids", "5,image,7",
                           "--ids", "6,image,7"], "one per image")]:
         res = run(main, ["generate", str(engine), *args])
@@ -167,7 +206,8 @@ def test_a_bad_batch_is_refused(tmp_path):
 @pytest.mark.parametrize("model", ["qwen3vl-tiny", "internvl-tiny", "onevision-tiny"])
 def test_other_families_generate_each_row_as_its_prompt_alone(model, tmp_path):
     """Qwen-VL (mRoPE positions on the host, DeepStack additions, the tower's per-image split given as ints),
-    InternVL and OneVision: each row of a batch-2 FastV pair generates what a batch-1 pair gives its prompt."""
+    InternVL and OneVision: each row of a batch-2 FastV pair, one of them left-padded, generates what a batch-1
+    pair gives its prompt."""
     from vtrcompile.profile import profile_prompt
 
     two = optimize(load_model(model, batch=2), "fastv", {"keep": 8}, tmp_path / "b2.onnx")
@@ -175,10 +215,12 @@ def test_other_families_generate_each_row_as_its_prompt_alone(model, tmp_path):
     e2, e1 = load_engine(two.files[-1], threads=1), load_engine(one.files[-1], threads=1)
     ids, px = profile_prompt(e2.metadata, 6, 5)
     ids[1, :6] = ids[0, :6][::-1].copy()  # two texts as well as two images
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # row 1 three tokens shorter, left-padded
     rows = px.shape[0] // 2
-    out = e2.generate(input_ids=ids, pixel_values=px, max_new_tokens=4, eos_token_id=[])
+    out = e2.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
     for r in range(2):
-        ref = e1.generate(input_ids=ids[r:r + 1], pixel_values=px[r * rows:(r + 1) * rows], max_new_tokens=4,
+        ref = e1.generate(input_ids=ids[r:r + 1, 3 * r:], pixel_values=px[r * rows:(r + 1) * rows], max_new_tokens=4,
                           eos_token_id=[])
         assert out.tokens[r].tolist() == ref.tokens[0].tolist()
         assert float(np.abs(out.logits[r] - ref.logits[0]).max()) <= REFERENCE_ATOL
@@ -191,5 +233,20 @@ def test_tensorrt_profiles_of_a_batch_engine_fix_its_batch(batch2, folder):
     meta = batch2("fastv").metadata
     shapes = engine_profile(meta, None, None).shapes
     assert [s[0] for s in shapes["input_ids"]] == [2, 2, 2] and shapes["pixel_values"][0][0] == 2
+    assert shapes["attention_mask"] == shapes["input_ids"]
     decode = read_engine_metadata(folder / meta["decode"]["file"])
-    assert all(s[0] == 2 for lo_opt_hi in engine_profile(decode, None, None).shapes.values() for s in lo_opt_hi)
+    dshapes = engine_profile(decode, None, None).shapes
+    assert all(s[0] == 2 for lo_opt_hi in dshapes.values() for s in lo_opt_hi)
+    # the decode engine's mask covers the longest cache and the new token
+    assert [m[1] for m in dshapes["attention_mask"]] == [p[2] + 1 for p in dshapes["past_key_values.0.key"]]
+
+
+def test_decode_padding_mask_blocks_each_rows_padding():
+    from vtrcompile.models.decoder import padding_mask
+
+    like = torch.zeros(2, 1, 8)
+    m = padding_mask(torch.tensor([0, 2]), 4, like)
+    low = torch.finfo(torch.float32).min
+    assert m.shape == (2, 1, 1, 4) and m.dtype == torch.float32
+    assert m[0].eq(0).all() and m[1, 0, 0].tolist() == [low, low, 0.0, 0.0]
+    assert padding_mask(None, 4, like).eq(0).all() and padding_mask(None, 4, like).shape == (2, 1, 1, 4)

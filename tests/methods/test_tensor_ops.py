@@ -73,6 +73,17 @@ def test_head_mean_attention_rows_uniform_keys():
     assert torch.allclose(masked, torch.tensor([[[0.5, 0.5, 0.0, 0.0, 0.0]]]))
 
 
+def test_head_mean_attention_rows_row_with_no_allowed_key_stays_finite():
+    """A left-padding query row (batch engines) is masked everywhere: it comes out uniform, not NaN, and the other
+    rows are what a -inf mask gives."""
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    allowed = torch.tensor([[False, False, False], [False, True, False], [False, True, True]])[None, None]
+    out = head_mean_attention_rows(q, k, 0.5, allowed)
+    assert torch.isfinite(out).all() and torch.allclose(out[0, 0], torch.full((3,), 1 / 3))
+    logits = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~allowed, float("-inf"))
+    assert torch.allclose(out[0, 1:], torch.softmax(logits, -1).mean(1)[0, 1:])
+
+
 def test_top_members_takes_tied_scores_lowest_index_first():
     # m = 3 over [5, 1, 4, 4, 7, 4]: 7 and 5 are above the 3rd value (4), then one of the three tied 4s: index 2.
     s = torch.tensor([[5.0, 1.0, 4.0, 4.0, 7.0, 4.0]])

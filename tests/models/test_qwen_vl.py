@@ -65,6 +65,22 @@ def test_host_positions_equal_hf_get_rope_index(qwen_both):
         fam = family_of(m)
         got = mrope_positions(ids.numpy(), m.config.image_token_id, fam.merged_grid(m.config))
         assert np.array_equal(got, want.numpy())
+    # a left-padded pair (batch engines): each row's prompt numbered from its first token, as HF numbers it
+    (a, _), (b, _) = _prompts(qwen)[:2]
+    s = max(a.shape[1], b.shape[1])
+    ids = torch.zeros(2, s, dtype=torch.int64)
+    mask = torch.zeros(2, s, dtype=torch.int64)
+    for i, row in enumerate((a, b)):
+        ids[i, s - row.shape[1]:], mask[i, s - row.shape[1]:] = row[0], 1
+    assert not mask.all()
+    grid = torch.tensor([list(family_of(m).patch_grid(m.config))] * 2)
+    want, _ = m.model.get_rope_index(ids, (ids == m.config.image_token_id).int(), image_grid_thw=grid,
+                                     attention_mask=mask)
+    got = mrope_positions(ids.numpy(), m.config.image_token_id, family_of(m).merged_grid(m.config), mask.numpy())
+    assert np.array_equal(got[:, mask.bool()], want.numpy()[:, mask.bool()])
+    for i, row in enumerate((a, b)):  # and equal to the row's own positions unpadded
+        alone = mrope_positions(row.numpy(), m.config.image_token_id, family_of(m).merged_grid(m.config))
+        assert np.array_equal(got[:, i, s - row.shape[1]:], alone[:, 0])
 
 
 def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(qwen_both):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VtrError
-from .host_inputs import check_processor_extras, derive
+from .host_inputs import check_left_padding, check_processor_extras, derive, padded
 from .io import past_names, present_names
 from .protocol import as_numeric_array, check_prompt, check_prompt_range
 from .runners import open_engine
@@ -46,11 +46,16 @@ def cache_length(kv: Any) -> int:
     return int(shape[2])
 
 
-def decode_feeds(out: dict[str, Any], token: np.ndarray, n_layers: int) -> dict[str, Any]:
+def decode_feeds(out: dict[str, Any], token: np.ndarray, n_layers: int, attention_mask: np.ndarray | None = None
+                 ) -> dict[str, Any]:
     """The decode engine's inputs for `token` [B] after a prefill or decode step's outputs `out`: its caches
-    (present.* -> past_key_values.*) and next positions, passed through as they are."""
-    return {"input_ids": token[:, None].astype(np.int64), "layer_position_ids": out["next_layer_position_ids"],
-            **{p: out[q] for p, q in zip(past_names(n_layers), present_names(n_layers), strict=True)}}
+    (present.* -> past_key_values.*) and next positions, passed through as they are; for a padded (batch)
+    engine also `attention_mask`, the mask of everything before `token` with a 1 appended for it."""
+    feeds = {"input_ids": token[:, None].astype(np.int64), "layer_position_ids": out["next_layer_position_ids"],
+             **{p: out[q] for p, q in zip(past_names(n_layers), present_names(n_layers), strict=True)}}
+    if attention_mask is not None:
+        feeds["attention_mask"] = np.concatenate([attention_mask, np.ones((len(token), 1), np.int64)], axis=1)
+    return feeds
 
 
 class Engine:
@@ -97,9 +102,9 @@ class Engine:
     def _inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         feeds = {k: as_numeric_array(k, v) for k, v in inputs.items()}
         mask = feeds.pop("attention_mask", None)
-        if mask is not None and not np.all(mask == 1):
-            raise VtrError("attention_mask has zeros: the engines take unpadded prompts (batch "
-                           f"{self.metadata['batch']}); pass each prompt without padding")
+        if mask is not None and not padded(self.metadata.get("host_inputs")) and not np.all(mask == 1):
+            raise VtrError("attention_mask has zeros: a batch-1 engine takes one prompt without padding; pass it "
+                           "unpadded (engines built with --batch B > 1 take left-padded prompts)")
         ids = feeds.get("input_ids")
         if ids is None:
             raise VtrError("input_ids is required")
@@ -108,9 +113,13 @@ class Engine:
         if ids.ndim != 2 or ids.dtype.kind == "f":
             raise VtrError(f"input_ids: integer token ids [batch, length] expected, got {ids.dtype} {list(ids.shape)}")
         feeds["input_ids"] = ids.astype(np.int64)
+        if mask is not None and padded(self.metadata.get("host_inputs")):
+            mask = check_left_padding(mask.reshape(ids.shape) if mask.size == ids.size else mask, feeds["input_ids"])
+        else:
+            mask = None
         check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
         check_processor_extras(self.metadata, feeds)
-        for name, value in derive(self.metadata.get("host_inputs", {}), feeds["input_ids"]).items():
+        for name, value in derive(self.metadata.get("host_inputs", {}), feeds["input_ids"], mask).items():
             feeds.setdefault(name, value)
         return feeds
 
@@ -133,6 +142,7 @@ class Engine:
                   ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
         decode = self.decode if max_new_tokens > 1 else None
         n = self.metadata["llm_layers"]
+        mask = feeds.get("attention_mask") if padded(self.metadata.get("host_inputs")) else None
         t0 = time.perf_counter()
         out = self.prefill.run(feeds)
         prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -150,8 +160,10 @@ class Engine:
             done |= np.isin(tok, list(eos))
             if done.all() or len(tokens) == max_new_tokens:
                 break
+            step = decode_feeds(out, tok, n, mask)
+            mask = step.get("attention_mask")
             t1 = time.perf_counter()
-            out = decode.run(decode_feeds(out, tok, n))
+            out = decode.run(step)
             steps.append((time.perf_counter() - t1) * 1e3)
         return GenerateOutput(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_ms, steps, cache,
                               bool(done.all()), lengths.tolist(), done.tolist())

@@ -4,6 +4,10 @@ An engine takes `input_ids`, `pixel_values` and then, for some families, inputs 
 prompt and the engine's fixed image geometry: Qwen-VL's mRoPE `position_ids` [3, B, S]. The engine records how
 to derive each one (`{"position_ids": {"kind": "mrope", "image_token_id": ..., "grid": [t, h, w], "seq_dim": 2}}`),
 so every runner, the Python API and the eager builds compute them the same way, without the model directory.
+
+Engines for several prompts per run (batch > 1) also take `attention_mask` [B, S] (kind `padding`): rows of
+different lengths are left-padded to one length, 0 over the padding and 1 over the prompt, as a Hugging Face
+tokenizer with `padding_side="left"` returns it. Without one, every row is taken whole (all ones).
 """
 
 from __future__ import annotations
@@ -15,31 +19,69 @@ import torch
 
 from ..errors import VtrError
 
+PADDING = {"attention_mask": {"kind": "padding", "seq_dim": 1}}
 
-def derive(spec: dict[str, Any], input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The host inputs of `spec` (an engine's `host_inputs`) for a prompt batch input_ids [B, S]."""
+
+def with_padding(spec: dict[str, Any], batch: int) -> dict[str, Any]:
+    """A family's host inputs for an engine of `batch` prompts per run: batch > 1 adds `attention_mask` (last)."""
+    return {**spec, **PADDING} if batch > 1 else dict(spec)
+
+
+def padded(spec: dict[str, Any] | None) -> bool:
+    """Whether an engine with these host inputs takes left-padded prompts (an `attention_mask` input)."""
+    return any(how["kind"] == "padding" for how in (spec or {}).values())
+
+
+def check_left_padding(mask: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+    """attention_mask [B, S] of 0/1 with zeros only before each row's prompt (left padding) -> int64 [B, S],
+    or a one-line error that says what is wrong with it."""
+    m = np.asarray(mask)
+    if m.shape != input_ids.shape:
+        raise VtrError(f"attention_mask is {list(m.shape)}, input_ids {list(input_ids.shape)}; give one mask "
+                       "value per token")
+    if m.dtype.kind == "f" or not np.isin(m, (0, 1)).all():
+        raise VtrError("attention_mask holds values other than 0 and 1; pass the tokenizer's mask (1 = token, "
+                       "0 = padding)")
+    m = m.astype(np.int64)
+    if (np.diff(m, axis=1) < 0).any() or (m[:, -1] == 0).any():
+        raise VtrError("attention_mask has padding after a prompt's first token: the engines take left padding "
+                       "(tokenizer padding_side=\"left\"), zeros before each prompt and none inside or after it")
+    return m
+
+
+def derive(spec: dict[str, Any], input_ids: np.ndarray, attention_mask: np.ndarray | None = None
+           ) -> dict[str, np.ndarray]:
+    """The host inputs of `spec` (an engine's `host_inputs`) for a prompt batch input_ids [B, S] and its
+    attention_mask (None: no padding)."""
+    mask = None if attention_mask is None else check_left_padding(attention_mask, np.asarray(input_ids))
     out = {}
     for name, how in (spec or {}).items():
+        if how["kind"] == "padding":
+            out[name] = np.ones(np.shape(input_ids), dtype=np.int64) if mask is None else mask
+            continue
         if how["kind"] != "mrope":
             raise VtrError(f"this engine derives {name} by '{how['kind']}', which this vtrcompile does not know; "
                            "upgrade vtrcompile or rebuild the engine")
         from ..models.mrope import mrope_positions
 
         try:
-            out[name] = mrope_positions(input_ids, how["image_token_id"], tuple(how["grid"]))
+            out[name] = mrope_positions(input_ids, how["image_token_id"], tuple(how["grid"]), mask)
         except ValueError as e:
             raise VtrError(str(e)) from None
     return out
 
 
-def prefill_feeds(meta: dict[str, Any], input_ids: np.ndarray, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-    """Every input of a prefill engine, by name, from the prompt and its pixels."""
-    return {"input_ids": input_ids, "pixel_values": pixel_values, **derive(meta.get("host_inputs", {}), input_ids)}
+def prefill_feeds(meta: dict[str, Any], input_ids: np.ndarray, pixel_values: np.ndarray,
+                  attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every input of a prefill engine, by name, from the prompt, its pixels and its padding mask (if any)."""
+    return {"input_ids": input_ids, "pixel_values": pixel_values,
+            **derive(meta.get("host_inputs", {}), input_ids, attention_mask)}
 
 
-def graph_inputs(spec: dict[str, Any], input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def graph_inputs(spec: dict[str, Any], input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The same, as positional tensors for a captured graph (input_ids' device)."""
-    extra = derive(spec, input_ids.cpu().numpy())
+    extra = derive(spec, input_ids.cpu().numpy(), None if attention_mask is None else attention_mask.cpu().numpy())
     return (input_ids, pixel_values, *(torch.from_numpy(v).to(input_ids.device) for v in extra.values()))
 
 

@@ -1,7 +1,8 @@
 """One description of an engine's inputs and outputs (names, dtypes, shapes), stored in its metadata.
 
 Runners, profile, eval and generation read names and shapes from here instead of assuming them. Dynamic
-dims are strings: `prompt` (the prompt length), `past.{l}` (layer l's cache length before a decode step).
+dims are strings: `prompt` (the prompt length), `past.{l}` (layer l's cache length before a decode step),
+`context` (a padded decode engine's attention_mask length: the prompt plus the tokens generated, this one included).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def past_names(n_layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
 
 
-def decode_inputs(n_layers: int) -> list[str]:
-    return ["input_ids", "layer_position_ids", *past_names(n_layers)]
+def decode_inputs(n_layers: int, padded: bool = False) -> list[str]:
+    """padded (engines of batch > 1): the batch's attention_mask comes last."""
+    return ["input_ids", "layer_position_ids", *past_names(n_layers), *(["attention_mask"] if padded else [])]
 
 
 def decode_outputs(n_layers: int) -> list[str]:

@@ -94,9 +94,12 @@ def parse_ids(text: str, meta: dict[str, Any]) -> np.ndarray:
                          meta["image_token_id"])
 
 
-def batch_prompt(meta: dict[str, Any], images: int, prompts: list[str], tokenizer=None) -> np.ndarray:
+def batch_prompt(meta: dict[str, Any], images: int, prompts: list[str], tokenizer=None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The CLI's prompts (texts through `tokenizer`, else --ids strings) for an engine's fixed batch: one per
-    image, or one for all of them -> int64 [batch, S]. The rows of one run have one length (no padding)."""
+    image, or one for all of them -> (input_ids int64 [batch, S], attention_mask int64 [batch, S] or None).
+    Prompts of different lengths are left-padded to the longest (a batch engine's attention_mask marks the
+    padding); a batch-1 engine gets no mask."""
     b = int(meta.get("batch", 1))
     if images != b:
         built = f" (it was built with --batch {b})" if b > 1 else ""
@@ -106,12 +109,31 @@ def batch_prompt(meta: dict[str, Any], images: int, prompts: list[str], tokenize
         what = "the image" if b == 1 else f"all {b} images or one per image"
         raise VtrError(f"give one prompt for {what}; got {len(rows)}")
     rows = rows * b if len(rows) == 1 else rows
-    lengths = [int(r.shape[1]) for r in rows]
-    if len(set(lengths)) > 1:
-        raise VtrError(f"the prompts are {lengths} tokens long; one run of a batch engine takes prompts of one length "
-                       "(no padding): word them to one length, or run them one at a time on an engine built "
-                       "without --batch")
-    return np.concatenate(rows)
+    if b == 1:
+        return rows[0], None
+    return left_pad([r[0] for r in rows], pad_id(tokenizer, meta["image_token_id"]))
+
+
+def pad_id(tokenizer, image_token_id: int) -> int:
+    """The id written over padding (masked out, so any id but the image placeholder): the tokenizer's pad token
+    when it has one, else 0."""
+    tid = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    for candidate in (tid, 0, 1):
+        if candidate is not None and int(candidate) != image_token_id:
+            return int(candidate)
+    raise AssertionError("unreachable: 0 and 1 cannot both be the image placeholder")
+
+
+def left_pad(rows: list[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of any lengths -> (ids [B, S], attention_mask [B, S]) left-padded to the longest, as a tokenizer
+    with padding_side="left" returns them."""
+    s = max(len(r) for r in rows)
+    ids = np.full((len(rows), s), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), s), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, s - len(r):] = r
+        mask[i, s - len(r):] = 1
+    return ids, mask
 
 
 def image_pixels(path: Path, meta: dict[str, Any]) -> np.ndarray:

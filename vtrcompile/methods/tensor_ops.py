@@ -119,12 +119,14 @@ def head_mean_attention_rows(q_rows: torch.Tensor, k: torch.Tensor, scale: float
     """Softmax attention of selected query rows, averaged over heads, in float32.
 
     q_rows [B, H, r, d], k [B, H, S, d] (GQA already expanded), mask_rows [B|1, 1|H, r, S] bool
-    (True = may attend) or additive float, or None -> [B, r, S].
+    (True = may attend) or additive float, or None -> [B, r, S]. A row with no allowed key (a left-padding
+    row of a padded batch) comes out uniform instead of NaN, so a mean over rows that gives it no weight
+    stays finite.
     """
     logits = torch.matmul(q_rows.float(), k.float().transpose(-1, -2)) * scale
     if mask_rows is not None:
         if mask_rows.dtype == torch.bool:
-            logits = logits.masked_fill(~mask_rows, float("-inf"))
+            logits = logits.masked_fill(~mask_rows, torch.finfo(torch.float32).min)
         else:
             logits = logits + mask_rows.float()
     return torch.softmax(logits, dim=-1).mean(dim=1)

@@ -27,26 +27,42 @@ class _PerLayerCache:
         return k, v
 
 
+def padding_mask(pads: torch.Tensor | None, length: int, like: torch.Tensor) -> torch.Tensor:
+    """The additive mask [B, 1, 1, length] of one new token over a cache of length - 1 plus itself: 0, or the
+    dtype's lowest value over the first pads[b] entries of row b (its left padding) when pads is given."""
+    b = like.shape[0]
+    if pads is None:
+        return torch.zeros(b, 1, 1, length, dtype=like.dtype, device=like.device)
+    blocked = torch.arange(length, device=like.device)[None, :] < pads[:, None]
+    low = torch.tensor(torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+    return torch.where(blocked, low, torch.zeros((), dtype=like.dtype, device=like.device))[:, None, None, :]
+
+
 class DecodeStep(nn.Module):
-    """forward(input_ids [B,1], layer_position_ids [B,L], past k/v per layer [B,kv,P_l,d] ...) ->
-    (logits [B,vocab] float32, present k/v per layer [B,kv,P_l+1,d] ..., layer_position_ids + 1).
+    """forward(input_ids [B,1], layer_position_ids [B,L], past k/v per layer [B,kv,P_l,d] ...[, attention_mask
+    [B, M]]) -> (logits [B,vocab] float32, present k/v per layer [B,kv,P_l+1,d] ..., layer_position_ids + 1).
 
     The new token sits at position layer_position_ids[:, l] in layer l and attends to the whole cache of
     that layer plus itself (one query row: no causal mask needed; an all-zero additive mask keeps HF on the
     same expanded-GQA attention path as the prefill, and exports without the NaN guard a boolean one brings).
+    With `padded` (engines of batch > 1) it takes the batch's attention_mask last, in Hugging Face's convention
+    (the prompt's left-padding mask with a 1 appended per token generated so far, this one included): only
+    its zeros are read, as the count of padding entries at the front of every layer's cache.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, padded: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.padded = padded
 
-    def forward(self, input_ids: torch.Tensor, layer_position_ids: torch.Tensor, *past: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, layer_position_ids: torch.Tensor, *rest: torch.Tensor):
         lm = family_of(self.model).language_model(self.model)
+        past, pads = (rest[:-1], (rest[-1] == 0).sum(dim=1)) if self.padded else (rest, None)
         cache = _PerLayerCache([(past[2 * i], past[2 * i + 1]) for i in range(len(lm.layers))])
         h = lm.embed_tokens(input_ids)
         for i, layer in enumerate(lm.layers):
             pos = layer_position_ids[:, i:i + 1]
-            mask = torch.zeros(h.shape[0], 1, 1, past[2 * i].shape[2] + 1, dtype=h.dtype, device=h.device)
+            mask = padding_mask(pads, past[2 * i].shape[2] + 1, h)
             h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache,
                       position_embeddings=lm.rotary_emb(h, pos))
         logits = self.model.lm_head(lm.norm(h))[:, -1, :].float()

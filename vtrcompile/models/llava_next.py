@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .family import Family
 from .llava import CLIP_MEAN, CLIP_STD
+from .prompt import padding_kwargs
 
 
 def best_pinpoint(size: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
@@ -62,21 +63,22 @@ def unpadded_grid(size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, in
 
 
 class LlavaNextNextTokenLogits(nn.Module):
-    """forward(input_ids [B,S], pixel_values [B*T, 3, s, s] f32) -> logits [B, vocab]; T = 1 + gh*gw tiles, the
-    base tile first; the image size is a constant of the module."""
+    """forward(input_ids [B,S], pixel_values [B*T, 3, s, s] f32[, attention_mask [B,S]]) -> logits [B, vocab];
+    T = 1 + gh*gw tiles, the base tile first; the image size is a constant of the module."""
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], tiles: int) -> None:
         super().__init__()
         self.model, self.size, self.tiles = model, [int(image_size[0]), int(image_size[1])], tiles
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.model.dtype
         if pixel_values.dtype != dtype:
             pixel_values = pixel_values.to(dtype)
         b = input_ids.shape[0]
         pixels = pixel_values.reshape(b, self.tiles, *pixel_values.shape[1:])
         out = self.model(input_ids=input_ids, pixel_values=pixels, image_sizes=[self.size] * b, use_cache=False,
-                         logits_to_keep=1)
+                         logits_to_keep=1, **padding_kwargs(attention_mask))
         return out.logits[:, -1, :].float()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import UnsupportedModelError, VtrError
 from .family import Family, family_for
 from .presets import META_PRESETS, PRESETS, build_preset
+from .prompt import padding_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,12 @@ class ModelSource:
 
     @property
     def host_inputs(self) -> dict[str, Any]:
-        """How the engine inputs after input_ids and pixel_values derive from the prompt (engine/host_inputs.py)."""
-        return self.family.host_inputs(self.hf_model.config) if self.hf_model is not None else {}
+        """How the engine inputs after input_ids and pixel_values derive from the prompt (engine/host_inputs.py);
+        batch > 1 adds the padding mask."""
+        from ..engine.host_inputs import with_padding
+
+        return with_padding(self.family.host_inputs(self.hf_model.config), self.batch) if self.hf_model is not None \
+            else {}
 
     def inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every graph input for a prompt and its pixels."""
@@ -74,26 +79,28 @@ class ModelSource:
 
 
 class NextTokenLogits(nn.Module):
-    """forward(input_ids [B,S] int64, pixel_values [B*tiles,3,H,W] f32) -> logits [B, vocab] at the last
-    position."""
+    """forward(input_ids [B,S] int64, pixel_values [B*tiles,3,H,W] f32[, attention_mask [B,S] int64]) -> logits
+    [B, vocab] at the last position. attention_mask: engines of batch > 1 (left padding, engine/host_inputs.py)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.model.dtype
         if pixel_values.dtype != dtype:  # engines take float32 pixels whatever precision they compute in
             pixel_values = pixel_values.to(dtype)
-        out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False, logits_to_keep=1,
+                         **padding_kwargs(attention_mask))
         return out.logits[:, -1, :].float()
 
 
 def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batch: int = 1, tiles: int = 1
                    ) -> tuple[torch.Tensor, ...]:
     """A prompt [prefix][N image placeholders][suffix], random pixels for `tiles` images per prompt and the
-    family's host inputs (mRoPE positions), for capture and tests."""
-    from ..engine.host_inputs import graph_inputs
+    family's host inputs (mRoPE positions; for batch > 1 an all-ones attention_mask), for capture and tests."""
+    from ..engine.host_inputs import graph_inputs, with_padding
     from .prompt import layout_prompt
 
     family = family_for(config)
@@ -110,7 +117,7 @@ def example_prompt(config, prefix: int = 5, suffix: int = 8, seed: int = 0, batc
     ids = torch.from_numpy(layout_prompt(pre, text(suffix), family.image_token_count(config, tiles), image_id))
     tiles_, *chw = family.pixel_shape(config, tiles)
     pixels = torch.randn(batch * tiles_, *chw, generator=g)
-    return graph_inputs(family.host_inputs(config), ids, pixels)
+    return graph_inputs(with_padding(family.host_inputs(config), batch), ids, pixels)
 
 
 def _read_config(path: Path):

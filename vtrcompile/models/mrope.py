@@ -12,10 +12,23 @@ from __future__ import annotations
 import numpy as np
 
 
-def mrope_positions(input_ids: np.ndarray, image_token_id: int, grid: tuple[int, int, int]) -> np.ndarray:
+def mrope_positions(input_ids: np.ndarray, image_token_id: int, grid: tuple[int, int, int],
+                    attention_mask: np.ndarray | None = None) -> np.ndarray:
     """input_ids [B, S] with one contiguous block of t*h*w image tokens per row; grid (t, h, w) of the merged
-    tokens (the vision grid divided by the merge size) -> int64 [3, B, S]."""
+    tokens (the vision grid divided by the merge size) -> int64 [3, B, S]. With a left-padding attention_mask
+    [B, S], each row's prompt starts after its padding and is numbered from 0 there; padding rows take 1, as
+    `get_rope_index` gives them (no query attends to them)."""
     ids = np.atleast_2d(np.asarray(input_ids))
+    if attention_mask is not None:
+        mask = np.atleast_2d(np.asarray(attention_mask))
+        out = np.ones((3, *ids.shape), dtype=np.int64)
+        for r in range(ids.shape[0]):
+            pad = int((mask[r] == 0).sum())
+            try:
+                out[:, r, pad:] = mrope_positions(ids[r:r + 1, pad:], image_token_id, grid)[:, 0]
+            except ValueError as e:
+                raise ValueError(str(e).replace("prompt 0", f"prompt {r}")) from None
+        return out
     t, h, w = (int(g) for g in grid)
     b, s = ids.shape
     out = np.empty((3, b, s), dtype=np.int64)

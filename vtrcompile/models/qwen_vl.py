@@ -34,7 +34,8 @@ DEFAULT_IMAGE_SIZE = (448, 448)
 
 
 class QwenNextTokenLogits(nn.Module):
-    """forward(input_ids [B,S], pixel_values [B*h*w, C*T*P*P] f32, position_ids [3,B,S] int64) -> logits [B, vocab].
+    """forward(input_ids [B,S], pixel_values [B*h*w, C*T*P*P] f32, position_ids [3,B,S] int64[, attention_mask
+    [B,S] int64, batch > 1]) -> logits [B, vocab].
 
     The image grid is fixed: image_grid_thw and the vision helpers are constants of this module, so no
     data-dependent size (the encoder's per-image split) reaches the trace."""
@@ -61,14 +62,14 @@ class QwenNextTokenLogits(nn.Module):
             out.deepstack_features = [torch.split(f, self.split) for f in out.deepstack_features]
         return out
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, position_ids: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.model.dtype
         if pixel_values.dtype != dtype:
             pixel_values = pixel_values.to(dtype)
         out = self.model(input_ids=input_ids, position_ids=position_ids, image_grid_thw=self.grid,
                          mm_encoder_outputs={"image": self.image_features(pixel_values)}, use_cache=False,
-                         logits_to_keep=1)
+                         logits_to_keep=1, attention_mask=attention_mask)
         return out.logits[:, -1, :].float()
 
 

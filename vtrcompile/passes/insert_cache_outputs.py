@@ -6,7 +6,9 @@ They are the k/v inputs of the layer's attention op with the expansion walked ba
 `next_layer_position_ids` [B, L] is the position the first generated token takes in each layer: S for a layer
 that kept positions, S_r for a layer after a `renumber` site r (its own numbering continues). With positions
 from the host (mRoPE, [3, B, S]) it is the last prompt token's position + 1 (every site keeps positions there),
-which continues the unreduced prompt's numbering as the model's own `rope_deltas` do.
+which continues the unreduced prompt's numbering as the model's own `rope_deltas` do. With a left-padding
+`attention_mask` input (batch engines) a row's positions start at its first token, so its next position is
+its token count (the mask's sum) where S stood; the padding sits at the front of every layer's cache.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def next_layer_positions(input_ids: torch.Tensor, offsets: Sequence[int]) -> tor
     return (s - off).unsqueeze(0).expand(input_ids.shape[0], -1).contiguous()
 
 
+def next_layer_positions_padded(attention_mask: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
+    """attention_mask [B, S] (left padding), offsets [L] -> [B, L] int64: each row's token count - offsets[l]."""
+    off = torch.tensor(list(offsets), dtype=torch.int64, device=attention_mask.device)
+    return attention_mask.to(torch.int64).sum(dim=1, keepdim=True) - off.unsqueeze(0)
+
+
 def next_layer_positions_after(position_ids: torch.Tensor, n_layers: int) -> torch.Tensor:
     """position_ids [3, B, S] (host-computed, every axis) -> [B, L] int64: the last prompt token's position + 1
     in every layer (a text token: its axes agree; the max is taken so a prompt ending in an image still works)."""
@@ -70,14 +78,17 @@ def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
-def insert_cache_outputs(gm: fx.GraphModule, config: tuple[list[str], Sequence[Reduction], int | None]
-                         ) -> PassResult:
+def insert_cache_outputs(gm: fx.GraphModule,
+                         config: tuple[list[str], Sequence[Reduction], int | None] |
+                         tuple[list[str], Sequence[Reduction], int | None, int | None]) -> PassResult:
     """Needs: the reductions already inserted. config = (attention module path of each decoder layer, found
     by the analysis of the unmodified graph; the reductions; the index of the graph input holding host
-    positions [3, B, S], or None). Attention ops are found again by that
+    positions [3, B, S], or None; optionally the index of the left-padding attention_mask input [B, S], or
+    None). Attention ops are found again by that
     provenance, because a vision-site rewrite removes the boundary op the analysis starts from. A graph that
     returns more than its logits already is left as it is."""
-    attention_modules, reductions, position_input = config
+    attention_modules, reductions, position_input = config[:3]
+    padding_input = config[3] if len(config) > 3 else None
     out = next(n for n in gm.graph.nodes if n.op == "output")
     results = out.args[0]
     if not isinstance(results, (tuple, list)) or len(results) != 1:
@@ -108,7 +119,9 @@ def insert_cache_outputs(gm: fx.GraphModule, config: tuple[list[str], Sequence[R
         present += [k, v]
     offsets = position_offsets(drops, reductions)
     with gm.graph.inserting_before(out):
-        if position_input is None:
+        if position_input is None and padding_input is not None:
+            pos = gm.graph.call_function(next_layer_positions_padded, (placeholders[padding_input], offsets))
+        elif position_input is None:
             pos = gm.graph.call_function(next_layer_positions, (input_ids, offsets))
         else:
             if any(offsets):

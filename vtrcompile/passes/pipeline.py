@@ -24,17 +24,20 @@ def normalizing_passes() -> list[tuple[Pass, Any]]:
 
 
 def build_pipeline(reductions: Sequence[Reduction], attention_modules: Sequence[str],
-                   position_input: int | None = None) -> list[tuple[Pass, Any]]:
+                   position_input: int | None = None, padding_input: int | None = None
+                   ) -> list[tuple[Pass, Any]]:
     """strip asserts -> fold one-chunk splits -> fixed-size image merge and image-row writes -> additions to the image rows as addends -> one reduction per site, shallow to deep -> additive attention masks -> RMSNorm as a division -> KV cache outputs.
 
     The baseline engine runs the same list with no reductions, so both engines differ only there.
     attention_modules: each decoder layer's attention module path (from the analysis of the unmodified graph).
     position_input: the graph input that holds host-computed (mRoPE) positions [3, B, S], if any.
+    padding_input: the graph input that holds a left-padding attention_mask [B, S] (batch engines), if any.
     """
     passes = normalizing_passes()
     for red in sorted(reductions, key=lambda r: r.layer):
         passes.append((insert_token_reduction, red))
     passes.append((replace_bool_attention_masks, None))
     passes.append((replace_rsqrt_scaling, None))
-    passes.append((insert_cache_outputs, (list(attention_modules), list(reductions), position_input)))
+    passes.append((insert_cache_outputs, (list(attention_modules), list(reductions), position_input,
+                                           padding_input)))
     return passes
