@@ -250,7 +250,7 @@ def _generation_opts(f):
               help="TensorRT builder workspace limit, GiB.")
 @click.option("--batch", default=None, type=click.IntRange(1, 256),
               help="Prompts per run the engines take, fixed at compile time (default 1): each row its own image "
-                   "and its own selection; the prompts of one run have one length (no padding).")
+                   "and its own selection; prompts of different lengths are left-padded (attention_mask).")
 @_pickle_opt
 @_tiles_opt
 @_profile_opts
