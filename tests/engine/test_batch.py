@@ -111,6 +111,11 @@ def test_padding_must_be_on_the_left(tiny, batch2):
                       .files[-1], threads=1)
     with pytest.raises(VtrError, match="batch-1 engine takes one prompt without padding"):
         one.generate(input_ids=ids[1:], pixel_values=px[1:], attention_mask=mask[1:], max_new_tokens=2)
+    # a decode engine that reads a mask does not pair with a prefill engine that takes none (an older batch engine)
+    old = load_engine(batch2("fastv").files[-1], threads=1)
+    old.metadata["host_inputs"] = {}
+    with pytest.raises(VtrError, match=r"does not pair .*attention_mask taken \(prefill: unpadded prompts\)"):
+        _ = old.decode
 
 
 def test_a_row_that_ends_early_is_cut_at_its_eos(tiny, batch2):

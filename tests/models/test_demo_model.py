@@ -87,3 +87,32 @@ def _meta(path: Path) -> str:
 
     assert METADATA_KEY == "vtrcompile"
     return json.dumps(read_metadata(path))
+
+
+@pytest.mark.slow
+def test_a_batch_engine_answers_left_padded_questions_from_the_tokenizer(shipped, tmp_path):
+    """Four vqa-synth questions of different lengths, tokenized by the model's own tokenizer with
+    padding_side="left" and handed to a batch-4 PruMerge engine as the tokenizer returns them: each row
+    generates what the batch-1 engine generates for that question alone."""
+    import numpy as np
+
+    from vtrcompile import load_engine
+    from vtrcompile.models.loading import load_model
+    from vtrcompile.optimize import optimize
+
+    _, tok = shipped
+    items = [vs.sample("test", i) for i in (3, 4, 5, 6)]
+    batch = tok([" ".join(s.prompt) for s in items], padding=True, padding_side="left", add_special_tokens=False,
+                return_tensors="np")
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1  # the questions really differ in length
+    px = np.concatenate([vs.pixel_values(vs.render(s.scene)[None]) for s in items])
+    four = load_engine(optimize(load_model(str(MODEL), batch=4), "prumerge", {}, tmp_path / "b4.onnx").files[-1])
+    one = load_engine(optimize(load_model(str(MODEL)), "prumerge", {}, tmp_path / "b1.onnx").files[-1])
+    out = four.generate(**batch, pixel_values=px, max_new_tokens=3)
+    for r, s in enumerate(items):
+        alone = one.generate(input_ids=tok.convert_tokens_to_ids(list(s.prompt)), pixel_values=px[r:r + 1],
+                             max_new_tokens=3)
+        n = out.lengths[r]
+        assert out.tokens[r, :n].tolist() == alone.tokens[0].tolist()
+        assert float(np.abs(out.logits[r, :n] - alone.logits[0]).max()) <= 1e-4

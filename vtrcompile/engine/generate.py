@@ -93,6 +93,10 @@ class Engine:
                     "weights": self.metadata.get("weights"), "batch": self.metadata.get("batch"),
                     "backend": self.metadata.get("backend"), "llm_layers": self.metadata.get("llm_layers")}
             bad = [f"{k} {meta.get(k)!r} (prefill: {v!r})" for k, v in want.items() if meta.get(k) != v]
+            takes_mask = "attention_mask" in [t["name"] for t in meta["io"]["inputs"]]
+            if takes_mask != padded(self.metadata.get("host_inputs")):
+                bad.append(f"attention_mask {'taken' if takes_mask else 'not taken'} (prefill: "
+                           f"{'left-padded' if not takes_mask else 'unpadded'} prompts)")
             if bad:
                 raise VtrError(f"{p} does not pair with {self.path.name}: {', '.join(bad)}; rebuild both with "
                                "`vtrcompile optimize`")
