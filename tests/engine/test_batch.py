@@ -57,6 +57,12 @@ def batch2(folder):
     return get
 
 
+@pytest.fixture(scope="module")
+def fastv_b1(folder):
+    """The batch-1 FastV engine of the same model and options as batch2("fastv")."""
+    return optimize(load_model("tiny"), "fastv", dict(BATCH_ENGINES["fastv"][1]), folder / "fastv-b1.onnx").files[-1]
+
+
 def two_prompts(config, cases=((5, 8), (5, 8))):
     """Two prompts, each its own text and image -> ids [2, S], pixels [2, 3, H, W], and the rows; of one length
     by default, else left-padded to the longer -> also the attention_mask [2, S]."""
@@ -100,17 +106,30 @@ def test_each_row_generates_what_its_prompt_alone_does(tiny, batch2, name):
     assert float(np.abs(whole.logits[1] - out.logits[1, :2]).max()) > 1e-3
 
 
-def test_padding_must_be_on_the_left(tiny, batch2):
+def test_padding_must_be_on_the_left(tiny, batch2, fastv_b1):
     engine = load_engine(batch2("fastv").files[-1], threads=1)
     ids, px, _, mask = two_prompts(tiny.hf_model.config, ((5, 8), (1, 3)))
     for bad, words in [(mask.flip(1), "left padding"), (mask * 2, "other than 0 and 1"), (mask[:, 1:], "one mask value"),
                        (torch.cat([mask[:, :-1], torch.zeros(2, 1, dtype=torch.int64)], 1), "left padding")]:
         with pytest.raises(VtrError, match=words):
             engine.generate(input_ids=ids, pixel_values=px, attention_mask=bad, max_new_tokens=2)
-    one = load_engine(optimize(load_model("tiny"), "none", {}, batch2("fastv").files[-1].parent / "pad-b1.onnx")
-                      .files[-1], threads=1)
+    one = load_engine(fastv_b1, threads=1)
     with pytest.raises(VtrError, match="batch-1 engine takes one prompt without padding"):
         one.generate(input_ids=ids[1:], pixel_values=px[1:], attention_mask=mask[1:], max_new_tokens=2)
+    # random masks: a left-padding one that leaves the image block unmasked runs; anything else is one VtrError line
+    rng = np.random.default_rng(0)
+    s_len = ids.shape[1]
+    for _ in range(40):
+        m = rng.integers(0, 2, size=(2, s_len)) if rng.random() < 0.5 else \
+            (np.arange(s_len)[None] >= rng.integers(0, 12, size=(2, 1))).astype(np.int64)
+        left = bool((np.diff(m, axis=1) >= 0).all() and m[:, -1].all())
+        image_kept = bool(((ids.numpy() == engine.metadata["image_token_id"]) <= (m == 1)).all())
+        try:
+            engine(input_ids=ids, pixel_values=px, attention_mask=m)
+            assert left and image_kept, m
+        except VtrError as e:
+            assert not (left and image_kept), (m, e)
+            assert "\n" not in str(e) and "attention_mask" in str(e), str(e)
     # a decode engine that reads a mask does not pair with a prefill engine that takes none (an older batch engine)
     old = load_engine(batch2("fastv").files[-1], threads=1)
     old.metadata["host_inputs"] = {}
@@ -154,7 +173,7 @@ def test_batch_engines_keep_their_own_decode_engine_beside_batch_1_ones(tiny, ba
         decode1.write_bytes(saved)
 
 
-def test_the_cli_builds_generates_and_profiles_a_batch(tiny, batch2, folder, tmp_path):
+def test_the_cli_builds_generates_and_profiles_a_batch(tiny, batch2, fastv_b1, tmp_path):
     from PIL import Image
 
     engine = batch2("fastv").files[-1]
@@ -169,7 +188,7 @@ def test_the_cli_builds_generates_and_profiles_a_batch(tiny, batch2, folder, tmp
     rec = json.loads(res.output[res.output.index("{\n"):])
     assert [len(s["tokens"]) for s in rec["sequences"]] == [3, 3] and rec["prompt_tokens"] == 3 + 36
     # each row equals that image's answer from a batch-1 engine of the same method and model
-    single = optimize(load_model("tiny"), "fastv", {"layer": 2, "keep": 18}, folder / "fastv-b1.onnx").files[-1]
+    single = fastv_b1
     for img, seq in zip(imgs, rec["sequences"], strict=True):
         res = run(main, ["generate", str(single), "--image", str(img), "--ids", "5,6,image,7", "--max-new-tokens", "3",
                          "--json"])

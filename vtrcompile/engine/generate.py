@@ -119,6 +119,9 @@ class Engine:
         feeds["input_ids"] = ids.astype(np.int64)
         if mask is not None and padded(self.metadata.get("host_inputs")):
             mask = check_left_padding(mask.reshape(ids.shape) if mask.size == ids.size else mask, feeds["input_ids"])
+            if ((feeds["input_ids"] == self.metadata["image_token_id"]) & (mask == 0)).any():
+                raise VtrError("attention_mask marks image tokens as padding; pad before the prompt, and mark every "
+                               "prompt token (the image block included) with 1")
         else:
             mask = None
         check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
