@@ -16,8 +16,8 @@ def mrope_positions(input_ids: np.ndarray, image_token_id: int, grid: tuple[int,
                     attention_mask: np.ndarray | None = None) -> np.ndarray:
     """input_ids [B, S] with one contiguous block of t*h*w image tokens per row; grid (t, h, w) of the merged
     tokens (the vision grid divided by the merge size) -> int64 [3, B, S]. With a left-padding attention_mask
-    [B, S], each row's prompt starts after its padding and is numbered from 0 there; padding rows take 1, as
-    `get_rope_index` gives them (no query attends to them)."""
+    [B, S], each row's prompt starts after its padding and is numbered from 0 there; padding tokens take position 1,
+    as `get_rope_index` gives them (no query attends to them)."""
     ids = np.atleast_2d(np.asarray(input_ids))
     if attention_mask is not None:
         mask = np.atleast_2d(np.asarray(attention_mask))

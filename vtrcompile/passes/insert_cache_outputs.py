@@ -78,17 +78,14 @@ def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
-def insert_cache_outputs(gm: fx.GraphModule,
-                         config: tuple[list[str], Sequence[Reduction], int | None] |
-                         tuple[list[str], Sequence[Reduction], int | None, int | None]) -> PassResult:
+def insert_cache_outputs(gm: fx.GraphModule, config: tuple[list[str], Sequence[Reduction], int | None, int | None]
+                         ) -> PassResult:
     """Needs: the reductions already inserted. config = (attention module path of each decoder layer, found
     by the analysis of the unmodified graph; the reductions; the index of the graph input holding host
-    positions [3, B, S], or None; optionally the index of the left-padding attention_mask input [B, S], or
-    None). Attention ops are found again by that
+    positions [3, B, S], or None; the index of the left-padding attention_mask input [B, S], or None). Attention ops are found again by that
     provenance, because a vision-site rewrite removes the boundary op the analysis starts from. A graph that
     returns more than its logits already is left as it is."""
-    attention_modules, reductions, position_input = config[:3]
-    padding_input = config[3] if len(config) > 3 else None
+    attention_modules, reductions, position_input, padding_input = config
     out = next(n for n in gm.graph.nodes if n.op == "output")
     results = out.args[0]
     if not isinstance(results, (tuple, list)) or len(results) != 1:
