@@ -35,7 +35,8 @@ def random_prompt(rng: np.random.Generator, facts: dict[str, Any], prefix: int, 
 
 def padding_kwargs(attention_mask: Any) -> dict[str, Any]:
     """The model's keyword inputs for a left-padded batch: the mask, and positions that start at 0 on each row's
-    first token, as Hugging Face generate gives them (padding tokens take 0; no query attends to them)."""
+    first token, as Hugging Face generate gives them (padding tokens take 0 here and 1 there; no query attends
+    to them)."""
     if attention_mask is None:
         return {}
     return {"attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
