@@ -183,6 +183,14 @@ def test_engine_given_as_a_model_and_invalid_config(tmp_path):
     res = _run("inspect", str(hf))
     _assert_clean_error(res, tmp_path / "none", "config.json", "not a valid LlavaConfig")
     assert "safetensors" not in res.output
+    # a config that parses but names an activation the model code lacks (found by the fuzz run, seed 23)
+    demo = Path(__file__).parents[1] / "models" / "vqa-synth-llava"
+    cfg = json.loads((demo / "config.json").read_text())
+    cfg["vision_config"]["hidden_act"] = "quick_g%lu"
+    (hf / "config.json").write_text(json.dumps(cfg))
+    (hf / "model.safetensors").symlink_to(demo / "model.safetensors")
+    res = _run("inspect", str(hf))
+    _assert_clean_error(res, tmp_path / "none", "config.json", "does not build a model", "quick_g%lu")
 
 
 def test_unknown_output_extension(tmp_path):

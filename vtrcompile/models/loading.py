@@ -163,7 +163,12 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None = None, stream: bool = Tr
     family.fix_geometry(config, image_size)
     dtype = dtype or config_dtype(config) or torch.float32
     if stream and any(path.glob("*.safetensors")):
-        model = empty_model(family.model_class(), config, dtype)
+        try:
+            model = empty_model(family.model_class(), config, dtype)
+        except Exception as e:  # a config that parses but names what the model code lacks (e.g. an activation)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VtrError(f"{path / 'config.json'}: the {family.config_class_name} does not build a model "
+                           f"({type(e).__name__}: {first[:160]}); fix or re-save config.json") from None
         model.config._attn_implementation = "sdpa"
         weights = CheckpointWeights(path, model, dtype)
         model.register_forward_pre_hook(_refuse_eager, with_kwargs=True)
