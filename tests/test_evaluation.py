@@ -65,3 +65,43 @@ def test_unknown_benchmark_and_split():
         benchmark_items("coco", 1)
     with pytest.raises(VtrError, match="unknown split"):
         benchmark_items("vqa-synth:dev", 1)
+
+
+class _BatchedOracle:
+    """The oracle as a prefill runner of a batch-3 engine: run(feeds) answers each row, its left padding removed
+    by the attention_mask (a row that is not exactly a known prompt fails the lookup)."""
+
+    def __init__(self, single):
+        self.single = single
+        self.metadata = {"image_token_id": vs.vocabulary().index(vs.IMAGE_TOKEN), "batch": 3,
+                         "host_inputs": {"attention_mask": {"kind": "padding", "seq_dim": 1}}}
+        self.rows_seen = []
+
+    def run(self, feeds):
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        assert ids.shape[0] == 3 and feeds["pixel_values"].shape[0] == 3 and mask.shape == ids.shape
+        self.rows_seen.append(int(mask.sum(1).min()))
+        return {"logits": np.concatenate([self.single(ids[r][mask[r] == 1][None], None) for r in range(3)])}
+
+
+def test_a_batch_engine_is_scored_in_left_padded_runs():
+    from vtrcompile.evaluation import runs
+
+    items = benchmark_items("vqa-synth:val", 7)
+    got = list(runs(items, 3, 3))
+    assert [len(r[0]) for r in got] == [3, 3, 1]
+    for run, ids, mask, px in got:
+        assert ids.shape == mask.shape and ids.shape[0] == 3 and px.shape[0] == 3
+        for r, it in enumerate(run + [run[-1]] * (3 - len(run))):  # the last run is filled with its last item
+            n = it.ids.shape[1]
+            assert mask[r].tolist() == [0] * (ids.shape[1] - n) + [1] * n
+            assert np.array_equal(ids[r, -n:], it.ids[0]) and np.array_equal(px[r:r + 1], it.pixels)
+    assert len({it.ids.shape[1] for it in items}) > 1  # the runs really pad
+    first = next(iter(runs(items, 1)))
+    assert first[2] is None and np.array_equal(first[1], items[0].ids)
+    many = benchmark_items("vqa-synth:val", 28)
+    batched = _BatchedOracle(_oracle("val", {"digit", "shape"}))
+    a, b = accuracy(batched, many, batch=3), accuracy(_oracle("val", {"digit", "shape"}), many)
+    assert a == b and len(batched.rows_seen) == 10
+    f = fidelity(_BatchedOracle(_hashed), _BatchedOracle(_hashed), benchmark_items("vqa-synth:val", 5), batch=3)
+    assert f["n"] == 5 and f["top1_agreement"] == 1.0

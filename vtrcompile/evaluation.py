@@ -147,26 +147,34 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
     return tick
 
 
-def accuracy(engine, items: Sequence[Item], label: str = "eval", max_new_tokens: int = 1) -> dict[str, Any]:
+def accuracy(engine, items: Sequence[Item], label: str = "eval", max_new_tokens: int = 1, batch: int = 1
+             ) -> dict[str, Any]:
     """Greedy answers scored against the one-word label: with max_new_tokens 1 the argmax of the prefill's
     next-token logits; above 1 the engine generates (prefill + decode, `engine` an Engine from load_engine)
     until EOS or max_new_tokens, and the answer is the first generated token (the benchmark's answers are one
-    word, one token)."""
+    word, one token). batch > 1: an engine built for that many prompts per run (`engine` a prefill runner or an
+    Engine) scores the items in runs of `batch`, left-padded (`runs`)."""
     from .datasets.vqa_synth import KINDS
 
     right: dict[str, list[int]] = {}
     preds: list[int] = []
     eos = 0
     tick = _progress(label, len(items))
-    for i, it in enumerate(_iter(items)):
+    done = 0
+    for run, ids, mask, px in runs(items, batch, _image_token_id(engine)):
         if max_new_tokens > 1:
-            gen = engine.generate(input_ids=it.ids, pixel_values=it.pixels, max_new_tokens=max_new_tokens)
-            p, eos = int(gen.tokens[0, 0]), eos + int(gen.eos_reached)
+            padding = {} if mask is None else {"attention_mask": mask}
+            gen = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=max_new_tokens, **padding)
+            tokens, ended = gen.tokens[:, 0], gen.ended
         else:
-            p = int(np.argmax(engine(it.ids, it.pixels, check=False)[0]))
-        preds.append(p)
-        right.setdefault(it.kind or "?", []).append(int(p == it.answer))
-        tick(i + 1)
+            tokens, ended = np.argmax(next_token_logits(engine, ids, px, mask), axis=-1), [False] * len(ids)
+        for r, it in enumerate(run):
+            p = int(tokens[r])
+            eos += int(max_new_tokens > 1 and ended[r])
+            preds.append(p)
+            right.setdefault(it.kind or "?", []).append(int(p == it.answer))
+            done += 1
+            tick(done)
     out: dict[str, Any] = {"n": len(items), "per_kind": {k: float(np.mean(v)) for k, v in sorted(right.items())}}
     for cls in ("coarse", "fine"):
         vals = [x for k, v in right.items() if KINDS.get(k) == cls for x in v]
@@ -176,6 +184,41 @@ def accuracy(engine, items: Sequence[Item], label: str = "eval", max_new_tokens:
         out["generated"] = {"max_new_tokens": max_new_tokens, "ended_at_eos": eos / max(1, len(items))}
     out["predictions"] = preds
     return out
+
+
+def runs(items: Sequence[Item], batch: int, image_token_id: int | None = None
+         ) -> Iterator[tuple[list[Item], np.ndarray, np.ndarray | None, np.ndarray]]:
+    """The items in runs of `batch` prompts: (the run's items, ids [batch, S], attention_mask [batch, S] or None
+    for batch 1, pixels of the run's images in order). Prompts of different lengths are left-padded; the last
+    run is filled up with copies of its last item, which are not returned among its items (not scored)."""
+    from .engine.prompting import left_pad, pad_id
+
+    it = _iter(items)
+    while True:
+        run = [x for _, x in zip(range(batch), it, strict=False)]
+        if not run:
+            return
+        if batch == 1:
+            yield run, run[0].ids, None, run[0].pixels
+            continue
+        filled = run + [run[-1]] * (batch - len(run))
+        ids, mask = left_pad([x.ids[0] for x in filled], pad_id(None, -1 if image_token_id is None else image_token_id))
+        yield run, ids, mask, np.concatenate([x.pixels for x in filled])
+
+
+def _image_token_id(engine) -> int | None:
+    meta = getattr(engine, "metadata", None)
+    return meta.get("image_token_id") if isinstance(meta, dict) else None
+
+
+def next_token_logits(runner, ids: np.ndarray, pixels: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Prefill logits [B, vocab] of a runner: its own call for one unpadded prompt, else every input by name
+    (the batch's attention_mask included)."""
+    if mask is None:
+        return runner(ids, pixels, check=False)
+    from .engine.host_inputs import prefill_feeds
+
+    return runner.run(prefill_feeds(runner.metadata, ids, pixels, mask))["logits"]
 
 
 def _iter(items: Sequence[Item]) -> Iterator[Item]:
@@ -189,16 +232,18 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def fidelity(engine, baseline, items: Sequence[Item], label: str = "fidelity") -> dict[str, float]:
-    """Top-1 agreement and mean KL(baseline || engine) of the next-token distribution."""
+def fidelity(engine, baseline, items: Sequence[Item], label: str = "fidelity", batch: int = 1) -> dict[str, float]:
+    """Top-1 agreement and mean KL(baseline || engine) of the next-token distribution (batch: as in accuracy)."""
     agree, kls = [], []
     tick = _progress(label, len(items))
-    for i, it in enumerate(_iter(items)):
-        lp = log_softmax(engine(it.ids, it.pixels, check=False)[0])
-        lb = log_softmax(baseline(it.ids, it.pixels, check=False)[0])
-        agree.append(int(lp.argmax() == lb.argmax()))
-        kls.append(float((np.exp(lb) * (lb - lp)).sum()))
-        tick(i + 1)
+    for run, ids, mask, px in runs(items, batch, _image_token_id(engine)):
+        lps = next_token_logits(engine, ids, px, mask)
+        lbs = next_token_logits(baseline, ids, px, mask)
+        for r in range(len(run)):
+            lp, lb = log_softmax(lps[r]), log_softmax(lbs[r])
+            agree.append(int(lp.argmax() == lb.argmax()))
+            kls.append(float((np.exp(lb) * (lb - lp)).sum()))
+            tick(len(agree))
     return {"n": len(items), "top1_agreement": float(np.mean(agree)), "mean_kl": float(np.mean(kls))}
 
 
@@ -222,10 +267,13 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
         gen = {str(p): load_engine(p, threads) for p in [*engines, *([baseline] if baseline else [])]}
     base = open_prefill(baseline, threads) if baseline is not None else None
     runners = [open_prefill(e, threads) for e in engines]
-    for r in [*runners, *([base] if base else [])]:
-        if r.metadata.get("batch", 1) != 1:
-            raise VtrError(f"{r.path}: takes {r.metadata['batch']} prompts per run; eval scores one prompt at a time, "
-                           "so build the engines to evaluate without --batch")
+    every = [*runners, *([base] if base else [])]
+    batches = {r.metadata.get("batch", 1) for r in every}
+    if len(batches) > 1:
+        listing = ", ".join(f"{r.path} {r.metadata.get('batch', 1)}" for r in every)
+        raise VtrError(f"the engines take different numbers of prompts per run ({listing}); evaluate engines built "
+                       "with the same --batch")
+    batch = batches.pop()
 
     def scored(path, runner):
         return gen[str(path)] if max_new_tokens > 1 else runner
@@ -239,15 +287,15 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
         for r in [*runners, *([base] if base else [])]:
             items.check_engine(r.metadata, str(r.path))
         if base is not None:
-            report["baseline"] = accuracy(scored(baseline, base), items, f"{baseline}", max_new_tokens)
+            report["baseline"] = accuracy(scored(baseline, base), items, f"{baseline}", max_new_tokens, batch)
             report["baseline"].pop("predictions")
     for path, r in zip(engines, runners, strict=True):
         row: dict[str, Any] = {"path": str(path), "method": r.metadata["method"], "options": r.metadata["options"]}
         if calibration is None:
-            row["accuracy"] = accuracy(scored(path, r), items, str(path), max_new_tokens)
+            row["accuracy"] = accuracy(scored(path, r), items, str(path), max_new_tokens, batch)
             row["accuracy"].pop("predictions")
         if with_fidelity:
-            row["fidelity"] = fidelity(r, base, items, f"{path} fidelity")
+            row["fidelity"] = fidelity(r, base, items, f"{path} fidelity", batch)
         if speed:
             assert baseline is not None
             rep = compare(path, baseline, warmup, reps, threads)

@@ -211,11 +211,11 @@ def test_the_cli_builds_generates_and_profiles_a_batch(tiny, batch2, fastv_b1, t
         res = run(main, ["generate", str(engine), *args])
         assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
         assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1, res.output
-    # profile: engines of two batch sizes are not compared; eval takes batch-1 engines
+    # profile and eval: engines of two batch sizes are not compared
     res = run(main, ["profile", str(engine), "--baseline", str(single), "--reps", "1", "--new-tokens", "0"])
     assert res.exit_code == 2 and "same --batch" in res.output, res.output
-    res = run(main, ["eval", str(engine), "--count", "2", "--no-speed"])
-    assert res.exit_code == 2 and "without --batch" in res.output, res.output
+    res = run(main, ["eval", str(engine), "--baseline", str(single), "--count", "2", "--no-speed"])
+    assert res.exit_code == 2 and "same --batch" in res.output, res.output
 
 
 def test_a_bad_batch_is_refused(tmp_path):

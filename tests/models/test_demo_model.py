@@ -116,3 +116,26 @@ def test_a_batch_engine_answers_left_padded_questions_from_the_tokenizer(shipped
         n = out.lengths[r]
         assert out.tokens[r, :n].tolist() == alone.tokens[0].tolist()
         assert float(np.abs(out.logits[r, :n] - alone.logits[0]).max()) <= 1e-4
+
+
+@pytest.mark.slow
+def test_eval_of_batch_engines_equals_eval_of_batch_1_engines(tmp_path):
+    """`eval` on batch-4 engines (the questions left-padded in runs of four, the last run filled up) scores
+    exactly what it scores on batch-1 engines, for the prefill's answer and for generated answers."""
+    from vtrcompile.evaluation import evaluate
+    from vtrcompile.models.loading import load_model
+    from vtrcompile.optimize import optimize
+
+    paths = {}
+    for b in (1, 4):
+        src = load_model(str(MODEL), batch=b)
+        paths[b] = [optimize(src, m, o, tmp_path / f"{m}-b{b}.onnx").files[-1]
+                    for m, o in (("fastv", {"keep": 64}), ("none", {}))]
+    for new_tokens in (1, 3):
+        reports = {b: evaluate([p[0]], p[1], "vqa-synth", 30, True, None, False, new_tokens) for b, p in paths.items()}
+        one, four = reports[1], reports[4]
+        assert four["baseline"] == one["baseline"]
+        assert four["engines"][0]["accuracy"] == one["engines"][0]["accuracy"]
+        assert four["engines"][0]["fidelity"]["top1_agreement"] == one["engines"][0]["fidelity"]["top1_agreement"]
+        assert four["engines"][0]["fidelity"]["mean_kl"] == pytest.approx(one["engines"][0]["fidelity"]["mean_kl"],
+                                                                         abs=1e-5)
