@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .engine.host_inputs import takes_padding
 from .engine.io import FORMAT_VERSION, decode_inputs, decode_outputs, describe
 from .engine.metadata import DECODE, stamp
 from .engine.runners import read_engine_metadata
@@ -48,7 +49,7 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
         past += [t, t.clone()]
     ids = torch.zeros(batch, 1, dtype=torch.int64, device=p.device)
     pos = torch.full((batch, n), MIN_PAST + 3, dtype=torch.int64, device=p.device)
-    padded = batch > 1
+    padded = takes_padding(batch)
     mask = [torch.ones(batch, MIN_PAST + 4 + n, dtype=torch.int64, device=p.device)] if padded else []
     past_dims = tuple({2: torch.export.Dim.DYNAMIC(min=MIN_PAST, max=geo["max_context"] - 1)} for _ in range(2 * n))
     mask_dims = ({1: torch.export.Dim.DYNAMIC(min=MIN_PAST + 1, max=geo["max_context"])},) if padded else ()
@@ -97,12 +98,12 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     if meta and meta.get("role") == "decode" and meta.get("model_id") == model_id and \
             meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype and meta.get("batch") == batch \
             and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(cache_geometry(model)["llm_layers"],
-                                                                           batch > 1):
+                                                                           takes_padding(batch)):
         log.info("decode engine %s already built for this model; reused", path)
         return path
     ep, dim_names = capture_decode(model, batch)
     n = cache_geometry(model)["llm_layers"]
-    io = describe(ep, decode_inputs(n, batch > 1), decode_outputs(n), dim_names)
+    io = describe(ep, decode_inputs(n, takes_padding(batch)), decode_outputs(n), dim_names)
     meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io, batch)
     from .optimize import lower_program
 

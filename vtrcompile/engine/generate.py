@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VtrError
-from .host_inputs import check_left_padding, check_processor_extras, derive, padded
+from .host_inputs import check_processor_extras, derive, padded
 from .io import past_names, present_names
 from .protocol import as_numeric_array, check_prompt, check_prompt_range
 from .runners import open_engine
@@ -70,6 +70,7 @@ class Engine:
                            "(the file `vtrcompile optimize --out` wrote)")
         self._threads = threads
         self._decode: Any = None
+        self.padded = padded(self.metadata.get("host_inputs"))  # takes left-padded prompts (a batch engine)
 
     @property
     def decode_path(self) -> Path:
@@ -94,7 +95,7 @@ class Engine:
                     "backend": self.metadata.get("backend"), "llm_layers": self.metadata.get("llm_layers")}
             bad = [f"{k} {meta.get(k)!r} (prefill: {v!r})" for k, v in want.items() if meta.get(k) != v]
             takes_mask = "attention_mask" in [t["name"] for t in meta["io"]["inputs"]]
-            if takes_mask != padded(self.metadata.get("host_inputs")):
+            if takes_mask != self.padded:
                 bad.append(f"attention_mask {'taken' if takes_mask else 'not taken'} (prefill: "
                            f"{'left-padded' if not takes_mask else 'unpadded'} prompts)")
             if bad:
@@ -106,7 +107,7 @@ class Engine:
     def _inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         feeds = {k: as_numeric_array(k, v) for k, v in inputs.items()}
         mask = feeds.pop("attention_mask", None)
-        if mask is not None and not padded(self.metadata.get("host_inputs")) and not np.all(mask == 1):
+        if mask is not None and not self.padded and not np.all(mask == 1):
             raise VtrError("attention_mask has zeros: a batch-1 engine takes one prompt without padding; pass it "
                            "unpadded (engines built with --batch B > 1 take left-padded prompts)")
         ids = feeds.get("input_ids")
@@ -117,17 +118,18 @@ class Engine:
         if ids.ndim != 2 or ids.dtype.kind == "f":
             raise VtrError(f"input_ids: integer token ids [batch, length] expected, got {ids.dtype} {list(ids.shape)}")
         feeds["input_ids"] = ids.astype(np.int64)
-        if mask is not None and padded(self.metadata.get("host_inputs")):
-            mask = check_left_padding(mask.reshape(ids.shape) if mask.size == ids.size else mask, feeds["input_ids"])
-            if ((feeds["input_ids"] == self.metadata["image_token_id"]) & (mask == 0)).any():
-                raise VtrError("attention_mask marks image tokens as padding; pad before the prompt, and mark every "
-                               "prompt token (the image block included) with 1")
-        else:
-            mask = None
+        if mask is not None and self.padded and mask.size == ids.size:
+            mask = mask.reshape(ids.shape)  # a 1-D mask beside 1-D ids
         check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
         check_processor_extras(self.metadata, feeds)
-        for name, value in derive(self.metadata.get("host_inputs", {}), feeds["input_ids"], mask).items():
+        # derive checks the mask (left padding, 0/1, shape) and passes it on as the engine's attention_mask
+        for name, value in derive(self.metadata.get("host_inputs", {}), feeds["input_ids"],
+                                  mask if self.padded else None).items():
             feeds.setdefault(name, value)
+        if mask is not None and self.padded and \
+                ((feeds["input_ids"] == self.metadata["image_token_id"]) & (feeds["attention_mask"] == 0)).any():
+            raise VtrError("attention_mask marks image tokens as padding; pad before the prompt, and mark every "
+                           "prompt token (the image block included) with 1")
         return feeds
 
     def __call__(self, **inputs: Any) -> np.ndarray:
@@ -149,7 +151,7 @@ class Engine:
                   ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
         decode = self.decode if max_new_tokens > 1 else None
         n = self.metadata["llm_layers"]
-        mask = feeds.get("attention_mask") if padded(self.metadata.get("host_inputs")) else None
+        mask = feeds.get("attention_mask") if self.padded else None
         t0 = time.perf_counter()
         out = self.prefill.run(feeds)
         prefill_ms = (time.perf_counter() - t0) * 1e3

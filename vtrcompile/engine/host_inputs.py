@@ -22,9 +22,14 @@ from ..errors import VtrError
 PADDING = {"attention_mask": {"kind": "padding", "seq_dim": 1}}
 
 
+def takes_padding(batch: int) -> bool:
+    """Whether the engines of `batch` prompts per run (prefill and decode) take a left-padding attention_mask."""
+    return batch > 1
+
+
 def with_padding(spec: dict[str, Any], batch: int) -> dict[str, Any]:
     """A family's host inputs for an engine of `batch` prompts per run: batch > 1 adds `attention_mask` (last)."""
-    return {**spec, **PADDING} if batch > 1 else dict(spec)
+    return {**spec, **PADDING} if takes_padding(batch) else dict(spec)
 
 
 def padded(spec: dict[str, Any] | None) -> bool:
