@@ -94,15 +94,14 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
 
     ext = BACKENDS[target.backend][0]
     path = folder / decode_file_name(model_id, target.dtype, ext, target.device, target.weights, batch)
+    n = cache_geometry(model)["llm_layers"]
     meta = read_engine_metadata(path) if path.is_file() else None
     if meta and meta.get("role") == "decode" and meta.get("model_id") == model_id and \
             meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype and meta.get("batch") == batch \
-            and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(cache_geometry(model)["llm_layers"],
-                                                                           takes_padding(batch)):
+            and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(n, takes_padding(batch)):
         log.info("decode engine %s already built for this model; reused", path)
         return path
     ep, dim_names = capture_decode(model, batch)
-    n = cache_geometry(model)["llm_layers"]
     io = describe(ep, decode_inputs(n, takes_padding(batch)), decode_outputs(n), dim_names)
     meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io, batch)
     from .optimize import lower_program

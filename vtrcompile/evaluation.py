@@ -284,7 +284,7 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
                                        for_choices=False)[0]
     else:
         items = benchmark_items(spec, count)
-        for r in [*runners, *([base] if base else [])]:
+        for r in every:
             items.check_engine(r.metadata, str(r.path))
         if base is not None:
             report["baseline"] = accuracy(scored(baseline, base), items, f"{baseline}", max_new_tokens, batch)

@@ -107,9 +107,11 @@ class Engine:
     def _inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         feeds = {k: as_numeric_array(k, v) for k, v in inputs.items()}
         mask = feeds.pop("attention_mask", None)
-        if mask is not None and not self.padded and not np.all(mask == 1):
-            raise VtrError("attention_mask has zeros: a batch-1 engine takes one prompt without padding; pass it "
-                           "unpadded (engines built with --batch B > 1 take left-padded prompts)")
+        if mask is not None and not self.padded:
+            if not np.all(mask == 1):
+                raise VtrError("attention_mask has zeros: a batch-1 engine takes one prompt without padding; pass it "
+                               "unpadded (engines built with --batch B > 1 take left-padded prompts)")
+            mask = None  # all ones: the engine takes no mask
         ids = feeds.get("input_ids")
         if ids is None:
             raise VtrError("input_ids is required")
@@ -118,15 +120,14 @@ class Engine:
         if ids.ndim != 2 or ids.dtype.kind == "f":
             raise VtrError(f"input_ids: integer token ids [batch, length] expected, got {ids.dtype} {list(ids.shape)}")
         feeds["input_ids"] = ids.astype(np.int64)
-        if mask is not None and self.padded and mask.size == ids.size:
+        if mask is not None and mask.size == ids.size:
             mask = mask.reshape(ids.shape)  # a 1-D mask beside 1-D ids
         check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
         check_processor_extras(self.metadata, feeds)
         # derive checks the mask (left padding, 0/1, shape) and passes it on as the engine's attention_mask
-        for name, value in derive(self.metadata.get("host_inputs", {}), feeds["input_ids"],
-                                  mask if self.padded else None).items():
+        for name, value in derive(self.metadata.get("host_inputs", {}), feeds["input_ids"], mask).items():
             feeds.setdefault(name, value)
-        if mask is not None and self.padded and \
+        if mask is not None and \
                 ((feeds["input_ids"] == self.metadata["image_token_id"]) & (feeds["attention_mask"] == 0)).any():
             raise VtrError("attention_mask marks image tokens as padding; pad before the prompt, and mark every "
                            "prompt token (the image block included) with 1")
