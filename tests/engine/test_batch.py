@@ -274,3 +274,70 @@ def test_decode_padding_mask_blocks_each_rows_padding():
     assert m.shape == (2, 1, 1, 4) and m.dtype == torch.float32
     assert m[0].eq(0).all() and m[1, 0, 0].tolist() == [low, low, 0.0, 0.0]
     assert padding_mask(None, 4, like).eq(0).all() and padding_mask(None, 4, like).shape == (2, 1, 1, 4)
+
+
+def _rewrite_metadata(path, change) -> None:
+    """Apply `change` to an ONNX engine's vtrcompile metadata in place (its weights stay where they are)."""
+    import onnx
+
+    from vtrcompile.lower.onnx import METADATA_KEY
+
+    m = onnx.load(str(path), load_external_data=False)
+    for p in m.metadata_props:
+        if p.key == METADATA_KEY:
+            meta = json.loads(p.value)
+            change(meta)
+            p.value = json.dumps(meta, sort_keys=True)
+    onnx.save(m, str(path))
+
+
+def _drop_mask(meta):  # what a batch decode engine written before prompts could be padded declared
+    meta["io"]["inputs"] = [t for t in meta["io"]["inputs"] if t["name"] != "attention_mask"]
+
+
+STALE = {"no attention_mask input": _drop_mask,
+         "another model's": lambda meta: meta.update(model_id="0" * 64),
+         "an older engine format": lambda meta: meta.update(format=meta["format"] - 1)}
+
+
+@pytest.mark.parametrize("stale", [s if s == "no attention_mask input" else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in STALE])
+def test_a_decode_engine_in_the_folder_is_reused_only_when_it_matches(tiny, batch2, folder, stale, caplog):
+    """ensure_decode_engine reuses the decode file already beside the prefill when its metadata matches the
+    model, dtype, batch and inputs; a stale one under the same name is refused by the prefill engine, then rebuilt,
+    and the pair generates what it did before."""
+    import logging
+
+    from vtrcompile.decode import ensure_decode_engine
+    from vtrcompile.engine.runners import read_engine_metadata
+    from vtrcompile.optimize import Target
+
+    opt = batch2("fastv")
+    path = folder / opt.metadata["decode"]["file"]
+    model = load_model("tiny", batch=2)
+    args = (model.hf_model, opt.metadata["model_id"], model.label, folder, Target(), 2)
+    before = path.stat()
+    with caplog.at_level(logging.INFO, logger="vtrcompile.decode"):
+        assert ensure_decode_engine(*args) == path
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert "reused" in caplog.text
+
+    ids, px, _, mask = two_prompts(tiny.hf_model.config, ((5, 8), (1, 3)))
+    first = load_engine(opt.files[-1], threads=1).generate(input_ids=ids, pixel_values=px, attention_mask=mask,
+                                                           max_new_tokens=3, eos_token_id=[])
+    _rewrite_metadata(path, STALE[stale])
+    with pytest.raises(VtrError, match="does not pair|no vtrcompile|format"):  # the stale engine is not used as is
+        load_engine(opt.files[-1], threads=1).generate(input_ids=ids, pixel_values=px, attention_mask=mask,
+                                                       max_new_tokens=3)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vtrcompile.decode"):
+        assert ensure_decode_engine(*args) == path
+    assert "wrote decode engine" in caplog.text and "reused" not in caplog.text
+    meta = read_engine_metadata(path)
+    assert meta["model_id"] == opt.metadata["model_id"] and meta["format"] == read_engine_metadata(opt.files[-1])["format"]
+    assert [t["name"] for t in meta["io"]["inputs"]][-1] == "attention_mask"
+    again = load_engine(opt.files[-1], threads=1).generate(input_ids=ids, pixel_values=px, attention_mask=mask,
+                                                           max_new_tokens=3, eos_token_id=[])
+    assert again.tokens.tolist() == first.tokens.tolist()  # the rebuilt decode engine generates as the first
+    assert float(np.abs(again.logits - first.logits).max()) <= REFERENCE_ATOL
