@@ -83,6 +83,34 @@ def test_generation_equals_onnxruntime(tiny, tiny_engines, irs):
         assert a.cache_lengths == b.cache_lengths
 
 
+def test_shared_runs_feed_the_next_step_without_copies(tiny, irs):
+    """The generation loop's decode runs (`shared=True`) hand back OpenVINO's own output buffers; two requests
+    taken in turn keep each run's outputs intact through the next shared run, which reads them as its cache.
+    Unshared runs return copies."""
+    from vtrcompile import load_engine
+    from vtrcompile.engine.generate import decode_feeds
+
+    engine = load_engine(irs["fastv-k2-18"], threads=1)
+    ids, px = prompts(tiny.hf_model.config)[0]
+    out = engine.prefill.run({"input_ids": ids.numpy(), "pixel_values": px.numpy()})
+    n = engine.metadata["llm_layers"]
+    decode = engine.decode
+    first_feeds = decode_feeds(out, out["logits"].argmax(-1), n)
+    first = decode.run(first_feeds, shared=True)
+    kept = {k: v.copy() for k, v in first.items()}
+    assert not any(v.flags.owndata for v in first.values())  # views: nothing was copied
+    second_feeds = decode_feeds(first, first["logits"].argmax(-1), n)
+    second = decode.run(second_feeds, shared=True)
+    for k, v in kept.items():  # the second run read them and left them intact
+        assert np.array_equal(first[k], v), k
+    copies = decode.run(second_feeds)
+    assert all(v.flags.owndata for v in copies.values())
+    for k, v in copies.items():  # the same step unshared, from the copied cache: the same outputs
+        assert np.array_equal(second[k], v), k
+    assert [second[f"present.{i}.key"].shape[2] for i in range(n)] == \
+        [kept[f"present.{i}.key"].shape[2] + 1 for i in range(n)]
+
+
 def test_missing_bin_and_damaged_xml_refused_in_one_line(irs, tmp_path):
     import shutil
 

@@ -173,7 +173,7 @@ class Engine:
             step = decode_feeds(out, tok, n, mask)
             mask = step.get("attention_mask")
             t1 = time.perf_counter()
-            out = decode.run(step)
+            out = decode.run(step, shared=True)  # its outputs feed the next step, uncopied
             steps.append((time.perf_counter() - t1) * 1e3)
         return GenerateOutput(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_ms, steps, cache,
                               bool(done.all()), lengths.tolist(), done.tolist())

@@ -118,8 +118,9 @@ class AotiEngine:
             out = self.runner(*self._bound)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    def run(self, feeds: dict[str, Any] | None = None) -> dict[str, Any] | list[torch.Tensor]:
-        """With feeds: every output by name, as numpy. Without: a launch of the bound inputs (for timing)."""
+    def run(self, feeds: dict[str, Any] | None = None, shared: bool = False) -> dict[str, Any] | list[torch.Tensor]:
+        """With feeds: every output by name, as numpy. Without: a launch of the bound inputs (for timing). Each
+        run returns new tensors, never copied nor overwritten later: `shared` (see OvEngine.run) changes nothing."""
         if feeds is None:
             return self._outputs()
         self.bind(feeds)

@@ -94,9 +94,11 @@ class OrtEngine:
             io.bind_output(name)
         return io
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    def run(self, feeds: dict[str, Any], shared: bool = False) -> dict[str, Any]:
         """Named inputs (as the metadata's `io` lists them) -> every output by name: numpy arrays, except
-        tensors numpy cannot hold (bfloat16), which stay OrtValues (feed them back as they are)."""
+        tensors numpy cannot hold (bfloat16), which stay OrtValues (feed them back as they are). ONNX Runtime
+        allocates every run's outputs anew, so they are never copied and no later run overwrites them:
+        `shared` (see OvEngine.run) changes nothing here."""
         io = self._binding(feeds)
         self.session.run_with_iobinding(io)
         return {name: v if v.data_type() == "tensor(bfloat16)" else v.numpy()

@@ -229,21 +229,38 @@ class OvEngine:
             raise VtrError(f"{self.path}: OpenVINO cannot compile this engine ({_reason(e)}); rebuild it with "
                            "`vtrcompile optimize`") from None
         self.request = self.compiled.create_infer_request()
+        self._chain: list[Any] = []  # two requests that shared runs take in turn (made on first use)
+        self._turn = 0
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
         self._feeds: dict[str, np.ndarray] | None = None
 
     def bind(self, feeds: dict[str, Any]) -> None:
         self._feeds = feed_arrays(self.metadata["io"], feeds)
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Named inputs -> every output by name (numpy; copies, so they outlive the next run)."""
+    def run(self, feeds: dict[str, Any], shared: bool = False) -> dict[str, np.ndarray]:
+        """Named inputs -> every output by name, as numpy. Inputs are read in place.
+
+        By default the outputs are copies that outlive any later run. `shared=True` (the generation loop) hands
+        back views of OpenVINO's own output buffers instead, with no copy: shared runs take two infer requests in
+        turn, so a shared run's outputs stay valid until the second shared run after it, long enough to feed the
+        next decode step. Copying every cache output measured 1.6-3.1 ms of a 12-16 ms bf16 decode step
+        (`llava15-geometry`, 631 cached tokens, 2 threads)."""
         self.bind(feeds)
-        res = self.request.infer(self._feeds, share_inputs=True)  # inputs read in place; outputs copied below
-        return {name: np.array(res[out]) for name, out in zip(self.output_names, self.compiled.outputs, strict=True)}
+        if not shared:
+            res = self.request.infer(self._feeds, share_inputs=True, share_outputs=True)
+            return {name: np.array(res[out]) for name, out in zip(self.output_names, self.compiled.outputs,
+                                                                   strict=True)}
+        if not self._chain:
+            self._chain = [self.compiled.create_infer_request() for _ in range(2)]
+        request = self._chain[self._turn]
+        self._turn ^= 1
+        res = request.infer(self._feeds, share_inputs=True, share_outputs=True)
+        return {name: res[out] for name, out in zip(self.output_names, self.compiled.outputs, strict=True)}
 
     def time_ms(self) -> float:
+        """One run of the bound inputs, its outputs left in OpenVINO's buffers (as in the generation loop)."""
         t0 = time.perf_counter()
-        self.request.infer(self._feeds, share_inputs=True)
+        self.request.infer(self._feeds, share_inputs=True, share_outputs=True)
         return (time.perf_counter() - t0) * 1e3
 
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:

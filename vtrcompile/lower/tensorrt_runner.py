@@ -69,8 +69,9 @@ class TrtEngine:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise VtrError(f"{self.path}: TensorRT execution failed")
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Named inputs -> every output by name, as numpy (float32 for float outputs)."""
+    def run(self, feeds: dict[str, np.ndarray], shared: bool = False) -> dict[str, np.ndarray]:
+        """Named inputs -> every output by name, as numpy (float32 for float outputs), copied to the host;
+        `shared` (see OvEngine.run) changes nothing."""
         self.bind(feeds)
         self.launch()
         self.stream.synchronize()
