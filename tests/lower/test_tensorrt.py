@@ -250,3 +250,75 @@ def test_decode_engine_profile_covers_every_layers_cache_and_reaches_the_builder
     assert set(set_shapes) == set(decode_inputs(4))
     sc = json.loads(trt_lower.sidecar_path(out).read_text())
     assert sc["role"] == "decode" and sc["inputs"][2]["shape"] == [1, 2, -1, 16]
+
+
+class _RecordingContext:
+    """Stands in for a TensorRT execution context of a decode engine (CPU tensors): records the addresses bound
+    and, on launch, writes each present = past + one new row of the step's number, next positions + 1."""
+
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.launches = engine, {}, {}, 0
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        if name.startswith("present."):
+            b, h, p, d = self.shapes[name.replace("present", "past_key_values")]
+            return (b, h, p + 1, d)
+        return {"logits": (1, 8), "next_layer_position_ids": self.shapes["layer_position_ids"]}[name]
+
+    def execute_async_v3(self, stream):
+        self.launches += 1
+        bound = self.engine._bound
+        for name in self.engine.outputs:
+            if name.startswith("present."):
+                past = bound[name.replace("present", "past_key_values")]
+                bound[name].copy_(torch.cat([past, torch.full_like(past[:, :, :1], self.launches)], dim=2))
+        bound["next_layer_position_ids"].copy_(bound["layer_position_ids"] + 1)
+        bound["logits"].zero_()
+        return True
+
+
+def test_shared_decode_runs_keep_the_cache_on_the_device_and_bind_it_uncopied():
+    """The generation loop's decode runs (`shared=True`) hand back each layer's cache as the device tensor the
+    engine wrote, and the next step binds that tensor's own address: no cache goes to the host and back between
+    steps. Unshared runs copy every output to the host. (A recording context on CPU tensors: no GPU here.)"""
+    from vtrcompile.engine.generate import decode_feeds
+    from vtrcompile.engine.io import decode_inputs, decode_outputs, past_names, present_names
+    from vtrcompile.lower.tensorrt_runner import TrtEngine
+
+    n = 2
+    eng = TrtEngine.__new__(TrtEngine)
+    eng.path, eng._torch, eng._device, eng._bound = Path("fake.plan"), torch, "cpu", {}
+    eng.inputs, eng.outputs = decode_inputs(n), decode_outputs(n)
+    eng._dtypes = {**{k: torch.float16 for k in (*past_names(n), *present_names(n))}, "logits": torch.float32,
+                   "input_ids": torch.int64, "layer_position_ids": torch.int64, "next_layer_position_ids": torch.int64}
+    spec = {"past_key_values": ["batch", 2, "past", 4]}
+    eng.metadata = {"llm_layers": n, "io": {"inputs": [
+        {"name": k, "dtype": "float16" if k.startswith("past") else "int64",
+         "shape": spec["past_key_values"] if k.startswith("past") else [1, "x"]} for k in eng.inputs]}}
+    eng.context = _RecordingContext(eng)
+    eng.stream = types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
+
+    import numpy as np
+
+    host = {"logits": np.zeros((1, 8), np.float32), "next_layer_position_ids": np.array([[5, 3]]),
+            **{k: np.zeros((1, 2, 3 + i // 2, 4), np.float32) for i, k in enumerate(present_names(n))}}
+    first = eng.run(decode_feeds(host, np.array([1]), n), shared=True)
+    caches = [first[k] for k in present_names(n)]
+    assert all(isinstance(c, torch.Tensor) and c.dtype == torch.float16 for c in caches)
+    assert isinstance(first["logits"], np.ndarray) and first["next_layer_position_ids"].tolist() == [[6, 4]]
+    second = eng.run(decode_feeds(first, np.array([1]), n), shared=True)
+    for k, c in zip(past_names(n), caches, strict=True):
+        assert eng.context.addresses[k] == c.data_ptr()  # bound where the first step left it
+    assert [second[k].shape[2] for k in present_names(n)] == [5, 5, 6, 6]
+    assert second["present.0.key"][0, 0, :, 0].tolist() == [0, 0, 0, 1, 2]  # each step appended its row
+    copies = eng.run(decode_feeds(second, np.array([1]), n))
+    assert all(isinstance(v, np.ndarray) for v in copies.values())
+    assert copies["present.1.value"].dtype == np.float32 and copies["present.1.value"].shape == (1, 2, 7, 4)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.host_inputs import prefill_feeds
+from ..engine.io import present_names
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .tensorrt import check_cuda, import_tensorrt, read_sidecar
@@ -47,21 +48,28 @@ class TrtEngine:
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._dtypes = {n: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.stream = torch.cuda.Stream()
+        self._device = "cuda"
         self._bound: dict[str, Any] = {}
 
-    def bind(self, named: dict[str, np.ndarray]) -> None:
-        """Copy inputs to the GPU once, set shapes and addresses; `run()` then only launches."""
+    def bind(self, named: dict[str, Any]) -> None:
+        """Copy host inputs to the GPU once, set shapes and addresses; `run()` then only launches. An input that
+        is already a tensor on the engine's device in its dtype (a shared run's cache output) is bound where it
+        is, uncopied."""
         torch = self._torch
-        feeds = feed_arrays(self.metadata["io"], named)
+        resident = {k for k, v in named.items() if isinstance(v, torch.Tensor) and v.device.type == self._device
+                    and v.dtype == self._dtypes.get(k)}
+        feeds = feed_arrays(self.metadata["io"], {k: v for k, v in named.items() if k not in resident},
+                            passed=resident)
         for name in self.inputs:
-            t = torch.from_numpy(feeds[name]).to("cuda", self._dtypes[name])
+            t = named[name].contiguous() if name in resident else \
+                torch.from_numpy(feeds[name]).to(self._device, self._dtypes[name])
             self._bound[name] = t
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         for name in self.outputs:
             dims = self.context.get_tensor_shape(name)
             shape = [int(dims[i]) for i in range(len(dims))]
-            t = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
+            t = torch.empty(shape, dtype=self._dtypes[name], device=self._device)
             self._bound[name] = t
             self.context.set_tensor_address(name, t.data_ptr())
 
@@ -69,14 +77,16 @@ class TrtEngine:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise VtrError(f"{self.path}: TensorRT execution failed")
 
-    def run(self, feeds: dict[str, np.ndarray], shared: bool = False) -> dict[str, np.ndarray]:
-        """Named inputs -> every output by name, as numpy (float32 for float outputs), copied to the host;
-        `shared` (see OvEngine.run) changes nothing."""
+    def run(self, feeds: dict[str, Any], shared: bool = False) -> dict[str, Any]:
+        """Named inputs -> every output by name, as numpy (float32 for float outputs), copied to the host.
+        `shared=True` (the generation loop) leaves the KV-cache outputs on the GPU as torch tensors, which the
+        next step binds where they are: no cache crosses the bus between steps. Each run binds new output
+        tensors, so a shared run's outputs stay valid as long as they are referenced."""
         self.bind(feeds)
         self.launch()
         self.stream.synchronize()
-        return {n: self._bound[n].cpu().numpy() if not self._bound[n].is_floating_point()
-                else self._bound[n].float().cpu().numpy() for n in self.outputs}
+        kept = set(present_names(self.metadata["llm_layers"])) if shared else set()
+        return {n: self._bound[n] if n in kept else _host(self._bound[n]) for n in self.outputs}
 
     def time_ms(self) -> float:
         """One launch timed with CUDA events on the engine's stream (GPU compute time)."""
@@ -94,7 +104,12 @@ class TrtEngine:
         self.bind(prefill_feeds(self.metadata, input_ids, pixel_values))
         self.launch()
         self.stream.synchronize()
-        return self._bound["logits"].float().cpu().numpy()
+        return _host(self._bound["logits"])
+
+
+def _host(t: Any) -> np.ndarray:
+    """A device tensor as a host numpy array (floats as float32)."""
+    return (t.float() if t.is_floating_point() else t).cpu().numpy()
 
 
 def _torch_dtype(torch: Any, trt: Any, dt: Any) -> Any:
