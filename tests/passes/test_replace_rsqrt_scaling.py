@@ -7,18 +7,8 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from tests.passes.graphs import call_targets, exported
 from vtrcompile.passes.replace_rsqrt_scaling import replace_rsqrt_scaling
-from vtrcompile.passes.strip_runtime_asserts import strip_runtime_asserts
-
-
-def _graph(module, *x):
-    gm = torch.export.export(module, x, strict=False).module()
-    strip_runtime_asserts(gm)
-    return gm
-
-
-def _targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
 def test_an_rmsnorm_scales_by_a_division_with_the_same_values():
@@ -27,11 +17,11 @@ def test_an_rmsnorm_scales_by_a_division_with_the_same_values():
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(2, 9, 64) * 3
-    gm = _graph(norm, x)
-    assert torch.ops.aten.rsqrt.default in _targets(gm)
+    gm = exported(norm, x)
+    assert torch.ops.aten.rsqrt.default in call_targets(gm)
     res = replace_rsqrt_scaling(gm)
     assert res.modified and res.facts == {"rewritten": 1}
-    t = _targets(gm)
+    t = call_targets(gm)
     assert torch.ops.aten.rsqrt.default not in t and torch.ops.aten.div.Tensor in t and torch.ops.aten.sqrt.default in t
     with torch.no_grad():
         assert float((gm(x) - norm(x)).abs().max()) <= 1e-5
@@ -51,7 +41,7 @@ class _NoRsqrt(torch.nn.Module):
 def test_an_rsqrt_read_by_other_ops_and_a_graph_without_one_are_left_alone():
     x = torch.randn(3, 8)
     for module in (_RsqrtElsewhere(), _NoRsqrt()):
-        gm = _graph(module, x)
+        gm = exported(module, x)
         before = [str(n) for n in gm.graph.nodes]
         assert not replace_rsqrt_scaling(gm).modified and [str(n) for n in gm.graph.nodes] == before
 
@@ -59,5 +49,5 @@ def test_an_rsqrt_read_by_other_ops_and_a_graph_without_one_are_left_alone():
 def test_every_norm_of_the_engines_graph_is_a_division(tiny_build):
     """In the pipeline: no rsqrt is left in a rewritten graph (the unmodified and the reduced one alike)."""
     for method, opts in (("none", {}), ("fastv", {"layer": 2, "keep": 18})):
-        t = _targets(tiny_build(method, **opts).graph_module)
+        t = call_targets(tiny_build(method, **opts).graph_module)
         assert torch.ops.aten.rsqrt.default not in t and t.count(torch.ops.aten.div.Tensor) >= 9

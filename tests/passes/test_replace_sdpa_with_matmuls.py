@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.passes.graphs import call_targets, exported
 from vtrcompile.methods.tensor_ops import matmul_attention
 from vtrcompile.passes.find_decoder_layers import SDPA
 from vtrcompile.passes.replace_sdpa_with_matmuls import replace_sdpa_with_matmuls
-from vtrcompile.passes.strip_runtime_asserts import strip_runtime_asserts
 
 
 class _Attention(torch.nn.Module):
@@ -23,15 +23,6 @@ class _Attention(torch.nn.Module):
     def forward(self, q, k, v, mask=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.kw)
 
-
-def _graph(module, *x):
-    gm = torch.export.export(module, x, strict=False).module()
-    strip_runtime_asserts(gm)
-    return gm
-
-
-def _targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
 def _qkv(q_rows=1, k_rows=23, heads=4, kv_heads=4, d=16, dtype=torch.float32, seed=0):
@@ -60,11 +51,11 @@ def test_sdpa_with_an_additive_mask_becomes_matmuls_with_the_same_values(dtype, 
     mask = torch.zeros(2, 1, 1, 23, dtype=dtype)
     mask[1, ..., :5] = torch.finfo(dtype).min  # a padded row, as a batch decode step masks it
     module = _Attention(scale=0.25)
-    gm = _graph(module, q, k, v, mask)
-    assert SDPA in _targets(gm)
+    gm = exported(module, q, k, v, mask)
+    assert SDPA in call_targets(gm)
     res = replace_sdpa_with_matmuls(gm)
     assert res.modified and res.facts == {"rewritten": 1}
-    t = _targets(gm)
+    t = call_targets(gm)
     assert SDPA not in t and t.count(matmul_attention) == 1
     node = next(n for n in gm.graph.nodes if n.target is matmul_attention)
     assert node.args[4] == 0.25 and node.meta["val"].shape == (2, 4, 1, 16)
@@ -77,7 +68,7 @@ def test_sdpa_with_an_additive_mask_becomes_matmuls_with_the_same_values(dtype, 
 
 def test_the_scale_defaults_to_one_over_the_root_of_the_head_size():
     q, k, v = _qkv()
-    gm = _graph(_Attention(), q, k, v)
+    gm = exported(_Attention(), q, k, v)
     assert replace_sdpa_with_matmuls(gm).modified
     node = next(n for n in gm.graph.nodes if n.target is matmul_attention)
     assert node.args[3] is None and node.args[4] == pytest.approx(0.25)
@@ -98,7 +89,7 @@ def test_attention_it_cannot_write_as_matmuls_is_left_alone(case):
     elif case == "grouped heads":
         kw = {"enable_gqa": True}
     module = _Attention(**kw) if case != "no attention" else torch.nn.Linear(16, 16)
-    gm = _graph(module, *(args if case != "no attention" else (q,)))
+    gm = exported(module, *(args if case != "no attention" else (q,)))
     before = [str(n) for n in gm.graph.nodes]
     assert not replace_sdpa_with_matmuls(gm).modified and [str(n) for n in gm.graph.nodes] == before
 
@@ -108,7 +99,7 @@ def test_the_decode_step_attends_with_matmuls(tiny):
     from vtrcompile.decode import capture_decode
 
     ep, _ = capture_decode(tiny.hf_model, 1)
-    t = _targets(ep.graph_module)
+    t = call_targets(ep.graph_module)
     assert SDPA not in t
     layers = tiny.hf_model.config.text_config.num_hidden_layers
     assert t.count(torch.ops.aten.softmax.int) + t.count(torch.ops.aten._softmax.default) == layers

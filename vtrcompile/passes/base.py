@@ -31,6 +31,20 @@ def finish_transform(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def rewrite_result(gm: fx.GraphModule, name: str, rewritten: int, declined: str, done: str) -> PassResult:
+    """How a pass that rewrites ops one by one ends: with nothing rewritten the graph is left as it was (`declined`
+    logged); else finish_transform and refresh_meta, `done` logged with the count, which the facts carry."""
+    from .graph_utils import refresh_meta
+
+    if not rewritten:
+        log.debug("%s: declined, %s", name, declined)
+        return PassResult(gm, False)
+    finish_transform(gm)
+    refresh_meta(gm)
+    log.debug("%s: %d %s", name, rewritten, done)
+    return PassResult(gm, True, facts={"rewritten": rewritten})
+
+
 def run_pipeline(gm: fx.GraphModule, passes: Sequence[tuple[Pass, Any]]) -> list[PassResult]:
     """Run passes in order; a failure names the failing pass and the passes that ran before it."""
     results: list[PassResult] = []

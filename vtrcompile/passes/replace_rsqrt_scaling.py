@@ -14,8 +14,8 @@ import logging
 import torch
 from torch import fx
 
-from .base import PassResult, finish_transform
-from .graph_utils import refresh_meta, substitute, take_provenance
+from .base import PassResult, rewrite_result
+from .graph_utils import substitute, take_provenance
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,5 @@ def replace_rsqrt_scaling(gm: fx.GraphModule, config=None) -> PassResult:
                 div = g.call_function(torch.ops.aten.div.Tensor, (x, root))
             substitute(m, div)
             rewritten += 1
-    if not rewritten:
-        log.debug("replace_rsqrt_scaling: declined, no multiplication by an rsqrt")
-        return PassResult(gm, False)
-    finish_transform(gm)
-    refresh_meta(gm)
-    log.debug("replace_rsqrt_scaling: %d multiplications by rsqrt made divisions", rewritten)
-    return PassResult(gm, True, facts={"rewritten": rewritten})
+    return rewrite_result(gm, "replace_rsqrt_scaling", rewritten, "no multiplication by an rsqrt",
+                          "multiplications by rsqrt made divisions")

@@ -1,0 +1,54 @@
+"""Decode engines of one model timed against each other in one process: the same cache (one prefill of the
+profile prompt), each engine's isolated step (`time_ms`), alternating engines over rounds so that drift in this
+machine's memory bandwidth hits all of them alike. For A/B comparisons of two builds of the decode graph (e.g.
+one written by an older vtrcompile); a step's time is only comparable within one run of this script.
+
+Usage: python benchmarks/decode_step.py PREFILL DECODE_A DECODE_B [...] [--rounds 12 --reps 12 --out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vtrcompile.engine.generate import decode_feeds
+from vtrcompile.engine.host_inputs import prefill_feeds
+from vtrcompile.engine.runners import open_engine
+from vtrcompile.profile import environment, profile_prompt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("prefill")
+    ap.add_argument("decode", nargs="+")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--reps", type=int, default=12, help="timed steps per engine and round (3 more as warm-up)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    prefill = open_engine(args.prefill, args.threads)
+    decodes = [open_engine(p, args.threads) for p in args.decode]
+    ids, pixels = profile_prompt(prefill.metadata)[:2]
+    out = prefill.run(prefill_feeds(prefill.metadata, ids, pixels))
+    n = prefill.metadata["llm_layers"]
+    for d in decodes:
+        d.bind(decode_feeds(out, out["logits"].argmax(-1), n))
+    rounds: list[list[float]] = [[] for _ in decodes]
+    for _ in range(args.rounds):
+        for d, r in zip(decodes, rounds, strict=True):
+            r.append(float(np.median([d.time_ms() for _ in range(args.reps + 3)][3:])))
+    res = {"prefill": args.prefill, "prompt_tokens": int(ids.shape[1]), "environment": environment(args.threads),
+           "engines": [{"decode": p, "round_p50_ms": r, "median_ms": float(np.median(r))}
+                       for p, r in zip(args.decode, rounds, strict=True)]}
+    for e in res["engines"]:
+        print(f"{e['decode']}: {e['median_ms']:.2f} ms (rounds {' '.join(f'{x:.1f}' for x in e['round_p50_ms'])})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
