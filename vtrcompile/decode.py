@@ -65,7 +65,7 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
         raise VtrError(f"torch.export of the decode step failed: {first}") from e
     gm = ep.module()
     # the RMSNorms in the form ONNX Runtime fuses, as in the prefill; the attention as matmuls that scale the new
-    # query row, not every cached key
+    # query row, not every cached key (a list, so both run)
     if any([replace_rsqrt_scaling(gm).modified, replace_sdpa_with_matmuls(gm).modified]):
         with torch.no_grad():
             ep = torch.export.export(gm, (ids, pos, *past, *mask), dynamic_shapes=(None, None, *dims["rest"]),

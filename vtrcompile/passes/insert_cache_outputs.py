@@ -83,8 +83,8 @@ def insert_cache_outputs(gm: fx.GraphModule, config: tuple[list[str], Sequence[R
     """Needs: the reductions already inserted. config = (attention module path of each decoder layer, found
     by the analysis of the unmodified graph; the reductions; the index of the graph input holding host
     positions [3, B, S], or None; the index of the left-padding attention_mask input [B, S], or None).
-    Attention ops are found again by that provenance, because a vision-site rewrite removes the boundary op the analysis starts from. A graph that
-    returns more than its logits already is left as it is."""
+    Attention ops are found again by that provenance, because a vision-site rewrite removes the boundary op the
+    analysis starts from. A graph that returns more than its logits already is left as it is."""
     attention_modules, reductions, position_input, padding_input = config
     out = next(n for n in gm.graph.nodes if n.op == "output")
     results = out.args[0]
