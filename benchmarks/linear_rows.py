@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
 
-from vtrcompile.lower.openvino import PRECISIONS, _ov
+from vtrcompile.lower.openvino import PRECISIONS
 from vtrcompile.models.presets import PRESETS
 from vtrcompile.profile import environment
 
@@ -25,9 +27,6 @@ ROWS = [16, 32, 64, 88, 119, 176, 256, 400, 631]
 
 def chain(text: dict, seed: int = 0):
     """An OpenVINO model x [rows, hidden] -> every layer's linear weights applied in turn (random values)."""
-    ov = _ov()
-    from openvino import opset13 as ops
-
     rng = np.random.default_rng(seed)
     h, i, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     kv = h * text.get("num_key_value_heads", text["num_attention_heads"]) // text["num_attention_heads"]
@@ -56,15 +55,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    model, params = chain(PRESETS[args.preset].text)
+    text = PRESETS[args.preset].text
+    model, params = chain(text)
     config = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": PRECISIONS[args.dtype][0],
               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    request = _ov().Core().compile_model(model, "CPU", config).create_infer_request()
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
     weight_bytes = params * (2 if args.dtype in ("bfloat16", "float16") else 4)
     rows = []
     for m in map(int, args.rows.split(",")):
-        x = np.random.default_rng(m).standard_normal((m, model.inputs[0].get_partial_shape()[1].get_length()))
-        x = x.astype(np.float32)
+        x = np.random.default_rng(m).standard_normal((m, text["hidden_size"])).astype(np.float32)
         for _ in range(5):
             request.infer({0: x})
         times = []
