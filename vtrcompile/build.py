@@ -20,6 +20,7 @@ from .passes.base import run_pipeline
 from .passes.facts import GraphFacts
 from .passes.find_decoder_layers import SDPA
 from .passes.fold_whole_splits import fold_whole_splits
+from .passes.graph_utils import mark_meta_current
 from .passes.insert_token_reduction import ImageLayout, Reduction
 from .passes.pipeline import build_pipeline
 from .passes.provenance import module_stack
@@ -121,6 +122,7 @@ def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt:
     gm = editable_module(ep)
     strip_runtime_asserts(gm)
     fold_whole_splits(gm)
+    mark_meta_current(gm)
     facts = analyze(gm)
     layout = image_layout(source, facts.boundary.n_image)
     n_patches = facts.boundary.n_image - (len(layout.protected) if layout else 0)

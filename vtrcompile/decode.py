@@ -21,6 +21,7 @@ from .engine.runners import read_engine_metadata
 from .errors import VtrError
 from .models.decoder import DecodeStep, cache_geometry, eos_token_ids
 from .models.family import family_of
+from .passes.graph_utils import mark_meta_current
 from .passes.replace_rsqrt_scaling import replace_rsqrt_scaling
 from .passes.replace_sdpa_with_matmuls import replace_sdpa_with_matmuls
 from .passes.strip_runtime_asserts import strip_runtime_asserts
@@ -64,6 +65,7 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"torch.export of the decode step failed: {first}") from e
     gm = ep.module()
+    mark_meta_current(gm)
     # the RMSNorms in the form ONNX Runtime fuses, as in the prefill; the attention as matmuls that scale the new
     # query row, not every cached key (a list, so both run)
     if any([replace_rsqrt_scaling(gm).modified, replace_sdpa_with_matmuls(gm).modified]):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+log = logging.getLogger(__name__)
 
 
 def stable_topological_sort(graph: fx.Graph) -> None:
@@ -38,11 +43,69 @@ def stable_topological_sort(graph: fx.Graph) -> None:
         raise RuntimeError(f"graph has a cycle through {pending[0]}")
 
 
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Recompute meta['val'] (fake tensors with the capture's symbolic sizes) for every node."""
+# meta key: what a node computed when its meta["val"] was last propagated (op, target, arguments by node name)
+_SIGNATURE = "vtrcompile_meta_signature"
+
+
+def _signature(n: fx.Node) -> str:
+    return repr((n.op, n.target, fx.node.map_arg((n.args, n.kwargs), lambda a: a.name)))
+
+
+def _meta_key(v: Any) -> Any:
+    """What meta["val"] says about a value, comparable across propagations: sizes, strides (symbolic ones as
+    their expressions), dtype and device of each tensor; symbolic and plain numbers as text."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(map(str, v.shape)), tuple(map(str, v.stride())), v.dtype, v.device)
+    if isinstance(v, (list, tuple)):
+        return tuple(_meta_key(x) for x in v)
+    return ("value", str(v)) if v is not None else None
+
+
+class _IncrementalProp(FakeTensorProp):
+    """FakeTensorProp that re-runs only the nodes a rewrite touched: a call whose meta["val"] was propagated
+    before, whose op and arguments are unchanged since then, and none of whose inputs now has other sizes,
+    keeps its meta. Weights (get_attr), submodule calls and placeholders are always propagated."""
+
+    def __init__(self, gm: fx.GraphModule, mode) -> None:
+        super().__init__(gm, mode)
+        self.changed: set[fx.Node] = set()
+        self.rerun = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        sig = _signature(n)
+        if n.op in ("call_function", "call_method") and "val" in n.meta and n.meta.get(_SIGNATURE) == sig and \
+                not any(a in self.changed for a in n.all_input_nodes):
+            return n.meta["val"]
+        before = _meta_key(n.meta.get("val"))
+        result = super().run_node(n)
+        self.rerun += n.op in ("call_function", "call_method")
+        n.meta[_SIGNATURE] = sig
+        if _meta_key(n.meta.get("val")) != before:
+            self.changed.add(n)
+        return result
+
+
+def mark_meta_current(gm: fx.GraphModule) -> None:
+    """Take every node's meta["val"] as right as it is (a graph just captured by torch.export), so that the first
+    refresh_meta after a rewrite propagates only what the rewrite touched."""
+    for n in gm.graph.nodes:
+        if "val" in n.meta:
+            n.meta[_SIGNATURE] = _signature(n)
+
+
+def refresh_meta(gm: fx.GraphModule, full: bool = False) -> int:
+    """Recompute meta['val'] (fake tensors with the capture's symbolic sizes) where a rewrite made it stale:
+    new nodes, nodes whose op or arguments changed, and everything downstream whose sizes change with them
+    (`full`: every node, as FakeTensorProp does). Returns how many calls it propagated."""
     vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = next(v.fake_mode for v in vals if isinstance(v, torch._subclasses.FakeTensor))
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+    if full:
+        for n in gm.graph.nodes:
+            n.meta.pop(_SIGNATURE, None)
+    prop = _IncrementalProp(gm, mode)
+    prop.propagate_dont_convert_inputs(*vals)
+    log.debug("refresh_meta: %d of %d nodes propagated", prop.rerun, len(gm.graph.nodes))
+    return prop.rerun
 
 
 def tag_provenance(node: fx.Node, anchor: fx.Node, label: str) -> None:
