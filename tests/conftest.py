@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -17,6 +18,29 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 # Named tolerance for "engine equals the method's eager reference" (float32 end to end).
 REFERENCE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _decode_cache(tmp_path_factory):
+    """One decode engine per model, dtype and backend for the whole run, copied into each test's folder
+    (vtrcompile/decode_cache.py), shared by the xdist workers of this run. Tests of building one take
+    `no_decode_cache`."""
+    from vtrcompile import decode_cache
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, above each worker's own
+    mp = pytest.MonkeyPatch()
+    mp.setenv(decode_cache.ENV, str(root / "decode-cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def no_decode_cache(monkeypatch):
+    from vtrcompile import decode_cache
+
+    monkeypatch.delenv(decode_cache.ENV, raising=False)
 
 
 @pytest.fixture(scope="session")

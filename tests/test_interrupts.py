@@ -81,7 +81,7 @@ def _check_clean(out: Path, code: int, err: str, sig: int, sent: bool) -> None:
 
 @pytest.mark.parametrize("point,sig", [("early", signal.SIGTERM), ("decode", signal.SIGINT),
                                        pytest.param("prefill", signal.SIGTERM, marks=pytest.mark.slow)])
-def test_optimize_interrupted(tmp_path, point, sig):
+def test_optimize_interrupted(tmp_path, point, sig, no_decode_cache):
     out = tmp_path / "out"
     out.mkdir()
     when = {"early": _after(1.0), "decode": _appears(out, ".decode-"), "prefill": _appears(out, ".x.onnx.")}[point]

@@ -2,7 +2,8 @@
 
 The decode step is never reduced: it appends one token to each layer's cache, whatever length that cache
 has. Its file is named by the model identity and dtype (`decode-<id>-<dtype>.<ext>`) and sits next to
-the prefill engines that pair with it; a matching file already there is reused, not rebuilt.
+the prefill engines that pair with it; a matching file already there is reused, not rebuilt, and with
+VTRCOMPILE_DECODE_CACHE set one built for another folder is copied from the cache (decode_cache.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import decode_cache
 from .engine.host_inputs import takes_padding
 from .engine.io import FORMAT_VERSION, decode_inputs, decode_outputs, describe
 from .engine.metadata import DECODE, stamp
@@ -100,17 +102,27 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     ext = BACKENDS[target.backend][0]
     path = folder / decode_file_name(model_id, target.dtype, ext, target.device, target.weights, batch)
     n = cache_geometry(model)["llm_layers"]
-    meta = read_engine_metadata(path) if path.is_file() else None
-    if meta and meta.get("role") == "decode" and meta.get("model_id") == model_id and \
-            meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype and meta.get("batch") == batch \
-            and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(n, takes_padding(batch)):
+
+    def matches() -> bool:
+        meta = read_engine_metadata(path) if path.is_file() else None
+        return bool(meta and meta.get("role") == "decode" and meta.get("model_id") == model_id
+                    and meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype
+                    and meta.get("batch") == batch
+                    and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(n, takes_padding(batch)))
+
+    if matches():
         log.info("decode engine %s already built for this model; reused", path)
+        return path
+    cacheable = weights is None and target.backend != "tensorrt"
+    if cacheable and decode_cache.restore(path.name, folder) and matches():
         return path
     ep, dim_names = capture_decode(model, batch)
     io = describe(ep, decode_inputs(n, takes_padding(batch)), decode_outputs(n), dim_names)
     meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io, batch)
     from .optimize import lower_program
 
-    lower_program(ep, path, meta, target, weights)
+    files = lower_program(ep, path, meta, target, weights)
     log.info("wrote decode engine %s", path)
+    if cacheable:
+        decode_cache.store(files)
     return path

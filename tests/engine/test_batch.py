@@ -302,7 +302,8 @@ STALE = {"no attention_mask input": _drop_mask,
 
 @pytest.mark.parametrize("stale", [s if s == "no attention_mask input" else pytest.param(s, marks=pytest.mark.slow)
                                    for s in STALE])
-def test_a_decode_engine_in_the_folder_is_reused_only_when_it_matches(tiny, batch2, folder, stale, caplog):
+def test_a_decode_engine_in_the_folder_is_reused_only_when_it_matches(tiny, batch2, folder, stale, caplog,
+                                                                    no_decode_cache):
     """ensure_decode_engine reuses the decode file already beside the prefill when its metadata matches the
     model, dtype, batch and inputs; a stale one under the same name is refused by the prefill engine, then rebuilt,
     and the pair generates what it did before."""

@@ -1,0 +1,93 @@
+"""VTRCOMPILE_DECODE_CACHE: a decode engine built for one folder is copied into another instead of being exported
+again; an entry that is incomplete or is not this model's is never used; streamed and TensorRT engines are not
+cached."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import prompts
+from vtrcompile import decode as decode_mod
+from vtrcompile import decode_cache, load_engine
+from vtrcompile.optimize import Target, write_engine
+
+
+class _Built(Exception):
+    pass
+
+
+def _no_build(*args, **kwargs):
+    raise _Built
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(decode_cache.ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _decode_of(opt):
+    return opt.files[-1].parent / opt.metadata["decode"]["file"]
+
+
+def test_a_folder_gets_the_cached_decode_engine_instead_of_building_one(tiny, tiny_build, tiny_engines, cache,
+                                                                        tmp_path, monkeypatch):
+    decode = _decode_of(tiny_engines["gprune-9"])
+    decode_cache.store([decode])
+    assert json.loads((decode_cache.cache_folder() / f"{decode.name}.files.json").read_text()) == [decode.name]
+    monkeypatch.setattr(decode_mod, "capture_decode", _no_build)
+    opt = write_engine(tiny_build("gprune", keep=9), tiny, tmp_path / "out" / "g.onnx")
+    restored = _decode_of(opt)
+    assert restored.parent == tmp_path / "out" and restored.read_bytes() == decode.read_bytes()
+    assert sorted(p.name for p in restored.parent.iterdir() if not p.name.startswith("tokenizer")) == sorted(
+        ["g.onnx", decode.name])  # no scratch file left
+    ids, px = prompts(tiny.hf_model.config)[0]
+    got, want = (load_engine(e.files[-1], threads=1).generate(input_ids=ids.numpy(), pixel_values=px.numpy(),
+                                                              max_new_tokens=4, eos_token_id=[])
+                 for e in (opt, tiny_engines["gprune-9"]))
+    assert got.tokens.tolist() == want.tokens.tolist() and np.array_equal(got.logits, want.logits)
+
+
+def test_an_incomplete_or_foreign_entry_is_not_used(tiny, tiny_engines, cache, tmp_path, monkeypatch):
+    decode = _decode_of(tiny_engines["fastv-k2-18"])
+    args = (tiny.hf_model, tiny_engines["fastv-k2-18"].metadata["model_id"], tiny.label)
+    monkeypatch.setattr(decode_mod, "capture_decode", _no_build)
+    folder = decode_cache.cache_folder()
+    folder.mkdir(parents=True)
+    # a manifest whose file is missing (a store cut short) is no entry
+    (folder / f"{decode.name}.files.json").write_text(json.dumps([decode.name]))
+    assert decode_cache.restore(decode.name, tmp_path) is None and not list(tmp_path.glob("decode-*"))
+    # another model's decode engine under this model's name: copied, found not to match, built instead
+    (folder / decode.name).write_bytes(_foreign_decode(tiny_engines, tmp_path).read_bytes())
+    with pytest.raises(_Built):
+        decode_mod.ensure_decode_engine(*args, tmp_path / "a", Target(), 1)
+    # with the cache off, nothing is read
+    monkeypatch.delenv(decode_cache.ENV)
+    assert decode_cache.cache_folder() is None and decode_cache.restore(decode.name, tmp_path) is None
+
+
+def _foreign_decode(tiny_engines, tmp_path):
+    """This model's decode engine with another model identity in its metadata."""
+    from tests.engine.test_batch import _rewrite_metadata
+
+    f = tmp_path / "foreign" / _decode_of(tiny_engines["fastv-k2-18"]).name
+    f.parent.mkdir()
+    f.write_bytes(_decode_of(tiny_engines["fastv-k2-18"]).read_bytes())
+    _rewrite_metadata(f, lambda meta: meta.update(model_id="0" * 64))
+    return f
+
+
+@pytest.mark.parametrize("target,weights", [(Target(backend="tensorrt"), None), (Target(), object())])
+def test_tensorrt_and_streamed_engines_are_never_cached(tiny, tiny_engines, cache, tmp_path, monkeypatch, target,
+                                                         weights):
+    decode_cache.store([_decode_of(tiny_engines["fastv-k2-18"])])
+    asked = []
+    monkeypatch.setattr(decode_cache, "restore", lambda *a: asked.append(a))
+    monkeypatch.setattr(decode_mod, "capture_decode", _no_build)
+    with pytest.raises(_Built):  # it went to build, without asking the cache
+        decode_mod.ensure_decode_engine(tiny.hf_model, tiny_engines["fastv-k2-18"].metadata["model_id"], tiny.label,
+                                        tmp_path, target, 1, weights)
+    assert not asked
