@@ -106,29 +106,52 @@ def test_each_row_generates_what_its_prompt_alone_does(tiny, batch2, name):
     assert float(np.abs(whole.logits[1] - out.logits[1, :2]).max()) > 1e-3
 
 
-def test_padding_must_be_on_the_left(tiny, batch2, fastv_b1):
+def _right_padded(ids, mask):
+    """Left-padded rows -> the same rows right-padded (as a tokenizer with padding_side="right" gives them)."""
+    pad = (mask == 0).sum(1)
+    return (torch.stack([torch.roll(r, -int(k)) for r, k in zip(ids, pad, strict=True)]),
+            torch.stack([torch.roll(r, -int(k)) for r, k in zip(mask, pad, strict=True)]))
+
+
+def test_padding_goes_on_one_side_of_each_prompt(tiny, batch2, fastv_b1):
     engine = load_engine(batch2("fastv").files[-1], threads=1)
     ids, px, _, mask = two_prompts(tiny.hf_model.config, ((5, 8), (1, 3)))
-    for bad, words in [(mask.flip(1), "left padding"), (mask * 2, "other than 0 and 1"), (mask[:, 1:], "one mask value"),
-                       (torch.cat([mask[:, :-1], torch.zeros(2, 1, dtype=torch.int64)], 1), "left padding")]:
+    # right padding (a tokenizer's padding_side="right") generates what left padding does: each row is rolled
+    right_ids, right_mask = _right_padded(ids, mask)
+    assert not torch.equal(right_ids, ids) and not torch.equal(right_mask, mask)
+    left, right = (engine.generate(input_ids=i, pixel_values=px, attention_mask=m, max_new_tokens=3, eos_token_id=[])
+                   for i, m in ((ids, mask), (right_ids, right_mask)))
+    assert right.tokens.tolist() == left.tokens.tolist() and np.array_equal(right.logits, left.logits)
+    both_sides = torch.cat([mask[:, :-1], torch.zeros(2, 1, dtype=torch.int64)], 1)  # row 0: zeros before and after
+    inside = mask.clone()
+    inside[0, -2] = 0
+    for bad, words in [(mask * 2, "other than 0 and 1"), (mask[:, 1:], "one mask value"),
+                       (both_sides, "on one side only"), (inside, "on one side only")]:
         with pytest.raises(VtrError, match=words):
             engine.generate(input_ids=ids, pixel_values=px, attention_mask=bad, max_new_tokens=2)
     one = load_engine(fastv_b1, threads=1)
     with pytest.raises(VtrError, match="batch-1 engine takes one prompt without padding"):
         one.generate(input_ids=ids[1:], pixel_values=px[1:], attention_mask=mask[1:], max_new_tokens=2)
-    # random masks: a left-padding one that leaves the image block unmasked runs; anything else is one VtrError line
+    # random masks: one whose rows are each padded on one side and leave the image block unmasked runs; anything
+    # else is one VtrError line
     rng = np.random.default_rng(0)
     s_len = ids.shape[1]
     for _ in range(40):
-        m = rng.integers(0, 2, size=(2, s_len)) if rng.random() < 0.5 else \
+        kind = rng.integers(3)
+        m = rng.integers(0, 2, size=(2, s_len)) if kind == 0 else \
             (np.arange(s_len)[None] >= rng.integers(0, 12, size=(2, 1))).astype(np.int64)
-        left = bool((np.diff(m, axis=1) >= 0).all() and m[:, -1].all())
-        image_kept = bool(((ids.numpy() == engine.metadata["image_token_id"]) <= (m == 1)).all())
+        if kind == 2:
+            m = m[:, ::-1].copy()
+        one_side = bool(((np.diff(m, axis=1) >= 0).all(axis=1) & (m[:, -1] == 1)
+                         | (np.diff(m, axis=1) <= 0).all(axis=1) & (m[:, 0] == 1)).all())
+        rows = m if kind != 2 else np.stack([np.roll(r, len(r) - r.sum()) for r in m])
+        image_kept = bool(((ids.numpy() == engine.metadata["image_token_id"]) <= (rows == 1)).all())
         try:
-            engine(input_ids=ids, pixel_values=px, attention_mask=m)
-            assert left and image_kept, m
+            engine(input_ids=ids if kind != 2 else _right_padded(ids, torch.as_tensor(rows))[0], pixel_values=px,
+                   attention_mask=m)
+            assert one_side and image_kept, m
         except VtrError as e:
-            assert not (left and image_kept), (m, e)
+            assert not (one_side and image_kept), (m, e)
             assert "\n" not in str(e) and "attention_mask" in str(e), str(e)
     # a decode engine that reads a mask does not pair with a prefill engine that takes none (an older batch engine)
     old = load_engine(batch2("fastv").files[-1], threads=1)

@@ -56,12 +56,13 @@ def test_an_incomplete_or_foreign_entry_is_not_used(tiny, tiny_engines, cache, t
     args = (tiny.hf_model, tiny_engines["fastv-k2-18"].metadata["model_id"], tiny.label)
     monkeypatch.setattr(decode_mod, "capture_decode", _no_build)
     folder = decode_cache.cache_folder()
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     # a manifest whose file is missing (a store cut short) is no entry
-    (folder / f"{decode.name}.files.json").write_text(json.dumps([decode.name]))
-    assert decode_cache.restore(decode.name, tmp_path) is None and not list(tmp_path.glob("decode-*"))
+    (folder / "decode-gone.onnx.files.json").write_text(json.dumps(["decode-gone.onnx"]))
+    assert decode_cache.restore("decode-gone.onnx", tmp_path) is None and not list(tmp_path.glob("decode-*"))
     # another model's decode engine under this model's name: copied, found not to match, built instead
     (folder / decode.name).write_bytes(_foreign_decode(tiny_engines, tmp_path).read_bytes())
+    (folder / f"{decode.name}.files.json").write_text(json.dumps([decode.name]))
     with pytest.raises(_Built):
         decode_mod.ensure_decode_engine(*args, tmp_path / "a", Target(), 1)
     # with the cache off, nothing is read

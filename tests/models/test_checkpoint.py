@@ -35,15 +35,22 @@ def _ops(path):
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
-def test_streamed_engines_equal_the_in_memory_ones(checkpoint, tmp_path):
-    lazy, loaded = load_model(str(checkpoint)), load_model(str(checkpoint), stream=False)
+@pytest.fixture(scope="module")
+def in_memory(checkpoint, tmp_path_factory):
+    """The FastV ONNX engine of the checkpoint loaded in memory (no weight store): what streamed engines equal."""
+    loaded = load_model(str(checkpoint), stream=False)
+    return loaded, write_engine(build(loaded, "fastv", {"keep": 18}), loaded,
+                                tmp_path_factory.mktemp("in-memory") / "f.onnx")
+
+
+def test_streamed_engines_equal_the_in_memory_ones(checkpoint, in_memory, tmp_path):
+    lazy, (loaded, b) = load_model(str(checkpoint)), in_memory
     assert lazy.weights is not None and loaded.weights is None
     assert source_id(lazy) == source_id(loaded)  # the identity hash reads the same values
     a = write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "a" / "f.onnx")
-    b = write_engine(build(loaded, "fastv", {"keep": 18}), loaded, tmp_path / "b" / "f.onnx")
     decode = a.metadata["decode"]["file"]
     assert _ops(a.files[-1]) == _ops(b.files[-1])  # the same graph
-    assert _ops(tmp_path / "a" / decode) == _ops(tmp_path / "b" / decode)
+    assert _ops(tmp_path / "a" / decode) == _ops(b.files[-1].parent / decode)
     ea, eb = OrtEngine(a.files[-1], threads=1), OrtEngine(b.files[-1], threads=1)
     for ids, px in prompts(lazy.hf_model.config):
         assert float(np.abs(ea(ids.numpy(), px.numpy()) - eb(ids.numpy(), px.numpy())).max()) <= 1e-6
@@ -105,10 +112,11 @@ def test_a_checkpoint_missing_a_weight_is_refused(checkpoint, tmp_path):
         load_model(str(d))
 
 
-def test_openvino_engines_of_a_checkpoint_read_the_weight_store(checkpoint, tmp_path):
+def test_openvino_engines_of_a_checkpoint_read_the_weight_store(checkpoint, in_memory, tmp_path):
     """.xml engines from a lazily read checkpoint: each IR's .bin is the model's weight store (one file, linked),
-    the constants OpenVINO saved are appended to it once, and the engines equal those of the model loaded in
-    memory (OpenVINO's own .bin, the path the OpenVINO tests compare with ONNX Runtime and the references)."""
+    the constants OpenVINO saved are appended to it once, the IRs take exactly the engines' inputs (no weight
+    stand-in left), and they generate what the ONNX Runtime engines of the model loaded in memory generate (the
+    OpenVINO tests hold OpenVINO's own IRs to the same engines within REFERENCE_ATOL; here 1e-5)."""
     pytest.importorskip("openvino")
     import os
     import xml.etree.ElementTree as ET
@@ -117,10 +125,9 @@ def test_openvino_engines_of_a_checkpoint_read_the_weight_store(checkpoint, tmp_
     from vtrcompile.lower.openvino import read_ir
     from vtrcompile.optimize import Target
 
-    lazy, loaded = load_model(str(checkpoint)), load_model(str(checkpoint), stream=False)
+    lazy = load_model(str(checkpoint))
     ov = Target(backend="openvino")
     write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "a" / "f.xml", ov)
-    write_engine(build(loaded, "fastv", {"keep": 18}), loaded, tmp_path / "b" / "f.xml", ov)
     meta = read_ir(tmp_path / "a" / "f.xml")[1]
     store = tmp_path / "a" / meta["weights_file"]
     decode = tmp_path / "a" / meta["decode"]["file"]
@@ -135,15 +142,17 @@ def test_openvino_engines_of_a_checkpoint_read_the_weight_store(checkpoint, tmp_
         consts = [ly.find("data").attrib for ly in layers if ly.get("type") == "Const"]
         assert consts and all(int(d["offset"]) + int(d["size"]) <= size for d in consts)
         assert not [ly for ly in layers if ly.get("type") == "Parameter" and "stored_weight" in ly.get("name")]
-    engines = [load_engine(p, threads=1) for p in (tmp_path / "a" / "f.xml", tmp_path / "b" / "f.xml")]
-    for x in ("f.xml", decode.name):  # the stand-ins are gone: the same inputs, in the same order
+    onnx_engine = in_memory[1].files[-1]
+    engines = [load_engine(p, threads=1) for p in (tmp_path / "a" / "f.xml", onnx_engine)]
+    for x, want in (("f.xml", onnx_engine), (decode.name, onnx_engine.parent / decode.with_suffix(".onnx").name)):
+        # the stand-ins are gone: the inputs the engine contract names, in its order
         assert [i.get_any_name() for i in read_ir(tmp_path / "a" / x)[0].inputs] == [
-            i.get_any_name() for i in read_ir(tmp_path / "b" / x)[0].inputs]
+            t["name"] for t in read_metadata(want)["io"]["inputs"]]
     for ids, px in prompts(build_preset("tiny").config)[:2]:
         la, lb = (np.asarray(e(input_ids=ids.numpy(), pixel_values=px.numpy())) for e in engines)
-        assert float(np.abs(la - lb).max()) <= 1e-6
+        assert float(np.abs(la - lb).max()) <= 1e-5
         ga, gb = (e.generate(input_ids=ids.numpy(), pixel_values=px.numpy(), max_new_tokens=4) for e in engines)
-        assert (ga.tokens == gb.tokens).all() and float(np.abs(ga.logits - gb.logits).max()) <= 1e-6
+        assert (ga.tokens == gb.tokens).all() and float(np.abs(ga.logits - gb.logits).max()) <= 1e-5
 
 
 def test_a_checkpoint_asked_for_in_another_dtype_is_in_that_dtype_everywhere():

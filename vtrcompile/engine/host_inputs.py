@@ -7,7 +7,8 @@ so every runner, the Python API and the eager builds compute them the same way, 
 
 Engines for several prompts per run (batch > 1) also take `attention_mask` [B, S] (kind `padding`): rows of
 different lengths are left-padded to one length, 0 over the padding and 1 over the prompt, as a Hugging Face
-tokenizer with `padding_side="left"` returns it. Without one, every row is taken whole (all ones).
+tokenizer with `padding_side="left"` returns it. Without one, every row is taken whole (all ones). Right-padded
+rows (`padding_side="right"`) are rolled to left padding on the host first (right_padding_shifts).
 """
 
 from __future__ import annotations
@@ -37,6 +38,25 @@ def padded(spec: dict[str, Any] | None) -> bool:
     return any(how["kind"] == "padding" for how in (spec or {}).values())
 
 
+def right_padding_shifts(mask: Any) -> np.ndarray | None:
+    """For a 0/1 mask [B, S] in which some row is right-padded (ones, then zeros): how far to roll each row so that
+    it is left-padded (zeros, then ones); None when no row is right-padded. A row padded any other way gets 0 and
+    is left for check_left_padding to refuse. Rolling changes no token's position: a model numbers each row's
+    tokens from its first 1."""
+    m = np.asarray(mask)
+    if m.ndim != 2 or m.dtype.kind == "f" or not np.isin(m, (0, 1)).all():
+        return None
+    ones = m.sum(axis=1)
+    cols = np.arange(m.shape[1])[None]
+    right = (m == (cols < ones[:, None])).all(axis=1) & (ones > 0) & (ones < m.shape[1])
+    return np.where(right, m.shape[1] - ones, 0) if right.any() else None
+
+
+def roll_rows(a: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Each row of a [B, S] rolled right by its shift."""
+    return np.stack([np.roll(row, int(k)) for row, k in zip(np.asarray(a), shifts, strict=True)])
+
+
 def check_left_padding(mask: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
     """attention_mask [B, S] of 0/1 with zeros only before each row's prompt (left padding) -> int64 [B, S],
     or a one-line error that says what is wrong with it."""
@@ -49,8 +69,8 @@ def check_left_padding(mask: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
                        "0 = padding)")
     m = m.astype(np.int64)
     if (np.diff(m, axis=1) < 0).any() or (m[:, -1] == 0).any():
-        raise VtrError("attention_mask has padding after a prompt's first token: the engines take left padding "
-                       "(tokenizer padding_side=\"left\"), zeros before each prompt and none inside or after it")
+        raise VtrError("attention_mask has padding inside a prompt or on both sides of it: pad each prompt on one "
+                       "side only (tokenizer padding_side \"left\" or \"right\"), with no zeros between its tokens")
     return m
 
 
