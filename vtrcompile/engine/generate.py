@@ -124,9 +124,8 @@ class Engine:
             mask = mask.reshape(ids.shape)  # a 1-D mask beside 1-D ids
         shifts = None if mask is None else right_padding_shifts(mask)
         if shifts is not None:  # right-padded rows -> left-padded ones, with every per-token input beside them
-            feeds = {k: roll_rows(v, shifts) if np.shape(v) == ids.shape and k != "input_ids" else v
-                     for k, v in feeds.items()}
-            feeds["input_ids"], mask = roll_rows(feeds["input_ids"], shifts), roll_rows(mask, shifts)
+            feeds = {k: roll_rows(v, shifts) if np.shape(v) == ids.shape else v for k, v in feeds.items()}
+            mask = roll_rows(mask, shifts)
         check_prompt(feeds["input_ids"], self.metadata["image_token_id"], self.metadata["n_image"])
         check_processor_extras(self.metadata, feeds)
         # derive checks the mask (left padding, 0/1, shape) and passes it on as the engine's attention_mask
