@@ -2,8 +2,9 @@
 
 A decode engine depends only on the model, dtype, weight format, device, batch and backend, never on the method,
 so building methods into several folders (build/fastv/, build/pdrop/) need not export it again. With the
-variable set, `optimize` copies (hard-links where it can) a cached decode engine into the output folder instead
-of building it, and stores each one it builds. Entries are keyed by the decode file's name (model identity
+variable set, `optimize` copies a cached decode engine into the output folder instead of building it, and stores
+a copy of each one it builds. Copies, not hard links: a tool that edits an engine file in place (ONNX metadata
+editors do) must not change the cache or the other folders' engines. Entries are keyed by the decode file's name (model identity
 included) under a folder named by the engine format, torch's version and a hash of vtrcompile's own source, so a
 changed vtrcompile or torch never reads an old entry. Not cached: TensorRT plans (built for one GPU and prompt
 range) and engines whose weights are streamed into a weight store shared with their prefill.
@@ -62,7 +63,7 @@ def restore(name: str, folder: Path) -> Path | None:
 
         def copy(tmp: Path) -> None:
             for f in files:
-                _link_or_copy(cache / f, tmp.parent / f)
+                shutil.copyfile(cache / f, tmp.parent / f)
 
         write_atomically(folder / name, copy)
     except FileNotFoundError:
@@ -85,7 +86,7 @@ def store(files: list[Path]) -> None:
         cache.mkdir(parents=True, exist_ok=True)
         for f in files:
             tmp = cache / f".{f.name}.{os.getpid()}.tmp"
-            _link_or_copy(f, tmp)
+            shutil.copyfile(f, tmp)
             os.replace(tmp, cache / f.name)
         tmp = cache / f".{main.name}.files.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(names))
@@ -94,10 +95,3 @@ def store(files: list[Path]) -> None:
         log.warning("decode cache %s: cannot store %s (%s)", cache, main.name, e)
         return
     log.info("decode engine %s stored in the cache %s", main.name, cache)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

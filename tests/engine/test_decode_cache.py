@@ -5,6 +5,7 @@ cached."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -42,6 +43,9 @@ def test_a_folder_gets_the_cached_decode_engine_instead_of_building_one(tiny, ti
     opt = write_engine(tiny_build("gprune", keep=9), tiny, tmp_path / "out" / "g.onnx")
     restored = _decode_of(opt)
     assert restored.parent == tmp_path / "out" and restored.read_bytes() == decode.read_bytes()
+    # copies, not links: editing one folder's engine in place changes neither the cache nor another folder
+    entry = decode_cache.cache_folder() / decode.name
+    assert not os.path.samefile(entry, restored) and not os.path.samefile(entry, decode)
     assert sorted(p.name for p in restored.parent.iterdir() if not p.name.startswith("tokenizer")) == sorted(
         ["g.onnx", decode.name])  # no scratch file left
     ids, px = prompts(tiny.hf_model.config)[0]
