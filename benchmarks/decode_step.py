@@ -3,13 +3,20 @@ profile prompt), each engine's isolated step (`time_ms`), alternating engines ov
 machine's memory bandwidth hits all of them alike. For A/B comparisons of two builds of the decode graph (e.g.
 one written by an older vtrcompile); a step's time is only comparable within one run of this script.
 
-Usage: python benchmarks/decode_step.py PREFILL DECODE_A DECODE_B [...] [--rounds 12 --reps 12 --out F.json]
+`--numpy-feeds` also times each OpenVINO engine fed the way OpenVINO's Python API is fed by default (a dict of
+numpy arrays, which it copies into fresh tensors where the engine takes bfloat16), against the zero-copy tensors
+`OvEngine.bind` makes: what that binding saves per step.
+
+Usage: python benchmarks/decode_step.py PREFILL DECODE_A [DECODE_B ...] [--rounds 12 --reps 12 --numpy-feeds
+       --out F.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,19 @@ from vtrcompile.engine.runners import open_engine
 from vtrcompile.profile import environment, profile_prompt
 
 
+def numpy_feeds_timer(engine, feeds: dict) -> Callable[[], float]:
+    """One step of `engine` (an OvEngine) fed a dict of numpy arrays, as OpenVINO's Python API is fed by default,
+    on a request of its own; outputs left in OpenVINO's buffers as `time_ms` leaves them."""
+    request = engine.compiled.create_infer_request()
+    arrays = {k: np.asarray(v) for k, v in feeds.items()}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        request.infer(arrays, share_inputs=True, share_outputs=True)
+        return (time.perf_counter() - t0) * 1e3
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("prefill")
@@ -27,6 +47,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--reps", type=int, default=12, help="timed steps per engine and round (3 more as warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--numpy-feeds", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -35,15 +56,22 @@ def main() -> None:
     ids, pixels = profile_prompt(prefill.metadata)[:2]
     out = prefill.run(prefill_feeds(prefill.metadata, ids, pixels))
     n = prefill.metadata["llm_layers"]
-    for d in decodes:
-        d.bind(decode_feeds(out, out["logits"].argmax(-1), n))
-    rounds: list[list[float]] = [[] for _ in decodes]
+    feeds = decode_feeds(out, out["logits"].argmax(-1), n)
+    timers, labels = [], []
+    for p, d in zip(args.decode, decodes, strict=True):
+        d.bind(feeds)
+        timers.append(d.time_ms)
+        labels.append(p)
+        if args.numpy_feeds and d.backend == "openvino":
+            timers.append(numpy_feeds_timer(d, feeds))
+            labels.append(f"{p} (numpy feeds)")
+    rounds: list[list[float]] = [[] for _ in timers]
     for _ in range(args.rounds):
-        for d, r in zip(decodes, rounds, strict=True):
-            r.append(float(np.median([d.time_ms() for _ in range(args.reps + 3)][3:])))
+        for t, r in zip(timers, rounds, strict=True):
+            r.append(float(np.median([t() for _ in range(args.reps + 3)][3:])))
     res = {"prefill": args.prefill, "prompt_tokens": int(ids.shape[1]), "environment": environment(args.threads),
            "engines": [{"decode": p, "round_p50_ms": r, "median_ms": float(np.median(r))}
-                       for p, r in zip(args.decode, rounds, strict=True)]}
+                       for p, r in zip(labels, rounds, strict=True)]}
     for e in res["engines"]:
         print(f"{e['decode']}: {e['median_ms']:.2f} ms (rounds {' '.join(f'{x:.1f}' for x in e['round_p50_ms'])})")
     if args.out:

@@ -239,3 +239,28 @@ def test_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):
     caches = [o for o in engine.decode.compiled.outputs if o.get_any_name().startswith("present.")]
     assert caches and {o.get_element_type().get_type_name() for o in caches} == {"bf16"}
     check_fastv64_demo_generation(engine)
+    # the caches go back in as OpenVINO tensors over the arrays' own memory (OpenVINO's dict path would copy each
+    # one into a fresh tensor on every step), and float32 caches are rounded to bfloat16: the same step either way
+    from vtrcompile.engine.generate import decode_feeds
+    from vtrcompile.profile import profile_prompt
+
+    ids, px = profile_prompt(engine.metadata)[:2]
+    out = engine.prefill.run({"input_ids": ids, "pixel_values": px})
+    feeds = decode_feeds(out, out["logits"].argmax(-1), engine.metadata["llm_layers"])
+    cache = feeds["past_key_values.0.key"]
+    assert cache.dtype == np.float16  # OpenVINO's numpy view of bf16 bits
+    engine.decode.bind(feeds)
+    bound = engine.decode._feeds["past_key_values.0.key"]
+    assert isinstance(bound, ov.Tensor) and bound.element_type == ov.Type.bf16
+    assert np.shares_memory(bound.data, cache)
+    step = engine.decode.run(feeds)["logits"]
+    request = engine.decode.compiled.create_infer_request()  # OpenVINO's own (copying) path, numpy feeds
+    request.infer({k: np.asarray(v) for k, v in feeds.items()})
+    assert np.array_equal(step, request.get_tensor("logits").data)
+    import torch
+
+    widened = {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16).float().numpy()
+               if k.startswith("past_key_values.") else v for k, v in feeds.items()}
+    assert np.array_equal(engine.decode.run(widened)["logits"], step)
+    with pytest.raises(VtrError, match="past_key_values.0.key: the engine takes bfloat16 values, got int64"):
+        engine.decode.bind({**feeds, "past_key_values.0.key": cache.astype(np.int64)})
