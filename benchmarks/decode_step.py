@@ -69,7 +69,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for t, r in zip(timers, rounds, strict=True):
             r.append(float(np.median([t() for _ in range(args.reps + 3)][3:])))
-    res = {"prefill": args.prefill, "prompt_tokens": int(ids.shape[1]), "environment": environment(args.threads),
+    res = {"prefill": args.prefill, "prompt_tokens": int(ids.shape[1]),
+           "environment": environment(args.threads, decodes[0]),
            "engines": [{"decode": p, "round_p50_ms": r, "median_ms": float(np.median(r))}
                        for p, r in zip(labels, rounds, strict=True)]}
     for e in res["engines"]:
