@@ -82,6 +82,7 @@ def store(files: list[Path]) -> None:
         return
     main = files[-1]
     names = [main.name] + [f.name for f in files[:-1]]
+    tmp: Path | None = None
     try:
         cache.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -92,6 +93,8 @@ def store(files: list[Path]) -> None:
         tmp.write_text(json.dumps(names))
         os.replace(tmp, cache / f"{main.name}.files.json")
     except OSError as e:
+        if tmp is not None:  # a half-copied file (a full disk) is not left in the cache folder
+            tmp.unlink(missing_ok=True)
         log.warning("decode cache %s: cannot store %s (%s)", cache, main.name, e)
         return
     log.info("decode engine %s stored in the cache %s", main.name, cache)

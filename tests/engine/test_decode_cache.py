@@ -96,3 +96,26 @@ def test_tensorrt_and_streamed_engines_are_never_cached(tiny, tiny_engines, cach
         decode_mod.ensure_decode_engine(tiny.hf_model, tiny_engines["fastv-k2-18"].metadata["model_id"], tiny.label,
                                         tmp_path, target, 1, weights)
     assert not asked
+
+
+def test_a_failed_store_leaves_no_file_behind(cache, tmp_path, monkeypatch, caplog):
+    """A copy that fails half way (a full disk) is logged, and neither its temporary file nor a manifest stays in
+    the cache folder; the engine being stored is untouched."""
+    src = tmp_path / "engine"
+    src.mkdir()
+    files = [src / "decode-x-float32.onnx.data", src / "decode-x-float32.onnx"]
+    for f in files:
+        f.write_bytes(b"w" * 4096)
+    real = decode_cache.shutil.copyfile
+
+    def full_disk(a, b):
+        if str(a).endswith(".onnx"):  # the second file: part of it is written, then the disk is full
+            real(a, b)
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+    monkeypatch.setattr(decode_cache.shutil, "copyfile", full_disk)
+    decode_cache.store(files)
+    folder = decode_cache.cache_folder()
+    assert sorted(p.name for p in folder.iterdir()) == ["decode-x-float32.onnx.data"]
+    assert "cannot store decode-x-float32.onnx (" in caplog.text and "No space left" in caplog.text
+    assert all(f.read_bytes() == b"w" * 4096 for f in files)
