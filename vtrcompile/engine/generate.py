@@ -141,7 +141,8 @@ class Engine:
         """The prefill alone: next-token logits [B, vocab] float32."""
         feeds = self._inputs(inputs)
         check_prompt_range(self.metadata, feeds["input_ids"].shape[1])
-        return self.prefill.run(feeds)["logits"].astype(np.float32)
+        # shared: the caches this call does not return are not copied; astype copies the logits out
+        return self.prefill.run(feeds, shared=True)["logits"].astype(np.float32)
 
     def generate(self, max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
                  **inputs: Any) -> GenerateOutput:

@@ -284,7 +284,7 @@ class OvEngine:
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
-        return self.run(prefill_feeds(self.metadata, input_ids, pixel_values))["logits"]
+        return np.array(self.run(prefill_feeds(self.metadata, input_ids, pixel_values), shared=True)["logits"])
 
     def execution_precisions(self) -> dict[str, str]:
         """Layer name -> the precision OpenVINO runs it in (from the compiled model's runtime graph)."""
