@@ -4,9 +4,9 @@ A decode engine depends only on the model, dtype, weight format, device, batch a
 so building methods into several folders (build/fastv/, build/pdrop/) need not export it again. With the
 variable set, `optimize` copies a cached decode engine into the output folder instead of building it, and stores
 a copy of each one it builds. Copies, not hard links: a tool that edits an engine file in place (ONNX metadata
-editors do) must not change the cache or the other folders' engines. Entries are keyed by the decode file's name (model identity
-included) under a folder named by the engine format, torch's version and a hash of vtrcompile's own source, so a
-changed vtrcompile or torch never reads an old entry. Not cached: TensorRT plans (built for one GPU and prompt
+editors do) must not change the cache or the other folders' engines. Entries are keyed by the decode file's name
+(model identity included) under a folder named by the engine format, torch's version and a hash of vtrcompile's
+own source, so a changed vtrcompile or torch never reads an old entry. Not cached: TensorRT plans (built for one GPU and prompt
 range) and engines whose weights are streamed into a weight store shared with their prefill.
 
 An entry is a manifest `<decode file>.files.json` (the engine's files, main file first) written after the files,

@@ -215,8 +215,8 @@ def bf16_tensor(name: str, a: np.ndarray) -> Any:
     numpy has no bfloat16: OpenVINO's Python API hands a bf16 output to numpy as a float16 array of the raw bits
     (so a bf16 prefill's caches arrive that way), and when such an array is fed back in a dict it copies it into a
     fresh tensor on every run. In a decode step of `llava15-geometry` at 631 cached tokens that copy of the caches
-    took 9-10 ms of a 24-26 ms step (2 threads, AMX Xeon; `benchmarks/decode_step.py --numpy-feeds`). A float16 array is taken as those bits, not copied; float32
-    (or float64) values are rounded to bfloat16 first."""
+    took 9-10 ms of a 24-26 ms step (2 threads, AMX Xeon; `benchmarks/decode_step.py --numpy-feeds`). A float16
+    array is taken as those bits, not copied; float32 (or float64) values are rounded to bfloat16 first."""
     ov = _ov()
     if a.dtype.kind == "f" and a.dtype != np.float16:
         import torch
