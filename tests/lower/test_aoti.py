@@ -138,6 +138,38 @@ def test_timed_runs_keep_the_previous_outputs_alive_until_the_next_returns():
     assert eng._last_outputs[0] is eng.runner.last()
 
 
+def test_a_package_damaged_inside_is_refused_before_its_code_is_loaded(tmp_path, monkeypatch):
+    """A flipped bit in a package's shared library can crash the process that loads it (found by
+    benchmarks/fuzz.py: exit -11). The archive's CRC-32s are checked first, so the damage is one clear error."""
+    loaded = []
+
+    def loader(path, *a, **k):
+        loaded.append(path)
+        raise RuntimeError("not a real package")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", loader)
+    good = tmp_path / "e.pt2"
+    payload = bytes(range(256)) * 64
+    with zipfile.ZipFile(good, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("e/data/aotinductor/model/x.wrapper.so", payload)
+    data = bytearray(good.read_bytes())
+    at = data.index(payload) + 1000
+    data[at] ^= 0x10
+    bad = tmp_path / "bad" / "e.pt2"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(data))
+    with pytest.raises(VtrError, match="x.wrapper.so' fails its checksum") as e:
+        AotiEngine(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(VtrError, match="not a readable AOTInductor package"):
+        (tmp_path / "cut.pt2").write_bytes(bytes(data[: len(data) // 2]))
+        AotiEngine(tmp_path / "cut.pt2")
+    assert loaded == []
+    with pytest.raises(VtrError, match="not a loadable AOTInductor package"):  # the intact archive passes the check
+        AotiEngine(good)
+    assert loaded == [str(good)]
+
+
 def test_cuda_without_gpu_is_one_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,23 @@ def _move_program(ep: torch.export.ExportedProgram, device: str) -> torch.export
     return reexport(module, [t.to(device) for t in ep.example_inputs[0]], *prompt_range(ep))
 
 
+def check_archive(path: Path) -> None:
+    """Refuse a package whose zip archive is damaged, before any of its native code is loaded.
+
+    A package holds a compiled shared library (and, frozen, the weights inside it); a flipped bit there can make
+    the process crash while loading it, where no error can be reported. Every entry of the archive carries a
+    CRC-32, so reading each entry once (zipfile checks the CRC at the end) finds such damage first."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise VtrError(f"{path}: not a readable AOTInductor package ({type(e).__name__}: {e}); rebuild it with "
+                       "`vtrcompile optimize --out x.pt2`") from None
+    if bad is not None:
+        raise VtrError(f"{path}: damaged AOTInductor package ({bad!r} fails its checksum); rebuild it with "
+                       "`vtrcompile optimize --out x.pt2`")
+
+
 class AotiEngine:
     """Runs a vtrcompile .pt2 package; inputs numpy, output numpy logits [B, vocab]."""
 
@@ -83,6 +101,7 @@ class AotiEngine:
             raise VtrError(f"engine not found: {self.path}")
         if threads:
             torch.set_num_threads(threads)
+        check_archive(self.path)
         try:
             self.runner = torch._inductor.aoti_load_package(str(self.path))
         except Exception as e:
