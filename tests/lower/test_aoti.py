@@ -164,6 +164,13 @@ def test_a_package_damaged_inside_is_refused_before_its_code_is_loaded(tmp_path,
     with pytest.raises(VtrError, match="not a readable AOTInductor package"):
         (tmp_path / "cut.pt2").write_bytes(bytes(data[: len(data) // 2]))
         AotiEngine(tmp_path / "cut.pt2")
+    cd = data.index(b"PK\x01\x02")  # the central directory's entry: its flags, then its compression method
+    for at, what in ((cd + 8, "encrypted"), (cd + 10, "compression method")):
+        flipped = bytearray(good.read_bytes())
+        flipped[at] ^= 1
+        (tmp_path / "hdr.pt2").write_bytes(bytes(flipped))
+        with pytest.raises(VtrError, match=f"not a readable AOTInductor package.*{what}"):
+            AotiEngine(tmp_path / "hdr.pt2")
     assert loaded == []
     with pytest.raises(VtrError, match="not a loadable AOTInductor package"):  # the intact archive passes the check
         AotiEngine(good)

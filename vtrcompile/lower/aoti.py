@@ -82,8 +82,9 @@ def check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise VtrError(f"{path}: not a readable AOTInductor package ({type(e).__name__}: {e}); rebuild it with "
+    except Exception as e:  # BadZipFile, OSError, and for damaged header flags RuntimeError, NotImplementedError
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        raise VtrError(f"{path}: not a readable AOTInductor package ({why}); rebuild it with "
                        "`vtrcompile optimize --out x.pt2`") from None
     if bad is not None:
         raise VtrError(f"{path}: damaged AOTInductor package ({bad!r} fails its checksum); rebuild it with "
