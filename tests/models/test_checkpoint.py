@@ -216,3 +216,36 @@ def test_aoti_estimate_counts_the_packed_weight_copies(checkpoint):
         need, what, advice = optimize_estimate(src, "aoti", torch.float32, False)
         assert need == pytest.approx(RUNTIME + AOTI_COPIES * w) and AOTI_COPIES >= 3.1  # 3.1 measured
         assert "packed copies" in what and any(".onnx or .xml" in a for a in advice)
+
+
+def _with_header(path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit` (data bytes unchanged)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit(json.loads(raw[8:8 + n]))
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: {k: ({kk: vv for kk, vv in v.items() if kk != "data_offsets"} if k == "w" else v) for k, v in h.items()},
+     "tensor 'w' has a damaged header entry"),  # a flipped bit renamed the key (fuzz seed 45: KeyError)
+    (lambda h: {**h, "w": {**h["w"], "shape": "4x3"}}, "tensor 'w' has a damaged header entry"),
+    (lambda h: {**h, "w": {**h["w"], "shape": [4, 4]}}, "tensor 'w' has a damaged header entry"),  # 64 B, 48 B held
+    (lambda h: {**h, "w": {**h["w"], "data_offsets": [0, 48.0]}}, "tensor 'w' has a damaged header entry"),
+    (lambda h: {**h, "w": {**h["w"], "data_offsets": [48, 0]}}, "tensor 'w' has a damaged header entry"),
+    (lambda h: {**h, "w": {**h["w"], "data_offsets": [4000, 4048]}}, r"truncated \(tensor 'w' ends at byte"),
+    (lambda h: {"b": h["b"], "w\nx": {**h["w"], "shape": [9]}}, r"tensor 'w\\nx' has a damaged header entry"),
+    (lambda h: {**h, "w": 7}, "tensor 'w' has dtype None"),
+    (lambda h: [h], "its header is not a JSON object"),
+])
+def test_a_damaged_safetensors_header_is_one_line(tmp_path, edit, message):
+    from vtrcompile.models.checkpoint import read_header
+
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(4, 3), "b": torch.zeros(3)}, str(f))
+    assert set(read_header(f)) == {"w", "b"}  # the intact file reads
+    _with_header(f, edit)
+    with pytest.raises(VtrError, match=message) as e:
+        read_header(f)
+    assert "\n" not in str(e.value) and str(f) in str(e.value)

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,16 +53,30 @@ def read_header(file: Path) -> dict[str, Entry]:
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error) as e:
         raise VtrError(f"{file}: not a readable safetensors file ({e}); re-save the checkpoint") from None
-    base = 8 + size
-    out = {}
-    for key, d in header.items():
-        if key == "__metadata__":
-            continue
-        if d.get("dtype") not in _ST_DTYPES:
-            raise VtrError(f"{file}: tensor {key} has dtype {d.get('dtype')}, which vtrcompile does not read")
-        b, e = d["data_offsets"]
-        out[key] = Entry(file, key, _ST_DTYPES[d["dtype"]], tuple(d["shape"]), base + b, base + e)
-    return out
+    if not isinstance(header, dict):
+        raise VtrError(f"{file}: not a readable safetensors file (its header is not a JSON object); re-save the "
+                       "checkpoint")
+    base, length = 8 + size, file.stat().st_size
+    return {key: _entry(file, key, d, base, length) for key, d in header.items() if key != "__metadata__"}
+
+
+def _entry(file: Path, key: str, d: Any, base: int, length: int) -> Entry:
+    """One header entry, checked: a known dtype, a shape of non-negative ints, offsets that span exactly the shape's
+    bytes and lie inside the file (a damaged header otherwise fails later, far from its cause)."""
+    dtype = d.get("dtype") if isinstance(d, dict) else None
+    if dtype not in _ST_DTYPES:
+        raise VtrError(f"{file}: tensor {key!r} has dtype {dtype!r}, which vtrcompile does not read")
+    shape, offsets = d.get("shape"), d.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+            and offsets[1] - offsets[0] == math.prod(shape) * _ST_DTYPES[dtype].itemsize):
+        raise VtrError(f"{file}: tensor {key!r} has a damaged header entry (its shape, dtype and data_offsets do "
+                       "not agree); re-save the checkpoint")
+    if base + offsets[1] > length:
+        raise VtrError(f"{file}: truncated (tensor {key!r} ends at byte {base + offsets[1]} of {length}); re-save "
+                       "the checkpoint")
+    return Entry(file, key, _ST_DTYPES[dtype], tuple(shape), base + offsets[0], base + offsets[1])
 
 
 def read_index(folder: Path) -> dict[str, Entry]:
