@@ -38,20 +38,32 @@ class WeightStore:
         self.folder = Path(folder)
         self.data = self.folder / (store_name(model_id, dtype) + ".data")
         self.index_path = self.folder / (store_name(model_id, dtype) + ".json")
-        self.index: dict[str, list[int]] = {}
-        if self.index_path.is_file() and self.data.is_file():
-            try:
-                rec = json.loads(self.index_path.read_text())
-                if rec.get("format") == FORMAT and rec.get("model_id") == model_id:
-                    self.index = {k: list(v) for k, v in rec["tensors"].items()}
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-                self.index = {}
+        existed = self.data.is_file()
+        self.index = self._read_index(model_id, self.data.stat().st_size if existed else 0) if existed else None
+        if self.index is None:
+            # No data yet, or an index that is missing or damaged. In the second case the data may hold the
+            # weights of engines already written (their offsets point into it; an IR's .bin is a hard link to
+            # it), so it is neither cut nor removed: new tensors go after it.
+            self.index = {}
+        elif self.data.stat().st_size > (end := max((o + n for o, n in self.index.values()), default=0)):
+            os.truncate(self.data, end)  # bytes an interrupted append left behind, not in the (intact) index
         self.model_id, self.dtype = model_id, dtype
-        self.new = not self.index
-        end = max((o + n for o, n in self.index.values()), default=0)
-        if self.data.is_file() and self.data.stat().st_size > end:
-            os.truncate(self.data, end)  # bytes an interrupted append left behind, not in the index
+        self.new = not existed
         self.written = 0
+
+    def _read_index(self, model_id: str, size: int) -> dict[str, list[int]] | None:
+        """The index, or None where it is missing or damaged: not JSON, another format or model, or an entry that
+        is not [offset, length] inside the data file."""
+        try:
+            rec = json.loads(self.index_path.read_text())
+            if rec.get("format") != FORMAT or rec.get("model_id") != model_id:
+                return None
+            index = {k: list(v) for k, v in rec["tensors"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValueError: JSON and UTF-8 errors
+            return None
+        ok = all(len(v) == 2 and all(type(n) is int and n >= 0 for n in v) and v[0] + v[1] <= size
+                 for v in index.values())
+        return index if ok else None
 
     def tensor(self, key: str, make: Callable[[], torch.Tensor]) -> tuple[int, int]:
         """(offset, length) of the stored tensor `key`, made and appended the first time it is asked for."""
