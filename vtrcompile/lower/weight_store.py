@@ -39,14 +39,14 @@ class WeightStore:
         self.data = self.folder / (store_name(model_id, dtype) + ".data")
         self.index_path = self.folder / (store_name(model_id, dtype) + ".json")
         existed = self.data.is_file()
-        self.index = self._read_index(model_id, self.data.stat().st_size if existed else 0) if existed else None
-        if self.index is None:
-            # No data yet, or an index that is missing or damaged. In the second case the data may hold the
-            # weights of engines already written (their offsets point into it; an IR's .bin is a hard link to
-            # it), so it is neither cut nor removed: new tensors go after it.
-            self.index = {}
-        elif self.data.stat().st_size > (end := max((o + n for o, n in self.index.values()), default=0)):
-            os.truncate(self.data, end)  # bytes an interrupted append left behind, not in the (intact) index
+        size = self.data.stat().st_size if existed else 0
+        index = self._read_index(model_id, size) if existed else None
+        # Data with a missing or damaged index (None) may hold the weights of engines already written (their
+        # offsets point into it; an IR's .bin is a hard link to it): it is neither cut nor removed, and new tensors
+        # go after it. Only an intact index says which bytes an interrupted append left behind.
+        self.index: dict[str, list[int]] = index or {}
+        if index is not None and size > (end := max((o + n for o, n in index.values()), default=0)):
+            os.truncate(self.data, end)
         self.model_id, self.dtype = model_id, dtype
         self.new = not existed
         self.written = 0
