@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,7 +57,33 @@ def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
         path.mkdir(mode=0o700)
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        with _signals_deferred():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back while the body runs, and handed to their handlers (the CLI's raise) after it.
+    A signal landing inside shutil.rmtree left the folder behind, and once, between its close of a directory and
+    its note that it had closed it, made it close the descriptor again: the run ended with "Bad file descriptor"
+    and exit 2 instead of the interrupt (tests/test_interrupts.py, decode point). Held at Python's level, not with
+    pthread_sigmask: the process has other threads (thread pools), and the kernel hands a process-directed signal
+    to any thread that does not block it, whose C handler then wakes the main thread's Python handler anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread only, and only it may change them
+        return
+    got: list[int] = []
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: h for s, h in handlers.items() if callable(h)}  # default or ignored: nothing of ours to defer
+    for s in handlers:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for s in got:
+            handlers[s](s, None)
 
 
 def write_atomically(out: Path, write: Callable[[Path], None]) -> list[Path]:
