@@ -51,13 +51,13 @@ def read_header(file: Path) -> dict[str, Entry]:
             if size > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(size))
+            length = os.fstat(f.fileno()).st_size
     except (OSError, ValueError, struct.error) as e:
         raise VtrError(f"{file}: not a readable safetensors file ({e}); re-save the checkpoint") from None
     if not isinstance(header, dict):
         raise VtrError(f"{file}: not a readable safetensors file (its header is not a JSON object); re-save the "
                        "checkpoint")
-    base, length = 8 + size, file.stat().st_size
-    return {key: _entry(file, key, d, base, length) for key, d in header.items() if key != "__metadata__"}
+    return {key: _entry(file, key, d, 8 + size, length) for key, d in header.items() if key != "__metadata__"}
 
 
 def _entry(file: Path, key: str, d: Any, base: int, length: int) -> Entry:
