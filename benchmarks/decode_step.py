@@ -1,5 +1,5 @@
 """Decode engines of one model timed against each other in one process: the same cache (one prefill of the
-profile prompt), each engine's isolated step (`time_ms`), alternating engines over rounds so that drift in this
+profile prompt, in buffers with room for 32 new tokens), each engine's isolated step (`time_ms`), alternating engines over rounds so that drift in this
 machine's memory bandwidth hits all of them alike. For A/B comparisons of two builds of the decode graph (e.g.
 one written by an older vtrcompile); a step's time is only comparable within one run of this script.
 
@@ -20,9 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from vtrcompile.engine.generate import decode_feeds
+from vtrcompile.engine.generate import decode_dtype, decode_feeds
 from vtrcompile.engine.host_inputs import prefill_feeds
+from vtrcompile.engine.kv_cache import KvCache
 from vtrcompile.engine.runners import open_engine
 from vtrcompile.profile import environment, profile_prompt
 
@@ -31,7 +33,8 @@ def numpy_feeds_timer(engine, feeds: dict) -> Callable[[], float]:
     """One step of `engine` (an OvEngine) fed a dict of numpy arrays, as OpenVINO's Python API is fed by default,
     on a request of its own; outputs left in OpenVINO's buffers as `time_ms` leaves them."""
     request = engine.compiled.create_infer_request()
-    arrays = {k: np.asarray(v) for k, v in feeds.items()}
+    arrays = {k: (v.view(torch.float16) if v.dtype == torch.bfloat16 else v).numpy() if isinstance(v, torch.Tensor)
+              else np.asarray(v) for k, v in feeds.items()}
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -56,7 +59,8 @@ def main() -> None:
     ids, pixels = profile_prompt(prefill.metadata)[:2]
     out = prefill.run(prefill_feeds(prefill.metadata, ids, pixels))
     n = prefill.metadata["llm_layers"]
-    feeds = decode_feeds(out, out["logits"].argmax(-1), n)
+    # buffers with room for 32 new tokens, as `generate --max-new-tokens 33` makes them
+    feeds = decode_feeds(out, out["logits"].argmax(-1), KvCache(out, n, decode_dtype(decodes[0].metadata), 32))
     timers, labels = [], []
     for p, d in zip(args.decode, decodes, strict=True):
         d.bind(feeds)

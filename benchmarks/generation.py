@@ -11,6 +11,7 @@ Usage: python benchmarks/generation.py --model llava15-geometry --new-tokens 32 
        python benchmarks/generation.py --model llava15-geometry --ext .xml --dtype bfloat16
        python benchmarks/generation.py --model llava15-geometry --batch 4 --methods prumerge,fastv
        python benchmarks/generation.py --kv-7b
+       (--build-only builds the engines and times nothing; --reuse keeps engines of this format already built)
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import time
 from pathlib import Path
 
+from vtrcompile.engine.io import FORMAT_VERSION
+from vtrcompile.engine.runners import read_engine_metadata
 from vtrcompile.models.loading import load_model
 from vtrcompile.optimize import Target, backend_for, optimize
 from vtrcompile.profile import compare
@@ -37,16 +40,30 @@ def label(method: str, opts: dict) -> str:
     return method + "".join(f" {k}={v}" for k, v in opts.items())
 
 
+def engine(src, method: str, opts: dict, path: Path, target: Target, reuse: bool) -> Path:
+    """Build the engine at `path`, or with `reuse` keep one already there of this vtrcompile's engine format, the
+    same method and options, with its decode engine beside it."""
+    meta = read_engine_metadata(path) if reuse and path.is_file() else None
+    if meta and meta.get("format") == FORMAT_VERSION and meta.get("method") == method and \
+            meta.get("options") == opts and (path.parent / meta["decode"]["file"]).is_file():
+        logging.info("%s: reused", path)
+        return path
+    return optimize(src, method, opts, path, target=target).files[-1]
+
+
 def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv_budget_gb: float,
-        ext: str = ".onnx", dtype: str = "float32", batch: int = 1, methods: list[str] | None = None) -> dict:
+        ext: str = ".onnx", dtype: str = "float32", batch: int = 1, methods: list[str] | None = None,
+        reuse: bool = False, build_only: bool = False) -> dict:
     src = load_model(model, batch=batch)
     target = Target(backend=backend_for(Path("e" + ext), None), dtype=dtype)
-    base = optimize(src, "none", {}, build_dir / f"baseline{ext}", target=target)
+    base = engine(src, "none", {}, build_dir / f"baseline{ext}", target, reuse)
     rows = []
     for method, opts in [m for m in METHODS if methods is None or m[0] in methods]:
         name = label(method, opts).replace(" ", "_").replace("=", "")
-        res = optimize(src, method, opts, build_dir / f"{name}{ext}", target=target)
-        rep = compare(res.files[-1], base.files[-1], warmup=warmup, reps=reps, new_tokens=new_tokens,
+        red = engine(src, method, opts, build_dir / f"{name}{ext}", target, reuse)
+        if build_only:
+            continue
+        rep = compare(red, base, warmup=warmup, reps=reps, new_tokens=new_tokens,
                       kv_budget_gb=kv_budget_gb, selector_reps=3)
         rep["label"] = label(method, opts)
         rows.append(rep)
@@ -114,6 +131,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch", type=int, default=1, help="prompts per run the engines are built for")
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(m for m, _ in METHODS))
+    ap.add_argument("--reuse", action="store_true", help="keep engines already built (this engine format, same method)")
+    ap.add_argument("--build-only", action="store_true", help="build (or --reuse) the engines, time nothing")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -126,7 +145,9 @@ def main() -> None:
         tag += f"-b{args.batch}" if args.batch > 1 else ""
         out = run(args.model, args.new_tokens, args.reps, args.warmup,
                   Path(args.build_dir) / (Path(args.model).name + tag), args.kv_budget_gb, args.ext, args.dtype,
-                  args.batch, args.methods.split(",") if args.methods else None)
+                  args.batch, args.methods.split(",") if args.methods else None, args.reuse, args.build_only)
+        if args.build_only:
+            return
         path = Path(args.out or f"benchmarks/results/generation-{Path(args.model).name}{tag}.json")
         print(markdown(out))
     out["total_s"] = time.perf_counter() - t0

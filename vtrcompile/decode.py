@@ -1,7 +1,7 @@
 """Model source -> the decode-step engine: one per model, dtype and backend, shared by every method's prefill.
 
-The decode step is never reduced: it appends one token to each layer's cache, whatever length that cache
-has. Its file is named by the model identity and dtype (`decode-<id>-<dtype>.<ext>`) and sits next to
+The decode step is never reduced: it reads each layer's cache buffer, whatever its filled length, and returns the
+new token's keys and values for the host to write into it (models/decoder.py, engine/kv_cache.py). Its file is named by the model identity and dtype (`decode-<id>-<dtype>.<ext>`) and sits next to
 the prefill engines that pair with it; a matching file already there is reused, not rebuilt, and with
 VTRCOMPILE_DECODE_CACHE set one built for another folder is copied from the cache (decode_cache.py).
 """
@@ -25,7 +25,6 @@ from .models.decoder import DecodeStep, cache_geometry, eos_token_ids
 from .models.family import family_of
 from .passes.graph_utils import mark_meta_current
 from .passes.replace_rsqrt_scaling import replace_rsqrt_scaling
-from .passes.replace_sdpa_with_matmuls import replace_sdpa_with_matmuls
 from .passes.strip_runtime_asserts import strip_runtime_asserts
 
 log = logging.getLogger(__name__)
@@ -42,38 +41,37 @@ def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu", w
 
 
 def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """torch.export of DecodeStep with every layer's past length its own dynamic dim; batch > 1 also takes the
-    left-padding attention_mask [B, context]."""
+    """torch.export of DecodeStep with every layer's buffer capacity its own dynamic dim; batch > 1 also takes the
+    prompt's left-padding attention_mask [B, prompt]."""
     geo = cache_geometry(model)
     n, kv, d = geo["llm_layers"], geo["kv_heads"], geo["head_dim"]
     p = next(iter(model.parameters()))
     past = []
-    for i in range(n):  # distinct example lengths, so no two layers' dims can be merged by accident
+    for i in range(n):  # distinct example capacities, so no two layers' dims can be merged by accident
         t = torch.zeros(batch, kv, MIN_PAST + 3 + i, d, dtype=p.dtype, device=p.device)
         past += [t, t.clone()]
     ids = torch.zeros(batch, 1, dtype=torch.int64, device=p.device)
     pos = torch.full((batch, n), MIN_PAST + 3, dtype=torch.int64, device=p.device)
+    lengths = torch.full((n,), MIN_PAST + 1, dtype=torch.int64, device=p.device)
     padded = takes_padding(batch)
     mask = [torch.ones(batch, MIN_PAST + 4 + n, dtype=torch.int64, device=p.device)] if padded else []
     past_dims = tuple({2: torch.export.Dim.DYNAMIC(min=MIN_PAST, max=geo["max_context"] - 1)} for _ in range(2 * n))
     mask_dims = ({1: torch.export.Dim.DYNAMIC(min=MIN_PAST + 1, max=geo["max_context"])},) if padded else ()
-    dims = {"input_ids": None, "layer_position_ids": None, "rest": (*past_dims, *mask_dims)}
+    dims = {"input_ids": None, "layer_position_ids": None, "rest": (*past_dims, None, *mask_dims)}
+    args = (ids, pos, *past, lengths, *mask)
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            ep = torch.export.export(DecodeStep(model, padded).eval(), (ids, pos, *past, *mask), dynamic_shapes=dims,
-                                     strict=False)
+            ep = torch.export.export(DecodeStep(model, padded).eval(), args, dynamic_shapes=dims, strict=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"torch.export of the decode step failed: {first}") from e
     gm = ep.module()
     mark_meta_current(gm)
-    # the RMSNorms in the form ONNX Runtime fuses, as in the prefill; the attention as matmuls that scale the new
-    # query row, not every cached key (a list, so both run)
-    if any([replace_rsqrt_scaling(gm).modified, replace_sdpa_with_matmuls(gm).modified]):
+    # the RMSNorms in the form ONNX Runtime fuses, as in the prefill
+    if replace_rsqrt_scaling(gm).modified:
         with torch.no_grad():
-            ep = torch.export.export(gm, (ids, pos, *past, *mask), dynamic_shapes=(None, None, *dims["rest"]),
-                                     strict=False)
+            ep = torch.export.export(gm, args, dynamic_shapes=(None, None, *dims["rest"]), strict=False)
         strip_runtime_asserts(ep.graph_module)
     log.info("decode step exported in %.1fs (%d nodes)", time.perf_counter() - t0, len(ep.graph.nodes))
     sig = ep.graph_signature
@@ -81,9 +79,9 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
     dim_names = {}
     for i in range(n):
         s = nodes[sig.user_inputs[2 + 2 * i]].meta["val"].shape[2]
-        dim_names[s.node.expr] = f"past.{i}"
+        dim_names[s.node.expr] = f"capacity.{i}"
     if padded:
-        dim_names[nodes[sig.user_inputs[-1]].meta["val"].shape[1].node.expr] = "context"
+        dim_names[nodes[sig.user_inputs[-1]].meta["val"].shape[1].node.expr] = "prompt"
     return ep, dim_names
 
 

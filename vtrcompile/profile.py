@@ -131,16 +131,18 @@ def kv_bytes(meta: dict, cached_tokens: list[int]) -> int:
 def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray, pixels: np.ndarray,
                        new_tokens: int, warmup: int, reps: int, threads: int, kv_budget_gb: float | None) -> dict:
     """TTFT, time per output token at the prompt's context, end to end for `new_tokens`, KV-cache bytes."""
-    from .engine.generate import cache_length, decode_feeds, load_engine
+    from .engine.generate import decode_dtype, decode_feeds, load_engine
+    from .engine.kv_cache import KvCache
 
     engines = [load_engine(engine, threads), load_engine(baseline, threads)]
     feeds = prefill_feeds(engines[0].metadata, ids, pixels)
     n = engines[0].metadata["llm_layers"]
     steps = []
-    for e in engines:  # one decode step fed with this engine's own prefill cache, re-run as is
+    for e in engines:  # the first decode step, its buffers sized for new_tokens as in generate, re-run as is
         out = e.prefill.run(feeds)
-        e.decode.bind(decode_feeds(out, out["logits"].argmax(-1), n, feeds.get("attention_mask")))
-        steps.append([cache_length(out[f"present.{i}.key"]) for i in range(n)])
+        kv = KvCache(out, n, decode_dtype(e.decode.metadata), max(new_tokens - 1, 1))
+        e.decode.bind(decode_feeds(out, out["logits"].argmax(-1), kv, feeds.get("attention_mask")))
+        steps.append(list(kv.lengths))
     t_dec = time_interleaved([e.decode.time_ms for e in engines], warmup, reps)
 
     def e2e(e):

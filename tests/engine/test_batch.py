@@ -282,21 +282,24 @@ def test_tensorrt_profiles_of_a_batch_engine_fix_its_batch(batch2, folder):
     assert [s[0] for s in shapes["input_ids"]] == [2, 2, 2] and shapes["pixel_values"][0][0] == 2
     assert shapes["attention_mask"] == shapes["input_ids"]
     decode = read_engine_metadata(folder / meta["decode"]["file"])
-    dshapes = engine_profile(decode, None, None).shapes
+    dshapes = engine_profile(decode, None, 300).shapes
+    assert dshapes.pop("past_lengths") == ((4,),) * 3  # one filled length per layer, whatever the batch
     assert all(s[0] == 2 for lo_opt_hi in dshapes.values() for s in lo_opt_hi)
-    # the decode engine's mask covers the longest cache and the new token
-    assert [m[1] for m in dshapes["attention_mask"]] == [p[2] + 1 for p in dshapes["past_key_values.0.key"]]
+    # the decode engine's mask is the prompt's: up to the longest prompt, the buffers beyond it
+    assert dshapes["attention_mask"][2][1] == 300 and dshapes["past_key_values.0.key"][2][2] > 300
 
 
-def test_decode_padding_mask_blocks_each_rows_padding():
-    from vtrcompile.models.decoder import padding_mask
+def test_decode_buffer_mask_blocks_each_rows_padding_and_the_unfilled_rows():
+    from vtrcompile.models.decoder import buffer_mask
 
     like = torch.zeros(2, 1, 8)
-    m = padding_mask(torch.tensor([0, 2]), 4, like)
     low = torch.finfo(torch.float32).min
-    assert m.shape == (2, 1, 1, 4) and m.dtype == torch.float32
-    assert m[0].eq(0).all() and m[1, 0, 0].tolist() == [low, low, 0.0, 0.0]
-    assert padding_mask(None, 4, like).eq(0).all() and padding_mask(None, 4, like).shape == (2, 1, 1, 4)
+    m = buffer_mask(torch.tensor(3), torch.tensor([0, 2]), 5, like)  # 5 rows, 3 filled, then the new token
+    assert m.shape == (2, 1, 1, 6) and m.dtype == torch.float32
+    assert m[0, 0, 0].tolist() == [0.0, 0.0, 0.0, low, low, 0.0]
+    assert m[1, 0, 0].tolist() == [low, low, 0.0, low, low, 0.0]
+    full = buffer_mask(torch.tensor(4), None, 4, like)
+    assert full.shape == (2, 1, 1, 5) and full.eq(0).all()
 
 
 def _rewrite_metadata(path, change) -> None:

@@ -60,8 +60,25 @@ def test_engine_io_matches_the_contract(engines):
     assert outs[-1].name == "next_layer_position_ids" and outs[-1].shape == [1, 4]
     meta = engines["fastv-k2-18"].metadata
     assert [t["name"] for t in meta["io"]["outputs"]] == [o.name for o in outs]
-    assert meta["format"] == 3 and meta["role"] == "prefill" and meta["host_inputs"] == {}
+    assert meta["format"] == 4 and meta["role"] == "prefill" and meta["host_inputs"] == {}
     assert meta["pixel_rows"] == 1 and meta["decode"]["model_id"] == meta["model_id"]
+
+
+def test_decode_engine_io_matches_the_contract(engines):
+    """The decode engine reads each layer's cache buffer (its own capacity dim) and past_lengths, and returns the new
+    token's keys and values: one row per layer (docs/engine.md, "Decode engine")."""
+    meta = engines["fastv-k2-18"].metadata
+    sess = OrtEngine(engines["fastv-k2-18"].files[-1].parent / meta["decode"]["file"]).session
+    ins = {i.name: i for i in sess.get_inputs()}
+    assert list(ins) == ["input_ids", "layer_position_ids",
+                         *(f"past_key_values.{i}.{kv}" for i in range(4) for kv in ("key", "value")), "past_lengths"]
+    assert ins["past_key_values.0.key"].shape == [1, 2, "capacity.0", 16]
+    assert ins["past_key_values.3.value"].shape == [1, 2, "capacity.3", 16]
+    assert ins["past_lengths"].shape == [4] and ins["past_lengths"].type == "tensor(int64)"
+    outs = {o.name: o for o in sess.get_outputs()}
+    assert list(outs) == ["logits", *(f"present.{i}.{kv}" for i in range(4) for kv in ("key", "value")),
+                          "next_layer_position_ids"]
+    assert all(outs[f"present.{i}.{kv}"].shape == [1, 2, 1, 16] for i in range(4) for kv in ("key", "value"))
 
 
 # tiny engine -> the eager reference it must equal (every method, two budgets each)

@@ -83,32 +83,37 @@ def test_generation_equals_onnxruntime(tiny, tiny_engines, irs):
         assert a.cache_lengths == b.cache_lengths
 
 
-def test_shared_runs_feed_the_next_step_without_copies(tiny, irs):
-    """The generation loop's decode runs (`shared=True`) hand back OpenVINO's own output buffers; two requests
-    taken in turn keep each run's outputs intact through the next shared run, which reads them as its cache.
-    Unshared runs return copies."""
+def test_decode_runs_read_the_cache_buffers_in_place_and_shared_runs_return_views(tiny, irs):
+    """The generation loop's decode runs read the KvCache's buffers where they are (OpenVINO is handed their memory)
+    and, `shared=True`, hand back views of OpenVINO's own output buffers (the new rows) that KvCache writes in
+    place; unshared runs return copies, equal to them."""
     from vtrcompile import load_engine
-    from vtrcompile.engine.generate import decode_feeds
+    from vtrcompile.engine.generate import decode_dtype, decode_feeds
+    from vtrcompile.engine.io import past_names
+    from vtrcompile.engine.kv_cache import KvCache
 
     engine = load_engine(irs["fastv-k2-18"], threads=1)
     ids, px = prompts(tiny.hf_model.config)[0]
     out = engine.prefill.run({"input_ids": ids.numpy(), "pixel_values": px.numpy()})
     n = engine.metadata["llm_layers"]
     decode = engine.decode
-    first_feeds = decode_feeds(out, out["logits"].argmax(-1), n)
-    first = decode.run(first_feeds, shared=True)
-    kept = {k: v.copy() for k, v in first.items()}
+    kv = KvCache(out, n, decode_dtype(decode.metadata), 4)
+    lengths = list(kv.lengths)
+    first = decode.run(decode_feeds(out, out["logits"].argmax(-1), kv), shared=True)
+    for k, buf in zip(past_names(n), kv.buffers, strict=True):
+        assert np.shares_memory(decode._feeds[k], buf.numpy()), k
     assert not any(v.flags.owndata for v in first.values())  # views: nothing was copied
-    second_feeds = decode_feeds(first, first["logits"].argmax(-1), n)
+    assert {first[f"present.{i}.key"].shape[2] for i in range(n)} == {1}
+    kv.append(first)
+    assert kv.lengths == [x + 1 for x in lengths]
+    assert all(np.array_equal(kv.buffers[2 * i][:, :, lengths[i]].numpy(), first[f"present.{i}.key"][:, :, 0])
+               for i in range(n))
+    second_feeds = decode_feeds(first, first["logits"].argmax(-1), kv)
     second = decode.run(second_feeds, shared=True)
-    for k, v in kept.items():  # the second run read them and left them intact
-        assert np.array_equal(first[k], v), k
     copies = decode.run(second_feeds)
     assert all(v.flags.owndata for v in copies.values())
-    for k, v in copies.items():  # the same step unshared, from the copied cache: the same outputs
+    for k, v in copies.items():  # the same step unshared: the same outputs
         assert np.array_equal(second[k], v), k
-    assert [second[f"present.{i}.key"].shape[2] for i in range(n)] == \
-        [kept[f"present.{i}.key"].shape[2] + 1 for i in range(n)]
 
 
 def test_missing_bin_and_damaged_xml_refused_in_one_line(irs, tmp_path):
@@ -239,28 +244,30 @@ def test_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):
     caches = [o for o in engine.decode.compiled.outputs if o.get_any_name().startswith("present.")]
     assert caches and {o.get_element_type().get_type_name() for o in caches} == {"bf16"}
     check_fastv64_demo_generation(engine)
-    # the caches go back in as OpenVINO tensors over the arrays' own memory (OpenVINO's dict path would copy each
-    # one into a fresh tensor on every step), and float32 caches are rounded to bfloat16: the same step either way
+    # the cache buffers go in as OpenVINO tensors over their own memory (OpenVINO's dict path would copy each one
+    # into a fresh tensor on every step), and float32 caches are rounded to bfloat16: the same step either way
+    import torch
+
     from vtrcompile.engine.generate import decode_feeds
+    from vtrcompile.engine.kv_cache import KvCache
     from vtrcompile.profile import profile_prompt
 
     ids, px = profile_prompt(engine.metadata)[:2]
     out = engine.prefill.run({"input_ids": ids, "pixel_values": px})
-    feeds = decode_feeds(out, out["logits"].argmax(-1), engine.metadata["llm_layers"])
+    kv = KvCache(out, engine.metadata["llm_layers"], "bfloat16", 3)
+    feeds = decode_feeds(out, out["logits"].argmax(-1), kv)
     cache = feeds["past_key_values.0.key"]
-    assert cache.dtype == np.float16  # OpenVINO's numpy view of bf16 bits
+    assert cache.dtype == torch.bfloat16
     engine.decode.bind(feeds)
     bound = engine.decode._feeds["past_key_values.0.key"]
     assert isinstance(bound, ov.Tensor) and bound.element_type == ov.Type.bf16
-    assert np.shares_memory(bound.data, cache)
+    assert np.shares_memory(bound.data, cache.view(torch.int16).numpy())
     step = engine.decode.run(feeds)["logits"]
+    as_numpy = {k: v.view(torch.float16).numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()}
     request = engine.decode.compiled.create_infer_request()  # OpenVINO's own (copying) path, numpy feeds
-    request.infer({k: np.asarray(v) for k, v in feeds.items()})
+    request.infer({k: np.asarray(v) for k, v in as_numpy.items()})
     assert np.array_equal(step, request.get_tensor("logits").data)
-    import torch
-
-    widened = {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16).float().numpy()
-               if k.startswith("past_key_values.") else v for k, v in feeds.items()}
+    widened = {k: v.float().numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()}
     assert np.array_equal(engine.decode.run(widened)["logits"], step)
     with pytest.raises(VtrError, match="past_key_values.0.key: the engine takes bfloat16 values, got int64"):
-        engine.decode.bind({**feeds, "past_key_values.0.key": cache.astype(np.int64)})
+        engine.decode.bind({**feeds, "past_key_values.0.key": cache.view(torch.int16).numpy().astype(np.int64)})

@@ -254,7 +254,7 @@ def test_decode_engine_profile_covers_every_layers_cache_and_reaches_the_builder
 
 class _RecordingContext:
     """Stands in for a TensorRT execution context of a decode engine (CPU tensors): records the addresses bound
-    and, on launch, writes each present = past + one new row of the step's number, next positions + 1."""
+    and, on launch, writes each present (the new row) as the step's number, next positions + 1."""
 
     def __init__(self, engine):
         self.engine, self.shapes, self.addresses, self.launches = engine, {}, {}, 0
@@ -269,8 +269,8 @@ class _RecordingContext:
 
     def get_tensor_shape(self, name):
         if name.startswith("present."):
-            b, h, p, d = self.shapes[name.replace("present", "past_key_values")]
-            return (b, h, p + 1, d)
+            b, h, _, d = self.shapes[name.replace("present", "past_key_values")]
+            return (b, h, 1, d)
         return {"logits": (1, 8), "next_layer_position_ids": self.shapes["layer_position_ids"]}[name]
 
     def execute_async_v3(self, stream):
@@ -278,19 +278,19 @@ class _RecordingContext:
         bound = self.engine._bound
         for name in self.engine.outputs:
             if name.startswith("present."):
-                past = bound[name.replace("present", "past_key_values")]
-                bound[name].copy_(torch.cat([past, torch.full_like(past[:, :, :1], self.launches)], dim=2))
+                bound[name].fill_(self.launches)
         bound["next_layer_position_ids"].copy_(bound["layer_position_ids"] + 1)
         bound["logits"].zero_()
         return True
 
 
-def test_shared_decode_runs_keep_the_cache_on_the_device_and_bind_it_uncopied():
-    """The generation loop's decode runs (`shared=True`) hand back each layer's cache as the device tensor the
-    engine wrote, and the next step binds that tensor's own address: no cache goes to the host and back between
-    steps. Unshared runs copy every output to the host. (A recording context on CPU tensors: no GPU here.)"""
+def test_shared_decode_runs_bind_the_cache_buffers_where_they_are_and_return_new_rows_on_the_device():
+    """The generation loop's decode runs (`shared=True`) bind the KvCache's device buffers by their own address
+    (no cache crosses to the host and back) and hand back the new rows as device tensors, which KvCache writes in
+    place. Unshared runs copy every output to the host. (A recording context on CPU tensors: no GPU here.)"""
     from vtrcompile.engine.generate import decode_feeds
     from vtrcompile.engine.io import decode_inputs, decode_outputs, past_names, present_names
+    from vtrcompile.engine.kv_cache import KvCache
     from vtrcompile.lower.tensorrt_runner import TrtEngine
 
     n = 2
@@ -298,27 +298,34 @@ def test_shared_decode_runs_keep_the_cache_on_the_device_and_bind_it_uncopied():
     eng.path, eng._torch, eng._device, eng._bound = Path("fake.plan"), torch, "cpu", {}
     eng.inputs, eng.outputs = decode_inputs(n), decode_outputs(n)
     eng._dtypes = {**{k: torch.float16 for k in (*past_names(n), *present_names(n))}, "logits": torch.float32,
-                   "input_ids": torch.int64, "layer_position_ids": torch.int64, "next_layer_position_ids": torch.int64}
-    spec = {"past_key_values": ["batch", 2, "past", 4]}
+                   "input_ids": torch.int64, "layer_position_ids": torch.int64, "next_layer_position_ids": torch.int64,
+                   "past_lengths": torch.int64}
     eng.metadata = {"llm_layers": n, "io": {"inputs": [
-        {"name": k, "dtype": "float16" if k.startswith("past") else "int64",
-         "shape": spec["past_key_values"] if k.startswith("past") else [1, "x"]} for k in eng.inputs]}}
+        {"name": k, "dtype": "float16" if k.startswith("past_key") else "int64",
+         "shape": ["batch", 2, "capacity", 4] if k.startswith("past_key") else
+         ([n] if k == "past_lengths" else [1, "x"])} for k in eng.inputs]}}
     eng.context = _RecordingContext(eng)
     eng.stream = types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
 
     import numpy as np
 
     host = {"logits": np.zeros((1, 8), np.float32), "next_layer_position_ids": np.array([[5, 3]]),
-            **{k: np.zeros((1, 2, 3 + i // 2, 4), np.float32) for i, k in enumerate(present_names(n))}}
-    first = eng.run(decode_feeds(host, np.array([1]), n), shared=True)
-    caches = [first[k] for k in present_names(n)]
-    assert all(isinstance(c, torch.Tensor) and c.dtype == torch.float16 for c in caches)
+            **{k: np.full((1, 2, 3 + i // 2, 4), 7, np.float32) for i, k in enumerate(present_names(n))}}
+    kv = KvCache(host, n, "float16", extra_rows=3)
+    assert kv.lengths == [3, 4] and kv.capacity == [6, 7]
+    first = eng.run(decode_feeds(host, np.array([1]), kv), shared=True)
+    for k, buf in zip(past_names(n), kv.buffers, strict=True):
+        assert eng.context.addresses[k] == buf.data_ptr()  # bound where the buffer is
+    assert all(isinstance(first[k], torch.Tensor) and first[k].shape == (1, 2, 1, 4) for k in present_names(n))
     assert isinstance(first["logits"], np.ndarray) and first["next_layer_position_ids"].tolist() == [[6, 4]]
-    second = eng.run(decode_feeds(first, np.array([1]), n), shared=True)
-    for k, c in zip(past_names(n), caches, strict=True):
-        assert eng.context.addresses[k] == c.data_ptr()  # bound where the first step left it
-    assert [second[k].shape[2] for k in present_names(n)] == [5, 5, 6, 6]
-    assert second["present.0.key"][0, 0, :, 0].tolist() == [0, 0, 0, 1, 2]  # each step appended its row
-    copies = eng.run(decode_feeds(second, np.array([1]), n))
+    kv.append(first)
+    second = eng.run(decode_feeds(first, np.array([1]), kv), shared=True)
+    assert eng.context.shapes["past_lengths"] == (2,) and eng.context.addresses["past_key_values.0.key"] == \
+        kv.buffers[0].data_ptr()
+    kv.append(second)
+    assert kv.lengths == [5, 6]
+    assert kv.buffers[0][0, 0, :, 0].tolist() == [7, 7, 7, 1, 2, 0]  # the prefill's rows, one row per step, room
+    assert kv.buffers[3][0, 0, :, 0].tolist() == [7, 7, 7, 7, 1, 2, 0]
+    copies = eng.run(decode_feeds(second, np.array([1]), kv))
     assert all(isinstance(v, np.ndarray) for v in copies.values())
-    assert copies["present.1.value"].dtype == np.float32 and copies["present.1.value"].shape == (1, 2, 7, 4)
+    assert copies["present.1.value"].dtype == np.float32 and copies["present.1.value"].shape == (1, 2, 1, 4)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import VtrError
 from .host_inputs import check_processor_extras, derive, padded, right_padding_shifts, roll_rows
-from .io import past_names, present_names
+from .kv_cache import KvCache
 from .protocol import as_numeric_array, check_prompt, check_prompt_range
 from .runners import open_engine
 
@@ -31,7 +31,7 @@ class GenerateOutput:
     tokens: np.ndarray  # int64 [B, T], EOS included when it was produced
     logits: np.ndarray  # float32 [B, T, vocab]: the distribution each token was taken from
     prefill_ms: float = 0.0
-    decode_ms: list[float] = field(default_factory=list)  # one per decode step
+    decode_ms: list[float] = field(default_factory=list)  # one per decode step (writing its input rows included)
     cache_lengths: list[int] = field(default_factory=list)  # per layer, after the prefill
     eos_reached: bool = False  # every sequence ended with an EOS token
     # per row: tokens up to and including its first EOS (T when it has none); a row that ends before the others
@@ -46,16 +46,21 @@ def cache_length(kv: Any) -> int:
     return int(shape[2])
 
 
-def decode_feeds(out: dict[str, Any], token: np.ndarray, n_layers: int, attention_mask: np.ndarray | None = None
+def decode_feeds(out: dict[str, Any], token: np.ndarray, cache: KvCache, attention_mask: np.ndarray | None = None
                  ) -> dict[str, Any]:
-    """The decode engine's inputs for `token` [B] after a prefill or decode step's outputs `out`: its caches
-    (present.* -> past_key_values.*) and next positions, passed through as they are; for a padded (batch)
-    engine also `attention_mask`, the mask of everything before `token` with a 1 appended for it."""
+    """The decode engine's inputs for `token` [B] after a prefill or decode step's outputs `out`: its next
+    positions, the cache's buffers and filled lengths, and for a padded (batch) engine the prompt's
+    attention_mask, the same every step."""
     feeds = {"input_ids": token[:, None].astype(np.int64), "layer_position_ids": out["next_layer_position_ids"],
-             **{p: out[q] for p, q in zip(past_names(n_layers), present_names(n_layers), strict=True)}}
+             **cache.feeds()}
     if attention_mask is not None:
-        feeds["attention_mask"] = np.concatenate([attention_mask, np.ones((len(token), 1), np.int64)], axis=1)
+        feeds["attention_mask"] = attention_mask
     return feeds
+
+
+def decode_dtype(decode_meta: dict[str, Any]) -> str:
+    """The dtype of the decode engine's cache inputs."""
+    return next(t["dtype"] for t in decode_meta["io"]["inputs"] if t["name"].startswith("past_key_values."))
 
 
 class Engine:
@@ -166,6 +171,7 @@ class Engine:
         tokens, logits, steps = [], [], []
         done = np.zeros(b, dtype=bool)
         lengths = np.zeros(b, dtype=np.int64)
+        kv: KvCache | None = None
         while True:
             lg = out["logits"].astype(np.float32)
             tok = lg.argmax(axis=-1).astype(np.int64)  # ties: the lower index
@@ -175,10 +181,12 @@ class Engine:
             done |= np.isin(tok, list(eos))
             if done.all() or len(tokens) == max_new_tokens:
                 break
-            step = decode_feeds(out, tok, n, mask)
-            mask = step.get("attention_mask")
-            t1 = time.perf_counter()
-            out = decode.run(step, shared=True)  # its outputs feed the next step, uncopied
+            t1 = time.perf_counter()  # a step's time includes writing the last step's rows into the cache
+            if kv is None:  # buffers for every row this call appends, filled in place from here on
+                kv = KvCache(out, n, decode_dtype(decode.metadata), max_new_tokens - 1)
+            else:
+                kv.append(out)
+            out = decode.run(decode_feeds(out, tok, kv, mask), shared=True)
             steps.append((time.perf_counter() - t1) * 1e3)
         return GenerateOutput(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_ms, steps, cache,
                               bool(done.all()), lengths.tolist(), done.tolist())

@@ -1,8 +1,8 @@
 """One description of an engine's inputs and outputs (names, dtypes, shapes), stored in its metadata.
 
 Runners, profile, eval and generation read names and shapes from here instead of assuming them. Dynamic
-dims are strings: `prompt` (the prompt length), `past.{l}` (layer l's cache length before a decode step),
-`context` (a padded decode engine's attention_mask length: the prompt plus the tokens generated, this one included).
+dims are strings: `prompt` (the prompt length), `capacity.{l}` (the rows of layer l's cache buffer a decode step
+reads; its first `past_lengths[l]` are filled).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 3  # 2: prefill engines return the KV cache; decode engines exist. 3: host inputs, pixel rows
+FORMAT_VERSION = 4  # 2: prefill engines return the KV cache; decode engines exist. 3: host inputs, pixel rows.
+# 4: decode engines read fixed-capacity cache buffers (past_lengths) and return only the new token's keys/values
 
 
 def prefill_outputs(n_layers: int) -> list[str]:
@@ -27,11 +28,15 @@ def past_names(n_layers: int) -> list[str]:
 
 
 def decode_inputs(n_layers: int, padded: bool = False) -> list[str]:
-    """padded (engines of batch > 1): the batch's attention_mask comes last."""
-    return ["input_ids", "layer_position_ids", *past_names(n_layers), *(["attention_mask"] if padded else [])]
+    """The caches are buffers of fixed capacity, `past_lengths` [L] their filled rows per layer; padded (engines of
+    batch > 1): the prompt's attention_mask comes last."""
+    return ["input_ids", "layer_position_ids", *past_names(n_layers), "past_lengths",
+            *(["attention_mask"] if padded else [])]
 
 
 def decode_outputs(n_layers: int) -> list[str]:
+    """present.{l}.* of a decode engine are the new token's keys and values [B, kv, 1, d], for the host to write
+    into the buffers at row past_lengths[l]."""
     return ["logits", *present_names(n_layers), "next_layer_position_ids"]
 
 

@@ -126,8 +126,9 @@ class AotiEngine:
         """Named inputs -> tensors on the package's device, in the order of the metadata's `io`. Tensors handed
         back from an earlier run (bfloat16 caches, which numpy cannot hold) pass through without numpy, made
         contiguous: a package reads its inputs with the strides of its example inputs, and the caches a prefill
-        package returns are views with another layout."""
-        kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16}
+        package returns are views with another layout. So do float tensors of any dtype (the generation loop's
+        cache buffers), read in place when they are contiguous and on the package's device."""
+        kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
         arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in kept}, set(kept))
         self._bound = [kept[t["name"]].to(self.device).contiguous() if t["name"] in kept else
                        torch.from_numpy(arrays[t["name"]]).to(self.device) for t in self.metadata["io"]["inputs"]]
@@ -140,13 +141,15 @@ class AotiEngine:
 
     def run(self, feeds: dict[str, Any] | None = None, shared: bool = False) -> dict[str, Any] | list[torch.Tensor]:
         """With feeds: every output by name, as numpy. Without: a launch of the bound inputs (for timing). Each
-        run returns new tensors, never copied nor overwritten later: `shared` (see OvEngine.run) changes nothing."""
+        run returns new tensors, never copied nor overwritten later; `shared` leaves float outputs but the logits
+        as tensors on the package's device (bfloat16 ones always are)."""
         if feeds is None:
             return self._outputs()
         self.bind(feeds)
         names = [t["name"] for t in self.metadata["io"]["outputs"]]
-        return {n: t if t.dtype == torch.bfloat16 else t.cpu().numpy()
-                for n, t in zip(names, self._outputs(), strict=True)}
+        # shared (the generation loop): float outputs stay tensors where they are, for its cache buffers
+        return {n: t if t.dtype == torch.bfloat16 or (shared and t.is_floating_point() and n != "logits")
+                else t.cpu().numpy() for n, t in zip(names, self._outputs(), strict=True)}
 
     def time_ms(self) -> float:
         """One run: CUDA events on the current stream on a GPU, wall clock on a CPU. The outputs of a run are freed

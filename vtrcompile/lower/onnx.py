@@ -80,7 +80,7 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
 
 
 def _name_dims(graph, io: dict[str, Any]) -> None:
-    """Give the dynamic dims of the graph's inputs and outputs the metadata's names (prompt, past.3, ...)."""
+    """Give the dynamic dims of the graph's inputs and outputs the metadata's names (prompt, capacity.3, ...)."""
     for values, described in ((graph.inputs, io["inputs"]), (graph.outputs, io["outputs"])):
         for value, d in zip(values, described, strict=True):
             if value.shape is None:

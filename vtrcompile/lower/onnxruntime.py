@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.protocol import check_prompt, feed_arrays
@@ -38,6 +39,19 @@ def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:
                 if scopes:
                     out[n.name] = scopes[-1].rsplit(".", 1)[-1]
     return out
+
+
+_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+               torch.bfloat16: onnx.TensorProto.BFLOAT16}
+
+
+def _bindable_tensor(v: Any, io: dict[str, Any], name: str) -> bool:
+    """A contiguous CPU torch tensor in the dtype the engine declares for input `name` (bound by its address)."""
+    if not isinstance(v, torch.Tensor):
+        return False
+    declared = next((t["dtype"] for t in io["inputs"] if t["name"] == name), None)
+    return (v.device.type == "cpu" and v.is_contiguous() and v.dtype in _ONNX_TYPES
+            and str(v.dtype).removeprefix("torch.") == declared)
 
 
 def _thread_options(so: ort.SessionOptions, threads: int) -> None:
@@ -80,16 +94,20 @@ class OrtEngine:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _binding(self, feeds: dict[str, Any]):
-        """An IOBinding of the feeds (numpy arrays, or OrtValues handed back from an earlier run) with every
+        """An IOBinding of the feeds (numpy arrays, OrtValues handed back from an earlier run, or contiguous CPU
+        torch tensors of the declared dtype: the generation loop's cache buffers, bound by address) with every
         output left to ONNX Runtime to allocate: no copy of a KV cache through numpy, any dtype."""
         values = {k: v for k, v in feeds.items() if isinstance(v, ort.OrtValue)}
-        arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in values},
-                             passed=set(values))
+        tensors = {k: v for k, v in feeds.items() if _bindable_tensor(v, self.metadata["io"], k)}
+        arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in values and
+                                                   k not in tensors}, passed=set(values) | set(tensors))
         io = self.session.io_binding()
         for name, a in arrays.items():
             io.bind_cpu_input(name, a)
         for name, v in values.items():
             io.bind_ortvalue_input(name, v)
+        for name, t in tensors.items():
+            io.bind_input(name, "cpu", 0, _ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
         for name in self.output_names:
             io.bind_output(name)
         return io

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.protocol import check_prompt, feed_arrays
@@ -227,6 +228,11 @@ def bf16_tensor(name: str, a: np.ndarray) -> Any:
     return ov.Tensor(np.ascontiguousarray(a).view(np.uint16), list(a.shape), ov.Type.bf16)
 
 
+def _declared_torch_dtype(io: dict[str, Any], name: str) -> Any:
+    declared = next((t["dtype"] for t in io["inputs"] if t["name"] == name), None)
+    return getattr(torch, declared, None) if declared in ("float32", "float16", "bfloat16") else None
+
+
 class OvEngine:
     backend = "openvino"
 
@@ -254,8 +260,15 @@ class OvEngine:
         self._feeds: dict[str, Any] | None = None
 
     def bind(self, feeds: dict[str, Any]) -> None:
-        arrays = feed_arrays(self.metadata["io"], feeds)
+        """Numpy arrays (checked against the engine's io) and CPU torch tensors in the engine's input dtype (the
+        generation loop's cache buffers), both read in place."""
+        tensors = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"
+                   and v.is_contiguous() and v.dtype == (torch.bfloat16 if k in self._bf16_inputs else
+                                                         _declared_torch_dtype(self.metadata["io"], k))}
+        arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in tensors}, set(tensors))
         self._feeds = {n: bf16_tensor(n, a) if n in self._bf16_inputs else a for n, a in arrays.items()}
+        for n, t in tensors.items():
+            self._feeds[n] = bf16_tensor(n, t.view(torch.float16).numpy()) if t.dtype == torch.bfloat16 else t.numpy()
 
     def run(self, feeds: dict[str, Any], shared: bool = False) -> dict[str, np.ndarray]:
         """Named inputs -> every output by name, as numpy. Inputs are read in place.

@@ -110,17 +110,20 @@ DECODE_NEW_TOKENS = 512
 
 
 def decode_profile_shapes(meta: dict[str, Any], max_prompt: int) -> ProfileShapes:
-    """The decode engine's profile: one new token; every layer's cache from 2 tokens (a prompt's text, all
+    """The decode engine's profile: one new token; every layer's cache buffer from 2 rows (a prompt's text, all
     image tokens withdrawn) to max_prompt + DECODE_NEW_TOKENS (capped by the model's context), each layer
-    its own dimension; a batch engine's attention_mask one longer than the longest cache."""
+    its own dimension; past_lengths static; a batch engine's attention_mask (the prompt's) as long as a prompt."""
     b, kv, d, n = meta["batch"], meta["kv_heads"], meta["head_dim"], meta["llm_layers"]
     hi = min(meta["max_context"] - 1, max_prompt + DECODE_NEW_TOKENS)
     opt = min(hi, max(2, max_prompt // 2))
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
-        "input_ids": ((b, 1), (b, 1), (b, 1)), "layer_position_ids": ((b, n), (b, n), (b, n))}
+        "input_ids": ((b, 1), (b, 1), (b, 1)), "layer_position_ids": ((b, n), (b, n), (b, n)),
+        "past_lengths": ((n,), (n,), (n,))}
     for t in meta["io"]["inputs"][2:]:
-        shapes[t["name"]] = ((b, 3), (b, opt + 1), (b, hi + 1)) if t["name"] == "attention_mask" else \
-            ((b, kv, 2, d), (b, kv, opt, d), (b, kv, hi, d))
+        if t["name"] == "attention_mask":
+            shapes["attention_mask"] = ((b, 3), (b, max(3, min(opt, max_prompt))), (b, max(3, max_prompt)))
+        elif t["name"] != "past_lengths":
+            shapes[t["name"]] = ((b, kv, 2, d), (b, kv, opt, d), (b, kv, hi, d))
     return ProfileShapes(shapes)
 
 

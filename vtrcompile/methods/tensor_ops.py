@@ -43,18 +43,6 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-    """softmax((q * scale) @ k^T + mask) @ v, in q's dtype: scaled_dot_product_attention without dropout or a
-    causal flag, written as matmuls. q [B, H, Q, d], k / v [B, H, K, d], mask additive and broadcastable to
-    [B, H, Q, K] (or None) -> [B, H, Q, d]. The scale goes on the Q query rows, and the transpose of k is a
-    plain swap of its last two dims, which a runtime folds into the matmul."""
-    w = torch.matmul(q * scale, k.transpose(-2, -1))
-    if mask is not None:
-        w = w + mask
-    return torch.matmul(torch.softmax(w, dim=-1), v)
-
-
 def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores [B, N] -> [B, k] int64: indices of the k highest scores, sorted by index."""
     top = torch.topk(scores, k, dim=-1, largest=True, sorted=False).indices

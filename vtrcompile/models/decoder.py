@@ -1,53 +1,124 @@
 """The decode step every family shares: HF's own decoder layers over one cache per layer, each of its own
-length (the prefill left each layer the tokens it processed), and what the cache looks like."""
+length (the prefill left each layer the tokens it processed), and what the cache looks like.
+
+The caches are buffers of fixed capacity that the host fills: the step reads each layer's buffer, attends over its
+first `past_lengths[l]` rows plus the new token, and returns only the new token's keys and values, which the host
+writes into the buffers (engine/kv_cache.py). No step copies a cache, and the shapes stay the same for a whole
+generation, so a runtime plans the step once. Appending in the graph instead (a concatenation per layer, today's
+Hugging Face and Optimum convention) copies every layer's whole cache on every step: 4.6 ms of a 17.1 ms OpenVINO
+bf16 step of `llava15-geometry` at 631 cached tokens (BENCHMARKS.md, "Generation").
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .family import family_of
 
+ATTENTION = "vtrcompile_cache_buffer"
 
-class _PerLayerCache:
-    """Duck-typed HF cache: layer i's attention calls update(k, v, i) and attends over what it returns.
-    Each layer has its own past length; nothing is shared or padded."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.past = past
-        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+class _BufferCache:
+    """Duck-typed HF cache: layer i's attention calls update(k, v, i) with the new token's rotated key and value;
+    they are kept as the step's output and the layer attends over its buffer and them (buffer_attention)."""
+
+    def __init__(self, buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.buffers = buffers
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        pk, pv = self.past[layer_idx]
-        torch._check(pk.shape[2] == pv.shape[2])
-        k, v = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-        self.present.append((k, v))
-        return k, v
+        self.new[layer_idx] = (key, value)
+        return self.buffers[layer_idx]
 
 
-def padding_mask(pads: torch.Tensor | None, length: int, like: torch.Tensor) -> torch.Tensor:
-    """The additive mask [B, 1, 1, length] of one new token over a cache of length - 1 plus itself: 0, or the
-    dtype's lowest value over the first pads[b] entries of row b (its left padding) when pads is given."""
+_active = threading.local()  # the _BufferCache of the DecodeStep being run in this thread
+
+
+def buffer_attention_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, k_new: torch.Tensor,
+                               v_new: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eager reference: the new token's attention over the buffer rows and itself, as one concatenated cache.
+    q [B, H, 1, d]; k_buf / v_buf [B, kv, C, d]; k_new / v_new [B, kv, 1, d]; mask additive [B, 1, 1, C + 1]
+    -> [B, H, 1, d]. Heads share key/value heads in groups of H / kv, as Hugging Face's repeat_kv does."""
+    g = q.shape[1] // k_buf.shape[1]
+    k = torch.cat([k_buf, k_new], dim=2).repeat_interleave(g, dim=1)
+    v = torch.cat([v_buf, v_new], dim=2).repeat_interleave(g, dim=1)
+    w = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + mask.float()
+    return torch.matmul(torch.softmax(w, dim=-1), v.float()).to(q.dtype)
+
+
+def buffer_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, k_new: torch.Tensor,
+                     v_new: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """buffer_attention_reference without concatenating a cache: the scores over the buffer and over the new
+    row are computed apart and joined ([B, kv, g, C + 1], small), one softmax (float32) over both, and the
+    weighted sums added. The query heads are grouped by key/value head, so no cache is repeated either."""
+    b, h, _, d = q.shape
+    kv, c = k_buf.shape[1], k_buf.shape[2]
+    qg = (q * scale).reshape(b, kv, h // kv, d)
+    w = torch.cat([torch.matmul(qg, k_buf.transpose(-2, -1)), torch.matmul(qg, k_new.transpose(-2, -1))], dim=-1)
+    p = torch.softmax(w.float() + mask.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(p[..., :c], v_buf) + torch.matmul(p[..., c:], v_new)
+    return out.reshape(b, h, 1, d)
+
+
+def _attention_interface(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any):
+    """Hugging Face's attention-function signature (registered as ATTENTION): key/value are the layer's buffers
+    (what _BufferCache.update returned); the new rows come from the active cache."""
+    k_new, v_new = _active.cache.new[module.layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = buffer_attention(query, key, value, k_new, v_new, attention_mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ALL_ATTENTION_FUNCTIONS.register(ATTENTION, _attention_interface)
+
+
+def buffer_mask(filled: torch.Tensor, pads: torch.Tensor | None, capacity: int, like: torch.Tensor) -> torch.Tensor:
+    """The additive mask [B, 1, 1, capacity + 1] of one new token over a buffer of `capacity` rows and itself: 0 on
+    the buffer's first `filled` rows (a 0-d int tensor) and on the new token, the dtype's lowest value on the
+    unfilled rows and, when pads is given, on the first pads[b] rows of row b (its left padding)."""
     b = like.shape[0]
-    if pads is None:
-        return torch.zeros(b, 1, 1, length, dtype=like.dtype, device=like.device)
-    blocked = torch.arange(length, device=like.device)[None, :] < pads[:, None]
+    rows = torch.arange(capacity + 1, device=like.device)[None, :]
+    allowed = (rows < filled) | (rows == capacity)
+    if pads is not None:
+        allowed = allowed & (rows >= pads[:, None])
+    allowed = allowed.expand(b, capacity + 1)
     low = torch.tensor(torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
-    return torch.where(blocked, low, torch.zeros((), dtype=like.dtype, device=like.device))[:, None, None, :]
+    return torch.where(allowed, torch.zeros((), dtype=like.dtype, device=like.device), low)[:, None, None, :]
+
+
+class _AttentionSwapped:
+    """Within the block, every decoder layer's attention dispatches to ATTENTION (restored after)."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in layers}.values())
+        self.before: list[Any] = []
+
+    def __enter__(self) -> None:
+        self.before = [cfg._attn_implementation_internal for cfg in self.configs]
+        for cfg in self.configs:
+            cfg._attn_implementation_internal = ATTENTION
+
+    def __exit__(self, *exc: Any) -> None:
+        for cfg, impl in zip(self.configs, self.before, strict=True):
+            cfg._attn_implementation_internal = impl
 
 
 class DecodeStep(nn.Module):
-    """forward(input_ids [B,1], layer_position_ids [B,L], past k/v per layer [B,kv,P_l,d] ...[, attention_mask
-    [B, M]]) -> (logits [B,vocab] float32, present k/v per layer [B,kv,P_l+1,d] ..., layer_position_ids + 1).
+    """forward(input_ids [B,1], layer_position_ids [B,L], k/v buffers per layer [B,kv,C_l,d] ..., past_lengths
+    [L][, attention_mask [B, M]]) -> (logits [B,vocab] float32, the new token's k/v per layer [B,kv,1,d] ...,
+    layer_position_ids + 1).
 
-    The new token sits at position layer_position_ids[:, l] in layer l and attends to the whole cache of
-    that layer plus itself (one query row: no causal mask needed; an all-zero additive mask keeps HF on the
-    same expanded-GQA attention path as the prefill, and exports without the NaN guard a boolean one brings).
-    With `padded` (engines of batch > 1) it takes the batch's attention_mask last, in Hugging Face's convention
-    (the prompt's left-padding mask with a 1 appended per token generated so far, this one included): only
-    its zeros are read, as the count of padding entries at the front of every layer's cache.
+    The new token sits at position layer_position_ids[:, l] in layer l and attends to the first past_lengths[l]
+    rows of that layer's buffer plus itself (one query row: no causal mask). The rows after them are
+    unfilled capacity and masked. With `padded` (engines of batch > 1) it takes the batch's attention_mask last,
+    the prompt's left-padding mask (Hugging Face's convention, later 1s allowed): only its zeros are read, as the
+    count of padding rows at the front of every layer's cache.
     """
 
     def __init__(self, model: nn.Module, padded: bool = False) -> None:
@@ -57,16 +128,23 @@ class DecodeStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, layer_position_ids: torch.Tensor, *rest: torch.Tensor):
         lm = family_of(self.model).language_model(self.model)
-        past, pads = (rest[:-1], (rest[-1] == 0).sum(dim=1)) if self.padded else (rest, None)
-        cache = _PerLayerCache([(past[2 * i], past[2 * i + 1]) for i in range(len(lm.layers))])
+        n = len(lm.layers)
+        buffers, past_lengths = rest[:2 * n], rest[2 * n]
+        pads = (rest[2 * n + 1] == 0).sum(dim=1) if self.padded else None
+        cache = _BufferCache([(buffers[2 * i], buffers[2 * i + 1]) for i in range(n)])
         h = lm.embed_tokens(input_ids)
-        for i, layer in enumerate(lm.layers):
-            pos = layer_position_ids[:, i:i + 1]
-            mask = padding_mask(pads, past[2 * i].shape[2] + 1, h)
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                      position_embeddings=lm.rotary_emb(h, pos))
+        _active.cache = cache
+        try:
+            with _AttentionSwapped(lm.layers):
+                for i, layer in enumerate(lm.layers):
+                    pos = layer_position_ids[:, i:i + 1]
+                    mask = buffer_mask(past_lengths[i], pads, buffers[2 * i].shape[2], h)
+                    h = layer(h, attention_mask=mask, position_ids=pos, cache=cache,
+                              position_embeddings=lm.rotary_emb(h, pos))
+        finally:
+            _active.cache = None
         logits = self.model.lm_head(lm.norm(h))[:, -1, :].float()
-        return (logits, *(t for kv in cache.present for t in kv), layer_position_ids + 1)
+        return (logits, *(t for i in range(n) for t in cache.new[i]), layer_position_ids + 1)
 
 
 def cache_geometry(model: nn.Module) -> dict[str, int]:
