@@ -7,7 +7,7 @@ generates the same tokens both ways from the same prefill engine and times the d
 loops over rounds:
 - format 4: `Engine.generate`, a step timed from writing the last step's rows into the buffers to the step's end
   (the first step also fills the buffers from the prefill's caches);
-- format 3: the loop `generate` ran before (each step's `present.*` fed back as `past_key_values.*`, shared runs),
+- format 3: the loop `generate` ran before (each step's `present.*` fed back as `past_key_values.*`, uncopied),
   on a decode engine kept from an older build (the runners read it; `load_engine` would refuse its format).
 It prints per-step medians and the largest difference between the two loops' logits.
 
@@ -39,7 +39,9 @@ def old_loop(decode, out: dict, n: int, steps: int) -> tuple[list[float], np.nda
                  "layer_position_ids": cur["next_layer_position_ids"],
                  **{p: cur[q] for p, q in zip(past_names(n), present_names(n), strict=True)}}
         t0 = time.perf_counter()
-        cur = decode.run(feeds, shared=True)
+        # shared runs as format 3's loop made them: OpenVINO's output views; ONNX Runtime then bound every input
+        # anew each run (what its unshared run still does)
+        cur = decode.run(feeds, shared=decode.backend == "openvino")
         times.append((time.perf_counter() - t0) * 1e3)
         logits.append(np.array(cur["logits"], dtype=np.float32))
     return times, np.stack(logits)

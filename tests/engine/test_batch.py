@@ -294,12 +294,12 @@ def test_decode_buffer_mask_blocks_each_rows_padding_and_the_unfilled_rows():
 
     like = torch.zeros(2, 1, 8)
     low = torch.finfo(torch.float32).min
-    m = buffer_mask(torch.tensor(3), torch.tensor([0, 2]), 5, like)  # 5 rows, 3 filled, then the new token
-    assert m.shape == (2, 1, 1, 6) and m.dtype == torch.float32
-    assert m[0, 0, 0].tolist() == [0.0, 0.0, 0.0, low, low, 0.0]
-    assert m[1, 0, 0].tolist() == [low, low, 0.0, low, low, 0.0]
+    m = buffer_mask(torch.tensor(3), torch.tensor([0, 2]), 5, like)  # 5 rows, 3 filled
+    assert m.shape == (2, 1, 1, 5) and m.dtype == torch.float32
+    assert m[0, 0, 0].tolist() == [0.0, 0.0, 0.0, low, low]
+    assert m[1, 0, 0].tolist() == [low, low, 0.0, low, low]
     full = buffer_mask(torch.tensor(4), None, 4, like)
-    assert full.shape == (2, 1, 1, 5) and full.eq(0).all()
+    assert full.shape == (1, 1, 1, 4) and full.eq(0).all()
 
 
 def _rewrite_metadata(path, change) -> None:

@@ -81,6 +81,34 @@ def test_decode_engine_io_matches_the_contract(engines):
     assert all(outs[f"present.{i}.{kv}"].shape == [1, 2, 1, 16] for i in range(4) for kv in ("key", "value"))
 
 
+def test_shared_runs_bind_the_cache_buffers_by_address_and_give_every_run_new_outputs(tiny, engines):
+    """ONNX Runtime shared runs (the generation loop) reuse one binding: the KvCache's torch buffers are bound by
+    their address (a write into a buffer is what the next run reads, no copy), every run gets new outputs (the last
+    run's stay intact), and a prefill's outputs may change shape from one shared run to the next."""
+    from vtrcompile import load_engine
+    from vtrcompile.engine.generate import decode_feeds
+    from vtrcompile.engine.kv_cache import KvCache
+
+    engine = load_engine(engines["fastv-k2-18"].files[-1], threads=1)
+    (ids, px), (ids2, px2) = prompts(tiny.hf_model.config)[:2]
+    assert ids.shape[1] != ids2.shape[1]
+    out = engine.prefill.run({"input_ids": ids.numpy(), "pixel_values": px.numpy()}, shared=True)
+    kv = KvCache(out, 4, "float32", 3)
+    feeds = decode_feeds(out, out["logits"].argmax(-1), kv)
+    first = engine.decode.run(feeds, shared=True)
+    kept = {k: v.copy() for k, v in first.items()}
+    again = engine.decode.run(feeds, shared=True)
+    assert all(np.array_equal(first[k], kept[k]) and not np.shares_memory(first[k], again[k]) for k in first)
+    assert np.array_equal(again["logits"], first["logits"])
+    kv.buffers[0][:, :, : kv.lengths[0]] += 1.0  # in place: the bound buffer, read by the next run
+    moved = engine.decode.run(feeds, shared=True)
+    assert not np.array_equal(moved["logits"], first["logits"])
+    assert engine.decode._shared_keys["past_key_values.0.key"][0] == kv.buffers[0].data_ptr()  # bound, not copied
+    assert np.array_equal(engine.decode.run(feeds)["logits"], moved["logits"])  # an unshared run, bound anew
+    out2 = engine.prefill.run({"input_ids": ids2.numpy(), "pixel_values": px2.numpy()}, shared=True)
+    assert out2["present.0.key"].shape[2] == ids2.shape[1] and out["present.0.key"].shape[2] == ids.shape[1]
+
+
 # tiny engine -> the eager reference it must equal (every method, two budgets each)
 REFERENCES = [
     ("fastv-k2-18", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),

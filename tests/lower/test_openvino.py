@@ -100,8 +100,9 @@ def test_decode_runs_read_the_cache_buffers_in_place_and_shared_runs_return_view
     kv = KvCache(out, n, decode_dtype(decode.metadata), 4)
     lengths = list(kv.lengths)
     first = decode.run(decode_feeds(out, out["logits"].argmax(-1), kv), shared=True)
+    request = decode._chain[0]  # the request the first shared run took
     for k, buf in zip(past_names(n), kv.buffers, strict=True):
-        assert np.shares_memory(decode._feeds[k], buf.numpy()), k
+        assert np.shares_memory(request.get_tensor(k).data, buf.numpy()), k
     assert not any(v.flags.owndata for v in first.values())  # views: nothing was copied
     assert {first[f"present.{i}.key"].shape[2] for i in range(n)} == {1}
     kv.append(first)
@@ -109,11 +110,16 @@ def test_decode_runs_read_the_cache_buffers_in_place_and_shared_runs_return_view
     assert all(np.array_equal(kv.buffers[2 * i][:, :, lengths[i]].numpy(), first[f"present.{i}.key"][:, :, 0])
                for i in range(n))
     second_feeds = decode_feeds(first, first["logits"].argmax(-1), kv)
+    held = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in second_feeds.items()}  # first's views
     second = decode.run(second_feeds, shared=True)
     copies = decode.run(second_feeds)
     assert all(v.flags.owndata for v in copies.values())
     for k, v in copies.items():  # the same step unshared: the same outputs
         assert np.array_equal(second[k], v), k
+    third = decode.run(held, shared=True)  # the first request again, the same step
+    # set once per request: the buffers it holds are the KvCache's own memory, which append wrote into in place
+    assert decode._held[id(request)]["past_key_values.0.key"][0] == kv.buffers[0].data_ptr()
+    assert np.array_equal(third["logits"], copies["logits"])
 
 
 def test_missing_bin_and_damaged_xml_refused_in_one_line(irs, tmp_path):

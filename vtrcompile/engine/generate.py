@@ -164,7 +164,7 @@ class Engine:
         n = self.metadata["llm_layers"]
         mask = feeds.get("attention_mask") if self.padded else None
         t0 = time.perf_counter()
-        out = self.prefill.run(feeds, shared=True)  # its caches feed the first decode step, uncopied
+        out = self.prefill.run(feeds, shared=True)  # read into the cache buffers before any other run
         prefill_ms = (time.perf_counter() - t0) * 1e3
         b = feeds["input_ids"].shape[0]
         cache = [cache_length(out[f"present.{i}.key"]) for i in range(n)]

@@ -42,25 +42,28 @@ _active = threading.local()  # the _BufferCache of the DecodeStep being run in t
 def buffer_attention_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, k_new: torch.Tensor,
                                v_new: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Eager reference: the new token's attention over the buffer rows and itself, as one concatenated cache.
-    q [B, H, 1, d]; k_buf / v_buf [B, kv, C, d]; k_new / v_new [B, kv, 1, d]; mask additive [B, 1, 1, C + 1]
-    -> [B, H, 1, d]. Heads share key/value heads in groups of H / kv, as Hugging Face's repeat_kv does."""
+    q [B, H, 1, d]; k_buf / v_buf [B, kv, C, d]; k_new / v_new [B, kv, 1, d]; mask additive over the buffer rows,
+    broadcastable to [B, 1, 1, C] (the new token always attends to itself) -> [B, H, 1, d]. Heads share key/value
+    heads in groups of H / kv, as Hugging Face's repeat_kv does."""
     g = q.shape[1] // k_buf.shape[1]
     k = torch.cat([k_buf, k_new], dim=2).repeat_interleave(g, dim=1)
     v = torch.cat([v_buf, v_new], dim=2).repeat_interleave(g, dim=1)
-    w = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + mask.float()
+    full = torch.cat([mask.float().expand(q.shape[0], 1, 1, k_buf.shape[2]), torch.zeros(q.shape[0], 1, 1, 1)], -1)
+    w = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + full
     return torch.matmul(torch.softmax(w, dim=-1), v.float()).to(q.dtype)
 
 
 def buffer_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, k_new: torch.Tensor,
                      v_new: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """buffer_attention_reference without concatenating a cache: the scores over the buffer and over the new
-    row are computed apart and joined ([B, kv, g, C + 1], small), one softmax (float32) over both, and the
+    """buffer_attention_reference without concatenating a cache: the scores over the buffer (masked) and over the
+    new row are computed apart and joined ([B, kv, g, C + 1], small), one softmax (float32) over both, and the
     weighted sums added. The query heads are grouped by key/value head, so no cache is repeated either."""
     b, h, _, d = q.shape
     kv, c = k_buf.shape[1], k_buf.shape[2]
     qg = (q * scale).reshape(b, kv, h // kv, d)
-    w = torch.cat([torch.matmul(qg, k_buf.transpose(-2, -1)), torch.matmul(qg, k_new.transpose(-2, -1))], dim=-1)
-    p = torch.softmax(w.float() + mask.float(), dim=-1).to(q.dtype)
+    w = torch.cat([torch.matmul(qg, k_buf.transpose(-2, -1)) + mask, torch.matmul(qg, k_new.transpose(-2, -1))],
+                  dim=-1)
+    p = torch.softmax(w.float(), dim=-1).to(q.dtype)
     out = torch.matmul(p[..., :c], v_buf) + torch.matmul(p[..., c:], v_new)
     return out.reshape(b, h, 1, d)
 
@@ -79,17 +82,16 @@ ALL_ATTENTION_FUNCTIONS.register(ATTENTION, _attention_interface)
 
 
 def buffer_mask(filled: torch.Tensor, pads: torch.Tensor | None, capacity: int, like: torch.Tensor) -> torch.Tensor:
-    """The additive mask [B, 1, 1, capacity + 1] of one new token over a buffer of `capacity` rows and itself: 0 on
-    the buffer's first `filled` rows (a 0-d int tensor) and on the new token, the dtype's lowest value on the
-    unfilled rows and, when pads is given, on the first pads[b] rows of row b (its left padding)."""
-    b = like.shape[0]
-    rows = torch.arange(capacity + 1, device=like.device)[None, :]
-    allowed = (rows < filled) | (rows == capacity)
+    """The additive mask over a buffer of `capacity` rows, [1, 1, 1, capacity] ([B, 1, 1, capacity] with pads): 0
+    on its first `filled` rows (a 0-d int tensor), the dtype's lowest value on the unfilled rows and, when pads is
+    given, on the first pads[b] rows of batch row b (its left padding). The new token's own score is not masked."""
+    rows = torch.arange(capacity, device=like.device)
+    allowed = rows < filled
     if pads is not None:
-        allowed = allowed & (rows >= pads[:, None])
-    allowed = allowed.expand(b, capacity + 1)
+        allowed = allowed[None, :] & (rows[None, :] >= pads[:, None])
     low = torch.tensor(torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
-    return torch.where(allowed, torch.zeros((), dtype=like.dtype, device=like.device), low)[:, None, None, :]
+    mask = torch.where(allowed, torch.zeros((), dtype=like.dtype, device=like.device), low)
+    return mask[:, None, None, :] if pads is not None else mask[None, None, None, :]
 
 
 class _AttentionSwapped:
