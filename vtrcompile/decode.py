@@ -1,8 +1,9 @@
 """Model source -> the decode-step engine: one per model, dtype and backend, shared by every method's prefill.
 
 The decode step is never reduced: it reads each layer's cache buffer, whatever its filled length, and returns the
-new token's keys and values for the host to write into it (models/decoder.py, engine/kv_cache.py). Its file is named by the model identity and dtype (`decode-<id>-<dtype>.<ext>`) and sits next to
-the prefill engines that pair with it; a matching file already there is reused, not rebuilt, and with
+new token's keys and values for the host to write into it (models/decoder.py, engine/kv_cache.py). Its file is
+named by the model identity and dtype (`decode-<id>-<dtype>.<ext>`) and sits next to the prefill engines that
+pair with it; a matching file already there is reused, not rebuilt, and with
 VTRCOMPILE_DECODE_CACHE set one built for another folder is copied from the cache (decode_cache.py).
 """
 

@@ -250,6 +250,33 @@ def test_decode_engine_profile_covers_every_layers_cache_and_reaches_the_builder
     assert set(set_shapes) == set(decode_inputs(4))
     sc = json.loads(trt_lower.sidecar_path(out).read_text())
     assert sc["role"] == "decode" and sc["inputs"][2]["shape"] == [1, 2, -1, 16]
+    from vtrcompile.lower.tensorrt_runner import TrtEngine
+
+    runner = TrtEngine.__new__(TrtEngine)
+    runner.sidecar = sc
+    assert runner.max_cache_rows == 256 + trt_lower.DECODE_NEW_TOKENS
+
+
+def test_generate_refuses_buffers_longer_than_the_decode_engines_profile(tmp_path):
+    """A TensorRT decode engine takes cache buffers up to its profile's max: a prompt plus new tokens that need more
+    rows is refused in one line before the prefill runs."""
+    import numpy as np
+
+    from vtrcompile.engine.generate import Engine
+
+    eng = Engine.__new__(Engine)
+    eng.path, eng.padded = tmp_path / "p.plan", False
+    eng.metadata = {"prompt_range": [4, 100], "max_context": 4096, "llm_layers": 2, "eos_token_ids": [],
+                    "decode": {"file": "decode.plan"}}
+    eng._decode = types.SimpleNamespace(max_cache_rows=40)
+    eng.prefill = types.SimpleNamespace(run=lambda *a, **k: pytest.fail("the prefill ran"))
+    eng._inputs = lambda inputs: {"input_ids": np.zeros((1, 30), np.int64)}
+    with pytest.raises(VtrError, match=r"30 prompt tokens \+ 12 new tokens need cache buffers of 41 rows; the "
+                                       r"decode engine decode.plan was built for at most 40"):
+        eng.generate(max_new_tokens=12)
+    eng._decode = types.SimpleNamespace(max_cache_rows=41, run=lambda *a, **k: pytest.fail("decode ran"))
+    with pytest.raises(pytest.fail.Exception, match="the prefill ran"):
+        eng.generate(max_new_tokens=12)  # 41 rows fit: it goes on to the prefill
 
 
 class _RecordingContext:

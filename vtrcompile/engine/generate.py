@@ -161,6 +161,11 @@ class Engine:
         eos = set(self.metadata.get("eos_token_ids", []) if eos_token_id is None else
                   ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
         decode = self.decode if max_new_tokens > 1 else None
+        rows = getattr(decode, "max_cache_rows", None)  # a TensorRT decode engine's profile bounds its buffers
+        if rows is not None and s + max_new_tokens - 1 > rows:
+            raise VtrError(f"{s} prompt tokens + {max_new_tokens} new tokens need cache buffers of "
+                           f"{s + max_new_tokens - 1} rows; the decode engine {self.decode_path.name} was built for "
+                           f"at most {rows}: lower --max-new-tokens or rebuild with a larger --max-prompt")
         n = self.metadata["llm_layers"]
         mask = feeds.get("attention_mask") if self.padded else None
         t0 = time.perf_counter()

@@ -77,7 +77,7 @@ class KvCache:
 
     def append(self, step_out: dict[str, Any]) -> None:
         """Write a decode step's new keys and values (present.* [B, kv, 1, d]) at each layer's next row. Float32 and
-        float16 rows that arrive as numpy arrays are written through numpy views of the buffers (0.09 against 0.15
+        float16 rows that arrive as numpy arrays are written through numpy views of the buffers (0.04 against 0.15
         ms a step for the demo model's 24 rows)."""
         if any(length >= cap for length, cap in zip(self.lengths, self.capacity, strict=True)):
             raise ValueError(f"KV cache full: {self.lengths} rows filled of {self.capacity}")

@@ -126,9 +126,11 @@ class AotiEngine:
         """Named inputs -> tensors on the package's device, in the order of the metadata's `io`. Tensors handed
         back from an earlier run (bfloat16 caches, which numpy cannot hold) pass through without numpy, made
         contiguous: a package reads its inputs with the strides of its example inputs, and the caches a prefill
-        package returns are views with another layout. So do float tensors of any dtype (the generation loop's
-        cache buffers), read in place when they are contiguous and on the package's device."""
-        kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        package returns are views with another layout. So do float tensors in the dtype the package declares (the
+        generation loop's cache buffers), read in place when they are contiguous and on the package's device."""
+        declared = {t["name"]: getattr(torch, t["dtype"], None) for t in self.metadata["io"]["inputs"]}
+        kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                and v.dtype == declared.get(k)}
         arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in kept}, set(kept))
         self._bound = [kept[t["name"]].to(self.device).contiguous() if t["name"] in kept else
                        torch.from_numpy(arrays[t["name"]]).to(self.device) for t in self.metadata["io"]["inputs"]]

@@ -51,6 +51,12 @@ class TrtEngine:
         self._device = "cuda"
         self._bound: dict[str, Any] = {}
 
+    @property
+    def max_cache_rows(self) -> int | None:
+        """A decode engine's largest cache buffer (its optimization profile's max), None for a prefill engine."""
+        profile = {t["name"]: t.get("profile") for t in self.sidecar.get("inputs", [])}.get("past_key_values.0.key")
+        return int(profile["max"][2]) if profile else None
+
     def bind(self, named: dict[str, Any]) -> None:
         """Copy host inputs to the GPU once, set shapes and addresses; `run()` then only launches. An input that
         is already a tensor on the engine's device in its dtype (a shared run's cache output) is bound where it
