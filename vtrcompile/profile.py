@@ -292,8 +292,9 @@ def format_report(r: dict) -> str:
         w = [max(len(row[i]) for row in rows) for i in range(4)]
         table = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
         table.insert(1, "-" * len(table[0]))
-        lines += ["", *table, f"decode step measured at the prompt's context ({r['prompt_tokens']} tokens, cache as the "
-                  f"prefill left it); end to end = prefill + {g['new_tokens'] - 1} decode steps, greedy"]
+        lines += ["", *table, f"decode step measured at the prompt's context ({r['prompt_tokens']} tokens: the prefill's "
+                  f"cache, in buffers with room for the new tokens); end to end = prefill + {g['new_tokens'] - 1} "
+                  "decode steps, greedy"]
         if b > 1:
             lines.append(f"batch {b}: every time is one run of all {b} prompts; tokens/s counts the tokens of all of "
                          "them; KV cache is per sequence")
