@@ -24,6 +24,11 @@ from .runners import open_engine
 
 log = logging.getLogger(__name__)
 
+# Cache buffers are sized in multiples of this many rows, so generations of similar prompt lengths and token counts
+# reuse the last one's buffers: no allocation (8-27 ms of fresh pages for 23 MB of bf16 caches, `llava15-geometry`)
+# and no new inputs for the runtime to plan for (OpenVINO took 16-28 ms more on a step whose buffers were new).
+CACHE_ROWS_ROUND = 32
+
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Engine:
                            "(the file `vtrcompile optimize --out` wrote)")
         self._threads = threads
         self._decode: Any = None
+        self._kv: KvCache | None = None  # the last generation's buffers, reused by the next one of the same shapes
         self.padded = padded(self.metadata.get("host_inputs"))  # takes left-padded prompts (a batch engine)
 
     @property
@@ -188,7 +194,11 @@ class Engine:
                 break
             t1 = time.perf_counter()  # a step's time includes writing the last step's rows into the cache
             if kv is None:  # buffers for every row this call appends, filled in place from here on
-                kv = KvCache(out, n, decode_dtype(decode.metadata), max_new_tokens - 1)
+                ctx = self.metadata.get("max_context")
+                limit = rows if rows is not None else (ctx - 1 if ctx else None)  # the decode engine's range
+                kv = KvCache(out, n, decode_dtype(decode.metadata), max_new_tokens - 1, CACHE_ROWS_ROUND, limit,
+                             self._kv)
+                self._kv = kv
             else:
                 kv.append(out)
             out = decode.run(decode_feeds(out, tok, kv, mask), shared=True)

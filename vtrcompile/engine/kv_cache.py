@@ -45,26 +45,42 @@ def as_tensor(x: Any, dtype: str) -> torch.Tensor:
 class KvCache:
     """Every layer's key/value buffers for one generation, and how many rows of each are filled."""
 
-    def __init__(self, prefill_out: dict[str, Any], n_layers: int, dtype: str, extra_rows: int) -> None:
-        """Buffers of each layer's prefill cache length + `extra_rows`, its first rows the prefill's present.*;
-        the rest zeros (a masked row must hold finite values: 0 x NaN would poison the weighted sum)."""
+    def __init__(self, prefill_out: dict[str, Any], n_layers: int, dtype: str, extra_rows: int,
+                 round_to: int = 1, limit: int | None = None, reuse: KvCache | None = None) -> None:
+        """Buffers of at least each layer's prefill cache length + `extra_rows` rows (rounded up to a multiple of
+        `round_to`, at most `limit`), their first rows the prefill's present.*. New buffers are zeroed (a masked
+        row must hold finite values: 0 x NaN would poison the weighted sum); with `reuse`, a previous generation's
+        buffers of the same shapes are taken instead, their stale rows left as they are (finite, masked)."""
         self.n = n_layers
         self.names = past_names(n_layers)
         self.buffers: list[torch.Tensor] = []
         self.lengths: list[int] = []
+        self.reused = 0  # buffers taken from `reuse`
+        old: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for b in reuse.buffers if reuse is not None and reuse.dtype == dtype else []:
+            old.setdefault(tuple(b.shape), []).append(b)
         for name in present_names(n_layers):
             t = as_tensor(prefill_out[name], dtype)
             b, kv, s, d = t.shape
-            buf = torch.empty((b, kv, s + extra_rows, d), dtype=t.dtype, device=t.device)
+            cap = -(-(s + extra_rows) // round_to) * round_to
+            cap = max(s + extra_rows, min(cap, limit)) if limit is not None else cap
+            same = old.get((b, kv, cap, d))
+            buf = same.pop(0) if same else None
+            if buf is not None and buf.device == t.device:
+                self.reused += 1
+            else:
+                buf = torch.empty((b, kv, cap, d), dtype=t.dtype, device=t.device)
+                buf[:, :, s:].zero_()
             buf[:, :, :s].copy_(t)
-            buf[:, :, s:].zero_()
             self.buffers.append(buf)
             if name.endswith(".key"):
                 self.lengths.append(s)
         self.dtype = dtype
         self._present = present_names(n_layers)
-        numpy_ok = dtype != "bfloat16" and all(b.device.type == "cpu" for b in self.buffers)
-        self._views = [b.numpy() for b in self.buffers] if numpy_ok else None
+        # numpy views of CPU buffers; bfloat16 ones as float16 arrays of the raw bits, as OpenVINO hands bf16 out
+        on_cpu = all(b.device.type == "cpu" for b in self.buffers)
+        self._views = [(b.view(torch.float16) if b.dtype == torch.bfloat16 else b).numpy() for b in self.buffers] \
+            if on_cpu else None
 
     @property
     def capacity(self) -> list[int]:
@@ -76,9 +92,9 @@ class KvCache:
                 "past_lengths": np.asarray(self.lengths, dtype=np.int64)}
 
     def append(self, step_out: dict[str, Any]) -> None:
-        """Write a decode step's new keys and values (present.* [B, kv, 1, d]) at each layer's next row. Float32 and
-        float16 rows that arrive as numpy arrays are written through numpy views of the buffers (0.04 against 0.15
-        ms a step for the demo model's 24 rows)."""
+        """Write a decode step's new keys and values (present.* [B, kv, 1, d]) at each layer's next row. Rows that
+        arrive as numpy arrays of the buffers' numpy dtype (bfloat16: float16 bits) are written through numpy views
+        of the buffers (0.04 against 0.15 ms a step for the demo model's 24 rows)."""
         if any(length >= cap for length, cap in zip(self.lengths, self.capacity, strict=True)):
             raise ValueError(f"KV cache full: {self.lengths} rows filled of {self.capacity}")
         for j, name in enumerate(self._present):
