@@ -253,7 +253,6 @@ class OvEngine:
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
         self._bf16_inputs = {p.get_any_name() for p in self.compiled.inputs if p.get_element_type() == ov.Type.bf16}
         self._feeds: dict[str, Any] | None = None
-        self._keys: dict[str, Any] = {}
         self._held: dict[int, dict[str, Any]] = {}  # per request: the memory of each input set on it (_set)
         # float inputs' dtypes, for the torch tensors read in place (bf16 as OpenVINO compiled it)
         self._declared = {t["name"]: torch.bfloat16 if t["name"] in self._bf16_inputs else
@@ -264,8 +263,8 @@ class OvEngine:
     def bind(self, feeds: dict[str, Any]) -> None:
         """Numpy arrays (checked against the engine's io) and CPU torch tensors in the engine's input dtype (the
         generation loop's cache buffers), both read in place; set on the timing request (`time_ms`)."""
-        self._feeds, self._keys = self._tensors(feeds)
-        self._set(self.request, self._feeds, self._keys)
+        self._feeds, keys = self._tensors(feeds)
+        self._set(self.request, self._feeds, keys)
 
     def _tensors(self, feeds: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Each input as an OpenVINO tensor over its memory, and a key of that memory (address, shape, dtype) for
