@@ -24,6 +24,12 @@ from .io import past_names, present_names
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def float_input_dtypes(io: dict[str, Any]) -> dict[str, torch.dtype]:
+    """Input name -> the torch dtype of each floating-point input an engine declares: a torch tensor in that dtype
+    (a cache buffer) is what the runners bind in place."""
+    return {t["name"]: TORCH_DTYPES[t["dtype"]] for t in io["inputs"] if t["dtype"] in TORCH_DTYPES}
+
+
 def as_tensor(x: Any, dtype: str) -> torch.Tensor:
     """A runner's output as a torch tensor of the declared `dtype`, sharing its memory where it can."""
     want = TORCH_DTYPES[dtype]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..engine.host_inputs import prefill_feeds
+from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .atomic import write_atomically
@@ -128,9 +129,8 @@ class AotiEngine:
         contiguous: a package reads its inputs with the strides of its example inputs, and the caches a prefill
         package returns are views with another layout. So do float tensors in the dtype the package declares (the
         generation loop's cache buffers), read in place when they are contiguous and on the package's device."""
-        declared = {t["name"]: getattr(torch, t["dtype"], None) for t in self.metadata["io"]["inputs"]}
-        kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                and v.dtype == declared.get(k)}
+        declared = float_input_dtypes(self.metadata["io"])
+        kept = {k: v for k, v in feeds.items() if isinstance(v, torch.Tensor) and v.dtype == declared.get(k)}
         arrays = feed_arrays(self.metadata["io"], {k: v for k, v in feeds.items() if k not in kept}, set(kept))
         self._bound = [kept[t["name"]].to(self.device).contiguous() if t["name"] in kept else
                        torch.from_numpy(arrays[t["name"]]).to(self.device) for t in self.metadata["io"]["inputs"]]

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 
 from ..engine.host_inputs import prefill_feeds
+from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .onnx import external_data_problem, metadata_of
@@ -91,7 +92,7 @@ class OrtEngine:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._bf16_outputs = {o.name for o in self.session.get_outputs() if o.type == "tensor(bfloat16)"}
         self._shared_io: Any = None
-        self._declared = {t["name"]: getattr(torch, t["dtype"], None) for t in self.metadata["io"]["inputs"]}
+        self._declared = float_input_dtypes(self.metadata["io"])
         self._shared_keys: dict[str, Any] = {}
         self._shared_refs: dict[str, Any] = {}
 

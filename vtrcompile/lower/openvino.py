@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..engine.host_inputs import prefill_feeds
+from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from .atomic import scratch_dir, write_atomically
@@ -255,8 +256,7 @@ class OvEngine:
         self._feeds: dict[str, Any] | None = None
         self._held: dict[int, dict[str, Any]] = {}  # per request: the memory of each input set on it (_set)
         # float inputs' dtypes, for the torch tensors read in place (bf16 as OpenVINO compiled it)
-        self._declared = {t["name"]: torch.bfloat16 if t["name"] in self._bf16_inputs else
-                          getattr(torch, t["dtype"], None) for t in self.metadata["io"]["inputs"]}
+        self._declared = {**float_input_dtypes(self.metadata["io"]), **dict.fromkeys(self._bf16_inputs, torch.bfloat16)}
         self._wrapped: dict[str, Any] = {}  # torch inputs: name -> (memory key, its OpenVINO tensor), last made
         self._ov = ov
 

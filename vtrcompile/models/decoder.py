@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..methods.tensor_ops import additive_mask
 from .family import family_of
 
 ATTENTION = "vtrcompile_cache_buffer"
@@ -89,8 +90,7 @@ def buffer_mask(filled: torch.Tensor, pads: torch.Tensor | None, capacity: int, 
     allowed = rows < filled
     if pads is not None:
         allowed = allowed[None, :] & (rows[None, :] >= pads[:, None])
-    low = torch.tensor(torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
-    mask = torch.where(allowed, torch.zeros((), dtype=like.dtype, device=like.device), low)
+    mask = additive_mask(allowed, like.dtype)
     return mask[:, None, None, :] if pads is not None else mask[None, None, None, :]
 
 
