@@ -12,6 +12,7 @@ from vtrcompile.models.decoder import (
     buffer_attention_reference,
     buffer_mask,
     cache_geometry,
+    layer_rotary,
 )
 
 
@@ -34,6 +35,50 @@ def test_buffer_attention_equals_attention_over_the_concatenated_cache(dtype, at
         v = torch.cat([vb[row:row + 1, :, lo:6], vn[row:row + 1]], dim=2).repeat_interleave(heads // kv, dim=1)
         sdpa = torch.nn.functional.scaled_dot_product_attention(q[row:row + 1].float(), k.float(), v.float())
         assert float((want[row:row + 1].float() - sdpa).abs().max()) <= atol
+
+
+def _rotary_modules():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+    mrope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}
+    return {"llama": lambda: LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4)),
+            "qwen2-vl mrope": lambda: Qwen2VLRotaryEmbedding(
+                Qwen2VLTextConfig(hidden_size=64, num_attention_heads=2, rope_parameters=mrope)),
+            "qwen3-vl interleaved mrope": lambda: Qwen3VLTextRotaryEmbedding(
+                Qwen3VLTextConfig(hidden_size=64, num_attention_heads=2, head_dim=32)),
+            "llama dynamic ntk": lambda: LlamaRotaryEmbedding(LlamaConfig(
+                hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}))}
+
+
+@pytest.mark.parametrize("family", list(_rotary_modules()))
+def test_one_rotary_call_for_all_layers_gives_each_layer_its_own_table(family):
+    """layer_rotary(i) is bit for bit what the family's rotary module gives layer i's position alone, with a
+    different position in every layer (renumbered layers) and per batch row."""
+    rotary = _rotary_modules()[family]()
+    pos = torch.tensor([[5, 9, 9, 3], [0, 1, 2, 100]])
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    per_layer = layer_rotary(rotary, like, pos)
+    for i in range(pos.shape[1]):
+        want = rotary(like, pos[:, i:i + 1])
+        got = per_layer(i)
+        assert got[0].shape == want[0].shape == (2, 1, want[0].shape[-1])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_rotary_table_that_depends_on_the_longest_position_keeps_one_call_per_layer():
+    """Dynamic NTK picks its frequencies from the longest position asked for: one call over every layer's
+    positions (100 > max_position_embeddings 64) would give layer 0 (position 5) another table than its own."""
+    rotary = _rotary_modules()["llama dynamic ntk"]()
+    pos, like = torch.tensor([[5, 100]]), torch.zeros(1)
+    together = rotary(like, pos)[0][:, :1]
+    alone = rotary(like, pos[:, :1])[0]
+    assert not torch.allclose(together, alone)
+    assert torch.equal(layer_rotary(rotary, like, pos)(0)[0], alone)
 
 
 def test_unfilled_rows_do_not_change_the_result():

@@ -94,6 +94,22 @@ def buffer_mask(filled: torch.Tensor, pads: torch.Tensor | None, capacity: int, 
     return mask[:, None, None, :] if pads is not None else mask[None, None, None, :]
 
 
+# Rotary types whose tables depend on the longest position asked for (HF's dynamic_rope_update): their layers keep
+# one call each, so each layer's table is the one its own positions select.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def layer_rotary(rotary_emb: nn.Module, like: torch.Tensor, layer_position_ids: torch.Tensor):
+    """i -> the (cos, sin) of the new token at layer i's position, [B, 1, d] (HF's rotary output for one position).
+    The positions of all L layers go through the model's rotary module in one call, read as a sequence of L
+    positions ([B, L] -> [B, L, d]; mRoPE modules put a text position on all three axes, as the decode step
+    wants): two cos/sin kernels per step instead of 2 L."""
+    if getattr(rotary_emb, "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
+        return lambda i: rotary_emb(like, layer_position_ids[:, i:i + 1])
+    cos, sin = rotary_emb(like, layer_position_ids)
+    return lambda i: (cos[..., i:i + 1, :], sin[..., i:i + 1, :])
+
+
 class _AttentionSwapped:
     """Within the block, every decoder layer's attention dispatches to ATTENTION (restored after)."""
 
@@ -135,14 +151,14 @@ class DecodeStep(nn.Module):
         pads = (rest[2 * n + 1] == 0).sum(dim=1) if self.padded else None
         cache = _BufferCache([(buffers[2 * i], buffers[2 * i + 1]) for i in range(n)])
         h = lm.embed_tokens(input_ids)
+        rotary = layer_rotary(lm.rotary_emb, h, layer_position_ids)
         _active.cache = cache
         try:
             with _AttentionSwapped(lm.layers):
                 for i, layer in enumerate(lm.layers):
-                    pos = layer_position_ids[:, i:i + 1]
                     mask = buffer_mask(past_lengths[i], pads, buffers[2 * i].shape[2], h)
-                    h = layer(h, attention_mask=mask, position_ids=pos, cache=cache,
-                              position_embeddings=lm.rotary_emb(h, pos))
+                    h = layer(h, attention_mask=mask, position_ids=layer_position_ids[:, i:i + 1], cache=cache,
+                              position_embeddings=rotary(i))
         finally:
             _active.cache = None
         logits = self.model.lm_head(lm.norm(h))[:, -1, :].float()
