@@ -31,13 +31,18 @@ from vtrcompile.lower.openvino import OvEngine
 from vtrcompile.profile import environment, profile_prompt
 
 
-def old_loop(decode, out: dict, n: int, steps: int) -> tuple[list[float], np.ndarray]:
-    """The format-3 loop: per-step ms and the logits of the steps [steps, B, vocab]."""
+def old_loop(decode, out: dict, n: int, steps: int, mask: np.ndarray | None = None
+             ) -> tuple[list[float], np.ndarray]:
+    """The format-3 loop: per-step ms and the logits of the steps [steps, B, vocab]. A batch engine's format-3
+    decode step took the mask of everything before the new token with a 1 appended for it (`mask`: the prompt's)."""
     times, logits, cur = [], [], out
     for _ in range(steps):
         feeds = {"input_ids": cur["logits"].argmax(-1)[:, None].astype(np.int64),
                  "layer_position_ids": cur["next_layer_position_ids"],
                  **{p: cur[q] for p, q in zip(past_names(n), present_names(n), strict=True)}}
+        if mask is not None:
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+            feeds["attention_mask"] = mask
         t0 = time.perf_counter()
         # shared runs as format 3's loop made them: OpenVINO's output views; ONNX Runtime then bound every input
         # anew each run (what its unshared run still does)
@@ -65,20 +70,21 @@ def main() -> None:
     n = engine.metadata["llm_layers"]
     ids, pixels = profile_prompt(engine.metadata)[:2]
     feeds = prefill_feeds(engine.metadata, ids, pixels)
+    mask = feeds.get("attention_mask")  # batch engines: the prompts' padding mask
     steps = args.new_tokens - 1
     engine.generate(max_new_tokens=args.new_tokens, eos_token_id=[], **feeds)  # warm-up, both
-    old_loop(old, engine.prefill.run(feeds), n, steps)
+    old_loop(old, engine.prefill.run(feeds), n, steps, mask)
     rounds: dict[str, list[float]] = {"format3_concat": [], "format4_in_place": []}
     diff = 0.0
     for _ in range(args.rounds):
         new = engine.generate(max_new_tokens=args.new_tokens, eos_token_id=[], **feeds)
-        t_old, lg_old = old_loop(old, engine.prefill.run(feeds), n, steps)
+        t_old, lg_old = old_loop(old, engine.prefill.run(feeds), n, steps, mask)
         rounds["format4_in_place"].append(float(np.median(new.decode_ms)))
         rounds["format3_concat"].append(float(np.median(t_old)))
         diff = max(diff, float(np.abs(new.logits[:, 1:].transpose(1, 0, 2) - lg_old).max()))
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     res = {"prefill": args.prefill, "old_decode": args.old_decode, "backend": engine.prefill.backend,
-           "dtype": engine.metadata["dtype"], "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new_tokens,
+           "dtype": engine.metadata["dtype"], "batch": engine.metadata["batch"], "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new_tokens,
            "environment": environment(args.threads, engine.prefill), "round_step_p50_ms": rounds,
            "median_step_ms": med, "speedup": med["format3_concat"] / med["format4_in_place"],
            "max_logit_diff": diff}
