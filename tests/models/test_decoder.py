@@ -52,7 +52,11 @@ def _rotary_modules():
                 Qwen3VLTextConfig(hidden_size=64, num_attention_heads=2, head_dim=32)),
             "llama dynamic ntk": lambda: LlamaRotaryEmbedding(LlamaConfig(
                 hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
-                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}))}
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+            "llama longrope": lambda: LlamaRotaryEmbedding(LlamaConfig(
+                hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                                 "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}))}
 
 
 @pytest.mark.parametrize("family", list(_rotary_modules()))
@@ -70,10 +74,11 @@ def test_one_rotary_call_for_all_layers_gives_each_layer_its_own_table(family):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_a_rotary_table_that_depends_on_the_longest_position_keeps_one_call_per_layer():
-    """Dynamic NTK picks its frequencies from the longest position asked for: one call over every layer's
-    positions (100 > max_position_embeddings 64) would give layer 0 (position 5) another table than its own."""
-    rotary = _rotary_modules()["llama dynamic ntk"]()
+@pytest.mark.parametrize("family", ["llama dynamic ntk", "llama longrope"])
+def test_a_rotary_table_that_depends_on_the_longest_position_keeps_one_call_per_layer(family):
+    """Dynamic NTK and LongRoPE pick their frequencies from the longest position asked for: one call over every
+    layer's positions (100, past the original 64) would give layer 0 (position 5) another table than its own."""
+    rotary = _rotary_modules()[family]()
     pos, like = torch.tensor([[5, 100]]), torch.zeros(1)
     together = rotary(like, pos)[0][:, :1]
     alone = rotary(like, pos[:, :1])[0]

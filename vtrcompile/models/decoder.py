@@ -94,9 +94,10 @@ def buffer_mask(filled: torch.Tensor, pads: torch.Tensor | None, capacity: int, 
     return mask[:, None, None, :] if pads is not None else mask[None, None, None, :]
 
 
-# Rotary types whose tables depend on the longest position asked for (HF's dynamic_rope_update): their layers keep
-# one call each, so each layer's table is the one its own positions select.
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+def _length_dependent(rope_type: Any) -> bool:
+    """Rotary types whose tables depend on the longest position asked for, as HF's dynamic_rope_update tells them
+    apart (any type naming "dynamic", and "longrope"); anything but a plain type name counts as one too."""
+    return not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope"
 
 
 def layer_rotary(rotary_emb: nn.Module, like: torch.Tensor, layer_position_ids: torch.Tensor):
@@ -104,7 +105,7 @@ def layer_rotary(rotary_emb: nn.Module, like: torch.Tensor, layer_position_ids: 
     The positions of all L layers go through the model's rotary module in one call, read as a sequence of L
     positions ([B, L] -> [B, L, d]; mRoPE modules put a text position on all three axes, as the decode step
     wants): two cos/sin kernels per step instead of 2 L."""
-    if getattr(rotary_emb, "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
+    if _length_dependent(getattr(rotary_emb, "rope_type", "default")):  # each layer's own call, its own table
         return lambda i: rotary_emb(like, layer_position_ids[:, i:i + 1])
     cos, sin = rotary_emb(like, layer_position_ids)
     return lambda i: (cos[..., i:i + 1, :], sin[..., i:i + 1, :])
