@@ -152,3 +152,15 @@ def test_the_exported_decode_step_copies_no_cache(tiny):
     assert torch.ops.aten.scaled_dot_product_attention.default not in {nd.target for nd in ep.graph.nodes}
     assert len(readers) >= 2 * n
     assert sorted(set(dims.values())) == sorted({f"capacity.{i}" for i in range(n)})
+
+
+def test_the_exported_decode_step_computes_its_rotary_tables_once(tiny):
+    """One cos and one sin for all layers' positions (layer_rotary), not one per layer; each layer still gets its
+    own position's row, which the generation tests check against Hugging Face and the references."""
+    from vtrcompile.decode import capture_decode
+
+    ep, _ = capture_decode(tiny.hf_model, 1)
+    targets = [nd.target for nd in ep.graph.nodes if nd.op == "call_function"]
+    assert cache_geometry(tiny.hf_model)["llm_layers"] > 1
+    assert targets.count(torch.ops.aten.cos.default) == 1
+    assert targets.count(torch.ops.aten.sin.default) == 1
