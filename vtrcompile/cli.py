@@ -212,6 +212,9 @@ def _generation_opts(f):
                           "KV-cache bytes); 0 = prefill only.")(f)
     f = click.option("--kv-budget-gb", default=None, type=Finite(0, min_open=True),
                      help="Add a computed line: how many sequences' KV caches fit in this many GB.")(f)
+    f = click.option("--memory", is_flag=True,
+                     help="Also measure each engine's peak resident memory (loaded, after prefills, after "
+                          "generations) in a fresh process per engine (Linux).")(f)
     return f
 
 
@@ -257,7 +260,7 @@ def _generation_opts(f):
 @_generation_opts
 def optimize(model, method, calibration, then, out, backend, device, dtype, weights, do_profile, baseline_out,
              triton_repo, min_prompt, max_prompt, workspace, batch, allow_pickle, tiles, image_size, reps, warmup,
-             threads, as_json, new_tokens, kv_budget_gb, **method_options) -> None:
+             threads, as_json, new_tokens, kv_budget_gb, memory, **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
     import dataclasses
 
@@ -275,6 +278,12 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
         raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
     if min_prompt is not None and max_prompt is not None and min_prompt > max_prompt:
         raise VtrError(f"--min-prompt {min_prompt} is larger than --max-prompt {max_prompt}")
+    if memory:
+        if not do_profile:
+            raise VtrError("--memory measures the engines that --profile compares: add --profile")
+        from .engine.resident import status_kib
+
+        status_kib("VmHWM")  # a system that cannot measure it fails before any work
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
     src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles, image_size=image_size,
                      batch=batch)
@@ -317,7 +326,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
             click.echo(f"wrote {write_model(triton_repo, model_name(path.stem), path, read_sidecar(path))}", err=True)
     if not do_profile:
         return
-    report = compare(out, base_path, warmup, reps, threads, new_tokens=new_tokens, kv_budget_gb=kv_budget_gb)
+    report = compare(out, base_path, warmup, reps, threads, new_tokens=new_tokens, kv_budget_gb=kv_budget_gb,
+                     memory=memory)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -328,12 +338,13 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
 @click.option("--suffix", default=20, show_default=True, type=click.IntRange(1), help="Text tokens after the image.")
 @_profile_opts
 @_generation_opts
-def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, new_tokens, kv_budget_gb) -> None:
+def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, new_tokens, kv_budget_gb,
+            memory) -> None:
     """Compare ENGINE with the unmodified BASELINE: same backend, same inputs."""
     from .profile import compare, format_report
 
     report = compare(engine, baseline, warmup, reps, threads, prefix, suffix, new_tokens=new_tokens,
-                     kv_budget_gb=kv_budget_gb)
+                     kv_budget_gb=kv_budget_gb, memory=memory)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

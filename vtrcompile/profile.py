@@ -182,10 +182,16 @@ def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray
 
 def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int = 20,
             threads: int | None = None, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAULT_SUFFIX,
-            selector_reps: int = 5, new_tokens: int = 0, kv_budget_gb: float | None = None) -> dict:
+            selector_reps: int = 5, new_tokens: int = 0, kv_budget_gb: float | None = None,
+            memory: bool = False) -> dict:
     """Both engines, same backend, same inputs: latency, ratio, tokens, FLOPs, selector cost; with
-    new_tokens > 0 also generation (TTFT = the prefill above, decode step, end to end, KV-cache bytes)."""
+    new_tokens > 0 also generation (TTFT = the prefill above, decode step, end to end, KV-cache bytes); with memory,
+    each engine's peak resident memory measured in a fresh process after the timing (engine/resident.py)."""
     threads = threads or os.cpu_count() or 1
+    if memory:
+        from .engine.resident import status_kib
+
+        status_kib("VmHWM")  # refused before any work where it cannot be measured
     red, base = open_prefill(engine, threads), open_prefill(baseline, threads)
     if red.backend != base.backend:
         raise VtrError(f"{engine} is a {red.backend} engine and {baseline} a {base.backend} one; compare engines "
@@ -237,6 +243,13 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
         else:
             out["generation"] = generation_profile(engine, baseline, ids, pixels, new_tokens, warmup, reps, threads,
                                                    kv_budget_gb)
+    out["memory"] = None
+    if memory:
+        from .engine.resident import measure
+
+        out["memory"] = {name: measure(path, new_tokens if out["generation"] and "skipped" not in out["generation"]
+                                       else 0, threads, prefix, suffix)
+                         for name, path in (("reduced", engine), ("baseline", baseline))}
     out["selector"] = None if share is None else {
         "share": share["selector"], "ms": share["selector"] * lr.p50_ms,
         "gather_share": share["gather"], "gather_ms": share["gather"] * lr.p50_ms,
@@ -302,4 +315,21 @@ def format_report(r: dict) -> str:
             kb = g["kv_budget"]
             lines.append(f"sequences whose KV cache fits in {kb['gb']:g} GB (computed from shapes, not measured): "
                          f"baseline {kb['sequences_baseline']}, reduced {kb['sequences_reduced']}")
+    if r.get("memory"):
+        lines += ["", *memory_table(r["memory"])]
     return "\n".join(lines)
+
+
+def memory_table(mem: dict) -> list[str]:
+    """The report's lines for compare(memory=True): MiB per engine and what the reduced one saves."""
+    mb, mr = mem["baseline"], mem["reduced"]
+    rows = [("resident memory (MiB)", "baseline", "reduced", "saved")]
+    for key, label in (("loaded_mib", "engine loaded"), ("peak_after_prefills_mib", "peak, 2 prefills"),
+                       ("peak_after_generations_mib", "peak, + 2 generations")):
+        if key in mb and key in mr:
+            rows.append((label, f"{mb[key]:.1f}", f"{mr[key]:.1f}", f"{mb[key] - mr[key]:.1f}"))
+    w = [max(len(row[i]) for row in rows) for i in range(4)]
+    table = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    table.insert(1, "-" * len(table[0]))
+    return [*table, "measured in a fresh process per engine, after the timing: resident once loaded, then the peak "
+            "from there (everything the process holds: weights, runtime workspace, cache buffers)"]

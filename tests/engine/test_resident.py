@@ -1,0 +1,85 @@
+"""Measured memory of a serving process (engine/resident.py, `profile --memory`): each engine in a fresh process,
+resident once loaded, then the peak after prefills and after generations; a system that cannot measure it is
+refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vtrcompile.cli import main
+from vtrcompile.engine import resident
+from vtrcompile.errors import VtrError
+from vtrcompile.profile import compare, format_report
+
+
+def test_status_lines_are_read_in_kib_and_a_missing_one_is_a_one_line_error(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  123456 kB\nVmRSS:\t   65432 kB\n")
+    assert resident.status_kib("VmHWM", status) == 123456
+    assert resident.status_kib("VmRSS", status) == 65432
+    with pytest.raises(VtrError, match="VmSwap.*--memory"):
+        resident.status_kib("VmSwap", status)
+    with pytest.raises(VtrError, match="Linux"):
+        resident.status_kib("VmHWM", tmp_path / "no-such-file")
+    with pytest.raises(VtrError, match="reset the peak.*--memory"):
+        resident.reset_peak(tmp_path / "no-dir" / "clear_refs")
+
+
+def test_the_peak_is_reset_to_what_is_resident_now():
+    """After a reset, VmHWM is this process's resident memory, not the peak it reached before."""
+    import numpy as np
+
+    big = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+    peak = resident.status_kib("VmHWM")
+    del big
+    resident.reset_peak()
+    after = resident.status_kib("VmHWM")
+    assert after <= resident.status_kib("VmRSS") + 1024 and after < peak - 32 * 1024
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_engines):
+    return Path(tiny_engines["prumerge"].files[-1]), Path(tiny_engines["none"].files[-1])
+
+
+def test_profile_measures_each_engine_in_a_fresh_process(pair):
+    reduced, baseline = pair
+    r = compare(reduced, baseline, warmup=1, reps=2, threads=1, new_tokens=3, memory=True)
+    for name in ("reduced", "baseline"):
+        m = r["memory"][name]
+        assert set(m) == {"loaded_mib", "peak_after_prefills_mib", "peak_after_generations_mib"}
+        # a Python process with torch and an engine loaded; the peak only grows from its reset
+        assert 100 < m["loaded_mib"] <= m["peak_after_prefills_mib"] + 1 <= m["peak_after_generations_mib"] + 1
+    text = format_report(r)
+    assert "resident memory (MiB)" in text and "peak, + 2 generations" in text and "fresh process" in text
+    # prefill only: no generation row
+    r = compare(reduced, baseline, warmup=0, reps=1, threads=1, new_tokens=0, memory=True)
+    assert set(r["memory"]["reduced"]) == {"loaded_mib", "peak_after_prefills_mib"}
+    assert "peak, 2 prefills" in format_report(r) and "generations" not in format_report(r)
+
+
+def test_a_failed_measurement_is_one_line(tmp_path):
+    not_an_engine = tmp_path / "x.onnx"
+    not_an_engine.write_bytes(b"not onnx")
+    with pytest.raises(VtrError, match="x.onnx: the memory measurement failed .*run without --memory"):
+        resident.measure(not_an_engine, 2, 1, 35, 20)
+
+
+def test_memory_options_that_cannot_work_fail_before_any_work(pair, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    res = CliRunner().invoke(main, ["optimize", "tiny", "--method", "fastv", "--keep", "8", "--out",
+                                    str(out / "f.onnx"), "--memory"])
+    assert res.exit_code == 2 and "add --profile" in res.output and not any(out.iterdir()), res.output
+    monkeypatch.setattr(resident, "STATUS", tmp_path / "no-status")
+    res = CliRunner().invoke(main, ["optimize", "tiny", "--method", "fastv", "--keep", "8", "--out",
+                                    str(out / "f.onnx"), "--profile", "--memory"])
+    assert res.exit_code == 2 and "Linux" in res.output and not any(out.iterdir()), res.output
+    reduced, baseline = pair
+    res = CliRunner().invoke(main, ["profile", str(reduced), "--baseline", str(baseline), "--memory"])
+    assert res.exit_code == 2, res.output
+    assert [ln for ln in res.output.splitlines() if ln.startswith("error:")] == \
+        [ln for ln in res.output.splitlines() if ln.strip()], res.output
