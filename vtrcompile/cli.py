@@ -213,8 +213,8 @@ def _generation_opts(f):
     f = click.option("--kv-budget-gb", default=None, type=Finite(0, min_open=True),
                      help="Add a computed line: how many sequences' KV caches fit in this many GB.")(f)
     f = click.option("--memory", is_flag=True,
-                     help="Also measure each engine's peak resident memory (loaded, after prefills, after "
-                          "generations) in a fresh process per engine (Linux).")(f)
+                     help="Also measure each engine's resident memory once loaded and its peak after prefills and "
+                          "generations, in a fresh process per engine (Linux; host memory only).")(f)
     return f
 
 

@@ -186,7 +186,8 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
             memory: bool = False) -> dict:
     """Both engines, same backend, same inputs: latency, ratio, tokens, FLOPs, selector cost; with
     new_tokens > 0 also generation (TTFT = the prefill above, decode step, end to end, KV-cache bytes); with memory,
-    each engine's peak resident memory measured in a fresh process after the timing (engine/resident.py)."""
+    each engine's resident memory once loaded and its peaks serving, measured in a fresh process after the timing
+    (engine/resident.py)."""
     threads = threads or os.cpu_count() or 1
     if memory:
         from .engine.resident import status_kib

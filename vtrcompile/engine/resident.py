@@ -6,8 +6,9 @@ Each engine is measured in a fresh process (`python -m vtrcompile.engine.residen
 what a run freed, so a second engine in the same process would reuse the first one's pages and show nothing. What
 is counted is everything the process holds: the weights as the runtime keeps them, its activations and workspace
 for the largest shapes it ran, the cache buffers `generate` allocates and keeps for the next generation. Loading's
-own transient peak is left out: the peak is reset once the engine is loaded. Linux
-only (VmRSS and VmHWM from /proc/self/status, the peak reset through /proc/self/clear_refs).
+own transient peak is left out: the peak is reset once the engine is loaded. Host memory only: a TensorRT
+engine's GPU memory is not counted. Linux only (VmRSS and VmHWM from /proc/self/status, the peak reset through
+/proc/self/clear_refs).
 """
 
 from __future__ import annotations
