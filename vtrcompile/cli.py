@@ -527,6 +527,8 @@ def sweep_cmd(model, benchmark, count, methods, out_dir, reps, warmup, threads, 
 
 
 def _format_eval(r: dict) -> str:
+    from .profile import text_table
+
     head = ["engine", "method", "coarse", "fine", "overall", "top-1 agree", "mean KL", "prefill p50", "speedup"]
     rows = []
     b = r.get("baseline")
@@ -546,10 +548,7 @@ def _format_eval(r: dict) -> str:
                      f"{e['prefill_p50_ms']:.1f} ms" if "prefill_p50_ms" in e else "",
                      f"{e['speedup_p50']:.2f}x" if "speedup_p50" in e else ""])
     keep = [i for i in range(len(head)) if any(row[i] for row in rows)]
-    table = [[head[i] for i in keep]] + [[row[i] for i in keep] for row in rows]
-    w = [max(len(row[i]) for row in table) for i in range(len(keep))]
-    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in table]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = text_table([[head[i] for i in keep]] + [[row[i] for i in keep] for row in rows])
     gen = [e["accuracy"]["generated"] for e in r["engines"] if e.get("accuracy", {}).get("generated")]
     if gen:
         ended = ", ".join(f"{100 * g['ended_at_eos']:.0f}%" for g in gen)

@@ -248,14 +248,22 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     if memory:
         from .engine.resident import measure
 
-        out["memory"] = {name: measure(path, new_tokens if out["generation"] and "skipped" not in out["generation"]
-                                       else 0, threads, prefix, suffix)
+        generated = new_tokens if out["generation"] and "skipped" not in out["generation"] else 0
+        out["memory"] = {name: measure(path, generated, threads, prefix, suffix)
                          for name, path in (("reduced", engine), ("baseline", baseline))}
     out["selector"] = None if share is None else {
         "share": share["selector"], "ms": share["selector"] * lr.p50_ms,
         "gather_share": share["gather"], "gather_ms": share["gather"] * lr.p50_ms,
     }
     return out
+
+
+def text_table(rows: list[tuple]) -> list[str]:
+    """Rows as left-aligned columns two spaces apart, a rule of dashes under the first (the header)."""
+    w = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
 
 
 def format_report(r: dict) -> str:
@@ -271,9 +279,7 @@ def format_report(r: dict) -> str:
     rows.append(("tokens into last LLM layer", str(e["baseline"]["llm_tokens_per_layer"][-1]),
                  str(e["reduced"]["llm_tokens_per_layer"][-1])))
     rows.append(("GFLOP per prefill", f"{e['baseline']['flops'] / 1e9:.2f}", f"{e['reduced']['flops'] / 1e9:.2f}"))
-    w = [max(len(str(row[i])) for row in rows) for i in range(3)]
-    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(row)) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = text_table(rows)
     sel = r["selector"]
     b = r.get("batch", 1)
     batch = f" x {b} prompts per run" if b > 1 else ""
@@ -303,10 +309,7 @@ def format_report(r: dict) -> str:
                      f"{gr['tokens_per_s'] / gb['tokens_per_s']:.2f}x"))
         rows.append(("KV cache after prefill (MB)", f"{gb['kv_bytes_after_prefill'] / 1e6:.3f}",
                      f"{gr['kv_bytes_after_prefill'] / 1e6:.3f}", f"{g['kv_ratio']:.3f}"))
-        w = [max(len(row[i]) for row in rows) for i in range(4)]
-        table = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
-        table.insert(1, "-" * len(table[0]))
-        lines += ["", *table, f"decode step measured at the prompt's context ({r['prompt_tokens']} tokens: the prefill's "
+        lines += ["", *text_table(rows), f"decode step measured at the prompt's context ({r['prompt_tokens']} tokens: the prefill's "
                   f"cache, in buffers with room for the new tokens); end to end = prefill + {g['new_tokens'] - 1} "
                   "decode steps, greedy"]
         if b > 1:
@@ -329,8 +332,5 @@ def memory_table(mem: dict) -> list[str]:
                        ("peak_after_generations_mib", "peak, + 2 generations")):
         if key in mb and key in mr:
             rows.append((label, f"{mb[key]:.1f}", f"{mr[key]:.1f}", f"{mb[key] - mr[key]:.1f}"))
-    w = [max(len(row[i]) for row in rows) for i in range(4)]
-    table = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
-    table.insert(1, "-" * len(table[0]))
-    return [*table, "measured in a fresh process per engine, after the timing: resident once loaded, then the peak "
+    return [*text_table(rows), "measured in a fresh process per engine, after the timing: resident once loaded, then the peak "
             "from there (everything the process holds: weights, runtime workspace, cache buffers)"]
