@@ -281,9 +281,9 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     if memory:
         if not do_profile:
             raise VtrError("--memory measures the engines that --profile compares: add --profile")
-        from .engine.resident import status_kib
+        from .engine.resident import check_available
 
-        status_kib("VmHWM")  # a system that cannot measure it fails before any work
+        check_available()  # a system that cannot measure it fails before any work
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
     src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles, image_size=image_size,
                      batch=batch)

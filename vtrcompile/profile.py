@@ -190,9 +190,9 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     (engine/resident.py)."""
     threads = threads or os.cpu_count() or 1
     if memory:
-        from .engine.resident import status_kib
+        from .engine.resident import check_available
 
-        status_kib("VmHWM")  # refused before any work where it cannot be measured
+        check_available()  # refused before any work where it cannot be measured
     red, base = open_prefill(engine, threads), open_prefill(baseline, threads)
     if red.backend != base.backend:
         raise VtrError(f"{engine} is a {red.backend} engine and {baseline} a {base.backend} one; compare engines "

@@ -28,6 +28,13 @@ def test_status_lines_are_read_in_kib_and_a_missing_one_is_a_one_line_error(tmp_
         resident.reset_peak(tmp_path / "no-dir" / "clear_refs")
 
 
+def test_a_system_that_cannot_reset_the_peak_is_refused_before_any_work(tmp_path, monkeypatch):
+    resident.check_available()  # this machine can
+    monkeypatch.setattr(resident, "CLEAR_REFS", tmp_path / "no-dir" / "clear_refs")
+    with pytest.raises(VtrError, match="reset the peak.*cannot be written.*--memory"):
+        resident.check_available()
+
+
 def test_the_peak_is_reset_to_what_is_resident_now():
     """After a reset, VmHWM is this process's resident memory, not the peak it reached before."""
     import numpy as np

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 CACHE_ROWS_ROUND = 32
 
 
-
 @dataclass
 class GenerateOutput:
     tokens: np.ndarray  # int64 [B, T], EOS included when it was produced

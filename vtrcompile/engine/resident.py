@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,16 @@ def reset_peak(clear_refs: Path | None = None) -> None:
                        "--memory on this system") from None
 
 
+def check_available() -> None:
+    """Refuse, in one line and before any work, a system where probe() cannot measure: it reads VmRSS and VmHWM
+    and resets the peak."""
+    status_kib("VmRSS")
+    status_kib("VmHWM")
+    if not os.access(CLEAR_REFS, os.W_OK):
+        raise VtrError(f"measuring memory needs to reset the peak in {CLEAR_REFS}, which cannot be written here; run "
+                       "without --memory on this system")
+
+
 def probe(engine_path: str | Path, new_tokens: int, threads: int, prefix: int, suffix: int) -> dict:
     """In this process: MiB resident once `engine_path` is loaded, then the peak from there (loading's own transient
     peak left out) after two prefills and (new_tokens > 0) after two generations of new_tokens tokens."""
@@ -76,7 +87,7 @@ def probe(engine_path: str | Path, new_tokens: int, threads: int, prefix: int, s
 def measure(engine_path: str | Path, new_tokens: int, threads: int, prefix: int, suffix: int,
             timeout_s: float = 900) -> dict:
     """probe() of one engine in a fresh Python process."""
-    status_kib("VmHWM")  # this system can measure
+    check_available()
     cmd = [sys.executable, "-m", __name__, str(engine_path), "--new-tokens", str(new_tokens), "--threads",
            str(threads), "--prefix", str(prefix), "--suffix", str(suffix)]
     log.info("measuring the memory of %s in a fresh process", engine_path)
