@@ -2,7 +2,8 @@
 for any number of engines and several fresh processes each, taken in turn, with the medians.
 
 Each process loads one engine and records its peak resident memory (VmHWM) once loaded, after two prefills of the
-profile prompt and after two generations on top; what the process holds, weights and runtime workspace included.
+profile prompt, what opening the decode engine added, and the peak after two generations on top; what the process
+holds, weights and runtime workspace included.
 The KV bytes `profile` reports are computed from shapes; this is the measured side. Linux only.
 
 Usage: python benchmarks/runtime_memory.py BASELINE REDUCED [MORE ...] [--new-tokens 32 --reps 3 --threads 2
@@ -19,7 +20,7 @@ from pathlib import Path
 from vtrcompile.engine.resident import measure
 from vtrcompile.profile import DEFAULT_PREFIX, DEFAULT_SUFFIX, environment
 
-KEYS = ("loaded_mib", "peak_after_prefills_mib", "peak_after_generations_mib")
+KEYS = ("loaded_mib", "peak_after_prefills_mib", "decode_opened_mib", "peak_after_generations_mib")
 
 
 def main() -> None:
@@ -36,9 +37,10 @@ def main() -> None:
             runs[e].append(measure(e, args.new_tokens, args.threads, DEFAULT_PREFIX, DEFAULT_SUFFIX))
     median = {e: {k: statistics.median(r[k] for r in rs) for k in KEYS} for e, rs in runs.items()}
     width = max(len(e) for e in args.engines)
-    print(f"{'peak resident MiB':{width}}  {'loaded':>8}  {'after 2 prefills':>16}  {'after 2 generations':>19}")
+    print(f"{'peak resident MiB':{width}}  {'loaded':>8}  {'after 2 prefills':>16}  {'decode opened (+)':>17}  "
+          f"{'after 2 generations':>19}")
     for e, m in median.items():
-        print(f"{e:{width}}  {m[KEYS[0]]:8.1f}  {m[KEYS[1]]:16.1f}  {m[KEYS[2]]:19.1f}")
+        print(f"{e:{width}}  {m[KEYS[0]]:8.1f}  {m[KEYS[1]]:16.1f}  {m[KEYS[2]]:17.1f}  {m[KEYS[3]]:19.1f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"new_tokens": args.new_tokens, "reps": args.reps,
                                               "environment": environment(args.threads), "runs": runs,

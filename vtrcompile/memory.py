@@ -100,6 +100,18 @@ def eager_estimate(source, dtype: torch.dtype) -> tuple[float, str, list[str]]:
     return RUNTIME + 1.2 * w, f"{w / GB:.1f} GB of {str(dtype).removeprefix('torch.')} weights in memory", advice
 
 
+def serving_estimate(weights: int, role: str | None, dtype: str | None) -> tuple[float, str, list[str]]:
+    """Opening an engine to run it: at least its weights, which each runtime keeps a copy of per engine, packed for
+    its kernels (a prefill engine and its decode engine hold the LLM's twice; measured on llava15-geometry, opening
+    the decode engine grew the process by 1.1x its weights in ONNX Runtime f32, 1.7x in OpenVINO bf16, BENCHMARKS.md,
+    "Measured memory of a serving process")."""
+    what = f"its {weights / GB:.1f} GB of weights, which the runtime keeps a copy of for this engine"
+    if role == "decode":
+        what += ": a second copy of the LLM's, beside the prefill engine's"
+    advice = ["--dtype bfloat16 halves the weights"] if dtype == "float32" else []
+    return weights, what, [*advice, "free memory or use a machine with more"]
+
+
 def check_fits(job: str, estimate: tuple[float, str, list[str]]) -> None:
     need, what, advice = estimate
     avail = available_bytes()

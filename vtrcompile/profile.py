@@ -329,8 +329,13 @@ def memory_table(mem: dict) -> list[str]:
     mb, mr = mem["baseline"], mem["reduced"]
     rows = [("resident memory (MiB)", "baseline", "reduced", "saved")]
     for key, label in (("loaded_mib", "engine loaded"), ("peak_after_prefills_mib", "peak, 2 prefills"),
+                       ("decode_opened_mib", "decode engine opened (+)"),
                        ("peak_after_generations_mib", "peak, + 2 generations")):
         if key in mb and key in mr:
             rows.append((label, f"{mb[key]:.1f}", f"{mr[key]:.1f}", f"{mb[key] - mr[key]:.1f}"))
-    return [*text_table(rows), "measured in a fresh process per engine, after the timing: resident once loaded, then the peak "
-            "from there (everything the process holds: weights, runtime workspace, cache buffers)"]
+    lines = [*text_table(rows), "measured in a fresh process per engine, after the timing: resident once loaded, then the peak "
+             "from there (everything the process holds: weights, runtime workspace, cache buffers)"]
+    if "decode_opened_mib" in mb:
+        lines.append("decode engine opened: what the process grew by when it opened the decode engine, before any step; "
+                     "the decode engine holds its own copy of the LLM's weights")
+    return lines

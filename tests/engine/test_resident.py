@@ -57,15 +57,19 @@ def test_profile_measures_each_engine_in_a_fresh_process(pair):
     r = compare(reduced, baseline, warmup=1, reps=2, threads=1, new_tokens=3, memory=True)
     for name in ("reduced", "baseline"):
         m = r["memory"][name]
-        assert set(m) == {"loaded_mib", "peak_after_prefills_mib", "peak_after_generations_mib"}
+        assert set(m) == {"loaded_mib", "peak_after_prefills_mib", "decode_opened_mib", "peak_after_generations_mib"}
         # a Python process with torch and an engine loaded; the peak only grows from its reset
         assert 100 < m["loaded_mib"] <= m["peak_after_prefills_mib"] + 1 <= m["peak_after_generations_mib"] + 1
+        # opening the decode engine (its weights, its session) grows the process, by less than all it holds after
+        assert 0 < m["decode_opened_mib"] < m["peak_after_generations_mib"]
     text = format_report(r)
     assert "resident memory (MiB)" in text and "peak, + 2 generations" in text and "fresh process" in text
+    assert "decode engine opened (+)" in text
     # prefill only: no generation row
     r = compare(reduced, baseline, warmup=0, reps=1, threads=1, new_tokens=0, memory=True)
     assert set(r["memory"]["reduced"]) == {"loaded_mib", "peak_after_prefills_mib"}
     assert "peak, 2 prefills" in format_report(r) and "generations" not in format_report(r)
+    assert "decode engine" not in format_report(r)
 
 
 def test_a_failed_measurement_is_one_line(tmp_path):
@@ -90,3 +94,36 @@ def test_memory_options_that_cannot_work_fail_before_any_work(pair, tmp_path, mo
     assert res.exit_code == 2, res.output
     assert [ln for ln in res.output.splitlines() if ln.startswith("error:")] == \
         [ln for ln in res.output.splitlines() if ln.strip()], res.output
+
+
+def test_an_engine_whose_weights_do_not_fit_is_refused_before_it_is_opened(pair, monkeypatch):
+    """Each runtime keeps its own copy of an engine's weights (the decode engine a second one of the LLM's): opening
+    an engine is refused in one line, naming the numbers, when its weights exceed the memory available, instead of
+    the kernel killing the process halfway through loading."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vtrcompile import load_engine, memory
+    from vtrcompile.lower.onnxruntime import read_engine
+
+    reduced, baseline = pair
+    weights = read_engine(reduced)[1]
+    model = onnx.load(str(reduced))  # the weights themselves, external data resolved
+    assert weights == sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer) > 0
+    decode = reduced.parent / read_engine(reduced)[0]["decode"]["file"]
+    decode_weights = read_engine(decode)[1]
+    monkeypatch.setattr(memory, "available_bytes", lambda: weights - 1)
+    with pytest.raises(VtrError) as e:
+        load_engine(reduced, threads=1)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"opening {reduced.name} needs about")
+    assert f"{weights / memory.GB:.1f} GB of weights" in msg and "available" in msg and "second copy" not in msg
+    # the prefill engine fits; its decode engine, opened on the first generation, does not
+    monkeypatch.setattr(memory, "available_bytes", lambda: max(weights, decode_weights) + 1)
+    engine = load_engine(reduced, threads=1)
+    monkeypatch.setattr(memory, "available_bytes", lambda: decode_weights - 1)
+    with pytest.raises(VtrError, match=f"opening {decode.name} needs about .*a second copy of the LLM's"):
+        engine.decode  # noqa: B018
+    # the commands say it in one line, exit 2
+    r = CliRunner().invoke(main, ["profile", str(reduced), "--baseline", str(baseline), "--reps", "1"])
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "needs about" in r.output

@@ -177,6 +177,22 @@ def test_a_package_damaged_inside_is_refused_before_its_code_is_loaded(tmp_path,
     assert loaded == [str(good)]
 
 
+def test_a_package_larger_than_the_memory_available_is_refused_before_it_is_loaded(tmp_path, monkeypatch):
+    """A package carries its weights; loading it holds them in memory. Its size is checked against the memory
+    available before its code is loaded (its metadata, role and dtype included, is only readable after)."""
+    from vtrcompile import memory
+
+    loaded = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, *a, **k: loaded.append(path))
+    pkg = tmp_path / "e.pt2"
+    with zipfile.ZipFile(pkg, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("e/data/aotinductor/model/x.wrapper.so", bytes(4096))
+    monkeypatch.setattr(memory, "available_bytes", lambda: pkg.stat().st_size - 1)
+    with pytest.raises(VtrError, match="^opening e.pt2 needs about .* of weights, which the runtime keeps") as e:
+        AotiEngine(pkg)
+    assert "\n" not in str(e.value) and loaded == []
+
+
 def test_cuda_without_gpu_is_one_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -51,6 +51,26 @@ def test_ir_files_and_metadata(irs):
     assert "f32" in precisions and not precisions & {"bf16", "f16"}, precisions
 
 
+def test_an_ir_whose_weights_do_not_fit_is_refused_before_it_is_compiled(tiny_engines, irs, monkeypatch):
+    """The IR's constants are the weights OpenVINO packs a copy of for the compiled engine: the same bytes as the
+    ONNX engine's initializers it was converted from, give or take the constants each converter folds; an engine
+    whose constants exceed the memory available is refused in one line before compiling."""
+    from vtrcompile import memory
+    from vtrcompile.lower.onnxruntime import read_engine
+    from vtrcompile.lower.openvino import OvEngine, read_ir
+
+    path = irs["fastv-k2-18"]
+    model = read_ir(path)[0]
+    weights = sum(op.get_byte_size() for op in model.get_ops() if op.get_type_name() == "Constant")
+    onnx_weights = read_engine(tiny_engines["fastv-k2-18"].files[-1])[1]
+    assert 0.8 * onnx_weights < weights < 1.25 * onnx_weights, (weights, onnx_weights)
+    monkeypatch.setattr(memory, "available_bytes", lambda: weights - 1)
+    with pytest.raises(VtrError, match=f"^opening {path.name} needs about .* GB of weights, which the runtime keeps"):
+        OvEngine(path, threads=1)
+    monkeypatch.setattr(memory, "available_bytes", lambda: weights + 1)
+    OvEngine(path, threads=1)
+
+
 # OpenVINO reads the same ONNX files ONNX Runtime runs (tests/lower/test_onnx.py checks each against its
 # reference); by default one engine per kind of rewrite is converted and checked here, the rest with -m slow.
 OV_DEFAULT = {"fastv-k2-18", "pyramiddrop", "pumer", "prumerge", "divprune+fastv"}

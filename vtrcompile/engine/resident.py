@@ -64,7 +64,9 @@ def check_available() -> None:
 
 def probe(engine_path: str | Path, new_tokens: int, threads: int, prefix: int, suffix: int) -> dict:
     """In this process: MiB resident once `engine_path` is loaded, then the peak from there (loading's own transient
-    peak left out) after two prefills and (new_tokens > 0) after two generations of new_tokens tokens."""
+    peak left out) after two prefills and, with new_tokens > 0, what opening the decode engine added (before it ran:
+    its weights as the runtime holds them, a second copy of the LLM's beside the prefill engine's) and the peak after
+    two generations of new_tokens tokens."""
     from ..profile import profile_prompt
     from .generate import load_engine
     from .host_inputs import prefill_feeds
@@ -78,6 +80,9 @@ def probe(engine_path: str | Path, new_tokens: int, threads: int, prefix: int, s
         engine.prefill.run(feeds, shared=True)
     res["peak_after_prefills_mib"] = status_kib("VmHWM") / KIB_PER_MIB
     if new_tokens > 0:
+        before = status_kib("VmRSS")
+        engine.decode  # noqa: B018 (opens it)
+        res["decode_opened_mib"] = (status_kib("VmRSS") - before) / KIB_PER_MIB
         for _ in range(2):
             engine.generate(max_new_tokens=new_tokens, eos_token_id=[], **feeds)
         res["peak_after_generations_mib"] = status_kib("VmHWM") / KIB_PER_MIB

@@ -20,6 +20,7 @@ from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
+from ..memory import check_fits, serving_estimate
 from .atomic import write_atomically
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class AotiEngine:
         if threads:
             torch.set_num_threads(threads)
         check_archive(self.path)
+        # the package holds the weights (frozen into the compiled library or beside it); its metadata is read only
+        # once it is loaded, so the role and dtype are not known yet
+        check_fits(f"opening {self.path.name}", serving_estimate(self.path.stat().st_size, None, None))
         try:
             self.runner = torch._inductor.aoti_load_package(str(self.path))
         except Exception as e:

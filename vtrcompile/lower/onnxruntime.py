@@ -19,6 +19,7 @@ from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
+from ..memory import check_fits, serving_estimate
 from .onnx import external_data_problem, metadata_of
 
 __all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"]
@@ -71,9 +72,11 @@ class OrtEngine:
 
     def __init__(self, path: str | Path, threads: int | None = None, profile_dir: str | None = None) -> None:
         self.path = Path(path)
-        self.metadata = engine_metadata(self.path)
+        self.metadata, weights = read_engine(self.path)
         if not self.metadata.get("has_weights", True):
             raise VtrError(f"{self.path}: built from a meta-device model, it holds no weights and cannot run")
+        check_fits(f"opening {self.path.name}", serving_estimate(weights, self.metadata.get("role"),
+                                                                  self.metadata.get("dtype")))
         so = ort.SessionOptions()
         _thread_options(so, threads or os.cpu_count() or 1)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -164,6 +167,22 @@ class OrtEngine:
 
 def engine_metadata(path: Path) -> dict:
     """The vtrcompile metadata of an ONNX engine, checked before any session is made."""
+    return read_engine(path)[0]
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers, inline or in external data (read from the graph, not the data)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def read_engine(path: Path) -> tuple[dict, int]:
+    """engine_metadata, and the bytes of the engine's weights."""
     if not path.is_file():
         raise VtrError(f"engine not found: {path}")
     try:
@@ -177,7 +196,7 @@ def engine_metadata(path: Path) -> dict:
     problem = external_data_problem(model, path.parent)
     if problem:
         raise VtrError(f"{path}: {problem}; copy the engine together with its .data file, or rebuild it")
-    return meta
+    return meta, initializer_bytes(model)
 
 
 def reduction_share(path: str | Path, input_ids: np.ndarray, pixel_values: np.ndarray,
