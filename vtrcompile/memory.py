@@ -84,9 +84,9 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")
-    if profile:
-        need += 2 * w
-        what += ", plus two ONNX Runtime sessions for --profile"
+    if profile:  # the two prefill engines and their decode engines, each holding its own copy of the weights
+        need += 4 * w
+        what += ", plus the prefill and decode engines --profile runs"
         advice.insert(0, "drop --profile (profile the engines on a larger machine)")
     if dtype == torch.float32:
         advice.append("--dtype bfloat16 halves the weights")

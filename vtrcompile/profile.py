@@ -8,6 +8,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,13 +129,15 @@ def kv_bytes(meta: dict, cached_tokens: list[int]) -> int:
     return per_token * sum(cached_tokens)
 
 
-def generation_profile(engine: str | Path, baseline: str | Path, ids: np.ndarray, pixels: np.ndarray,
-                       new_tokens: int, warmup: int, reps: int, threads: int, kv_budget_gb: float | None) -> dict:
-    """TTFT, time per output token at the prompt's context, end to end for `new_tokens`, KV-cache bytes."""
-    from .engine.generate import decode_dtype, decode_feeds, load_engine
+def generation_profile(red: Any, base: Any, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, warmup: int,
+                       reps: int, threads: int, kv_budget_gb: float | None) -> dict:
+    """TTFT, time per output token at the prompt's context, end to end for `new_tokens`, KV-cache bytes; `red` and
+    `base` are the prefill runners compare() opened, each given its decode engine (opening them again would hold
+    two more copies of the weights)."""
+    from .engine.generate import Engine, decode_dtype, decode_feeds
     from .engine.kv_cache import KvCache
 
-    engines = [load_engine(engine, threads), load_engine(baseline, threads)]
+    engines = [Engine(red.path, threads, prefill=red), Engine(base.path, threads, prefill=base)]
     feeds = prefill_feeds(engines[0].metadata, ids, pixels)
     n = engines[0].metadata["llm_layers"]
     steps = []
@@ -242,7 +245,7 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
             out["generation"] = {"skipped": "an engine has no decode engine (built from an exported program or "
                                             "for TensorRT)"}
         else:
-            out["generation"] = generation_profile(engine, baseline, ids, pixels, new_tokens, warmup, reps, threads,
+            out["generation"] = generation_profile(red, base, ids, pixels, new_tokens, warmup, reps, threads,
                                                    kv_budget_gb)
     out["memory"] = None
     if memory:

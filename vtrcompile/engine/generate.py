@@ -70,9 +70,11 @@ def decode_dtype(decode_meta: dict[str, Any]) -> str:
 class Engine:
     """A vtrcompile prefill engine and (lazily) its decode engine."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, prefill: Any = None) -> None:
+        """`prefill`: the runner of `path` where the caller has opened it already (each runner holds its own copy
+        of the weights, so a second one would double them)."""
         self.path = Path(path)
-        self.prefill = open_engine(self.path, threads)
+        self.prefill = prefill if prefill is not None else open_engine(self.path, threads)
         self.metadata: dict[str, Any] = self.prefill.metadata
         if self.metadata.get("role") != "prefill":
             raise VtrError(f"{self.path} is a decode engine; load the prefill engine that pairs with it "
