@@ -260,14 +260,15 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
                        "pass --no-speed to report accuracy alone")
     if calibration is not None and not with_fidelity:
         raise VtrError("--calibration has no labels; use it with --fidelity")
-    gen: dict[str, Any] = {}
-    if max_new_tokens > 1:
-        from .engine.generate import load_engine
-
-        gen = {str(p): load_engine(p, threads) for p in [*engines, *([baseline] if baseline else [])]}
+    # each engine opened once: every open runner holds its own copy of the weights
     base = open_prefill(baseline, threads) if baseline is not None else None
     runners = [open_prefill(e, threads) for e in engines]
     every = [*runners, *([base] if base else [])]
+    gen: dict[str, Any] = {}
+    if max_new_tokens > 1:
+        from .engine.generate import Engine
+
+        gen = {id(r): Engine(r.path, threads, prefill=r) for r in every}
     batches = {r.metadata.get("batch", 1) for r in every}
     if len(batches) > 1:
         listing = ", ".join(f"{r.path} {r.metadata.get('batch', 1)}" for r in every)
@@ -275,8 +276,8 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
                        "with the same --batch")
     batch = batches.pop()
 
-    def scored(path, runner):
-        return gen[str(path)] if max_new_tokens > 1 else runner
+    def scored(runner):
+        return gen[id(runner)] if max_new_tokens > 1 else runner
 
     report: dict[str, Any] = {"benchmark": spec, "engines": []}
     if calibration is not None:
@@ -287,18 +288,18 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
         for r in every:
             items.check_engine(r.metadata, str(r.path))
         if base is not None:
-            report["baseline"] = accuracy(scored(baseline, base), items, f"{baseline}", max_new_tokens, batch)
+            report["baseline"] = accuracy(scored(base), items, f"{baseline}", max_new_tokens, batch)
             report["baseline"].pop("predictions")
     for path, r in zip(engines, runners, strict=True):
         row: dict[str, Any] = {"path": str(path), "method": r.metadata["method"], "options": r.metadata["options"]}
         if calibration is None:
-            row["accuracy"] = accuracy(scored(path, r), items, str(path), max_new_tokens, batch)
+            row["accuracy"] = accuracy(scored(r), items, str(path), max_new_tokens, batch)
             row["accuracy"].pop("predictions")
         if with_fidelity:
             row["fidelity"] = fidelity(r, base, items, f"{path} fidelity", batch)
         if speed:
             assert baseline is not None
-            rep = compare(path, baseline, warmup, reps, threads)
+            rep = compare(path, baseline, warmup, reps, threads, runners=(r, base))
             row["speedup_p50"], row["prefill_p50_ms"] = rep["speedup_p50"], rep["engines"]["reduced"]["latency"]["p50_ms"]
             row["baseline_p50_ms"] = rep["engines"]["baseline"]["latency"]["p50_ms"]
         report["engines"].append(row)

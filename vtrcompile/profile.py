@@ -186,17 +186,18 @@ def generation_profile(red: Any, base: Any, ids: np.ndarray, pixels: np.ndarray,
 def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int = 20,
             threads: int | None = None, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAULT_SUFFIX,
             selector_reps: int = 5, new_tokens: int = 0, kv_budget_gb: float | None = None,
-            memory: bool = False) -> dict:
+            memory: bool = False, runners: tuple[Any, Any] | None = None) -> dict:
     """Both engines, same backend, same inputs: latency, ratio, tokens, FLOPs, selector cost; with
     new_tokens > 0 also generation (TTFT = the prefill above, decode step, end to end, KV-cache bytes); with memory,
     each engine's resident memory once loaded and its peaks serving, measured in a fresh process after the timing
-    (engine/resident.py)."""
+    (engine/resident.py). `runners`: the two prefill engines where the caller has them open already (opening them
+    again would hold another copy of their weights)."""
     threads = threads or os.cpu_count() or 1
     if memory:
         from .engine.resident import check_available
 
         check_available()  # refused before any work where it cannot be measured
-    red, base = open_prefill(engine, threads), open_prefill(baseline, threads)
+    red, base = runners or (open_prefill(engine, threads), open_prefill(baseline, threads))
     if red.backend != base.backend:
         raise VtrError(f"{engine} is a {red.backend} engine and {baseline} a {base.backend} one; compare engines "
                        "built for the same backend")

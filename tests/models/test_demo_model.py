@@ -61,17 +61,26 @@ def test_test_split_sample_matches_the_model_card(shipped):
     assert sum(right["fine"]) / len(right["fine"]) >= 0.70
 
 
-def test_generate_answers_from_the_engine_folder_alone(tmp_path):
+@pytest.fixture(scope="module")
+def fastv288(tmp_path_factory):
+    """`vtrcompile optimize` of the demo model: FastV keeping 288 image tokens, its decode engine beside it."""
+    from tests.test_cli import _run
+
+    out = tmp_path_factory.mktemp("fastv288") / "fastv.onnx"
+    res = _run("optimize", str(MODEL), "--method", "fastv", "--keep", "288", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_generate_answers_from_the_engine_folder_alone(fastv288, tmp_path):
     """optimize -> generate with an image file and a text prompt: the tokenizer and chat template travel with
     the engine (the model directory is not read by generate); the answer is the benchmark's."""
     from PIL import Image
 
     from tests.test_cli import _run
 
-    out = tmp_path / "fastv.onnx"
-    res = _run("optimize", str(MODEL), "--method", "fastv", "--keep", "288", "--out", str(out))
-    assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["tokenizer-" + json.loads(
+    out = fastv288
+    assert sorted(p.name for p in out.parent.iterdir() if p.is_dir()) == ["tokenizer-" + json.loads(
         _meta(out))["model_id"][:12]]
     hits = 0
     for i in (3, 10, 17):  # "what colour is the big shape ?" (question kinds cycle with period 7)
@@ -86,6 +95,29 @@ def test_generate_answers_from_the_engine_folder_alone(tmp_path):
         assert len(rec["tokens"]) == 3 and rec["cached_tokens_per_layer"][-1] == rec["prompt_tokens"] - 288
         hits += rec["text"].split()[0] == s.answer
     assert hits >= 2  # the model answers this kind at ~96%; one miss is allowed
+
+
+def test_eval_opens_each_engine_once(fastv288, monkeypatch):
+    """Every open engine holds its own copy of the weights: `eval` with generated answers and the speed profile
+    opens each prefill engine once and each decode engine once (it opened the prefill engines three times: for
+    generating, for scoring and again for the profile)."""
+    from vtrcompile.engine import generate, runners
+    from vtrcompile.evaluation import evaluate
+
+    opened = []
+    real = runners.open_engine
+
+    def counting(path, threads=None):
+        opened.append(Path(path).name)
+        return real(path, threads)
+
+    monkeypatch.setattr(runners, "open_engine", counting)
+    monkeypatch.setattr(generate, "open_engine", counting)
+    # the engine as its own baseline (no second build): two engines all the same, each opened once
+    rep = evaluate([fastv288], fastv288, "vqa-synth", 7, False, None, True, max_new_tokens=2, reps=2, warmup=0)
+    assert rep["engines"][0]["speedup_p50"] > 0 and rep["engines"][0]["accuracy"] == rep["baseline"]
+    decode = json.loads(_meta(fastv288))["decode"]["file"]
+    assert sorted(opened) == sorted(["fastv.onnx", "fastv.onnx", decode, decode]), opened
 
 
 def _meta(path: Path) -> str:
