@@ -53,9 +53,26 @@ def pair(tiny_engines):
     return Path(tiny_engines["prumerge"].files[-1]), Path(tiny_engines["none"].files[-1])
 
 
-def test_profile_measures_each_engine_in_a_fresh_process(pair):
+def test_profile_measures_each_engine_in_a_fresh_process(pair, monkeypatch):
+    """`profile --memory` measures each engine in a fresh process; in its own process `profile` opens each engine
+    once, as every open engine holds its own copy of the weights (a second opening of both prefill engines for the
+    generation profile held 4.8 GB at peak against 3.5 GB, `llava15-geometry` f32)."""
+    from vtrcompile.engine import generate, runners
+
+    opened = []
+    real = runners.open_engine
+
+    def counting(path, threads=None):
+        opened.append(Path(path).name)
+        return real(path, threads)
+
+    monkeypatch.setattr(runners, "open_engine", counting)
+    monkeypatch.setattr(generate, "open_engine", counting)
     reduced, baseline = pair
     r = compare(reduced, baseline, warmup=1, reps=2, threads=1, new_tokens=3, memory=True)
+    assert r["generation"]["engines"]["reduced"]["cache_matches_schedule"]
+    decode = read_engine_metadata(reduced)["decode"]["file"]
+    assert sorted(opened) == sorted([reduced.name, baseline.name, decode, decode]), opened
     for name in ("reduced", "baseline"):
         m = r["memory"][name]
         assert set(m) == {"loaded_mib", "peak_after_prefills_mib", "decode_opened_mib", "peak_after_generations_mib"}
@@ -71,28 +88,6 @@ def test_profile_measures_each_engine_in_a_fresh_process(pair):
     assert set(r["memory"]["reduced"]) == {"loaded_mib", "peak_after_prefills_mib"}
     assert "peak, 2 prefills" in format_report(r) and "generations" not in format_report(r)
     assert "decode engine" not in format_report(r)
-
-
-def test_the_generation_profile_runs_on_the_prefill_engines_already_open(pair, monkeypatch):
-    """Each open engine holds its own copy of the weights: `profile --new-tokens` opens each prefill engine once and
-    each decode engine once (a second opening of both prefill engines for the generation profile held 4.8 GB at
-    peak against 3.5 GB, `llava15-geometry` f32)."""
-    from vtrcompile.engine import generate, runners
-
-    opened = []
-    real = runners.open_engine
-
-    def counting(path, threads=None):
-        opened.append(Path(path).name)
-        return real(path, threads)
-
-    monkeypatch.setattr(runners, "open_engine", counting)
-    monkeypatch.setattr(generate, "open_engine", counting)
-    reduced, baseline = pair
-    r = compare(reduced, baseline, warmup=0, reps=1, threads=1, new_tokens=3)
-    assert r["generation"]["engines"]["reduced"]["cache_matches_schedule"]
-    decode = read_engine_metadata(reduced)["decode"]["file"]
-    assert sorted(opened) == sorted([reduced.name, baseline.name, decode, decode]), opened
 
 
 def test_a_failed_measurement_is_one_line(tmp_path):
