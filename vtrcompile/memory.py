@@ -112,10 +112,15 @@ def serving_estimate(weights: int, role: str | None, dtype: str | None) -> tuple
     return weights, what, [*advice, "free memory or use a machine with more"]
 
 
-def check_fits(job: str, estimate: tuple[float, str, list[str]]) -> None:
+def check_engine_fits(path: Path, weights: int, role: str | None = None, dtype: str | None = None) -> None:
+    """Refuse to open an engine whose weights do not fit (serving_estimate), before the runtime loads any of it."""
+    check_fits(f"opening {path.name}", serving_estimate(weights, role, dtype), level=logging.DEBUG)
+
+
+def check_fits(job: str, estimate: tuple[float, str, list[str]], level: int = logging.INFO) -> None:
     need, what, advice = estimate
     avail = available_bytes()
-    log.info("%s: needs about %.1f GB (%s); %.1f GB available", job, need / GB, what, avail / GB)
+    log.log(level, "%s: needs about %.1f GB (%s); %.1f GB available", job, need / GB, what, avail / GB)
     if need > avail:
         instead = "; or ".join(advice) if advice else "use a machine with more memory"
         raise VtrError(f"{job} needs about {need / GB:.1f} GB of memory ({what}) and {avail / GB:.1f} GB are "

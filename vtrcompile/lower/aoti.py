@@ -20,7 +20,7 @@ from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from ..memory import check_fits, serving_estimate
+from ..memory import check_engine_fits
 from .atomic import write_atomically
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class AotiEngine:
         check_archive(self.path)
         # the package holds the weights (frozen into the compiled library or beside it); its metadata is read only
         # once it is loaded, so the role and dtype are not known yet
-        check_fits(f"opening {self.path.name}", serving_estimate(self.path.stat().st_size, None, None))
+        check_engine_fits(self.path, self.path.stat().st_size)
         try:
             self.runner = torch._inductor.aoti_load_package(str(self.path))
         except Exception as e:

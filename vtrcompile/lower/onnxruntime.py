@@ -19,7 +19,7 @@ from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from ..memory import check_fits, serving_estimate
+from ..memory import check_engine_fits
 from .onnx import external_data_problem, metadata_of
 
 __all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"]
@@ -75,8 +75,7 @@ class OrtEngine:
         self.metadata, weights = read_engine(self.path)
         if not self.metadata.get("has_weights", True):
             raise VtrError(f"{self.path}: built from a meta-device model, it holds no weights and cannot run")
-        check_fits(f"opening {self.path.name}", serving_estimate(weights, self.metadata.get("role"),
-                                                                  self.metadata.get("dtype")))
+        check_engine_fits(self.path, weights, self.metadata.get("role"), self.metadata.get("dtype"))
         so = ort.SessionOptions()
         _thread_options(so, threads or os.cpu_count() or 1)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -27,7 +27,7 @@ from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from ..memory import check_fits, serving_estimate
+from ..memory import check_engine_fits
 from .atomic import scratch_dir, write_atomically
 from .onnx import METADATA_KEY, export_onnx
 
@@ -240,8 +240,7 @@ class OvEngine:
         self.path = Path(path)
         model, self.metadata = read_ir(self.path)
         weights = sum(op.get_byte_size() for op in model.get_ops() if op.get_type_name() == "Constant")
-        check_fits(f"opening {self.path.name}", serving_estimate(weights, self.metadata.get("role"),
-                                                                  self.metadata.get("dtype")))
+        check_engine_fits(self.path, weights, self.metadata.get("role"), self.metadata.get("dtype"))
         hint = PRECISIONS.get(self.metadata.get("dtype", "float32"), ("f32", "FP32"))[0]
         self.threads = threads or usable_cores()
         check_threads(hint, self.threads)
