@@ -37,6 +37,25 @@ def _decode_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def opened_engines(monkeypatch) -> list[str]:
+    """The file names of the engines this test opens (each open engine holds its own copy of its weights)."""
+    from pathlib import Path
+
+    from vtrcompile.engine import generate, runners
+
+    opened: list[str] = []
+    real = runners.open_engine
+
+    def counting(path, threads=None):
+        opened.append(Path(path).name)
+        return real(path, threads)
+
+    monkeypatch.setattr(runners, "open_engine", counting)
+    monkeypatch.setattr(generate, "open_engine", counting)
+    return opened
+
+
+@pytest.fixture
 def no_decode_cache(monkeypatch):
     from vtrcompile import decode_cache
 

@@ -53,26 +53,15 @@ def pair(tiny_engines):
     return Path(tiny_engines["prumerge"].files[-1]), Path(tiny_engines["none"].files[-1])
 
 
-def test_profile_measures_each_engine_in_a_fresh_process(pair, monkeypatch):
+def test_profile_measures_each_engine_in_a_fresh_process(pair, opened_engines):
     """`profile --memory` measures each engine in a fresh process; in its own process `profile` opens each engine
     once, as every open engine holds its own copy of the weights (a second opening of both prefill engines for the
     generation profile held 4.8 GB at peak against 3.5 GB, `llava15-geometry` f32)."""
-    from vtrcompile.engine import generate, runners
-
-    opened = []
-    real = runners.open_engine
-
-    def counting(path, threads=None):
-        opened.append(Path(path).name)
-        return real(path, threads)
-
-    monkeypatch.setattr(runners, "open_engine", counting)
-    monkeypatch.setattr(generate, "open_engine", counting)
     reduced, baseline = pair
     r = compare(reduced, baseline, warmup=1, reps=2, threads=1, new_tokens=3, memory=True)
     assert r["generation"]["engines"]["reduced"]["cache_matches_schedule"]
     decode = read_engine_metadata(reduced)["decode"]["file"]
-    assert sorted(opened) == sorted([reduced.name, baseline.name, decode, decode]), opened
+    assert sorted(opened_engines) == sorted([reduced.name, baseline.name, decode, decode]), opened_engines
     for name in ("reduced", "baseline"):
         m = r["memory"][name]
         assert set(m) == {"loaded_mib", "peak_after_prefills_mib", "decode_opened_mib", "peak_after_generations_mib"}

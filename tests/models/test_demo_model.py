@@ -97,27 +97,17 @@ def test_generate_answers_from_the_engine_folder_alone(fastv288, tmp_path):
     assert hits >= 2  # the model answers this kind at ~96%; one miss is allowed
 
 
-def test_eval_opens_each_engine_once(fastv288, monkeypatch):
+def test_eval_opens_each_engine_once(fastv288, opened_engines):
     """Every open engine holds its own copy of the weights: `eval` with generated answers and the speed profile
     opens each prefill engine once and each decode engine once (it opened the prefill engines three times: for
     generating, for scoring and again for the profile)."""
-    from vtrcompile.engine import generate, runners
     from vtrcompile.evaluation import evaluate
 
-    opened = []
-    real = runners.open_engine
-
-    def counting(path, threads=None):
-        opened.append(Path(path).name)
-        return real(path, threads)
-
-    monkeypatch.setattr(runners, "open_engine", counting)
-    monkeypatch.setattr(generate, "open_engine", counting)
     # the engine as its own baseline (no second build): two engines all the same, each opened once
     rep = evaluate([fastv288], fastv288, "vqa-synth", 7, False, None, True, max_new_tokens=2, reps=2, warmup=0)
     assert rep["engines"][0]["speedup_p50"] > 0 and rep["engines"][0]["accuracy"] == rep["baseline"]
     decode = json.loads(_meta(fastv288))["decode"]["file"]
-    assert sorted(opened) == sorted(["fastv.onnx", "fastv.onnx", decode, decode]), opened
+    assert sorted(opened_engines) == sorted(["fastv.onnx", "fastv.onnx", decode, decode]), opened_engines
 
 
 def _meta(path: Path) -> str:
