@@ -313,3 +313,29 @@ def test_selector_share_survives_a_node_name_that_is_not_utf8(engines, tiny, tmp
     ids, px = tiny.example_inputs
     share = reduction_share(damaged, ids.numpy(), px.numpy(), 1, 2, threads=1)
     assert set(share) == {"selector", "gather"} and 0 < share["selector"] < 1
+
+
+def test_external_data_entries_are_read_once_and_damaged_numbers_are_a_problem(tmp_path):
+    """Where a weight lies in its external file, read by one helper for the checks on load and for the weight
+    bytes the memory check counts: an empty length counts as 0 (as the load check always read it), and an offset
+    or length that is not a number is a one-line problem, not a ValueError."""
+    from vtrcompile.lower.onnx import external_data_problem, initializer_bytes
+
+    def model(length: str, offset: str = "0"):
+        t = helper.make_tensor("w", TensorProto.FLOAT, [4], np.zeros(4, np.float32))
+        t.ClearField("float_data")
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", "w.data"), ("offset", offset), ("length", length)):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        inline = helper.make_tensor("b", TensorProto.FLOAT16, [3, 5], np.zeros(15, np.float16))
+        return helper.make_model(helper.make_graph([], "g", [], [], initializer=[t, inline]))
+
+    (tmp_path / "w.data").write_bytes(bytes(16))
+    assert external_data_problem(model("16"), tmp_path) is None
+    assert initializer_bytes(model("16")) == 16 + 15 * 2
+    assert external_data_problem(model(""), tmp_path) is None and initializer_bytes(model("")) == 15 * 2
+    assert "truncated" in external_data_problem(model("16", "8"), tmp_path)
+    for length, offset in (("x1", "0"), ("16", "1e3")):
+        problem = external_data_problem(model(length, offset), tmp_path)
+        assert problem is not None and "'w'" in problem and "damaged" in problem and "\n" not in problem

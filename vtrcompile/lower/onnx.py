@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,25 @@ def metadata_of(model: onnx.ModelProto) -> dict[str, Any]:
     return {}
 
 
+def external_span(t: onnx.TensorProto) -> tuple[str, int, int]:
+    """(location, offset, length) of an initializer kept in an external file, as its entries say (absent: "", 0, 0);
+    ValueError where the offset or length is not an integer."""
+    info = {e.key: e.value for e in t.external_data}
+    return info.get("location", ""), int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers, inline or in external data (read from the graph, not the data; a model
+    external_data_problem() passed)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += external_span(t)[2]
+        else:
+            total += math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
 def external_data_problem(model: onnx.ModelProto, folder: Path) -> str | None:
     """Why the weights a model keeps in external files cannot all be read (a file missing, or shorter than an
     initializer's offset + length), or None when they can."""
@@ -111,14 +131,16 @@ def external_data_problem(model: onnx.ModelProto, folder: Path) -> str | None:
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
+        try:
+            loc, offset, length = external_span(t)
+        except ValueError:
+            return f"the external data entry of its weight {t.name[:80]!r} is damaged (offset or length not a number)"
         if loc not in sizes:
             f = folder / loc
             if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts or not f.is_file():
                 return f"its weights file {loc or '(unnamed)'} is missing"
             sizes[loc] = f.stat().st_size
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        end = offset + length
         if end > sizes[loc]:
             return f"its weights file {loc} is truncated ({sizes[loc]} bytes, needs {end})"
     return None

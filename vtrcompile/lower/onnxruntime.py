@@ -20,7 +20,7 @@ from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import check_engine_fits
-from .onnx import external_data_problem, metadata_of
+from .onnx import external_data_problem, initializer_bytes, metadata_of
 
 __all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"]
 
@@ -167,17 +167,6 @@ class OrtEngine:
 def engine_metadata(path: Path) -> dict:
     """The vtrcompile metadata of an ONNX engine, checked before any session is made."""
     return read_engine(path)[0]
-
-
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the graph's initializers, inline or in external data (read from the graph, not the data)."""
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
-        else:
-            total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
 
 
 def read_engine(path: Path) -> tuple[dict, int]:
