@@ -37,20 +37,14 @@ def read_bandwidth_gib_s(threads: int) -> float:
 
 def child(prefill_path: str, decode_path: str, reps: int, threads: int) -> dict:
     import onnx
+    from decode_step import profile_step_feeds
 
-    from vtrcompile.engine.generate import decode_dtype, decode_feeds
-    from vtrcompile.engine.host_inputs import prefill_feeds
-    from vtrcompile.engine.kv_cache import KvCache
     from vtrcompile.engine.runners import open_engine
     from vtrcompile.lower.onnx import initializer_bytes
-    from vtrcompile.profile import profile_prompt
 
     bw1, bwn = read_bandwidth_gib_s(1), read_bandwidth_gib_s(threads)
     prefill, decode = open_engine(prefill_path, threads), open_engine(decode_path, threads)
-    ids, pixels = profile_prompt(prefill.metadata)[:2]
-    out = prefill.run(prefill_feeds(prefill.metadata, ids, pixels))
-    cache = KvCache(out, prefill.metadata["llm_layers"], decode_dtype(decode.metadata), 32)
-    decode.bind(decode_feeds(out, out["logits"].argmax(-1), cache))
+    decode.bind(profile_step_feeds(prefill, decode)[0])
     step_ms = float(np.median([decode.time_ms() for _ in range(reps + 3)][3:]))
     weights = initializer_bytes(onnx.load(decode_path, load_external_data=False))
     return {"bandwidth_1_thread_gib_s": bw1, f"bandwidth_{threads}_threads_gib_s": bwn, "step_ms": step_ms,

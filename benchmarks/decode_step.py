@@ -43,6 +43,15 @@ def numpy_feeds_timer(engine, feeds: dict) -> Callable[[], float]:
     return step
 
 
+def profile_step_feeds(prefill, decode) -> tuple[dict, np.ndarray]:
+    """The feeds of the first decode step after one prefill of the profile prompt, in cache buffers with room for
+    32 new tokens (as `generate --max-new-tokens 33` makes them), and the prompt's ids."""
+    ids, pixels = profile_prompt(prefill.metadata)[:2]
+    out = prefill.run(prefill_feeds(prefill.metadata, ids, pixels))
+    cache = KvCache(out, prefill.metadata["llm_layers"], decode_dtype(decode.metadata), 32)
+    return decode_feeds(out, out["logits"].argmax(-1), cache), ids
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("prefill")
@@ -56,11 +65,7 @@ def main() -> None:
 
     prefill = open_engine(args.prefill, args.threads)
     decodes = [open_engine(p, args.threads) for p in args.decode]
-    ids, pixels = profile_prompt(prefill.metadata)[:2]
-    out = prefill.run(prefill_feeds(prefill.metadata, ids, pixels))
-    n = prefill.metadata["llm_layers"]
-    # buffers with room for 32 new tokens, as `generate --max-new-tokens 33` makes them
-    feeds = decode_feeds(out, out["logits"].argmax(-1), KvCache(out, n, decode_dtype(decodes[0].metadata), 32))
+    feeds, ids = profile_step_feeds(prefill, decodes[0])
     timers, labels = [], []
     for p, d in zip(args.decode, decodes, strict=True):
         d.bind(feeds)
