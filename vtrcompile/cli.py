@@ -239,6 +239,9 @@ def _generation_opts(f):
                    "Default: the model's own (a Hugging Face checkpoint's config dtype; never upcast silently).")
 @click.option("--weights", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="OpenVINO (.xml) only: int8 = NNCF weight-only compression of the linear layers.")
+@click.option("--one-file", is_flag=True,
+              help="ONNX Runtime (.onnx) only: one file holds the prefill and the decode engine, and each weight "
+                   "once, so a generating process holds the LLM's weights once instead of twice.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
 @click.option("--baseline-out", type=click.Path(path_type=Path), default=None,
               help="Where --profile / --triton-repo write the unmodified engine (default: <out>.baseline.<ext>).")
@@ -258,7 +261,7 @@ def _generation_opts(f):
 @_tiles_opt
 @_profile_opts
 @_generation_opts
-def optimize(model, method, calibration, then, out, backend, device, dtype, weights, do_profile, baseline_out,
+def optimize(model, method, calibration, then, out, backend, device, dtype, weights, one_file, do_profile, baseline_out,
              triton_repo, min_prompt, max_prompt, workspace, batch, allow_pickle, tiles, image_size, reps, warmup,
              threads, as_json, new_tokens, kv_budget_gb, memory, **method_options) -> None:
     """Insert a token reduction into MODEL and write an engine."""
@@ -273,7 +276,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
 
     given = {k: v for k, v in {**method_options, "then": then}.items() if v is not None}
     check_options(method, given, calibration)  # a bad method or option fails before loading anything
-    target = Target(backend_for(out, backend), device, dtype or "float32", min_prompt, max_prompt, workspace, weights)
+    target = Target(backend_for(out, backend), device, dtype or "float32", min_prompt, max_prompt, workspace, weights,
+                    one_file)
     if triton_repo is not None and target.backend != "tensorrt":
         raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
     if min_prompt is not None and max_prompt is not None and min_prompt > max_prompt:
@@ -300,7 +304,9 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     given = prepare_options(src, method, given, calibration)
     res = run_optimize(src, method, given, out, target=target)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)
-    if res.metadata.get("decode"):
+    if one_file:
+        click.echo(f"decode engine: in {out} (one file)", err=True)
+    elif res.metadata.get("decode"):
         click.echo(f"decode engine: {out.parent / res.metadata['decode']['file']}", err=True)
     tokens = res.build.llm_tokens(res.build.example_inputs[0].shape[1])
     click.echo(f"{res.build.method}: tokens entering each LLM layer (example prompt): {tokens}", err=True)

@@ -19,7 +19,7 @@ from .engine.metadata import PREFILL, stamp
 from .engine.runners import BACKENDS
 from .errors import VtrError
 from .lower.atomic import check_writable
-from .lower.onnx import export_onnx
+from .lower.onnx import export_onnx, read_metadata
 from .lower.tensorrt_preflight import Finding, preflight
 from .models.loading import ModelSource
 
@@ -172,6 +172,7 @@ class Target:
     max_prompt: int | None = None  # None: capture.DEFAULT_MAX_PROMPT, or N + TEXT_ROOM when N needs more
     workspace_gb: float = 8.0
     weights: str = "none"  # "int8": NNCF weight-only compression of the linear layers (OpenVINO)
+    one_file: bool = False  # ONNX Runtime: prefill and decode in one file, each weight held once (lower/onnx_phases)
 
 
 def backend_for(out: Path, backend: str | None) -> str:
@@ -208,6 +209,9 @@ def check_target(t: Target) -> None:
         raise VtrError(f"--weights {t.weights}: use one of {', '.join(WEIGHTS)}")
     if t.weights != "none" and t.backend != "openvino":
         raise VtrError(f"--weights {t.weights} compresses OpenVINO engines: write --out engine.xml")
+    if t.one_file and t.backend != "onnxruntime":
+        raise VtrError(f"--one-file joins ONNX Runtime engines; the {t.backend} backend keeps a prefill and a decode "
+                       "engine: write --out engine.onnx or leave out --one-file")
     if t.backend == "openvino":
         from .lower.openvino import check_nncf, check_precision
 
@@ -265,21 +269,30 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
     mid = source_id(source)
     meta = engine_metadata(b, source, mid, t)
     check_writable(out)
+    if t.one_file and (not decode or meta["decode"] is None):
+        raise VtrError(f"{out}: --one-file holds the decode engine too, and an exported program has none (generation "
+                       "needs an eager model: a Hugging Face directory, a preset or a pickled module)")
     if (meta["processor"] or {}).get("tokenizer"):
         from .engine.prompting import copy_tokenizer
 
         copy_tokenizer(Path(source.label), out.parent, mid)
+    decode_path = None
     if decode and meta["decode"] is not None:
         from .decode import ensure_decode_engine
 
         assert source.hf_model is not None
-        ensure_decode_engine(source.hf_model, mid, source.label, out.parent, t, b.facts.boundary.batch,
-                             source.weights)
+        decode_path = ensure_decode_engine(source.hf_model, mid, source.label, out.parent, t,
+                                           b.facts.boundary.batch, source.weights)
     elif source.hf_model is None:
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
     files = lower_program(b.program, out, meta, t, source.weights)
     findings = preflight(out) if t.backend == "onnxruntime" else []
+    if t.one_file and decode_path is not None:
+        from .lower.onnx_phases import write_one_file
+
+        write_one_file(out, decode_path)
+        meta = read_metadata(out)
     return Optimized(b, files, meta, findings)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import VtrError
 from .host_inputs import check_processor_extras, derive, padded, right_padding_shifts, roll_rows
 from .kv_cache import KvCache
+from .metadata import is_one_file
 from .protocol import as_numeric_array, check_prompt, check_prompt_range
 from .runners import open_engine
 
@@ -95,6 +96,8 @@ class Engine:
     @property
     def decode(self):
         """The decode engine beside the prefill, checked to pair with it before any run."""
+        if self._decode is None and is_one_file(self.metadata):
+            self._decode = self.prefill.decode_view()  # a one-file engine: the decode phase of the same session
         if self._decode is None:
             p = self.decode_path
             if not p.is_file():

@@ -37,7 +37,8 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "head_dim": (BOTH, "width of one head (cache geometry)"),
     "max_context": (BOTH, "the model's max_position_embeddings"),
     "eos_token_ids": (BOTH, "token ids that end generation"),
-    "decode": ((PREFILL,), "the paired decode engine: {file, model_id}, or null"),
+    "decode": ((PREFILL,), "the paired decode engine: {file, model_id}, or null; a one-file engine (optimize "
+                           "--one-file) also holds it: file is its own name, and metadata the decode engine's"),
     "processor": ((PREFILL,), "image preprocessing, prompt template and tokenizer folder"),
     "method": ((PREFILL,), "the reduction method"),
     "options": ((PREFILL,), "the method's options as given"),
@@ -81,6 +82,11 @@ def stamp(role: str, fields: dict[str, Any]) -> dict[str, Any]:
         raise AssertionError(f"{role} metadata: missing {sorted(want - set(meta))}, "
                              f"undeclared {sorted(set(meta) - want)} (declare keys in engine/metadata.py)")
     return meta
+
+
+def is_one_file(meta: dict[str, Any]) -> bool:
+    """Whether an engine holds its decode engine too (lower/onnx_phases.py)."""
+    return bool((meta.get("decode") or {}).get("metadata"))
 
 
 def check_metadata(meta: dict[str, Any], path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,10 +18,12 @@ import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
+from ..engine.metadata import is_one_file
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import check_engine_fits
 from .onnx import external_data_problem, initializer_bytes, metadata_of
+from .onnx_phases import PHASE_INPUT
 
 __all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"]
 
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:
     """ONNX node name -> 'selector' | 'gather' for nodes inserted by a reduction (from name scopes)."""
     out = {}
-    for n in model.graph.node:
+    for n in _nodes(model.graph):
         for p in n.metadata_props:
             value = p.value if isinstance(p.value, str) else p.value.decode("utf-8", "replace")
             if p.key == "pkg.torch.onnx.name_scopes" and "vtrcompile." in value:
@@ -43,8 +46,38 @@ def selector_node_names(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
+def _nodes(graph: onnx.GraphProto):
+    """Every node of a graph and of its subgraphs (a one-file engine's phases are the branches of an If)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(a.g)
+
+
 _ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
                torch.bfloat16: onnx.TensorProto.BFLOAT16}
+
+
+_EMPTY_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+                "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64, "int32": onnx.TensorProto.INT32,
+                "bool": onnx.TensorProto.BOOL}
+
+
+def phase_feeds(meta: dict[str, Any], prefill: bool) -> dict[str, ort.OrtValue]:
+    """What a run of one phase of a one-file engine (lower/onnx_phases.py) adds to its feeds: the `prefill` flag,
+    and an empty tensor for each input only the other phase reads (ONNX Runtime wants every input bound; the
+    branch not taken never reads them)."""
+    mine, other = meta["io"], meta["decode"]["metadata"]["io"]
+    if not prefill:
+        mine, other = other, mine
+    names = {t["name"] for t in mine["inputs"]}
+    feeds = {PHASE_INPUT: ort.OrtValue.ortvalue_from_numpy(np.array(prefill))}
+    for t in other["inputs"]:
+        if t["name"] not in names:
+            feeds[t["name"]] = ort.OrtValue.ortvalue_from_shape_and_type([0] * len(t["shape"]),
+                                                                         _EMPTY_TYPES[t["dtype"]])
+    return feeds
 
 
 def _bindable_tensor(v: Any, declared: torch.dtype | None) -> bool:
@@ -97,6 +130,17 @@ class OrtEngine:
         self._declared = float_input_dtypes(self.metadata["io"])
         self._shared_keys: dict[str, Any] = {}
         self._shared_refs: dict[str, Any] = {}
+        self._phase = phase_feeds(self.metadata, True) if is_one_file(self.metadata) else {}
+
+    def decode_view(self) -> OrtEngine:
+        """The decode phase of a one-file engine: the same session, so the same weights, with its own metadata
+        (the decode engine's) and bindings."""
+        view = copy.copy(self)
+        view.metadata = self.metadata["decode"]["metadata"]
+        view._declared = float_input_dtypes(view.metadata["io"])
+        view._phase = phase_feeds(self.metadata, False)
+        view._shared_io, view._shared_keys, view._shared_refs = None, {}, {}
+        return view
 
     def _split(self, feeds: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
         """Feeds -> (OrtValues handed back from an earlier run, contiguous CPU torch tensors of the declared dtype,
@@ -115,6 +159,7 @@ class OrtEngine:
         the binding and its 24 cache inputs every step cost 0.12 ms of a 1.05 ms decode step of the demo model
         (2 threads, AMX Xeon)."""
         values, tensors, arrays = self._split(feeds)
+        values.update(self._phase)
         if reuse and self._shared_io is not None:
             io, keys = self._shared_io, self._shared_keys
         else:
@@ -152,6 +197,8 @@ class OrtEngine:
         if check:
             check_prompt(input_ids, self.metadata["image_token_id"], self.metadata["n_image"])
         feeds = prefill_feeds(self.metadata, input_ids.astype(np.int64), pixel_values.astype(np.float32))
+        if self._phase:  # a one-file engine: the flag and the decode inputs go through a binding
+            return self.run(feeds)["logits"]
         return self.session.run(["logits"], feeds)[0]
 
     def bind(self, feeds: dict[str, Any]) -> None:

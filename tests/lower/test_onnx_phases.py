@@ -1,0 +1,107 @@
+"""One-file ONNX Runtime engines (`optimize --one-file`, lower/onnx_phases.py): the prefill and the decode engine
+as the branches of one If, every weight stored once; generation unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import check_generation, prompts
+from vtrcompile import load_engine
+from vtrcompile.errors import VtrError
+from vtrcompile.lower.onnx import initializer_bytes
+from vtrcompile.lower.onnx_phases import PHASE_INPUT, _content_key, merge_phases
+from vtrcompile.lower.onnxruntime import selector_node_names
+from vtrcompile.optimize import Target, write_engine
+from vtrcompile.reference.methods import fastv_reference, pyramiddrop_reference
+
+STEPS = 8
+ENGINES = {"fastv-k2-18": ("fastv", {"layer": 2, "keep": 18}), "pyramiddrop": ("pyramiddrop", {})}
+
+
+@pytest.fixture(scope="module")
+def one_file(tiny, tiny_build, tmp_path_factory):
+    """name -> (the one-file engine's path, the pair it was joined from: prefill path, decode path)."""
+    folder = tmp_path_factory.mktemp("one-file")
+    out = {}
+    for name, (method, opts) in ENGINES.items():
+        b = tiny_build(method, **opts)
+        pair = write_engine(b, tiny, folder / f"{name}.pair.onnx")
+        one = write_engine(b, tiny, folder / f"{name}.onnx", Target(one_file=True))
+        out[name] = (one.files[-1], pair.files[-1], folder / pair.metadata["decode"]["file"])
+    return out
+
+
+def test_one_file_holds_each_weight_once(one_file):
+    one_path, prefill_path, decode_path = one_file["fastv-k2-18"]
+    one = onnx.load(str(one_path))
+    onnx.checker.check_model(one, full_check=True)  # every name a branch reads is defined in scope
+    assert [n.op_type for n in one.graph.node] == ["If"]
+    assert one.graph.input[0].name == PHASE_INPUT
+    keys = [_content_key(t, one_path.parent) for t in one.graph.initializer]
+    assert len(keys) == len(set(keys))
+    prefill, decode = onnx.load(str(prefill_path)), onnx.load(str(decode_path))
+    union = {_content_key(t, prefill_path.parent): t for t in [*prefill.graph.initializer, *decode.graph.initializer]}
+    assert set(keys) == set(union)
+    shared = {_content_key(t, decode_path.parent) for t in decode.graph.initializer} & \
+        {_content_key(t, prefill_path.parent) for t in prefill.graph.initializer}
+    shared_bytes = sum(initializer_bytes(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [union[k]])))
+                       for k in shared)
+    assert initializer_bytes(one) == initializer_bytes(prefill) + initializer_bytes(decode) - shared_bytes
+    # the LLM's weights are what the two engines share: most of the decode engine's bytes
+    assert shared_bytes > 0.9 * initializer_bytes(decode)
+    # the selector's nodes are found inside the prefill branch (profile's selector share reads them)
+    assert len(selector_node_names(one)) == len(selector_node_names(prefill)) > 0
+
+
+@pytest.mark.parametrize("name,positions,prefill", [
+    ("fastv-k2-18", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
+    ("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+])
+def test_one_file_generates_the_spec_reference(tiny, one_file, name, positions, prefill):
+    """The decode phase runs in the prefill's session, and the generated tokens, per-step logits and cache
+    lengths equal the spec's eager reference, as the engine pair's do."""
+    engine = load_engine(one_file[name][0], threads=1)
+    assert engine.decode.session is engine.prefill.session
+    assert engine.decode.metadata["role"] == "decode"
+    check_generation(engine, tiny.hf_model, prompts(tiny.hf_model.config)[:2], prefill, positions, STEPS)
+
+
+def test_one_file_equals_the_pair(tiny, one_file):
+    one_path, prefill_path, _ = one_file["fastv-k2-18"]
+    one, pair = load_engine(one_path, threads=1), load_engine(prefill_path, threads=1)
+    ids, px = prompts(tiny.hf_model.config)[2]
+    a = one.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
+    b = pair.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
+    assert a.tokens.tolist() == b.tokens.tolist()
+    assert float(np.abs(a.logits - b.logits).max()) <= 1e-5
+    assert float(np.abs(one(input_ids=ids, pixel_values=px) - pair(input_ids=ids, pixel_values=px)).max()) <= 1e-5
+
+
+def test_merge_refuses_engines_whose_outputs_differ(one_file):
+    _, prefill_path, decode_path = one_file["fastv-k2-18"]
+    prefill = onnx.load(str(prefill_path), load_external_data=False)
+    decode = onnx.load(str(decode_path), load_external_data=False)
+    del decode.graph.output[-1]
+    with pytest.raises(ValueError, match="outputs differ"):
+        merge_phases(prefill, decode, prefill_path.parent, "x.onnx")
+
+
+def test_one_file_needs_onnxruntime_and_a_decode_engine(tiny, tiny_build, tmp_path):
+    from vtrcompile.optimize import check_target
+
+    with pytest.raises(VtrError, match="--one-file joins ONNX Runtime engines"):
+        check_target(Target(backend="openvino", one_file=True))
+    out = tmp_path / "e.onnx"
+    with pytest.raises(VtrError, match="an exported program has none"):
+        write_engine(tiny_build("fastv", layer=2, keep=18), tiny, out, Target(one_file=True), decode=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_one_file_for_another_backend(tmp_path):
+    from tests.test_cli import _assert_clean_error, _run
+
+    res = _run("optimize", "tiny", "--method", "fastv", "--out", str(tmp_path / "x.xml"), "--one-file")
+    _assert_clean_error(res, tmp_path, "--one-file", "openvino")
+    assert not any(tmp_path.iterdir())

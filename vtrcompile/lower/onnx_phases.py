@@ -1,0 +1,146 @@
+"""A prefill engine and its decode engine -> one ONNX file that holds every weight once (ONNX Runtime).
+
+A process that generates opens both engines, and each ONNX Runtime session keeps its own copy of the LLM's
+weights (BENCHMARKS.md, "Measured memory of a serving process"). Here the two graphs become the branches of one
+`If` on a boolean input `prefill`, and every initializer the branches share (same dtype, shape and bytes) is
+stored once in the outer graph, where both branches read it: one session, one copy. ONNX Runtime runs only the
+branch the flag picks; the other branch's inputs are fed as empty tensors (`lower/onnxruntime.phase_feeds`).
+
+The outer graph's inputs are the union of both engines' inputs, every dim left free (the two phases give
+`input_ids` different lengths); the engine metadata's `io` stays the prefill's, and the decode engine's metadata
+travels inside it (`decode.metadata`), so each phase is checked against its own description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from .atomic import write_atomically
+from .onnx import METADATA_KEY, external_span, metadata_of
+
+log = logging.getLogger(__name__)
+
+PHASE_INPUT = "prefill"
+
+
+def _content_key(t: onnx.TensorProto, folder: Path) -> tuple:
+    """What makes two initializers the same weight: dtype, shape and a hash of the bytes (read from the external
+    file where the tensor lives in one)."""
+    h = hashlib.sha256()
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        loc, offset, length = external_span(t)
+        with open(folder / loc, "rb") as f:
+            f.seek(offset)
+            left = length
+            while left > 0:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+    else:
+        held = onnx.TensorProto()
+        held.CopyFrom(t)
+        held.name = ""
+        h.update(held.SerializeToString(deterministic=True))
+    return t.data_type, tuple(t.dims), h.hexdigest()
+
+
+def _branch(graph: onnx.GraphProto, prefix: str, shared: dict[tuple, str], outer: list[onnx.TensorProto],
+            folder: Path) -> onnx.GraphProto:
+    """`graph` as an If branch: its initializers moved to `outer` (one per distinct content, named w.N), its
+    inputs read from the outer scope by name, every other value renamed under `prefix`."""
+    names: dict[str, str] = {i.name: i.name for i in graph.input}
+    names[""] = ""
+    for t in graph.initializer:
+        key = _content_key(t, folder)
+        if key not in shared:
+            shared[key] = f"w.{len(shared)}"
+            moved = onnx.TensorProto()
+            moved.CopyFrom(t)
+            moved.name = shared[key]
+            outer.append(moved)
+        names[t.name] = shared[key]
+
+    def rename(name: str) -> str:
+        return names.get(name, prefix + name)
+
+    def renamed(values) -> list[onnx.ValueInfoProto]:
+        out = []
+        for v in values:
+            w = onnx.ValueInfoProto()
+            w.CopyFrom(v)
+            w.name = rename(v.name)
+            out.append(w)
+        return out
+
+    nodes = []
+    for n in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            raise ValueError(f"node {n.name} has a subgraph; one-file engines take flat graphs only")
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.ClearField("input")
+        m.input.extend(rename(x) for x in n.input)
+        m.ClearField("output")
+        m.output.extend(rename(x) for x in n.output)
+        m.name = prefix + n.name if n.name else ""
+        nodes.append(m)
+    return helper.make_graph(nodes, prefix.rstrip("/"), [], renamed(graph.output),
+                             value_info=renamed(graph.value_info))
+
+
+def _free_dims(v: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    w = onnx.ValueInfoProto()
+    w.CopyFrom(v)
+    for k, d in enumerate(w.type.tensor_type.shape.dim):
+        d.Clear()
+        d.dim_param = f"{v.name}.{k}"
+    return w
+
+
+def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folder: Path, file_name: str
+                 ) -> onnx.ModelProto:
+    """One model: If(prefill) -> the prefill graph, else the decode graph; shared weights stored once. `folder`
+    holds both models' external data (if any); `file_name` is what the one-file engine will be called."""
+    p_out, d_out = [o.name for o in prefill.graph.output], [o.name for o in decode.graph.output]
+    if p_out != d_out:
+        raise ValueError(f"the engines' outputs differ: {p_out[:4]}... against {d_out[:4]}...")
+    if [(o.domain, o.version) for o in prefill.opset_import] != [(o.domain, o.version) for o in decode.opset_import]:
+        raise ValueError("the engines were exported with different opsets")
+    shared: dict[tuple, str] = {}
+    outer: list[onnx.TensorProto] = []
+    then_g = _branch(prefill.graph, "prefill/", shared, outer, folder)
+    else_g = _branch(decode.graph, "decode/", shared, outer, folder)
+    inputs: dict[str, onnx.ValueInfoProto] = {}
+    for v in [*prefill.graph.input, *decode.graph.input]:
+        inputs.setdefault(v.name, _free_dims(v))
+    flag = helper.make_tensor_value_info(PHASE_INPUT, onnx.TensorProto.BOOL, [])
+    node = helper.make_node("If", [PHASE_INPUT], p_out, name="phase", then_branch=then_g, else_branch=else_g)
+    graph = helper.make_graph([node], "prefill_and_decode", [flag, *inputs.values()],
+                              [_free_dims(o) for o in prefill.graph.output], outer)
+    model = helper.make_model(graph, opset_imports=list(prefill.opset_import), ir_version=prefill.ir_version)
+    p_meta, d_meta = metadata_of(prefill), metadata_of(decode)
+    meta = {**p_meta, "decode": {**p_meta["decode"], "file": file_name, "metadata": d_meta}}
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
+    n_in = len(prefill.graph.initializer) + len(decode.graph.initializer)
+    log.info("one-file engine: %d initializers of the two engines stored as %d", n_in, len(outer))
+    return model
+
+
+def write_one_file(prefill_path: Path, decode_path: Path) -> list[Path]:
+    """Replace the prefill engine at `prefill_path` by the one-file engine of it and its decode engine (written
+    atomically; external data files the engines point at stay where they are)."""
+    folder = prefill_path.parent
+    prefill = onnx.load(str(prefill_path), load_external_data=False)
+    decode = onnx.load(str(decode_path), load_external_data=False)
+    model = merge_phases(prefill, decode, folder, prefill_path.name)
+    return write_atomically(prefill_path, lambda tmp: onnx.save(model, str(tmp)))
+
+
