@@ -125,3 +125,17 @@ def check_fits(job: str, estimate: tuple[float, str, list[str]], level: int = lo
         instead = "; or ".join(advice) if advice else "use a machine with more memory"
         raise VtrError(f"{job} needs about {need / GB:.1f} GB of memory ({what}) and {avail / GB:.1f} GB are "
                        f"available; {instead}")
+
+
+def release_freed_heap() -> None:
+    """Hand the heap memory this process has freed back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    glibc keeps freed heap pages for reuse, and a runtime building a session frees a lot: ONNX Runtime's graph
+    optimizer copies the weights it transforms and drops the copies. Without this, that memory stays resident
+    for the life of a serving process (measured in BENCHMARKS.md, "One file, weights once")."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -21,7 +21,7 @@ from ..engine.kv_cache import float_input_dtypes
 from ..engine.metadata import is_one_file
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from ..memory import check_engine_fits
+from ..memory import check_engine_fits, release_freed_heap
 from .onnx import external_data_problem, initializer_bytes, metadata_of
 from .onnx_phases import PHASE_INPUT
 
@@ -123,6 +123,7 @@ class OrtEngine:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise VtrError(f"{self.path}: ONNX Runtime cannot load this engine ({reason}); rebuild it with "
                            "`vtrcompile optimize`") from None
+        release_freed_heap()
 
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._bf16_outputs = {o.name for o in self.session.get_outputs() if o.type == "tensor(bfloat16)"}
