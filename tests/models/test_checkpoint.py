@@ -65,6 +65,29 @@ def test_streamed_engines_equal_the_in_memory_ones(checkpoint, in_memory, tmp_pa
     assert "weights_file" not in read_metadata(b.files[-1])
 
 
+def test_a_one_file_engine_of_a_checkpoint_reads_the_weight_store(checkpoint, in_memory, tmp_path):
+    """--one-file from a checkpoint: the joined engine keeps pointing at the model's weight store (each weight
+    once, nothing copied inline) and generates what the in-memory pair generates."""
+    from vtrcompile import load_engine
+    from vtrcompile.optimize import Target
+
+    lazy, (loaded, b) = load_model(str(checkpoint)), in_memory
+    one = write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "f.onnx", Target(one_file=True))
+    model = onnx.load(str(one.files[-1]), load_external_data=False)
+    stored = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    locations = {e.value for t in stored for e in t.external_data if e.key == "location"}
+    assert locations == {one.metadata["weights_file"]}
+    spans = [tuple(e.value for e in t.external_data if e.key in ("offset", "length")) for t in stored]
+    assert len(spans) == len(set(spans)) > 0  # no stored weight referenced twice
+    ids, px = prompts(lazy.hf_model.config)[0]
+    got = load_engine(one.files[-1], threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=4,
+                                                         eos_token_id=[])
+    want = load_engine(b.files[-1], threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=4,
+                                                        eos_token_id=[])
+    assert got.tokens.tolist() == want.tokens.tolist()
+    assert float(np.abs(got.logits - want.logits).max()) <= 1e-5
+
+
 def test_a_lazy_model_is_never_run_without_its_weights(checkpoint):
     src = load_model(str(checkpoint))
     ids, px = prompts(src.hf_model.config)[0]
