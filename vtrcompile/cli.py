@@ -539,7 +539,7 @@ def _format_eval(r: dict) -> str:
     rows = []
     b = r.get("baseline")
     if b:
-        rows.append(["(baseline)", "none", *(f"{100 * b[k]:.1f}" if b.get(k) is not None else "-"
+        rows.append(["(baseline)", b.get("method", "none"), *(f"{100 * b[k]:.1f}" if b.get(k) is not None else "-"
                                              for k in ("coarse", "fine", "overall")), "", "", "", "1.00x"])
     for e in r["engines"]:
         a, f = e.get("accuracy"), e.get("fidelity")

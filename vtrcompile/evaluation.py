@@ -290,6 +290,7 @@ def evaluate(engines: Sequence[str | Path], baseline: str | Path | None, spec: s
         if base is not None:
             report["baseline"] = accuracy(scored(base), items, f"{baseline}", max_new_tokens, batch)
             report["baseline"].pop("predictions")
+            report["baseline"]["method"] = base.metadata["method"]
     for path, r in zip(engines, runners, strict=True):
         row: dict[str, Any] = {"path": str(path), "method": r.metadata["method"], "options": r.metadata["options"]}
         if calibration is None:

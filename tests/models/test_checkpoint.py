@@ -71,7 +71,7 @@ def test_a_one_file_engine_of_a_checkpoint_reads_the_weight_store(checkpoint, in
     from vtrcompile import load_engine
     from vtrcompile.optimize import Target
 
-    lazy, (loaded, b) = load_model(str(checkpoint)), in_memory
+    lazy, b = load_model(str(checkpoint)), in_memory[1]
     one = write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "f.onnx", Target(one_file=True))
     model = onnx.load(str(one.files[-1]), load_external_data=False)
     stored = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

@@ -105,6 +105,7 @@ def test_eval_opens_each_engine_once(fastv288, opened_engines):
 
     # the engine as its own baseline (no second build): two engines all the same, each opened once
     rep = evaluate([fastv288], fastv288, "vqa-synth", 7, False, None, True, max_new_tokens=2, reps=2, warmup=0)
+    assert rep["baseline"].pop("method") == "fastv"  # the baseline's own method, named in the table's first row
     assert rep["engines"][0]["speedup_p50"] > 0 and rep["engines"][0]["accuracy"] == rep["baseline"]
     decode = json.loads(_meta(fastv288))["decode"]["file"]
     assert sorted(opened_engines) == sorted(["fastv.onnx", "fastv.onnx", decode, decode]), opened_engines
