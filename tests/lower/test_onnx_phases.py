@@ -105,3 +105,28 @@ def test_cli_refuses_one_file_for_another_backend(tmp_path):
     res = _run("optimize", "tiny", "--method", "fastv", "--out", str(tmp_path / "x.xml"), "--one-file")
     _assert_clean_error(res, tmp_path, "--one-file", "openvino")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["not a dict", "prefill role", "no io", "flag input renamed"])
+def test_a_damaged_one_file_engine_is_one_line(one_file, tmp_path, damage):
+    import json
+
+    from vtrcompile.lower.onnx import METADATA_KEY
+
+    model = onnx.load(str(one_file["fastv-k2-18"][0]))
+    prop = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    if damage == "not a dict":
+        meta["decode"]["metadata"] = "x"
+    elif damage == "prefill role":
+        meta["decode"]["metadata"]["role"] = "prefill"
+    elif damage == "no io":
+        del meta["decode"]["metadata"]["io"]
+    else:
+        model.graph.input[0].name = "phase"
+        model.graph.node[0].input[0] = "phase"
+    prop.value = json.dumps(meta)
+    path = tmp_path / "damaged.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(VtrError, match="damaged|lacks io"):
+        load_engine(path, threads=1)

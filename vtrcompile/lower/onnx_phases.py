@@ -142,5 +142,3 @@ def write_one_file(prefill_path: Path, decode_path: Path) -> list[Path]:
     decode = onnx.load(str(decode_path), load_external_data=False)
     model = merge_phases(prefill, decode, folder, prefill_path.name)
     return write_atomically(prefill_path, lambda tmp: onnx.save(model, str(tmp)))
-
-

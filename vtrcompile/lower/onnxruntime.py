@@ -18,7 +18,7 @@ import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
-from ..engine.metadata import is_one_file
+from ..engine.metadata import check_metadata, is_one_file
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import check_engine_fits, release_freed_heap
@@ -131,7 +131,22 @@ class OrtEngine:
         self._declared = float_input_dtypes(self.metadata["io"])
         self._shared_keys: dict[str, Any] = {}
         self._shared_refs: dict[str, Any] = {}
-        self._phase = phase_feeds(self.metadata, True) if is_one_file(self.metadata) else {}
+        self._phase = self._one_file_feeds() if is_one_file(self.metadata) else {}
+
+    def _one_file_feeds(self) -> dict[str, ort.OrtValue]:
+        """The prefill phase's extra feeds of a one-file engine, after checking that the file is one (its graph
+        takes the phase flag, its metadata carries a decode engine's) so that damage is one line, not a traceback."""
+        inner = self.metadata["decode"]["metadata"]
+        takes_flag = PHASE_INPUT in {i.name for i in self.session.get_inputs()}
+        try:
+            if not takes_flag or not isinstance(inner, dict) or inner.get("role") != "decode":
+                raise ValueError
+            check_metadata(inner, self.path)
+            phase_feeds(self.metadata, False)  # the decode phase's description is readable too
+            return phase_feeds(self.metadata, True)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise VtrError(f"{self.path}: a one-file engine whose decode half is damaged (metadata or graph); rebuild "
+                           "it with `vtrcompile optimize --one-file`") from None
 
     def decode_view(self) -> OrtEngine:
         """The decode phase of a one-file engine: the same session, so the same weights, with its own metadata
