@@ -239,7 +239,8 @@ class Corpus:
     model_dir: Path  # the tiny preset saved as a Hugging Face directory, with a word-level tokenizer
     program: Path  # its torch.export program (.pt2)
     pickle: Path  # the pickled module
-    engines: Path  # folder: prefill.onnx, its decode engine, tokenizer-fuzz/, external.onnx(.data)
+    engines: Path  # folder: prefill.onnx, its decode engine, one.onnx (both as one file), tokenizer-fuzz/,
+    # external.onnx(.data)
     image: Path
     calibration: Path  # images + prompts.jsonl
     schedule: Path  # a complete schedule.json for the tiny preset
@@ -307,6 +308,11 @@ def build_corpus(root: Path, prefill: Path | None = None) -> Corpus:
     onnx.save(m, str(engines / "prefill.onnx"))
     shutil.copytree(model_dir, engines / "tokenizer-fuzz",
                     ignore=lambda d, names: [n for n in names if not n.startswith("tokenizer")])
+    # the same engines as one file (optimize --one-file)
+    from vtrcompile.lower.onnx_phases import write_one_file
+
+    shutil.copy(engines / "prefill.onnx", engines / "one.onnx")
+    write_one_file(engines / "one.onnx", engines / meta["decode"]["file"])
     # an engine whose weights live in external data (normally only above 1.5 GB)
     from vtrcompile.build import build
 
@@ -429,6 +435,9 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
         shutil.copy(c.prefill, p.parent / "prefill.onnx")
         res.append(Case("profile", f"decode engine {how}",
                         ["profile", str(p.parent / "prefill.onnx"), "--baseline", str(c.prefill), *prof],
+                        names=(p.name,), watch=w))
+    for how, p in damaged_copies(c.engines / "one.onnx", damaged, rng, per_kind):  # holds its decode engine
+        res.append(Case("profile", f"one-file engine {how}", ["profile", str(p), "--baseline", str(c.prefill), *prof],
                         names=(p.name,), watch=w))
     for how in ("missing", "truncated"):
         d = damaged / f"external-{how}"
