@@ -130,3 +130,28 @@ def test_a_damaged_one_file_engine_is_one_line(one_file, tmp_path, damage):
     onnx.save(model, str(path))
     with pytest.raises(VtrError, match="damaged|lacks io"):
         load_engine(path, threads=1)
+
+
+@pytest.mark.slow
+def test_a_batch_one_file_engine_takes_left_padded_prompts(tmp_path):
+    """Batch engines: both phases read attention_mask (one input of the joined graph); a left-padded row
+    generates what the pair generates."""
+    from vtrcompile.models.loading import load_model
+    from vtrcompile.optimize import optimize
+
+    src = load_model("tiny", batch=2)
+    pair = optimize(src, "fastv", {"keep": 8}, tmp_path / "pair.onnx").files[-1]
+    one = optimize(src, "fastv", {"keep": 8}, tmp_path / "one.onnx", target=Target(one_file=True)).files[-1]
+    a, b = load_engine(pair, threads=1), load_engine(one, threads=1)
+    (ids, px), (ids2, px2) = prompts(src.hf_model.config)[:2]
+    width = max(ids.shape[1], ids2.shape[1])
+    rows = np.zeros((2, width), dtype=np.int64)
+    mask = np.zeros((2, width), dtype=np.int64)
+    for r, x in enumerate((ids, ids2)):
+        rows[r, width - x.shape[1]:], mask[r, width - x.shape[1]:] = x[0].numpy(), 1
+    pixels = np.concatenate([px.numpy(), px2.numpy()])
+    got = b.generate(input_ids=rows, pixel_values=pixels, attention_mask=mask, max_new_tokens=STEPS, eos_token_id=[])
+    want = a.generate(input_ids=rows, pixel_values=pixels, attention_mask=mask, max_new_tokens=STEPS,
+                      eos_token_id=[])
+    assert got.tokens.tolist() == want.tokens.tolist()
+    assert float(np.abs(got.logits - want.logits).max()) <= 1e-5
