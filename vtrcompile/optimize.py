@@ -19,7 +19,7 @@ from .engine.metadata import PREFILL, stamp
 from .engine.runners import BACKENDS
 from .errors import VtrError
 from .lower.atomic import check_writable
-from .lower.onnx import export_onnx, read_metadata
+from .lower.onnx import export_onnx
 from .lower.tensorrt_preflight import Finding, preflight
 from .models.loading import ModelSource
 
@@ -291,8 +291,7 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
     if t.one_file and decode_path is not None:
         from .lower.onnx_phases import write_one_file
 
-        write_one_file(out, decode_path)
-        meta = read_metadata(out)
+        meta = write_one_file(out, decode_path)
     return Optimized(b, files, meta, findings)
 
 

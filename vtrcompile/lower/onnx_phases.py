@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import helper
@@ -134,11 +135,12 @@ def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folder: Path
     return model
 
 
-def write_one_file(prefill_path: Path, decode_path: Path) -> list[Path]:
+def write_one_file(prefill_path: Path, decode_path: Path) -> dict[str, Any]:
     """Replace the prefill engine at `prefill_path` by the one-file engine of it and its decode engine (written
-    atomically; external data files the engines point at stay where they are)."""
+    atomically; external data files the engines point at stay where they are); returns its metadata."""
     folder = prefill_path.parent
     prefill = onnx.load(str(prefill_path), load_external_data=False)
     decode = onnx.load(str(decode_path), load_external_data=False)
     model = merge_phases(prefill, decode, folder, prefill_path.name)
-    return write_atomically(prefill_path, lambda tmp: onnx.save(model, str(tmp)))
+    write_atomically(prefill_path, lambda tmp: onnx.save(model, str(tmp)))
+    return metadata_of(model)

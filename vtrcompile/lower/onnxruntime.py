@@ -131,19 +131,20 @@ class OrtEngine:
         self._declared = float_input_dtypes(self.metadata["io"])
         self._shared_keys: dict[str, Any] = {}
         self._shared_refs: dict[str, Any] = {}
-        self._phase = self._one_file_feeds() if is_one_file(self.metadata) else {}
+        # a one-file engine: the extra feeds of its prefill phase (every run of this runner) and of its decode phase
+        self._phase, self._decode_phase = self._one_file_feeds() if is_one_file(self.metadata) else ({}, {})
 
-    def _one_file_feeds(self) -> dict[str, ort.OrtValue]:
-        """The prefill phase's extra feeds of a one-file engine, after checking that the file is one (its graph
-        takes the phase flag, its metadata carries a decode engine's) so that damage is one line, not a traceback."""
+    def _one_file_feeds(self) -> tuple[dict[str, ort.OrtValue], dict[str, ort.OrtValue]]:
+        """The prefill and decode phases' extra feeds of a one-file engine, after checking that the file is one (its
+        graph takes the phase flag, its metadata carries a decode engine's) so that damage is one line, not a
+        traceback."""
         inner = self.metadata["decode"]["metadata"]
         takes_flag = PHASE_INPUT in {i.name for i in self.session.get_inputs()}
         try:
             if not takes_flag or not isinstance(inner, dict) or inner.get("role") != "decode":
                 raise ValueError
             check_metadata(inner, self.path)
-            phase_feeds(self.metadata, False)  # the decode phase's description is readable too
-            return phase_feeds(self.metadata, True)
+            return phase_feeds(self.metadata, True), phase_feeds(self.metadata, False)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise VtrError(f"{self.path}: a one-file engine whose decode half is damaged (metadata or graph); rebuild "
                            "it with `vtrcompile optimize --one-file`") from None
@@ -154,7 +155,7 @@ class OrtEngine:
         view = copy.copy(self)
         view.metadata = self.metadata["decode"]["metadata"]
         view._declared = float_input_dtypes(view.metadata["io"])
-        view._phase = phase_feeds(self.metadata, False)
+        view._phase = self._decode_phase
         view._shared_io, view._shared_keys, view._shared_refs = None, {}, {}
         return view
 
