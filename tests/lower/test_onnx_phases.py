@@ -12,7 +12,7 @@ from vtrcompile import load_engine
 from vtrcompile.errors import VtrError
 from vtrcompile.lower.onnx import initializer_bytes
 from vtrcompile.lower.onnx_phases import PHASE_INPUT, _content_key, merge_phases
-from vtrcompile.lower.onnxruntime import selector_node_names
+from vtrcompile.lower.onnxruntime import reduction_share, selector_node_names
 from vtrcompile.optimize import Target, write_engine
 from vtrcompile.reference.methods import fastv_reference, pyramiddrop_reference
 
@@ -33,7 +33,7 @@ def one_file(tiny, tiny_build, tmp_path_factory):
     return out
 
 
-def test_one_file_holds_each_weight_once(one_file):
+def test_one_file_holds_each_weight_once(tiny, one_file):
     one_path, prefill_path, decode_path = one_file["fastv-k2-18"]
     one = onnx.load(str(one_path))
     onnx.checker.check_model(one, full_check=True)  # every name a branch reads is defined in scope
@@ -51,8 +51,10 @@ def test_one_file_holds_each_weight_once(one_file):
     assert initializer_bytes(one) == initializer_bytes(prefill) + initializer_bytes(decode) - shared_bytes
     # the LLM's weights are what the two engines share: most of the decode engine's bytes
     assert shared_bytes > 0.9 * initializer_bytes(decode)
-    # the selector's nodes are found inside the prefill branch (profile's selector share reads them)
+    # the selector's nodes are found inside the prefill branch, and ONNX Runtime's profile times them there
     assert len(selector_node_names(one)) == len(selector_node_names(prefill)) > 0
+    ids, px = prompts(tiny.hf_model.config)[0]
+    assert reduction_share(one_path, ids.numpy(), px.numpy(), 1, 2, threads=1)["selector"] > 0
 
 
 @pytest.mark.parametrize("name,positions,prefill", [
