@@ -30,37 +30,44 @@ log = logging.getLogger(__name__)
 PHASE_INPUT = "prefill"
 
 
-def _content_key(t: onnx.TensorProto, folder: Path) -> tuple:
+def _content_key(t: onnx.TensorProto, folder: Path, spans: dict[tuple, str] | None = None) -> tuple:
     """What makes two initializers the same weight: dtype, shape and a hash of the bytes (read from the external
-    file where the tensor lives in one)."""
-    h = hashlib.sha256()
+    file where the tensor lives in one). `spans`: digests of the external spans already read; two engines that
+    point at the same bytes of a weight store (every weight of a model streamed from a checkpoint) are read once."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
-        loc, offset, length = external_span(t)
-        with open(folder / loc, "rb") as f:
-            f.seek(offset)
-            left = length
-            while left > 0:
-                chunk = f.read(min(left, 1 << 24))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-    else:
-        held = onnx.TensorProto()
-        held.CopyFrom(t)
-        held.name = ""
-        h.update(held.SerializeToString(deterministic=True))
-    return t.data_type, tuple(t.dims), h.hexdigest()
+        span = external_span(t)
+        spans = {} if spans is None else spans
+        if span not in spans:
+            spans[span] = _span_digest(folder, *span)
+        return t.data_type, tuple(t.dims), spans[span]
+    held = onnx.TensorProto()
+    held.CopyFrom(t)
+    held.name = ""
+    return t.data_type, tuple(t.dims), hashlib.sha256(held.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _span_digest(folder: Path, loc: str, offset: int, length: int) -> str:
+    h = hashlib.sha256()
+    with open(folder / loc, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            chunk = f.read(min(left, 1 << 24))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
 def _branch(graph: onnx.GraphProto, prefix: str, shared: dict[tuple, str], outer: list[onnx.TensorProto],
-            folder: Path) -> onnx.GraphProto:
+            folder: Path, spans: dict[tuple, str]) -> onnx.GraphProto:
     """`graph` as an If branch: its initializers moved to `outer` (one per distinct content, named w.N), its
     inputs read from the outer scope by name, every other value renamed under `prefix`."""
     names: dict[str, str] = {i.name: i.name for i in graph.input}
     names[""] = ""
     for t in graph.initializer:
-        key = _content_key(t, folder)
+        key = _content_key(t, folder, spans)
         if key not in shared:
             shared[key] = f"w.{len(shared)}"
             moved = onnx.TensorProto()
@@ -117,8 +124,9 @@ def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folder: Path
         raise ValueError("the engines were exported with different opsets")
     shared: dict[tuple, str] = {}
     outer: list[onnx.TensorProto] = []
-    then_g = _branch(prefill.graph, "prefill/", shared, outer, folder)
-    else_g = _branch(decode.graph, "decode/", shared, outer, folder)
+    spans: dict[tuple, str] = {}
+    then_g = _branch(prefill.graph, "prefill/", shared, outer, folder, spans)
+    else_g = _branch(decode.graph, "decode/", shared, outer, folder, spans)
     inputs: dict[str, onnx.ValueInfoProto] = {}
     for v in [*prefill.graph.input, *decode.graph.input]:
         inputs.setdefault(v.name, _free_dims(v))
