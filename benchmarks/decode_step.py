@@ -3,12 +3,18 @@ profile prompt, in buffers with room for 32 new tokens), each engine's isolated 
 machine's memory bandwidth hits all of them alike. For A/B comparisons of two builds of the decode graph (e.g.
 one written by an older vtrcompile); a step's time is only comparable within one run of this script.
 
+A DECODE that is a one-file engine (ONNX Runtime) is timed as its decode phase. `--no-mem-pattern` also times each
+ONNX Runtime engine in a second session with ONNX Runtime's memory pattern turned off (`enable_mem_pattern`: the
+plan of one arena block for every intermediate tensor, reused by each run of the same shapes; without it each
+intermediate is allocated on its own): what a one-file engine's decode phase, an `If` branch, costs against the
+pair.
+
 `--numpy-feeds` also times each OpenVINO engine fed the way OpenVINO's Python API is fed by default (a dict of
 numpy arrays, which it copies into fresh tensors where the engine takes bfloat16), against the zero-copy tensors
 `OvEngine.bind` makes: what that binding saves per step.
 
 Usage: python benchmarks/decode_step.py PREFILL DECODE_A [DECODE_B ...] [--rounds 12 --reps 12 --numpy-feeds
-       --out F.json]
+       --no-mem-pattern --out F.json]
 """
 
 from __future__ import annotations
@@ -43,6 +49,27 @@ def numpy_feeds_timer(engine, feeds: dict) -> Callable[[], float]:
     return step
 
 
+def open_decode(path: str, threads: int, mem_pattern: bool = True):
+    """A decode engine, or a one-file engine's decode phase; `mem_pattern=False` (ONNX Runtime only): its session
+    made with ONNX Runtime's memory pattern off."""
+    import vtrcompile.lower.onnxruntime as ort_runner
+    from vtrcompile.engine.metadata import is_one_file
+
+    plain = ort_runner._thread_options
+
+    def without_pattern(so, n: int) -> None:
+        plain(so, n)
+        so.enable_mem_pattern = False
+
+    if not mem_pattern:
+        ort_runner._thread_options = without_pattern
+    try:
+        engine = open_engine(path, threads)
+    finally:
+        ort_runner._thread_options = plain
+    return engine.decode_view() if is_one_file(engine.metadata) else engine
+
+
 def profile_step_feeds(prefill, decode) -> tuple[dict, np.ndarray]:
     """The feeds of the first decode step after one prefill of the profile prompt, in cache buffers with room for
     32 new tokens (as `generate --max-new-tokens 33` makes them), and the prompt's ids."""
@@ -60,14 +87,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=12, help="timed steps per engine and round (3 more as warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--numpy-feeds", action="store_true")
+    ap.add_argument("--no-mem-pattern", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     prefill = open_engine(args.prefill, args.threads)
-    decodes = [open_engine(p, args.threads) for p in args.decode]
-    feeds, ids = profile_step_feeds(prefill, decodes[0])
+    decodes = [(p, open_decode(p, args.threads)) for p in args.decode]
+    if args.no_mem_pattern:
+        decodes += [(f"{p} (no memory pattern)", open_decode(p, args.threads, mem_pattern=False))
+                    for p, d in list(decodes) if d.backend == "onnxruntime"]
+    feeds, ids = profile_step_feeds(prefill, decodes[0][1])
     timers, labels = [], []
-    for p, d in zip(args.decode, decodes, strict=True):
+    for p, d in decodes:
         d.bind(feeds)
         timers.append(d.time_ms)
         labels.append(p)
@@ -79,11 +110,11 @@ def main() -> None:
         for t, r in zip(timers, rounds, strict=True):
             r.append(float(np.median([t() for _ in range(args.reps + 3)][3:])))
     res = {"prefill": args.prefill, "prompt_tokens": int(ids.shape[1]),
-           "environment": environment(args.threads, decodes[0]),
+           "environment": environment(args.threads, decodes[0][1]),
            "engines": [{"decode": p, "round_p50_ms": r, "median_ms": float(np.median(r))}
                        for p, r in zip(labels, rounds, strict=True)]}
     for e in res["engines"]:
-        print(f"{e['decode']}: {e['median_ms']:.2f} ms (rounds {' '.join(f'{x:.1f}' for x in e['round_p50_ms'])})")
+        print(f"{e['decode']}: {e['median_ms']:.3f} ms (rounds {' '.join(f'{x:.3f}' for x in e['round_p50_ms'])})")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
 

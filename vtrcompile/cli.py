@@ -239,9 +239,12 @@ def _generation_opts(f):
                    "Default: the model's own (a Hugging Face checkpoint's config dtype; never upcast silently).")
 @click.option("--weights", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="OpenVINO (.xml) only: int8 = NNCF weight-only compression of the linear layers.")
-@click.option("--one-file", is_flag=True,
-              help="ONNX Runtime (.onnx) only: one file holds the prefill and the decode engine, and each weight "
-                   "once, so a generating process holds the LLM's weights once instead of twice.")
+@click.option("--one-file/--two-files", "one_file", default=None,
+              help="ONNX Runtime (.onnx): one file holds the prefill and the decode engine, and each weight once, "
+                   "so a generating process holds the LLM's weights once instead of twice (the default for .onnx "
+                   "when the model can decode). --two-files writes the prefill engine alone, paired with the "
+                   "decode engine beside it: two copies of the weights, and a decode step without the cost of "
+                   "running a subgraph (measurable only on tiny models). Other backends always write two files.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
 @click.option("--baseline-out", type=click.Path(path_type=Path), default=None,
               help="Where --profile / --triton-repo write the unmodified engine (default: <out>.baseline.<ext>).")
@@ -270,14 +273,14 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     from .memory import check_fits, eager_estimate, optimize_estimate
     from .methods.options import check_options, prepare_options
     from .models.loading import load_model
-    from .optimize import DTYPES, Target, backend_for, check_target
+    from .optimize import DTYPES, Target, backend_for, check_target, default_one_file
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
     given = {k: v for k, v in {**method_options, "then": then}.items() if v is not None}
     check_options(method, given, calibration)  # a bad method or option fails before loading anything
     target = Target(backend_for(out, backend), device, dtype or "float32", min_prompt, max_prompt, workspace, weights,
-                    one_file)
+                    bool(one_file))
     if triton_repo is not None and target.backend != "tensorrt":
         raise VtrError("--triton-repo needs a TensorRT engine: write --out engine.plan")
     if min_prompt is not None and max_prompt is not None and min_prompt > max_prompt:
@@ -297,6 +300,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
             raise VtrError(f"the model's weights are {own}, which vtrcompile does not export; give --dtype")
         target = dataclasses.replace(target, dtype=own)
         check_target(target)
+    if one_file is None:  # the default: one file where ONNX Runtime decodes, two files everywhere else
+        target = dataclasses.replace(target, one_file=default_one_file(target, src))
     check_fits("optimize", optimize_estimate(src, target.backend, DTYPES[target.dtype], do_profile,
                                                 target.weights))
     if given.get("keep") == "auto" and src.weights is not None:  # PruMerge's rule runs the vision tower eagerly
@@ -304,7 +309,7 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     given = prepare_options(src, method, given, calibration)
     res = run_optimize(src, method, given, out, target=target)
     click.echo(f"wrote {', '.join(str(p) for p in res.files)}", err=True)
-    if one_file:
+    if target.one_file:
         click.echo(f"decode engine: in {out} (one file)", err=True)
     elif res.metadata.get("decode"):
         click.echo(f"decode engine: {out.parent / res.metadata['decode']['file']}", err=True)

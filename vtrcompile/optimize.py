@@ -189,6 +189,12 @@ def backend_for(out: Path, backend: str | None) -> str:
                    "(TensorRT) or .pt2 (AOTInductor), or pass --backend")
 
 
+def default_one_file(t: Target, source: ModelSource) -> bool:
+    """`optimize`'s layout when neither --one-file nor --two-files is given: one file for ONNX Runtime when the
+    model can decode (an eager model; an exported program gets a prefill engine alone), two files elsewhere."""
+    return t.backend == "onnxruntime" and source.hf_model is not None
+
+
 def check_target(t: Target) -> None:
     """Fail at once, before any build work, when the target cannot be produced on this machine."""
     if t.dtype not in DTYPES:

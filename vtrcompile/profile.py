@@ -341,6 +341,6 @@ def memory_table(mem: dict) -> list[str]:
              "from there (everything the process holds: weights, runtime workspace, cache buffers)"]
     if "decode_opened_mib" in mb:
         lines.append("decode engine opened: what the process grew by when it opened the decode engine, before any step; "
-                     "a separate decode engine holds its own copy of the LLM's weights (the decode phase of an "
-                     "--one-file engine shares the prefill's)")
+                     "a separate decode engine holds its own copy of the LLM's weights (the decode phase of a "
+                     "one-file engine shares the prefill's)")
     return lines

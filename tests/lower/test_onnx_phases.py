@@ -109,6 +109,49 @@ def test_cli_refuses_one_file_for_another_backend(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_cli_writes_one_file_by_default_and_two_files_when_asked(tmp_path):
+    """`optimize --out x.onnx` writes one file (its metadata names itself as the decode engine, and its graph takes
+    the phase flag); --two-files writes the prefill engine alone, paired with the decode engine beside it."""
+    import json
+
+    from tests.test_cli import _run
+    from vtrcompile.lower.onnx import read_metadata
+
+    for flags, one in (([], True), (["--two-files"], False), (["--one-file"], True)):
+        out = tmp_path / f"x{len(flags)}{one}.onnx"
+        res = _run("optimize", "tiny", "--method", "fastv", "--keep", "8", "--out", str(out), *flags)
+        assert res.exit_code == 0, res.output
+        meta = read_metadata(out)
+        takes_flag = PHASE_INPUT in {i.name for i in onnx.load(str(out), load_external_data=False).graph.input}
+        assert (meta["decode"]["file"] == out.name) == one == takes_flag, (flags, json.dumps(meta["decode"])[:200])
+        assert ("metadata" in meta["decode"]) == one and (tmp_path / meta["decode"]["file"]).is_file()
+        said = f"decode engine: in {out} (one file)" if one else f"decode engine: {tmp_path / meta['decode']['file']}"
+        assert said in res.output
+
+
+def test_an_exported_program_gets_a_prefill_engine_alone_by_default(tiny, tmp_path):
+    """A model given as an exported program cannot decode: without a flag `optimize` writes the prefill engine
+    alone (as before one file was the default); --one-file asked for explicitly is refused in one line."""
+    import torch
+
+    from tests.test_cli import _assert_clean_error, _run
+    from vtrcompile.capture import capture
+    from vtrcompile.lower.onnx import read_metadata
+
+    program = tmp_path / "m.pt2"
+    torch.export.save(capture(tiny), program)
+    out = tmp_path / "out" / "x.onnx"
+    out.parent.mkdir()
+    res = _run("optimize", str(program), "--method", "fastv", "--keep", "8", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert read_metadata(out)["decode"] is None and [p.name for p in out.parent.iterdir()] == ["x.onnx"]
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    _assert_clean_error(_run("optimize", str(program), "--method", "fastv", "--keep", "8", "--one-file", "--out",
+                             str(refused / "y.onnx")), refused, "--one-file", "exported program")
+    assert not any(refused.iterdir())
+
+
 @pytest.mark.parametrize("damage", ["not a dict", "prefill role", "no io", "flag input renamed"])
 def test_a_damaged_one_file_engine_is_one_line(one_file, tmp_path, damage):
     import json
