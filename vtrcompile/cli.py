@@ -303,7 +303,7 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     if one_file is None:  # the default: one file where ONNX Runtime decodes, two files everywhere else
         target = dataclasses.replace(target, one_file=default_one_file(target, src))
     check_fits("optimize", optimize_estimate(src, target.backend, DTYPES[target.dtype], do_profile,
-                                                target.weights))
+                                                target.weights, target.one_file))
     if given.get("keep") == "auto" and src.weights is not None:  # PruMerge's rule runs the vision tower eagerly
         check_fits("--keep auto", eager_estimate(src, DTYPES[target.dtype]))
     given = prepare_options(src, method, given, calibration)

@@ -54,10 +54,10 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
     return total
 
 
-def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, weights: str = "none"
-                      ) -> tuple[float, str, list[str]]:
+def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, weights: str = "none",
+                      one_file: bool = False) -> tuple[float, str, list[str]]:
     """(bytes, what they are, what would need less) for `optimize` of `source` to `backend` (`weights`: OpenVINO's
-    weight compression, "none" or "int8")."""
+    weight compression, "none" or "int8"; `one_file`: ONNX Runtime engines that hold each weight once)."""
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
@@ -85,8 +85,9 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")
     if profile:  # the two prefill engines and their decode engines, each holding its own copy of the weights
-        need += 4 * w
-        what += ", plus the prefill and decode engines --profile runs"
+        need += (2 if one_file else 4) * w  # a one-file engine's decode phase shares its prefill's weights
+        what += ", plus the two one-file engines --profile runs" if one_file else \
+            ", plus the prefill and decode engines --profile runs"
         advice.insert(0, "drop --profile (profile the engines on a larger machine)")
     if dtype == torch.float32:
         advice.append("--dtype bfloat16 halves the weights")

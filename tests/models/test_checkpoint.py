@@ -229,6 +229,20 @@ def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
         RUNTIME + 1.5 * weight_bytes(eager, torch.float32))
 
 
+def test_profile_estimate_counts_the_engines_that_hold_weights():
+    """--profile opens the reduced and the unmodified engine: with their decode engines four copies of the weights,
+    as one-file engines two (each decode phase shares its prefill's session)."""
+    from vtrcompile.memory import optimize_estimate, weight_bytes
+
+    src = load_model("tiny")
+    w = weight_bytes(src, torch.float32)
+    alone = optimize_estimate(src, "onnxruntime", torch.float32, False)[0]
+    pair = optimize_estimate(src, "onnxruntime", torch.float32, True)
+    one = optimize_estimate(src, "onnxruntime", torch.float32, True, one_file=True)
+    assert pair[0] == pytest.approx(alone + 4 * w) and one[0] == pytest.approx(alone + 2 * w)
+    assert "one-file" in one[1] and "one-file" not in pair[1]
+
+
 def test_aoti_estimate_counts_the_packed_weight_copies(checkpoint):
     """AOTInductor compiles from the weights in memory and packs a copy of each linear layer's: more than the
     generic in-memory estimate, whether the model streams or not."""
