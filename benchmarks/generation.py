@@ -11,12 +11,14 @@ Usage: python benchmarks/generation.py --model llava15-geometry --new-tokens 32 
        python benchmarks/generation.py --model llava15-geometry --ext .xml --dtype bfloat16
        python benchmarks/generation.py --model llava15-geometry --batch 4 --methods prumerge,fastv
        python benchmarks/generation.py --kv-7b
-       (--build-only builds the engines and times nothing; --reuse keeps engines of this format already built)
+       (--build-only builds the engines and times nothing; --reuse keeps engines of this format already built;
+       .onnx engines are one-file engines, as `optimize` writes them; --two-files builds prefill/decode pairs)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +27,7 @@ from pathlib import Path
 from vtrcompile.engine.io import FORMAT_VERSION
 from vtrcompile.engine.runners import read_engine_metadata
 from vtrcompile.models.loading import load_model
-from vtrcompile.optimize import Target, backend_for, optimize
+from vtrcompile.optimize import Target, backend_for, default_one_file, optimize
 from vtrcompile.profile import compare
 
 METHODS = [
@@ -53,9 +55,11 @@ def engine(src, method: str, opts: dict, path: Path, target: Target, reuse: bool
 
 def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv_budget_gb: float,
         ext: str = ".onnx", dtype: str = "float32", batch: int = 1, methods: list[str] | None = None,
-        reuse: bool = False, build_only: bool = False) -> dict:
+        reuse: bool = False, build_only: bool = False, two_files: bool = False) -> dict:
     src = load_model(model, batch=batch)
     target = Target(backend=backend_for(Path("e" + ext), None), dtype=dtype)
+    if not two_files:  # what `optimize` writes by default
+        target = dataclasses.replace(target, one_file=default_one_file(target, src))
     base = engine(src, "none", {}, build_dir / f"baseline{ext}", target, reuse)
     rows = []
     for method, opts in [m for m in METHODS if methods is None or m[0] in methods]:
@@ -71,7 +75,7 @@ def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv
         logging.info("%s: TTFT %.2fx, TPOT %.2fx, e2e %.2fx, KV %.3f", rep["label"], rep["speedup_p50"],
                      g["decode_speedup_p50"], g["end_to_end_speedup_p50"], g["kv_ratio"])
     return {"model": model, "new_tokens": new_tokens, "backend": target.backend, "dtype": dtype, "batch": batch,
-            "runs": rows}
+            "one_file": target.one_file, "runs": rows}
 
 
 def kv_7b(new_tokens: int, budget_gb: float) -> dict:
@@ -133,6 +137,7 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(m for m, _ in METHODS))
     ap.add_argument("--reuse", action="store_true", help="keep engines already built (this engine format, same method)")
     ap.add_argument("--build-only", action="store_true", help="build (or --reuse) the engines, time nothing")
+    ap.add_argument("--two-files", action="store_true", help=".onnx: prefill/decode pairs instead of one-file engines")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -143,9 +148,11 @@ def main() -> None:
     else:
         tag = "" if (args.ext, args.dtype) == (".onnx", "float32") else f"-{args.ext[1:]}-{args.dtype}"
         tag += f"-b{args.batch}" if args.batch > 1 else ""
+        tag += "-two-files" if args.two_files and args.ext == ".onnx" else ""
         out = run(args.model, args.new_tokens, args.reps, args.warmup,
                   Path(args.build_dir) / (Path(args.model).name + tag), args.kv_budget_gb, args.ext, args.dtype,
-                  args.batch, args.methods.split(",") if args.methods else None, args.reuse, args.build_only)
+                  args.batch, args.methods.split(",") if args.methods else None, args.reuse, args.build_only,
+                  args.two_files)
         if args.build_only:
             return
         path = Path(args.out or f"benchmarks/results/generation-{Path(args.model).name}{tag}.json")
