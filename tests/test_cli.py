@@ -112,6 +112,29 @@ def test_bad_optimize_arguments(tmp_path, args, words):
     _assert_clean_error(res, tmp_path, *words)
 
 
+def test_a_program_that_is_not_a_vision_language_model_is_named(tmp_path):
+    """A torch.export program that loads but whose graph the analysis cannot read (here a text-only LLM; fuzzing
+    found one in a bit-flipped program file): `inspect` and `optimize` name the file, then the structure missing."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class TextOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+
+        def forward(self, input_ids, pixel_values):
+            return self.lm(input_ids=input_ids, use_cache=False).logits[:, -1]
+
+    program = tmp_path / "text-only.pt2"
+    ids = torch.randint(0, 100, (1, 12))
+    torch.export.save(torch.export.export(TextOnly().eval(), (ids, torch.zeros(1, 3, 4, 4))), program)
+    for cmd in (["inspect", str(program)],
+                ["optimize", str(program), "--method", "fastv", "--out", str(tmp_path / "x.onnx")]):
+        _assert_clean_error(_run(*cmd), tmp_path, f"error: {program}: ", "visual tokens enter the LLM")
+
+
 def test_corrupt_and_wrong_format_files(tmp_path):
     bad_pt2 = tmp_path / "broken.pt2"
     bad_pt2.write_bytes(b"PK\x03\x04 this is not a zip")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +14,7 @@ from torch import fx
 
 from .capture import capture, editable_module, prompt_dims
 from .engine.host_inputs import graph_inputs
-from .errors import VtrError
+from .errors import AnalysisError, VtrError
 from .methods.registry import label, resolve
 from .models.loading import ModelSource
 from .passes.analysis import analyze
@@ -115,7 +117,24 @@ def image_layout(source: ModelSource, n_image: int) -> ImageLayout | None:
     return ImageLayout(tuple(facts["protected"]), tuple(facts["segments"]), facts["why"])
 
 
+@contextlib.contextmanager
+def naming_the_model(source: ModelSource) -> Iterator[None]:
+    """A structure the analysis or a pass cannot find in the graph of `source` names that model first: the same
+    message holds for every model, and a damaged program file can load and still not be a vision-language model's
+    graph (fuzzing found one)."""
+    try:
+        yield
+    except AnalysisError as e:
+        raise AnalysisError(f"{source.label}: {e}") from None
+
+
 def build(source: ModelSource, method: str, options: dict[str, Any], max_prompt: int | None = None) -> Build:
+    """Capture `source`, insert the method's reduction, re-export (the program every lowering starts from)."""
+    with naming_the_model(source):
+        return _build(source, method, options, max_prompt)
+
+
+def _build(source: ModelSource, method: str, options: dict[str, Any], max_prompt: int | None) -> Build:
     t0 = time.perf_counter()
     ep = capture(source, max_prompt)
     t1 = time.perf_counter()

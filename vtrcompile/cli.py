@@ -149,7 +149,7 @@ def _tiles_opt(f):
 @_tiles_opt
 def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tiles: int, image_size) -> None:
     """Show what the analysis passes find in MODEL."""
-    from .build import prompt_range
+    from .build import naming_the_model, prompt_range
     from .capture import capture, editable_module
     from .inspect_report import facts_report, format_facts
     from .models.loading import load_model
@@ -162,8 +162,9 @@ def inspect(model: str, allow_pickle: bool, max_prompt: int, as_json: bool, tile
     ep = capture(src, max_prompt)
     gm, normalized = editable_module(ep), editable_module(ep)
     strip_runtime_asserts(gm)
-    run_pipeline(normalized, normalizing_passes())
-    report = facts_report(gm, analyze(gm), prompt_range(ep), analyze(normalized))
+    with naming_the_model(src):
+        run_pipeline(normalized, normalizing_passes())
+        report = facts_report(gm, analyze(gm), prompt_range(ep), analyze(normalized))
     click.echo(json.dumps(report, indent=2) if as_json else format_facts(report))
 
 
