@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .engine.host_inputs import prefill_feeds
+from .engine.metadata import is_one_file
 from .engine.protocol import check_prompt_range
 from .engine.runners import open_prefill
 from .errors import VtrError
@@ -183,6 +184,12 @@ def generation_profile(red: Any, base: Any, ids: np.ndarray, pixels: np.ndarray,
     return res
 
 
+def layout(meta: dict) -> str:
+    """How an engine's phases are stored: "one file" (an ONNX Runtime one-file engine), "two files" (a prefill engine
+    and its decode engine), or "prefill only" (no decode engine)."""
+    return "one file" if is_one_file(meta) else "two files" if meta.get("decode") else "prefill only"
+
+
 def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int = 20,
             threads: int | None = None, prefix: int = DEFAULT_PREFIX, suffix: int = DEFAULT_SUFFIX,
             selector_reps: int = 5, new_tokens: int = 0, kv_budget_gb: float | None = None,
@@ -206,6 +213,9 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
                        "compare engines built with the same --batch")
     if red.metadata["model_id"] != base.metadata["model_id"]:
         log.warning("engines come from different models: %s vs %s", red.metadata["model"], base.metadata["model"])
+    if layout(red.metadata) != layout(base.metadata):  # the one file's If costs a small model a few percent
+        log.warning("%s is %s and %s %s: the ratios include the layouts' difference (optimize --one-file / "
+                    "--two-files builds both alike)", engine, layout(red.metadata), baseline, layout(base.metadata))
     for meta, path in ((red.metadata, engine), (base.metadata, baseline)):
         try:
             check_prompt_range(meta, prefix + meta["n_image"] + suffix, new_tokens)
@@ -232,7 +242,7 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
     for name, eng, lat in (("reduced", red, lr), ("baseline", base, lb)):
         m = eng.metadata
         out["engines"][name] = {
-            "path": str(eng.path), "method": m["method"], "options": m["options"],
+            "path": str(eng.path), "method": m["method"], "options": m["options"], "layout": layout(m),
             "latency": asdict(lat), "llm_tokens_per_layer": llm_tokens(m, s),
             "image_tokens_in": m["n_image"], "flops": flops_at(m, s),
         }

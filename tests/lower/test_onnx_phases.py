@@ -81,6 +81,25 @@ def test_one_file_equals_the_pair(tiny, one_file):
     assert float(np.abs(one(input_ids=ids, pixel_values=px) - pair(input_ids=ids, pixel_values=px)).max()) <= 1e-5
 
 
+def test_profile_names_each_layout_and_warns_when_they_differ(one_file, caplog):
+    """`profile` of a one-file engine against a pair: the ratios then include what the If costs, so the report
+    names each engine's layout and the log says they differ; two engines of one layout raise no such warning."""
+    import logging
+
+    from vtrcompile.profile import compare
+
+    one_path, prefill_path, _ = one_file["fastv-k2-18"]
+    with caplog.at_level(logging.WARNING, logger="vtrcompile.profile"):
+        mixed = compare(one_path, prefill_path, warmup=0, reps=2, threads=1, selector_reps=1)
+    assert [mixed["engines"][k]["layout"] for k in ("reduced", "baseline")] == ["one file", "two files"]
+    assert any("the ratios include the layouts' difference" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vtrcompile.profile"):
+        same = compare(one_path, one_path, warmup=0, reps=2, threads=1, selector_reps=1)
+    assert same["engines"]["baseline"]["layout"] == "one file"
+    assert not any("layouts' difference" in r.getMessage() for r in caplog.records)
+
+
 def test_merge_refuses_engines_whose_outputs_differ(one_file):
     _, prefill_path, decode_path = one_file["fastv-k2-18"]
     prefill = onnx.load(str(prefill_path), load_external_data=False)
