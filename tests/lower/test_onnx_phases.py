@@ -100,6 +100,28 @@ def test_profile_names_each_layout_and_warns_when_they_differ(one_file, caplog):
     assert not any("layouts' difference" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("preset", ["qwen2vl-tiny", pytest.param("qwen3vl-tiny", marks=pytest.mark.slow),
+                                    pytest.param("internvl-tiny", marks=pytest.mark.slow),
+                                    pytest.param("llavanext-tiny", marks=pytest.mark.slow)])
+def test_one_file_engines_of_every_family_generate_as_the_pair(preset, tmp_path):
+    """`optimize` writes one file for every family now: a FastV one-file engine generates what the pair it was
+    joined from generates (the pair is checked against the spec's reference in each family's tests), with the
+    family's host inputs (Qwen: mRoPE positions computed from input_ids) fed to the right phase."""
+    from tests.conftest import REFERENCE_ATOL
+    from vtrcompile.build import build
+    from vtrcompile.models.loading import load_model
+
+    src = load_model(preset)
+    b = build(src, "fastv", {})
+    pair = write_engine(b, src, tmp_path / "pair.onnx").files[-1]
+    one = write_engine(b, src, tmp_path / "one.onnx", Target(one_file=True)).files[-1]
+    ids, px = (t.numpy() for t in src.example_inputs[:2])
+    a, c = (load_engine(p, threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=6, eos_token_id=[])
+            for p in (pair, one))
+    assert c.tokens.tolist() == a.tokens.tolist() and c.cache_lengths == a.cache_lengths
+    assert float(np.abs(c.logits - a.logits).max()) <= REFERENCE_ATOL
+
+
 def test_merge_refuses_engines_whose_outputs_differ(one_file):
     _, prefill_path, decode_path = one_file["fastv-k2-18"]
     prefill = onnx.load(str(prefill_path), load_external_data=False)
