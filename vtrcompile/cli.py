@@ -81,6 +81,9 @@ class _Cli(click.Group):
 
 
 def _interrupted(signum: int) -> None:
+    from .lower.atomic import remove_scratch
+
+    remove_scratch()
     click.echo(f"error: interrupted by {signal.Signals(signum).name}; temporary files were removed and no "
                "partial output was left (a search resumes from its last saved evaluation)", err=True)
     sys.exit(128 + signum)
