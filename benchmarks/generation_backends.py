@@ -21,7 +21,7 @@ import numpy as np
 
 from vtrcompile import load_engine
 from vtrcompile.engine.host_inputs import prefill_feeds
-from vtrcompile.profile import environment, profile_prompt
+from vtrcompile.profile import environment, layout, profile_prompt
 
 
 def timers(engine, new_tokens: int):
@@ -63,7 +63,7 @@ def main() -> None:
     for path, e, pr, tot, (_p, _g, n) in zip(args.engines, engines, prefill, total, fns, strict=True):
         ttft, e2e = float(np.median(pr)), float(np.median(tot))
         rows.append({"engine": path, "backend": e.prefill.backend, "dtype": e.metadata["dtype"], "method": e.metadata["method"],
-                     "layout": "one file" if e.metadata["decode"]["file"] == Path(path).name else "two files",
+                     "layout": layout(e.metadata),
                      "prompt_tokens": n, "ttft_p50_ms": ttft, "end_to_end_p50_ms": e2e,
                      "tpot_derived_ms": (e2e - ttft) / max(args.new_tokens - 1, 1),
                      "ttft_ms": pr, "end_to_end_ms": tot})
