@@ -93,6 +93,11 @@ def test_optimize_interrupted(tmp_path, point, sig, no_decode_cache):
         assert not list(out.iterdir())
     if point == "decode":
         assert not (out / "x.onnx").exists()  # the prefill is written last
+    if (out / "x.onnx").exists():  # the one file is written in one step: never the prefill engine alone
+        from vtrcompile.engine.metadata import is_one_file
+        from vtrcompile.engine.runners import read_engine_metadata
+
+        assert is_one_file(read_engine_metadata(out / "x.onnx"))
 
 
 def test_search_interrupted_resumes(tmp_path, calibration_dir):

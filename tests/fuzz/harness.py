@@ -311,8 +311,8 @@ def build_corpus(root: Path, prefill: Path | None = None) -> Corpus:
     # the same engines as one file (optimize --one-file)
     from vtrcompile.lower.onnx_phases import write_one_file
 
-    shutil.copy(engines / "prefill.onnx", engines / "one.onnx")
-    write_one_file(engines / "one.onnx", engines / meta["decode"]["file"])
+    write_one_file(engines / "one.onnx", engines / meta["decode"]["file"],
+                   lambda path: shutil.copy(engines / "prefill.onnx", path))
     # an engine whose weights live in external data (normally only above 1.5 GB)
     from vtrcompile.build import build
 

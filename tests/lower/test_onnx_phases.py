@@ -39,13 +39,13 @@ def test_one_file_holds_each_weight_once(tiny, one_file):
     onnx.checker.check_model(one, full_check=True)  # every name a branch reads is defined in scope
     assert [n.op_type for n in one.graph.node] == ["If"]
     assert one.graph.input[0].name == PHASE_INPUT
-    keys = [_content_key(t, one_path.parent) for t in one.graph.initializer]
+    keys = [_content_key(t, [one_path.parent]) for t in one.graph.initializer]
     assert len(keys) == len(set(keys))
     prefill, decode = onnx.load(str(prefill_path)), onnx.load(str(decode_path))
-    union = {_content_key(t, prefill_path.parent): t for t in [*prefill.graph.initializer, *decode.graph.initializer]}
+    union = {_content_key(t, [prefill_path.parent]): t for t in [*prefill.graph.initializer, *decode.graph.initializer]}
     assert set(keys) == set(union)
-    shared = {_content_key(t, decode_path.parent) for t in decode.graph.initializer} & \
-        {_content_key(t, prefill_path.parent) for t in prefill.graph.initializer}
+    shared = {_content_key(t, [decode_path.parent]) for t in decode.graph.initializer} & \
+        {_content_key(t, [prefill_path.parent]) for t in prefill.graph.initializer}
     shared_bytes = sum(initializer_bytes(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [union[k]])))
                        for k in shared)
     assert initializer_bytes(one) == initializer_bytes(prefill) + initializer_bytes(decode) - shared_bytes
@@ -122,13 +122,51 @@ def test_one_file_engines_of_every_family_generate_as_the_pair(preset, tmp_path)
     assert float(np.abs(c.logits - a.logits).max()) <= REFERENCE_ATOL
 
 
+def test_one_file_with_its_own_external_data(tiny, tiny_build, one_file, tmp_path, monkeypatch):
+    """A prefill engine whose weights go to external data (above 1.5 GB; here every size) is joined inside the
+    temporary folder: its data file lands beside the one file under the one file's name, nothing else is left,
+    and the engine generates what the one file with inline weights does."""
+    from vtrcompile.lower import onnx as onnx_lower
+    from vtrcompile.lower.onnx import external_data_problem
+
+    monkeypatch.setattr(onnx_lower, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "x.onnx"
+    res = write_engine(tiny_build("fastv", layer=2, keep=18), tiny, out, Target(one_file=True))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [p.name for p in res.files] == ["x.onnx.data", "x.onnx"] and "x.onnx.data" in names, names
+    assert not [n for n in names if n.startswith(".")], names
+    model = onnx.load(str(out), load_external_data=False)
+    assert external_data_problem(model, tmp_path) is None
+    ids, px = prompts(tiny.hf_model.config)[1]
+    a, b = (load_engine(p, threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=4, eos_token_id=[])
+            for p in (out, one_file["fastv-k2-18"][0]))
+    assert a.tokens.tolist() == b.tokens.tolist() and float(np.abs(a.logits - b.logits).max()) <= 1e-5
+
+
+def test_a_failed_join_leaves_no_engine_at_the_output(tiny, tiny_build, tmp_path, monkeypatch):
+    """The one file is written in one step: when the join fails, no prefill engine is left at the output path
+    (before, the prefill engine was written there first), nor any temporary file; the decode engine, complete and
+    written before, stays for the next build."""
+    from vtrcompile.lower import onnx_phases
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("join failed")
+
+    monkeypatch.setattr(onnx_phases, "merge_phases", fail)
+    with pytest.raises(RuntimeError, match="join failed"):
+        write_engine(tiny_build("fastv", layer=2, keep=18), tiny, tmp_path / "x.onnx", Target(one_file=True))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "x.onnx" not in names and not [n for n in names if n.startswith(".")], names
+    assert [n for n in names if n.startswith("decode-")], names
+
+
 def test_merge_refuses_engines_whose_outputs_differ(one_file):
     _, prefill_path, decode_path = one_file["fastv-k2-18"]
     prefill = onnx.load(str(prefill_path), load_external_data=False)
     decode = onnx.load(str(decode_path), load_external_data=False)
     del decode.graph.output[-1]
     with pytest.raises(ValueError, match="outputs differ"):
-        merge_phases(prefill, decode, prefill_path.parent, "x.onnx")
+        merge_phases(prefill, decode, [prefill_path.parent], "x.onnx")
 
 
 def test_one_file_needs_onnxruntime_and_a_decode_engine(tiny, tiny_build, tmp_path):

@@ -27,13 +27,15 @@ def param_bytes(ep: torch.export.ExportedProgram) -> int:
     return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
 
 
-def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any], weights=None
-                ) -> list[Path]:
+def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any], weights=None,
+                store_folder: Path | None = None) -> list[Path]:
     """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written.
 
     `weights` (models/checkpoint.CheckpointWeights): the program's parameters are empty stand-ins; each weight
     is streamed from the checkpoint into the model's shared weight store beside `out` (lower/weight_store.py)
-    before the graph is optimised, so constant folding never holds a weight in memory."""
+    before the graph is optimised, so constant folding never holds a weight in memory. `store_folder`: where that
+    store is, when the engine is written somewhere else first (a one-file engine's prefill, joined in a temporary
+    folder); the engine must end up beside it."""
     t0 = time.perf_counter()
     io = metadata.get("io")  # absent only for a bare program (input_ids, pixel_values) -> logits
     stream = weights is not None and any(weights.name_of(t) for t in ep.state_dict.values())
@@ -48,7 +50,8 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     if stream:
         from .weight_store import WeightStore, attach_streamed_weights, check_no_empty_weights
 
-        store = WeightStore(Path(out).parent, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))
+        store = WeightStore(store_folder or Path(out).parent, metadata.get("model_id", "model"),
+                            metadata.get("dtype", "float32"))
         try:
             n = attach_streamed_weights(program.model, weights, store)
         except BaseException:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +33,16 @@ log = logging.getLogger(__name__)
 PHASE_INPUT = "prefill"
 
 
-def _content_key(t: onnx.TensorProto, folder: Path, spans: dict[tuple, str] | None = None) -> tuple:
+def _content_key(t: onnx.TensorProto, folders: Sequence[Path], spans: dict[tuple, str] | None = None) -> tuple:
     """What makes two initializers the same weight: dtype, shape and a hash of the bytes (read from the external
-    file where the tensor lives in one). `spans`: digests of the external spans already read; two engines that
-    point at the same bytes of a weight store (every weight of a model streamed from a checkpoint) are read once."""
+    file where the tensor lives in one, found in the first of `folders` that has it). `spans`: digests of the
+    external spans already read; two engines that point at the same bytes of a weight store (every weight of a
+    model streamed from a checkpoint) are read once."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         span = external_span(t)
         spans = {} if spans is None else spans
         if span not in spans:
-            spans[span] = _span_digest(folder, *span)
+            spans[span] = _span_digest(folders, *span)
         return t.data_type, tuple(t.dims), spans[span]
     held = onnx.TensorProto()
     held.CopyFrom(t)
@@ -46,9 +50,10 @@ def _content_key(t: onnx.TensorProto, folder: Path, spans: dict[tuple, str] | No
     return t.data_type, tuple(t.dims), hashlib.sha256(held.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _span_digest(folder: Path, loc: str, offset: int, length: int) -> str:
+def _span_digest(folders: Sequence[Path], loc: str, offset: int, length: int) -> str:
     h = hashlib.sha256()
-    with open(folder / loc, "rb") as f:
+    path = next((f / loc for f in folders if (f / loc).is_file()), folders[-1] / loc)
+    with open(path, "rb") as f:
         f.seek(offset)
         left = length
         while left > 0:
@@ -61,13 +66,13 @@ def _span_digest(folder: Path, loc: str, offset: int, length: int) -> str:
 
 
 def _branch(graph: onnx.GraphProto, prefix: str, shared: dict[tuple, str], outer: list[onnx.TensorProto],
-            folder: Path, spans: dict[tuple, str]) -> onnx.GraphProto:
+            folders: Sequence[Path], spans: dict[tuple, str]) -> onnx.GraphProto:
     """`graph` as an If branch: its initializers moved to `outer` (one per distinct content, named w.N), its
     inputs read from the outer scope by name, every other value renamed under `prefix`."""
     names: dict[str, str] = {i.name: i.name for i in graph.input}
     names[""] = ""
     for t in graph.initializer:
-        key = _content_key(t, folder, spans)
+        key = _content_key(t, folders, spans)
         if key not in shared:
             shared[key] = f"w.{len(shared)}"
             moved = onnx.TensorProto()
@@ -113,10 +118,11 @@ def _free_dims(v: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     return w
 
 
-def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folder: Path, file_name: str
+def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folders: Sequence[Path], file_name: str
                  ) -> onnx.ModelProto:
-    """One model: If(prefill) -> the prefill graph, else the decode graph; shared weights stored once. `folder`
-    holds both models' external data (if any); `file_name` is what the one-file engine will be called."""
+    """One model: If(prefill) -> the prefill graph, else the decode graph; shared weights stored once. `folders`
+    hold the models' external data (if any; a file is read from the first that has it); `file_name` is what the
+    one-file engine will be called."""
     p_out, d_out = [o.name for o in prefill.graph.output], [o.name for o in decode.graph.output]
     if p_out != d_out:
         raise ValueError(f"the engines' outputs differ: {p_out[:4]}... against {d_out[:4]}...")
@@ -125,8 +131,8 @@ def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folder: Path
     shared: dict[tuple, str] = {}
     outer: list[onnx.TensorProto] = []
     spans: dict[tuple, str] = {}
-    then_g = _branch(prefill.graph, "prefill/", shared, outer, folder, spans)
-    else_g = _branch(decode.graph, "decode/", shared, outer, folder, spans)
+    then_g = _branch(prefill.graph, "prefill/", shared, outer, folders, spans)
+    else_g = _branch(decode.graph, "decode/", shared, outer, folders, spans)
     inputs: dict[str, onnx.ValueInfoProto] = {}
     for v in [*prefill.graph.input, *decode.graph.input]:
         inputs.setdefault(v.name, _free_dims(v))
@@ -143,12 +149,28 @@ def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folder: Path
     return model
 
 
-def write_one_file(prefill_path: Path, decode_path: Path) -> dict[str, Any]:
-    """Replace the prefill engine at `prefill_path` by the one-file engine of it and its decode engine (written
-    atomically; external data files the engines point at stay where they are); returns its metadata."""
-    folder = prefill_path.parent
-    prefill = onnx.load(str(prefill_path), load_external_data=False)
-    decode = onnx.load(str(decode_path), load_external_data=False)
-    model = merge_phases(prefill, decode, folder, prefill_path.name)
-    write_atomically(prefill_path, lambda tmp: onnx.save(model, str(tmp)))
-    return metadata_of(model)
+def write_one_file(out: Path, decode_path: Path, write_prefill: Callable[[Path], Any]
+                   ) -> tuple[list[Path], dict[str, Any]]:
+    """Write the one-file engine `out` of a prefill engine and the decode engine at `decode_path`, in one atomic
+    step: write_prefill(path) writes the prefill engine inside the temporary folder, where it is joined with the
+    decode engine; only the joined file (and the prefill's own external data, if it has any) is renamed into
+    place, so an interrupted build leaves no engine at `out` rather than a prefill engine alone. External data the
+    engines point at beside `out` (the model's weight store, the decode engine's) stays where it is. Returns the
+    files written and the engine's metadata."""
+    joined: list[onnx.ModelProto] = []
+
+    def save(tmp: Path) -> None:
+        staged = tmp.parent / "prefill" / out.name
+        staged.parent.mkdir()
+        write_prefill(staged)
+        for side in staged.parent.iterdir():  # the prefill's external data goes wherever the joined file goes
+            if side != staged:
+                os.replace(side, tmp.parent / side.name)
+        prefill = onnx.load(str(staged), load_external_data=False)
+        shutil.rmtree(staged.parent)
+        decode = onnx.load(str(decode_path), load_external_data=False)
+        joined.append(merge_phases(prefill, decode, [tmp.parent, out.parent], out.name))
+        onnx.save(joined[0], str(tmp))
+
+    files = write_atomically(out, save)
+    return files, metadata_of(joined[0])
