@@ -150,6 +150,22 @@ SLOW_ENGINES = SECOND_BUDGETS | {"fastv-k1-5", "gprune-default", "vtw", "prumerg
                                  "divprune-9", "dart-12", "gprune+pyramiddrop"}
 
 
+class FamilyEngines(dict):
+    """ONNX engines of one model, built on first use (a run builds only those its selected tests need) into one
+    folder, so they share one decode engine: name -> `optimize`'s result for `recipes[name]` = (method, options)."""
+
+    def __init__(self, src, folder, recipes: dict[str, tuple[str, dict]], max_prompt: int = 256) -> None:
+        super().__init__()
+        self.src, self.folder, self.recipes, self.max_prompt = src, folder, recipes, max_prompt
+
+    def __missing__(self, name: str):
+        from vtrcompile.optimize import optimize
+
+        method, opts = self.recipes[name]
+        self[name] = optimize(self.src, method, opts, self.folder / f"{name}.onnx", max_prompt=self.max_prompt)
+        return self[name]
+
+
 class _Engines(Mapping):
     """Engines built on first use (so a run builds only those its selected tests need), into one folder so
     they share one decode engine."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, check_generation, max_diff
+from tests.conftest import REFERENCE_ATOL, FamilyEngines, check_generation, max_diff
 from vtrcompile import load_engine
 from vtrcompile.build import build
 from vtrcompile.errors import UnsupportedModelError, VtrError
@@ -29,27 +29,12 @@ def ivl(request):
     return load_model("internvl-tiny", tiles=request.param)
 
 
-class _Engines(dict):
-    """ONNX engines of internvl-tiny with 2 tiles, built on first use into one folder (one decode engine)."""
-
-    RECIPES = {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 12}), "pyramiddrop": ("pyramiddrop", {})}
-
-    def __init__(self, folder) -> None:
-        super().__init__()
-        self.src, self.folder = load_model("internvl-tiny", tiles=2), folder
-
-    def __missing__(self, name: str):
-        from vtrcompile.optimize import optimize
-
-        method, opts = self.RECIPES[name]
-        self[name] = optimize(self.src, method, opts, self.folder / f"{name}.onnx", max_prompt=256)
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def ivl_engines(tmp_path_factory):
-    engines = _Engines(tmp_path_factory.mktemp("internvl"))
-    return engines.src, engines
+    """ONNX engines of internvl-tiny with 2 tiles."""
+    src = load_model("internvl-tiny", tiles=2)
+    return src, FamilyEngines(src, tmp_path_factory.mktemp("internvl"), {
+        "none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 12}), "pyramiddrop": ("pyramiddrop", {})})
 
 
 def _prompts(src):

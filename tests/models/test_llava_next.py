@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, check_generation, max_diff
+from tests.conftest import REFERENCE_ATOL, FamilyEngines, check_generation, max_diff
 from vtrcompile import load_engine
 from vtrcompile.build import build
 from vtrcompile.errors import UnsupportedModelError, VtrError
@@ -38,26 +38,11 @@ def nxt():
     return load_model("llavanext-tiny")
 
 
-class _Engines(dict):
-    """ONNX engines of llavanext-tiny, built on first use into one folder (one decode engine)."""
-
-    RECIPES = {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10}), "pyramiddrop": ("pyramiddrop", {})}
-
-    def __init__(self, src, folder) -> None:
-        super().__init__()
-        self.src, self.folder = src, folder
-
-    def __missing__(self, name: str):
-        from vtrcompile.optimize import optimize
-
-        method, opts = self.RECIPES[name]
-        self[name] = optimize(self.src, method, opts, self.folder / f"{name}.onnx", max_prompt=256)
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def nxt_engines(nxt, tmp_path_factory):
-    return _Engines(nxt, tmp_path_factory.mktemp("llava_next"))
+    """ONNX engines of llavanext-tiny."""
+    return FamilyEngines(nxt, tmp_path_factory.mktemp("llava_next"), {
+        "none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10}), "pyramiddrop": ("pyramiddrop", {})})
 
 
 def _prompts(src):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, check_generation, max_diff
+from tests.conftest import REFERENCE_ATOL, FamilyEngines, check_generation, max_diff
 from tests.models.test_qwen_vl import _hf_inputs  # what Qwen's processor returns
 from vtrcompile import load_engine
 from vtrcompile.build import build
@@ -161,27 +161,16 @@ def test_inspect_names_the_deepstack_additions():
     assert report["written_between_layers"] == [] and report["added_between_layers"] == [1, 2]
 
 
-QWEN3_ENGINES = {"none": ("none", {}), "fastv": ("fastv", {"layer": 1, "keep": 10}), "gprune": ("gprune", {"keep": 8})}
-
-
 @pytest.fixture(scope="module")
 def qwen3_engines(qwen3, tmp_path_factory):
-    """The engines of QWEN3_ENGINES, each built on first use, into one folder (one decode engine)."""
-    from vtrcompile.optimize import optimize
-
-    folder, done = tmp_path_factory.mktemp("qwen3"), {}
-
-    def get(name):
-        if name not in done:
-            method, opts = QWEN3_ENGINES[name]
-            done[name] = optimize(qwen3, method, opts, folder / f"{name}.onnx", max_prompt=256)
-        return done[name]
-    return get
+    """ONNX engines of qwen3vl-tiny."""
+    return FamilyEngines(qwen3, tmp_path_factory.mktemp("qwen3"), {
+        "none": ("none", {}), "fastv": ("fastv", {"layer": 1, "keep": 10}), "gprune": ("gprune", {"keep": 8})})
 
 
 def test_engine_pair_generates_like_hf(qwen3, qwen3_engines):
     m = qwen3.hf_model
-    none = qwen3_engines("none")
+    none = qwen3_engines["none"]
     base = load_engine(none.files[-1], threads=1)
     # No data-dependent op (the DeepStack writes are gathers; the static ScatterND of interleaved mRoPE stays).
     assert not any(n.op_type == "NonZero" for n in _onnx_nodes(none.files[-1]))
@@ -204,7 +193,7 @@ def test_engine_pair_generates_like_hf(qwen3, qwen3_engines):
     ("fastv", lambda mm, i, p: fastv_reference(mm, i, p, 1, 10)),
     pytest.param("gprune", lambda mm, i, p: run_stages(mm, i, p, first=gprune_stage(8)), marks=pytest.mark.slow)])
 def test_the_reduced_engine_pair_generates_like_the_reference(qwen3, qwen3_engines, name, prefill):
-    opt = qwen3_engines(name)
+    opt = qwen3_engines[name]
     assert opt.findings == []  # TensorRT preflight
     engine = load_engine(opt.files[-1], threads=1)
     cases = _prompts(qwen3)[:2]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REFERENCE_ATOL, check_generation, max_diff
+from tests.conftest import REFERENCE_ATOL, FamilyEngines, check_generation, max_diff
 from vtrcompile import load_engine
 from vtrcompile.build import build
 from vtrcompile.errors import UnsupportedModelError, VtrError
@@ -203,28 +203,12 @@ def test_preprocessing_equals_hf_image_processor(tmp_path):
     assert float(np.abs(got - hf["pixel_values"]).max()) < 1e-5
 
 
-class _Engines(dict):
-    """ONNX engines of qwen2vl-tiny, built on first use into one folder (one decode engine)."""
-
-    RECIPES = {"none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10}),
-               "pyramiddrop": ("pyramiddrop", {})}
-
-    def __init__(self, folder) -> None:
-        super().__init__()
-        self.src, self.folder = load_model("qwen2vl-tiny"), folder
-
-    def __missing__(self, name: str):
-        from vtrcompile.optimize import optimize
-
-        method, opts = self.RECIPES[name]
-        self[name] = optimize(self.src, method, opts, self.folder / f"{name}.onnx", max_prompt=256)
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def qwen_engines(tmp_path_factory):
-    engines = _Engines(tmp_path_factory.mktemp("qwen"))
-    return engines.src, engines
+    """ONNX engines of qwen2vl-tiny."""
+    src = load_model("qwen2vl-tiny")
+    return src, FamilyEngines(src, tmp_path_factory.mktemp("qwen"), {
+        "none": ("none", {}), "fastv": ("fastv", {"layer": 2, "keep": 10}), "pyramiddrop": ("pyramiddrop", {})})
 
 
 def test_engine_equals_hf_through_one_engine_and_generates_like_hf(qwen_engines):
