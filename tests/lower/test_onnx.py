@@ -194,6 +194,23 @@ def test_metadata_describes_the_engine(engines):
     assert c > 0 and b > 0  # attention ~S^2, linear layers ~S
 
 
+def test_engines_carry_no_stack_traces_of_the_machine_that_built_them(engines):
+    """torch.onnx's per-node Python stack traces (the builder's file paths) are dropped at export; the name scopes
+    that locate the selector's nodes stay. Checked on a reduced engine and on its decode engine."""
+    import vtrcompile
+    from vtrcompile.lower.onnx import STACK_TRACE_KEY
+    from vtrcompile.lower.onnxruntime import selector_node_names
+
+    opt = engines["fastv-k2-18"]
+    prefill = onnx.load(str(opt.files[-1]), load_external_data=False)
+    decode = onnx.load(str(opt.files[-1].parent / opt.metadata["decode"]["file"]), load_external_data=False)
+    checkout = str(Path(vtrcompile.__file__).resolve().parents[1]).encode()
+    for model in (prefill, decode):
+        assert not [n.name for n in model.graph.node if any(p.key == STACK_TRACE_KEY for p in n.metadata_props)]
+        assert checkout not in model.SerializeToString()
+    assert {"selector", "gather"} <= set(selector_node_names(prefill).values())
+
+
 def test_unreplaced_masked_scatter_fails_the_preflight(tiny, tmp_path):
     """The stock export (masked_scatter -> NonZero + ScatterND) is what the preflight exists to catch."""
     from vtrcompile.build import reexport
