@@ -292,19 +292,18 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
     elif source.hf_model is None:
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
+    findings: list[Finding] = []
     if t.one_file and decode_path is not None:  # the prefill engine is joined before anything reaches `out`
         from .lower.onnx_phases import write_one_file
-
-        findings: list[Finding] = []
 
         def prefill(path: Path) -> None:
             export_onnx(b.program, path, meta, source.weights, store_folder=out.parent)
             findings.extend(preflight(path))
 
         files, meta = write_one_file(out, decode_path, prefill)
-        return Optimized(b, files, meta, findings)
-    files = lower_program(b.program, out, meta, t, source.weights)
-    findings = preflight(out) if t.backend == "onnxruntime" else []
+    else:
+        files = lower_program(b.program, out, meta, t, source.weights)
+        findings = preflight(out) if t.backend == "onnxruntime" else []
     return Optimized(b, files, meta, findings)
 
 
