@@ -122,6 +122,7 @@ def test_one_file_engines_of_every_family_generate_as_the_pair(preset, tmp_path)
     assert float(np.abs(c.logits - a.logits).max()) <= REFERENCE_ATOL
 
 
+@pytest.mark.slow
 def test_one_file_with_its_own_external_data(tiny, tiny_build, one_file, tmp_path, monkeypatch):
     """A prefill engine whose weights go to external data (above 1.5 GB; here every size) is joined inside the
     temporary folder: its data file lands beside the one file under the one file's name, nothing else is left,
@@ -188,7 +189,9 @@ def test_cli_refuses_one_file_for_another_backend(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_writes_one_file_by_default_and_two_files_when_asked(tmp_path):
+@pytest.mark.parametrize("flags,one", [([], True), (["--two-files"], False),
+                                       pytest.param(["--one-file"], True, marks=pytest.mark.slow)])
+def test_cli_writes_one_file_by_default_and_two_files_when_asked(tmp_path, flags, one):
     """`optimize --out x.onnx` writes one file (its metadata names itself as the decode engine, and its graph takes
     the phase flag); --two-files writes the prefill engine alone, paired with the decode engine beside it."""
     import json
@@ -196,16 +199,15 @@ def test_cli_writes_one_file_by_default_and_two_files_when_asked(tmp_path):
     from tests.test_cli import _run
     from vtrcompile.lower.onnx import read_metadata
 
-    for flags, one in (([], True), (["--two-files"], False), (["--one-file"], True)):
-        out = tmp_path / f"x{len(flags)}{one}.onnx"
-        res = _run("optimize", "tiny", "--method", "fastv", "--keep", "8", "--out", str(out), *flags)
-        assert res.exit_code == 0, res.output
-        meta = read_metadata(out)
-        takes_flag = PHASE_INPUT in {i.name for i in onnx.load(str(out), load_external_data=False).graph.input}
-        assert (meta["decode"]["file"] == out.name) == one == takes_flag, (flags, json.dumps(meta["decode"])[:200])
-        assert ("metadata" in meta["decode"]) == one and (tmp_path / meta["decode"]["file"]).is_file()
-        said = f"decode engine: in {out} (one file)" if one else f"decode engine: {tmp_path / meta['decode']['file']}"
-        assert said in res.output
+    out = tmp_path / "x.onnx"
+    res = _run("optimize", "tiny", "--method", "fastv", "--keep", "8", "--out", str(out), *flags)
+    assert res.exit_code == 0, res.output
+    meta = read_metadata(out)
+    takes_flag = PHASE_INPUT in {i.name for i in onnx.load(str(out), load_external_data=False).graph.input}
+    assert (meta["decode"]["file"] == out.name) == one == takes_flag, (flags, json.dumps(meta["decode"])[:200])
+    assert ("metadata" in meta["decode"]) == one and (tmp_path / meta["decode"]["file"]).is_file()
+    said = f"decode engine: in {out} (one file)" if one else f"decode engine: {tmp_path / meta['decode']['file']}"
+    assert said in res.output
 
 
 def test_an_exported_program_gets_a_prefill_engine_alone_by_default(tiny, tmp_path):
