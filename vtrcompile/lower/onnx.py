@@ -58,7 +58,7 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
             store.discard_if_new()  # a store this export began and could not finish is not left behind
             raise
         check_no_empty_weights(program.model, weights)
-        log.info("%s: %d initializers point at %s (%d tensors appended)", out, n, store.data.name, store.written)
+        log.info("%s: %d initializers point at %s (%d tensors appended)", Path(out).name, n, store.data, store.written)
         program.optimize()
         metadata = {**metadata, "weights_file": store.data.name}
     if io:
