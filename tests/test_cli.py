@@ -81,12 +81,25 @@ def test_optimize_profile_and_profile_command(tmp_path):
     rec = json.loads(res.output[res.output.index("{\n"):])
     assert len(rec["tokens"]) == 5 and rec["prompt_tokens"] == 4 + 36 and rec["text"] is None
     assert rec["cached_tokens_per_layer"] == [40, 40, 12, 12]
+    # sampled: the same seed, the same tokens; --stream prints them as they come, the same ones
+    sample = ("generate", str(out), "--image", str(img), "--ids", "5,6,image,7,8", "--max-new-tokens", "5",
+              "--temperature", "3", "--top-p", "0.9", "--seed", "4")
+    runs = [_run(*sample, "--json") for _ in range(2)]
+    assert all(r.exit_code == 0 for r in runs), runs[0].output
+    sampled = [json.loads(r.output[r.output.index("{\n"):])["tokens"] for r in runs]
+    assert sampled[0] == sampled[1] != rec["tokens"]
+    res = _run(*sample, "--stream")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == " ".join(map(str, sampled[0])) + "\n"
     # bad generation requests: one line, exit 2
     for args, words in [(("--ids", "5,image,7", "--max-new-tokens", "0"), ("at least 1",)),
                         (("--prompt", "hello"), ("no tokenizer", "--ids")),
                         (("--ids", "5,image,99999"), ("99999",)),
                         ((), ("--prompt", "--ids")),
-                        (("--ids", "5,image,7", "--max-new-tokens", "2000"), ("exceed",))]:
+                        (("--ids", "5,image,7", "--max-new-tokens", "2000"), ("exceed",)),
+                        (("--ids", "5,image,7", "--top-k", "3"), ("temperature above 0",)),
+                        (("--ids", "5,image,7", "--temperature", "1", "--top-p", "0"), ("top_p 0.0",)),
+                        (("--ids", "5,image,7", "--stream", "--json"), ("--stream", "--json"))]:
         _assert_clean_error(_run("generate", str(out), "--image", str(img), *args), tmp_path / "none", *words)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")

@@ -373,23 +373,48 @@ def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, ne
 @click.option("--ids", default=None, multiple=True,
               help="Token ids instead of --prompt, e.g. '2,3,image,7' ('image' = the N image tokens).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many tokens.")
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="0: greedy; above 0: sample each token from the logits divided by this.")
+@click.option("--top-k", default=0, show_default=True, type=int,
+              help="Sample among this many most likely tokens only (0: all; needs --temperature).")
+@click.option("--top-p", default=1.0, show_default=True, type=float,
+              help="Sample among the fewest most likely tokens whose probability reaches this (1: all; needs "
+                   "--temperature).")
+@click.option("--seed", default=None, type=int, help="Seed of the sampler (the same seed, the same answer).")
+@click.option("--stream", is_flag=True, help="Print the answer as it is generated (one prompt; not with --json).")
 @click.option("--threads", default=None, type=click.IntRange(1, MAX_THREADS), help="Runtime threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
-def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> None:
-    """Answer PROMPT about IMAGE with ENGINE (greedy, until EOS or --max-new-tokens)."""
+def generate(engine, image, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, stream, threads,
+             as_json) -> None:
+    """Answer PROMPT about IMAGE with ENGINE (greedy unless --temperature, until EOS or --max-new-tokens)."""
     import numpy as np
 
     from .engine.generate import load_engine
-    from .engine.prompting import batch_prompt, image_pixels, load_tokenizer
+    from .engine.prompting import TextStream, batch_prompt, image_pixels, load_tokenizer
+    from .engine.sampling import Sampling
 
     if bool(prompt) == bool(ids):
         raise VtrError("give the question as --prompt TEXT or as --ids '2,3,image,7', one of the two")
+    if stream and (as_json or len(image) > 1):
+        raise VtrError("--stream prints one answer as text: drop --json, and give one --image")
+    sampling = Sampling(temperature, top_k, top_p, seed)  # checked before the engine is opened
     eng = load_engine(engine, threads)
     tok = load_tokenizer(eng.path, eng.metadata) if prompt else None
     input_ids, mask = batch_prompt(eng.metadata, len(image), list(prompt or ids), tok)
     pixels = np.concatenate([image_pixels(p, eng.metadata) for p in image])
     padding = {} if mask is None else {"attention_mask": mask}
-    out = eng.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens, **padding)
+    text = TextStream(tok) if stream and tok is not None else None
+    shown: list[int] = []
+
+    def show(tokens) -> None:  # --stream: the text each token adds, or the ids one by one
+        click.echo(text.push(tokens[0]) if text is not None else f"{' ' if shown else ''}{tokens[0]}", nl=False)
+        shown.append(int(tokens[0]))
+
+    out = eng.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens,
+                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                       seed=sampling.seed, on_token=show if stream else None, **padding)
+    if stream:
+        click.echo(text.rest() if text is not None else "")
     rows = []
     for i, n in enumerate(out.lengths):
         tokens = out.tokens[i, :n].tolist()
@@ -399,13 +424,15 @@ def generate(engine, image, prompt, ids, max_new_tokens, threads, as_json) -> No
             rows[-1]["prompt_tokens"] = int(mask[i].sum())
     timing = {"prompt_tokens": int(input_ids.shape[1]), "time_to_first_token_ms": out.prefill_ms,
               "time_per_output_token_ms": (sum(out.decode_ms) / len(out.decode_ms)) if out.decode_ms else None,
-              "cached_tokens_per_layer": out.cache_lengths}
+              "choose_ms_per_token": out.choose_ms / out.tokens.shape[1], "cached_tokens_per_layer": out.cache_lengths}
     if as_json:  # batch 1: the sequence's fields at the top level; a batch: one record per sequence
         click.echo(json.dumps({**rows[0], **timing} if len(rows) == 1 else {"sequences": rows, **timing}, indent=2))
         return
-    for r in rows:
+    for r in rows if not stream else []:
         click.echo(r["text"] if r["text"] is not None else " ".join(map(str, r["tokens"])))
     tpot = f", {timing['time_per_output_token_ms']:.1f} ms per output token" if out.decode_ms else ""
+    if not sampling.greedy:
+        tpot += f" + {timing['choose_ms_per_token']:.2f} ms sampling it"
     ends = "EOS" if out.eos_reached else "max-new-tokens"
     what = f"{len(rows[0]['tokens'])} tokens" if len(rows) == 1 else \
         f"{len(rows)} sequences, {out.tokens.shape[1]} steps"

@@ -499,8 +499,10 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
             res.append(Case("generate", f"tokenizer {target} {how}",
                             ["generate", str(prefill), "--image", str(c.image), "--prompt", "w5 w9",
                              "--max-new-tokens", "2"], names=("tokenizer", target), watch=w))
-    res += _options_cases("generate", [*gen, "--image", str(c.image)], ["--ids", "--max-new-tokens", "--threads"],
-                          rng, per_kind, w)
+    res += _options_cases("generate", [*gen, "--image", str(c.image)],
+                          ["--ids", "--max-new-tokens", "--threads", "--temperature"], rng, per_kind, w)
+    res += _options_cases("generate", [*gen, "--image", str(c.image), "--temperature", "1"],  # sampling's own
+                          ["--top-k", "--top-p", "--seed"], rng, per_kind, w)
 
     # -- eval: damaged calibration folders (fidelity), nonsense options
     ev = ["eval", str(c.prefill), "--baseline", str(c.prefill), "--no-speed", "--fidelity"]
@@ -575,6 +577,11 @@ def api_cases(c: Corpus, damaged: Path, rng: np.random.Generator, per_kind: int)
         res.append(Case("engine.generate", f"max_new_tokens={v!r}",
                         call=lambda v=v: engine.generate(max_new_tokens=v, **_inputs(c)),
                         names=("max_new_tokens", "new tokens")))
+    for kw, v in (("temperature", -1.0), ("temperature", "hot"), ("temperature", float("inf")), ("top_k", 2.5),
+                  ("top_p", 0), ("top_p", None), ("seed", "x"), ("seed", -1), ("on_token", 3)):
+        sampled = {"temperature": 1.0, kw: v} if kw != "temperature" else {kw: v}
+        res.append(Case("engine.generate", f"{kw}={v!r}",
+                        call=lambda s=sampled: engine.generate(max_new_tokens=2, **s, **_inputs(c)), names=(kw,)))
     return res
 
 

@@ -95,6 +95,9 @@ def test_generate_answers_from_the_engine_folder_alone(fastv288, tmp_path):
         assert len(rec["tokens"]) == 3 and rec["cached_tokens_per_layer"][-1] == rec["prompt_tokens"] - 288
         hits += rec["text"].split()[0] == s.answer
     assert hits >= 2  # the model answers this kind at ~96%; one miss is allowed
+    res = _run("generate", str(out), "--image", str(img), "--prompt", "what colour is the big shape ?",
+               "--max-new-tokens", "3", "--stream")
+    assert res.exit_code == 0 and res.stdout == rec["text"] + "\n", res.output  # the same text, as it came
 
 
 def test_eval_opens_each_engine_once(fastv288, opened_engines):

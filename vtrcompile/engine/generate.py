@@ -1,8 +1,9 @@
-"""A prefill engine + the decode engine it pairs with -> a generating engine (greedy), the public Python API.
+"""A prefill engine + the decode engine it pairs with -> a generating engine, the public Python API.
 
     engine = load_engine("build/fastv.onnx")
     engine(input_ids=..., pixel_values=...)                   # prefill alone: next-token logits [B, vocab]
-    out = engine.generate(input_ids=..., pixel_values=..., max_new_tokens=32)
+    out = engine.generate(input_ids=..., pixel_values=..., max_new_tokens=32)   # greedy
+    out = engine.generate(..., temperature=0.7, top_p=0.9, seed=0)             # sampled
     out.tokens, out.logits                                    # [B, T] int64, [B, T, vocab] float32
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from .kv_cache import KvCache
 from .metadata import is_one_file
 from .protocol import as_numeric_array, check_prompt, check_prompt_range
 from .runners import open_engine
+from .sampling import Sampling, choose
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ CACHE_ROWS_ROUND = 32
 @dataclass
 class GenerateOutput:
     tokens: np.ndarray  # int64 [B, T], EOS included when it was produced
-    logits: np.ndarray  # float32 [B, T, vocab]: the distribution each token was taken from
+    logits: np.ndarray  # float32 [B, T, vocab]: the engine's logits each token was chosen from (before sampling)
     prefill_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)  # one per decode step (writing its input rows included)
     cache_lengths: list[int] = field(default_factory=list)  # per layer, after the prefill
@@ -43,6 +46,8 @@ class GenerateOutput:
     # keeps being decoded (the batch runs together), and its tokens after `lengths[i]` mean nothing
     lengths: list[int] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)  # per row: it produced an EOS token
+    stopped: bool = False  # on_token asked to stop
+    choose_ms: float = 0.0  # choosing the tokens on the host (argmax or sampling), every step together
 
 
 def cache_length(kv: Any) -> int:
@@ -159,12 +164,21 @@ class Engine:
         # shared: the caches this call does not return are not copied; astype copies the logits out
         return self.prefill.run(feeds, shared=True)["logits"].astype(np.float32)
 
-    def generate(self, max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
-                 **inputs: Any) -> GenerateOutput:
-        """Greedy decoding: prefill, then one decode step per new token, until EOS or max_new_tokens.
-        eos_token_id defaults to the model's (recorded in the engine); [] never stops early."""
+    def generate(self, max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 on_token: Callable[[np.ndarray], Any] | None = None, **inputs: Any) -> GenerateOutput:
+        """Prefill, then one decode step per new token, until EOS, max_new_tokens or on_token's stop.
+        eos_token_id defaults to the model's (recorded in the engine); [] never stops early.
+        temperature 0 (the default) is greedy; above 0 each token is drawn from the logits divided by it, cut to
+        top_k and top_p (engine/sampling.py), with numpy's generator seeded by `seed` (None: fresh entropy).
+        on_token(tokens) is called with each step's tokens, int64 [B], before the next step; a true return
+        ends the generation there."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise VtrError(f"max_new_tokens {max_new_tokens}: give at least 1")
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        if on_token is not None and not callable(on_token):
+            raise VtrError(f"on_token {on_token!r}: give a function of each step's tokens, or None")
+        rng = None if sampling.greedy else sampling.rng()
         feeds = self._inputs(inputs)
         s = feeds["input_ids"].shape[1]
         check_prompt_range(self.metadata, s, max_new_tokens)
@@ -187,14 +201,18 @@ class Engine:
         done = np.zeros(b, dtype=bool)
         lengths = np.zeros(b, dtype=np.int64)
         kv: KvCache | None = None
+        stopped, choose_ms = False, 0.0
         while True:
             lg = out["logits"].astype(np.float32)
-            tok = lg.argmax(axis=-1).astype(np.int64)  # ties: the lower index
+            tc = time.perf_counter()
+            tok = choose(lg, sampling, rng)
+            choose_ms += (time.perf_counter() - tc) * 1e3
             tokens.append(tok)
             logits.append(lg)
             lengths[~done] += 1
             done |= np.isin(tok, list(eos))
-            if done.all() or len(tokens) == max_new_tokens:
+            stopped = on_token is not None and bool(on_token(tok.copy()))
+            if stopped or done.all() or len(tokens) == max_new_tokens:
                 break
             t1 = time.perf_counter()  # a step's time includes writing the last step's rows into the cache
             if kv is None:  # buffers for every row this call appends, filled in place from here on
@@ -208,7 +226,7 @@ class Engine:
             out = decode.run(decode_feeds(out, tok, kv, mask), shared=True)
             steps.append((time.perf_counter() - t1) * 1e3)
         return GenerateOutput(np.stack(tokens, axis=1), np.stack(logits, axis=1), prefill_ms, steps, cache,
-                              bool(done.all()), lengths.tolist(), done.tolist())
+                              bool(done.all()), lengths.tolist(), done.tolist(), stopped, choose_ms)
 
 
 def load_engine(path: str | Path, threads: int | None = None) -> Engine:

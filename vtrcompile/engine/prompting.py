@@ -114,6 +114,29 @@ def batch_prompt(meta: dict[str, Any], images: int, prompts: list[str], tokenize
     return left_pad([r[0] for r in rows], pad_id(tokenizer, meta["image_token_id"]))
 
 
+class TextStream:
+    """Generated token ids, one at a time -> the text each one adds, for showing an answer as it is generated.
+    The ids so far are decoded whole and what goes past the text given before is returned, held back while it
+    ends in an incomplete character (a byte-level token may carry part of one); `rest` gives what is left."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.given = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return "" if text.endswith("\ufffd") else self._past_given(text)
+
+    def rest(self) -> str:
+        return self._past_given(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _past_given(self, text: str) -> str:
+        if not text.startswith(self.given):
+            return ""  # decoding more ids changed text already given, which cannot be taken back
+        new, self.given = text[len(self.given):], text
+        return new
+
+
 def pad_id(tokenizer, image_token_id: int) -> int:
     """The id written over padding (masked out, so any id but the image placeholder): the tokenizer's pad token
     when it has one, else 0."""
