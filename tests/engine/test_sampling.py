@@ -48,13 +48,26 @@ def test_draws_follow_the_softmax_of_the_scaled_logits():
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, 7, 1.0), (0.5, 0, 0.9), (2.0, 0, 0.5), (1.0, 40, 0.8), (1.0, 0, 0.999), (0.3, 3, 0.2)])
-def test_kept_tokens_equal_the_full_sort_reference(temperature, top_k, top_p):
+def test_kept_tokens_equal_a_full_sort_and_hugging_face_s_warpers(temperature, top_k, top_p):
     """On a 5000-token row: flat enough at temperature 2 that the nucleus passes the first 64 tokens tried."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
     row = np.random.default_rng(0).normal(0, 3, 5000).astype(np.float32)
     got, want = _kept(row, temperature=temperature, top_k=top_k, top_p=top_p), \
         _reference_kept(row, temperature, top_k, top_p)
     assert got.keys() == want.keys()
     assert max(abs(got[t] - want[t]) for t in want) < 1e-6  # float32 against float64
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
+        ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    hf = torch.softmax(LogitsProcessorList(warpers)(torch.zeros(1, 1, dtype=torch.long), torch.tensor(row)[None]),
+                       dim=-1)[0].numpy()
+    assert set(np.flatnonzero(hf).tolist()) == got.keys()
+    assert max(abs(float(hf[t]) - p) for t, p in got.items()) < 1e-6
     if (temperature, top_p) == (2.0, 0.5):
         assert len(want) > 64
 
