@@ -29,8 +29,9 @@ def _reference_kept(row, temperature, top_k=0, top_p=1.0) -> dict[int, float]:
 
 
 def _kept(row, **opts) -> dict[int, float]:
+    """The tokens with a chance (kept_tokens may list tokens of probability 0 where no top_p sorts them out)."""
     ids, probs = kept_tokens(np.asarray(row, dtype=np.float32), Sampling(**opts))
-    return dict(zip(ids.tolist(), probs.tolist(), strict=True))
+    return {t: p for t, p in zip(ids.tolist(), probs.tolist(), strict=True) if p > 0}
 
 
 def test_greedy_is_the_argmax_with_ties_to_the_lower_id():
@@ -78,6 +79,14 @@ def test_top_p_keeps_the_token_that_crosses_it_and_top_k_comes_first():
     assert _kept(row, temperature=1.0, top_p=0.5).keys() == {0}
     # top_k 2 leaves 0.5 / 0.8 and 0.3 / 0.8: the nucleus of 0.6 is then the first token alone
     assert _kept(row, temperature=1.0, top_k=2, top_p=0.6) == pytest.approx({0: 1.0})
+
+
+def test_extreme_temperatures_and_numpy_scalars():
+    row = np.array([1.0, 3.0, -np.inf, 2.5], dtype=np.float32)
+    assert _kept(row, temperature=1e-30) == {1: 1.0}  # as good as greedy, no NaN
+    assert _kept(row, temperature=1e30) == pytest.approx({0: 1 / 3, 1: 1 / 3, 3: 1 / 3})  # flat, -inf still out
+    s = Sampling(np.float32(0.5), np.int64(2), np.float64(0.9), np.int32(1))
+    assert set(choose(row[None], s).tolist()) <= {1, 3}
 
 
 def test_a_seed_repeats_its_draws():

@@ -9,6 +9,7 @@ renormalised. Nothing here runs in the engines: the decode step is the same what
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,13 +32,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
             raise VtrError(f"temperature {t!r}: give a number >= 0 (0 is greedy)")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise VtrError(f"top_k {k!r}: give an integer >= 0 (0 keeps every token)")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
             raise VtrError(f"top_p {p!r}: give a number in (0, 1] (1 keeps every token)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
                                       or self.seed < 0):
             raise VtrError(f"seed {self.seed!r}: give an integer >= 0")
         if t == 0 and (k != 0 or p != 1):
@@ -65,9 +66,10 @@ def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | No
 def kept_tokens(row: np.ndarray, sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
     """The tokens one row may draw after temperature, top_k and top_p, and their probabilities renormalised over
     them (most likely first where top_p cuts; in no particular order otherwise, which needs no sort)."""
-    # float32 throughout: float64 copies of a 32k-token row cost more in fresh pages than the arithmetic
-    z = row.astype(np.float32) / np.float32(sampling.temperature)
-    z -= z.max()
+    # float32 throughout: float64 copies of a 32k-token row cost more in fresh pages than the arithmetic. The max
+    # is taken off first, so a tiny temperature sends the others to -inf (weight 0), never inf - inf.
+    z = row.astype(np.float32)
+    z = (z - z.max()) / np.float32(sampling.temperature)
     vocab = z.shape[0]
     k = sampling.top_k if 0 < sampling.top_k < vocab else vocab
     ids = np.argpartition(-z, k - 1)[:k] if k < vocab else np.arange(vocab)
