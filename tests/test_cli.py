@@ -98,7 +98,8 @@ def test_optimize_profile_and_profile_command(tmp_path):
                         ((), ("--prompt", "--ids")),
                         (("--ids", "5,image,7", "--max-new-tokens", "2000"), ("exceed",)),
                         (("--ids", "5,image,7", "--top-k", "3"), ("temperature above 0",)),
-                        (("--ids", "5,image,7", "--temperature", "1", "--top-p", "0"), ("top_p 0.0",)),
+                        (("--ids", "5,image,7", "--temperature", "1", "--top-p", "0"), ("--top-p", "0<x<=1")),
+                        (("--ids", "5,image,7", "--temperature", "1e309"), ("--temperature", "1e309")),
                         (("--ids", "5,image,7", "--stream", "--json"), ("--stream", "--json"))]:
         _assert_clean_error(_run("generate", str(out), "--image", str(img), *args), tmp_path / "none", *words)
     broken = tmp_path / "broken.png"

@@ -373,14 +373,15 @@ def profile(engine, baseline, prefix, suffix, reps, warmup, threads, as_json, ne
 @click.option("--ids", default=None, multiple=True,
               help="Token ids instead of --prompt, e.g. '2,3,image,7' ('image' = the N image tokens).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many tokens.")
-@click.option("--temperature", default=0.0, show_default=True, type=float,
+@click.option("--temperature", default=0.0, show_default=True, type=Finite(0),
               help="0: greedy; above 0: sample each token from the logits divided by this.")
-@click.option("--top-k", default=0, show_default=True, type=int,
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0),
               help="Sample among this many most likely tokens only (0: all; needs --temperature).")
-@click.option("--top-p", default=1.0, show_default=True, type=float,
+@click.option("--top-p", default=1.0, show_default=True, type=Finite(0, 1, min_open=True),
               help="Sample among the fewest most likely tokens whose probability reaches this (1: all; needs "
                    "--temperature).")
-@click.option("--seed", default=None, type=int, help="Seed of the sampler (the same seed, the same answer).")
+@click.option("--seed", default=None, type=click.IntRange(0), help="Seed of the sampler (the same seed, the same "
+              "answer).")
 @click.option("--stream", is_flag=True, help="Print the answer as it is generated (one prompt; not with --json).")
 @click.option("--threads", default=None, type=click.IntRange(1, MAX_THREADS), help="Runtime threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
