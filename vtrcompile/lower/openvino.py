@@ -27,7 +27,7 @@ from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
-from ..memory import check_engine_fits
+from ..memory import check_engine_fits, expect_first_run, first_run_done
 from .atomic import scratch_dir, write_atomically
 from .onnx import METADATA_KEY, export_onnx
 
@@ -251,6 +251,8 @@ class OvEngine:
         except Exception as e:
             raise VtrError(f"{self.path}: OpenVINO cannot compile this engine ({_reason(e)}); rebuild it with "
                            "`vtrcompile optimize`") from None
+        expect_first_run(self, weights)  # the CPU plugin packs the weights at the first run, not here
+        self._ran = False
         self.request = self.compiled.create_infer_request()
         self._chain: list[Any] = []  # two requests that shared runs take in turn (made on first use)
         self._turn = 0
@@ -317,15 +319,22 @@ class OvEngine:
             request, self._turn = self._chain[self._turn], self._turn ^ 1
         tensors, keys = self._tensors(feeds)
         self._set(request, tensors, keys)
-        res = request.infer(share_outputs=True)
+        res = self._infer(request)
         return {name: res[out] if shared else np.array(res[out])
                 for name, out in zip(self.output_names, self.compiled.outputs, strict=True)}
 
     def time_ms(self) -> float:
         """One run of the bound inputs, its outputs left in OpenVINO's buffers (as in the generation loop)."""
         t0 = time.perf_counter()
-        self.request.infer(share_outputs=True)
+        self._infer(self.request)
         return (time.perf_counter() - t0) * 1e3
+
+    def _infer(self, request: Any) -> Any:
+        res = request.infer(share_outputs=True)
+        if not self._ran:
+            self._ran = True
+            first_run_done(self)
+        return res
 
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
