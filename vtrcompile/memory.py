@@ -43,7 +43,7 @@ def available_bytes() -> int:
 # Engines open in this process whose runtime allocates (some of) their weights at the first run, not when they are
 # opened (OpenVINO's CPU plugin packs them then): id -> bytes. Each check of memory holds those bytes back, so a
 # decode engine opened before its prefill has run is not allowed memory the prefill is about to take. Measured:
-# a 7B bf16 prefill grew by 13.1 GB of packed weights at its first run, after both engines of the pair had
+# a 7B bf16 prefill grew by 13.4 GB of packed weights at its first run, after both engines of the pair had
 # passed their checks, and the process was killed (BENCHMARKS.md, "Generating at 7B on 24 GB").
 _first_run: dict[int, int] = {}
 

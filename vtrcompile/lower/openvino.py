@@ -232,8 +232,9 @@ def bf16_tensor(name: str, a: np.ndarray) -> Any:
 
 def compiled_weight_bytes(model: Any, hint: str) -> int:
     """What the CPU plugin holds of an IR's constants once it runs: their bytes, with compressed (8- and 4-bit)
-    weights counted at the precision the engine runs in. Measured on an AMD EPYC (AVX-512 BF16, no AMX): a 7B bf16
-    engine with int8 weights (7.2 GB of constants) held 15.1 GB after compiling, the same as without them
+    weights counted at the precision the engine runs in. Measured on an AMD EPYC (AVX-512 BF16, no AMX): the process
+    of a 7B bf16 engine with int8 weights (7.2 GB of constants) held 16.5 GB of anonymous memory after compiling it,
+    as much as with bf16 weights after their first run
     (BENCHMARKS.md, "Generating at 7B on 24 GB")."""
     import openvino as ov
 
@@ -276,8 +277,9 @@ class OvEngine:
         except Exception as e:
             raise VtrError(f"{self.path}: OpenVINO cannot compile this engine ({_reason(e)}); rebuild it with "
                            "`vtrcompile optimize`") from None
-        # the CPU plugin packs bf16 and f32 weights at the first run (a 7B bf16 engine took 0.2 GB here and 13.1 GB
-        # at its first run), compressed ones while it compiles: what compiling did not take is held back until then
+        # the CPU plugin packs bf16 and f32 weights at the first run (a 7B bf16 engine's process held 0.96 GB of
+        # anonymous memory here, 14.4 GB after it), compressed ones while it compiles: what compiling did not take
+        # is held back until the first run
         expect_first_run(self, max(0, weights - (anonymous_bytes() - before)))
         self._ran = False
         self.request = self.compiled.create_infer_request()
