@@ -276,6 +276,11 @@ def test_int8_weights_compress_the_linear_layers_and_keep_top1(tiny, tiny_engine
     assert q.with_suffix(".bin").stat().st_size < 0.5 * f32.with_suffix(".bin").stat().st_size
     a, b = OvEngine(f32, threads=1), OvEngine(q, threads=1)
     assert "u8" in _constant_types(q) and "u8" not in _constant_types(f32)  # int8 (asymmetric) weight tensors
+    # an int8 engine's weights count decompressed to its precision: nearly what the f32 engine's count
+    from vtrcompile.lower.openvino import compiled_weight_bytes, read_ir
+
+    counted, stored = (compiled_weight_bytes(read_ir(p)[0], "f32") for p in (q, f32))
+    assert 0.9 * stored < counted < 1.1 * stored and q.with_suffix(".bin").stat().st_size < 0.5 * counted
     for ids, px in prompts(tiny.hf_model.config):
         la, lb = a(ids.numpy(), px.numpy()), b(ids.numpy(), px.numpy())
         assert np.abs(la - lb).max() <= 0.05 * np.abs(la).max()
