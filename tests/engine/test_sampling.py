@@ -140,9 +140,15 @@ def test_on_token_sees_each_step_and_can_stop(tiny, tiny_engines):
     full = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, eos_token_id=[],
                            on_token=lambda t: seen.append(t.tolist()))
     assert np.array(seen).T.tolist() == full.tokens.tolist() and not full.stopped
-    cut = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, eos_token_id=[],
-                          on_token=lambda t: len(seen) >= 7 or seen.append(t.tolist()))
-    assert cut.tokens.tolist() == full.tokens[:, :3].tolist() and cut.stopped and len(cut.decode_ms) == 2
+    calls: list[list[int]] = []
+
+    def stop_at_the_third(tokens) -> bool:
+        calls.append(tokens.tolist())
+        return len(calls) == 3
+
+    cut = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, eos_token_id=[], on_token=stop_at_the_third)
+    assert calls == seen[:3] and cut.tokens.tolist() == full.tokens[:, :3].tolist()
+    assert cut.stopped and len(cut.decode_ms) == 2
     assert cut.lengths == [3] and not cut.eos_reached
 
 
