@@ -50,13 +50,12 @@ _first_run: dict[int, int] = {}
 
 def anonymous_bytes() -> int:
     """This process's resident anonymous memory (RssAnon; 0 where /proc is not there)."""
+    from .engine.resident import status_kib
+
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        return status_kib("RssAnon") * 1024
+    except VtrError:
+        return 0
 
 
 def expect_first_run(engine: object, nbytes: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -234,8 +235,7 @@ def compiled_weight_bytes(model: Any, hint: str) -> int:
     """What the CPU plugin holds of an IR's constants once it runs: their bytes, with compressed (8- and 4-bit)
     weights counted at the precision the engine runs in. Measured on an AMD EPYC (AVX-512 BF16, no AMX): the process
     of a 7B bf16 engine with int8 weights (7.2 GB of constants) held 16.5 GB of anonymous memory after compiling it,
-    as much as with bf16 weights after their first run
-    (BENCHMARKS.md, "Generating at 7B on 24 GB")."""
+    as much as with bf16 weights after their first run (BENCHMARKS.md, "Generating at 7B on 24 GB")."""
     import openvino as ov
 
     low = {ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4}
@@ -244,15 +244,8 @@ def compiled_weight_bytes(model: Any, hint: str) -> int:
     for op in model.get_ops():
         if op.get_type_name() == "Constant":
             low_bits = op.get_element_type() in low
-            total += shape_size(op.get_output_shape(0)) * size if low_bits else op.get_byte_size()
+            total += math.prod(int(d) for d in op.get_output_shape(0)) * size if low_bits else op.get_byte_size()
     return total
-
-
-def shape_size(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 class OvEngine:
