@@ -244,11 +244,13 @@ def _generation_opts(f):
 @click.option("--weights", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="OpenVINO (.xml) only: int8 = NNCF weight-only compression of the linear layers.")
 @click.option("--one-file/--two-files", "one_file", default=None,
-              help="ONNX Runtime (.onnx): one file holds the prefill and the decode engine, and each weight once, "
-                   "so a generating process holds the LLM's weights once instead of twice (the default for .onnx "
-                   "when the model can decode). --two-files writes the prefill engine alone, paired with the "
-                   "decode engine beside it: two copies of the weights, and a decode step without the cost of "
-                   "running a subgraph (measurable only on tiny models). Other backends always write two files.")
+              help="ONNX Runtime (.onnx) and OpenVINO (.xml): one file holds the prefill and the decode engine, "
+                   "and each weight once, so a generating process holds the LLM's weights once instead of twice "
+                   "(the default for .onnx when the model can decode). --two-files writes the prefill engine alone, "
+                   "paired with the decode engine beside it: two copies of the weights, and a decode step without "
+                   "the cost of running a subgraph (for .onnx measurable only on tiny models; OpenVINO copies the "
+                   "KV cache into the subgraph every step, so two files stay its default). Other backends always "
+                   "write two files.")
 @click.option("--profile", "do_profile", is_flag=True, help="Also build the unmodified engine and compare latency.")
 @click.option("--baseline-out", type=click.Path(path_type=Path), default=None,
               help="Where --profile / --triton-repo write the unmodified engine (default: <out>.baseline.<ext>).")

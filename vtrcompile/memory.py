@@ -90,7 +90,7 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
 def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, weights: str = "none",
                       one_file: bool = False) -> tuple[float, str, list[str]]:
     """(bytes, what they are, what would need less) for `optimize` of `source` to `backend` (`weights`: OpenVINO's
-    weight compression, "none" or "int8"; `one_file`: ONNX Runtime engines that hold each weight once)."""
+    weight compression, "none" or "int8"; `one_file`: one-file engines, which hold each weight once)."""
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []

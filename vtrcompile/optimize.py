@@ -160,6 +160,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 WEIGHTS = ("none", "int8")
 
+# backends whose prefill and decode engines `--one-file` joins into one file that holds each weight once
+ONE_FILE_BACKENDS = ("onnxruntime", "openvino")
+
 
 @dataclass(frozen=True)
 class Target:
@@ -172,7 +175,7 @@ class Target:
     max_prompt: int | None = None  # None: capture.DEFAULT_MAX_PROMPT, or N + TEXT_ROOM when N needs more
     workspace_gb: float = 8.0
     weights: str = "none"  # "int8": NNCF weight-only compression of the linear layers (OpenVINO)
-    one_file: bool = False  # ONNX Runtime: prefill and decode in one file, each weight held once (lower/onnx_phases)
+    one_file: bool = False  # prefill and decode in one file, each weight held once (ONNX Runtime, OpenVINO)
 
 
 def backend_for(out: Path, backend: str | None) -> str:
@@ -215,9 +218,9 @@ def check_target(t: Target) -> None:
         raise VtrError(f"--weights {t.weights}: use one of {', '.join(WEIGHTS)}")
     if t.weights != "none" and t.backend != "openvino":
         raise VtrError(f"--weights {t.weights} compresses OpenVINO engines: write --out engine.xml")
-    if t.one_file and t.backend != "onnxruntime":
-        raise VtrError(f"--one-file joins ONNX Runtime engines; the {t.backend} backend keeps a prefill and a decode "
-                       "engine: write --out engine.onnx or leave out --one-file")
+    if t.one_file and t.backend not in ONE_FILE_BACKENDS:
+        raise VtrError(f"--one-file joins ONNX Runtime and OpenVINO engines; the {t.backend} backend keeps a prefill "
+                       "and a decode engine: write --out engine.onnx or engine.xml, or leave out --one-file")
     if t.backend == "openvino":
         from .lower.openvino import check_nncf, check_precision
 
@@ -293,7 +296,13 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
     findings: list[Finding] = []
-    if t.one_file and decode_path is not None:  # the prefill engine is joined before anything reaches `out`
+    if t.one_file and decode_path is not None and t.backend == "openvino":
+        from .lower.openvino import export_openvino
+        from .lower.openvino_phases import write_one_file as write_one_ir
+
+        files, meta = write_one_ir(out, decode_path, lambda path: export_openvino(
+            b.program, path, meta, t.weights, source.weights, store_folder=out.parent))
+    elif t.one_file and decode_path is not None:  # the prefill engine is joined before anything reaches `out`
         from .lower.onnx_phases import write_one_file
 
         def prefill(path: Path) -> None:

@@ -185,8 +185,8 @@ def generation_profile(red: Any, base: Any, ids: np.ndarray, pixels: np.ndarray,
 
 
 def layout(meta: dict) -> str:
-    """How an engine's phases are stored: "one file" (an ONNX Runtime one-file engine), "two files" (a prefill engine
-    and its decode engine), or "prefill only" (no decode engine)."""
+    """How an engine's phases are stored: "one file" (a one-file engine, ONNX Runtime or OpenVINO), "two files" (a
+    prefill engine and its decode engine), or "prefill only" (no decode engine)."""
     return "one file" if is_one_file(meta) else "two files" if meta.get("decode") else "prefill only"
 
 

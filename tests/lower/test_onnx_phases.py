@@ -9,9 +9,10 @@ import pytest
 
 from tests.conftest import check_generation, prompts
 from vtrcompile import load_engine
+from vtrcompile.engine.metadata import PHASE_INPUT
 from vtrcompile.errors import VtrError
 from vtrcompile.lower.onnx import initializer_bytes
-from vtrcompile.lower.onnx_phases import PHASE_INPUT, _content_key, merge_phases
+from vtrcompile.lower.onnx_phases import _content_key, merge_phases
 from vtrcompile.lower.onnxruntime import reduction_share, selector_node_names
 from vtrcompile.optimize import Target, write_engine
 from vtrcompile.reference.methods import fastv_reference, pyramiddrop_reference
@@ -170,11 +171,11 @@ def test_merge_refuses_engines_whose_outputs_differ(one_file):
         merge_phases(prefill, decode, [prefill_path.parent], "x.onnx")
 
 
-def test_one_file_needs_onnxruntime_and_a_decode_engine(tiny, tiny_build, tmp_path):
+def test_one_file_needs_onnxruntime_or_openvino_and_a_decode_engine(tiny, tiny_build, tmp_path):
     from vtrcompile.optimize import check_target
 
-    with pytest.raises(VtrError, match="--one-file joins ONNX Runtime engines"):
-        check_target(Target(backend="openvino", one_file=True))
+    with pytest.raises(VtrError, match="--one-file joins ONNX Runtime and OpenVINO engines"):
+        check_target(Target(backend="aoti", one_file=True))
     out = tmp_path / "e.onnx"
     with pytest.raises(VtrError, match="an exported program has none"):
         write_engine(tiny_build("fastv", layer=2, keep=18), tiny, out, Target(one_file=True), decode=False)
@@ -184,8 +185,8 @@ def test_one_file_needs_onnxruntime_and_a_decode_engine(tiny, tiny_build, tmp_pa
 def test_cli_refuses_one_file_for_another_backend(tmp_path):
     from tests.test_cli import _assert_clean_error, _run
 
-    res = _run("optimize", "tiny", "--method", "fastv", "--out", str(tmp_path / "x.xml"), "--one-file")
-    _assert_clean_error(res, tmp_path, "--one-file", "openvino")
+    res = _run("optimize", "tiny", "--method", "fastv", "--out", str(tmp_path / "x.pt2"), "--one-file")
+    _assert_clean_error(res, tmp_path, "--one-file", "aoti")
     assert not any(tmp_path.iterdir())
 
 

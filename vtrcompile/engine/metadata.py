@@ -84,9 +84,24 @@ def stamp(role: str, fields: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+# A one-file engine's boolean input: true runs the prefill phase, false the decode phase.
+PHASE_INPUT = "prefill"
+
+
 def is_one_file(meta: dict[str, Any]) -> bool:
-    """Whether an engine holds its decode engine too (lower/onnx_phases.py)."""
+    """Whether an engine holds its decode engine too (lower/onnx_phases.py, lower/openvino_phases.py)."""
     return bool((meta.get("decode") or {}).get("metadata"))
+
+
+def other_phase_inputs(meta: dict[str, Any], prefill: bool) -> list[dict[str, Any]]:
+    """The inputs of a one-file engine that only the phase not run reads ({name, shape, dtype} as the io lists
+    them). Runtimes want every input bound, so each backend feeds them as empty tensors; the branch not taken never
+    reads them."""
+    mine, other = meta["io"], meta["decode"]["metadata"]["io"]
+    if not prefill:
+        mine, other = other, mine
+    names = {t["name"] for t in mine["inputs"]}
+    return [t for t in other["inputs"] if t["name"] not in names]
 
 
 def check_metadata(meta: dict[str, Any], path: Path) -> None:

@@ -25,12 +25,12 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from ..engine.metadata import PHASE_INPUT
 from .atomic import write_atomically
 from .onnx import METADATA_KEY, external_span, metadata_of
 
 log = logging.getLogger(__name__)
 
-PHASE_INPUT = "prefill"
 
 
 def _content_key(t: onnx.TensorProto, folders: Sequence[Path], spans: dict[tuple, str] | None = None) -> tuple:

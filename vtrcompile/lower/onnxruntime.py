@@ -18,12 +18,11 @@ import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
-from ..engine.metadata import check_metadata, is_one_file
+from ..engine.metadata import PHASE_INPUT, check_metadata, is_one_file, other_phase_inputs
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import check_engine_fits, release_freed_heap
 from .onnx import external_data_problem, initializer_bytes, metadata_of
-from .onnx_phases import PHASE_INPUT
 
 __all__ = ["OrtEngine", "check_prompt", "reduction_share", "selector_node_names"]
 
@@ -68,15 +67,9 @@ def phase_feeds(meta: dict[str, Any], prefill: bool) -> dict[str, ort.OrtValue]:
     """What a run of one phase of a one-file engine (lower/onnx_phases.py) adds to its feeds: the `prefill` flag,
     and an empty tensor for each input only the other phase reads (ONNX Runtime wants every input bound; the
     branch not taken never reads them)."""
-    mine, other = meta["io"], meta["decode"]["metadata"]["io"]
-    if not prefill:
-        mine, other = other, mine
-    names = {t["name"] for t in mine["inputs"]}
     feeds = {PHASE_INPUT: ort.OrtValue.ortvalue_from_numpy(np.array(prefill))}
-    for t in other["inputs"]:
-        if t["name"] not in names:
-            feeds[t["name"]] = ort.OrtValue.ortvalue_from_shape_and_type([0] * len(t["shape"]),
-                                                                         _EMPTY_TYPES[t["dtype"]])
+    for t in other_phase_inputs(meta, prefill):
+        feeds[t["name"]] = ort.OrtValue.ortvalue_from_shape_and_type([0] * len(t["shape"]), _EMPTY_TYPES[t["dtype"]])
     return feeds
 
 

@@ -11,6 +11,7 @@ never lowers a float32 engine's precision behind the user's back.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
+from ..engine.metadata import PHASE_INPUT, check_metadata, is_one_file, other_phase_inputs
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import anonymous_bytes, check_engine_fits, expect_first_run, first_run_done
@@ -72,16 +74,17 @@ def check_nncf() -> None:
 
 
 def export_openvino(program: Any, out: Path, metadata: dict[str, Any], weights: str = "none",
-                    streamed: Any = None) -> list[Path]:
+                    streamed: Any = None, store_folder: Path | None = None) -> list[Path]:
     """ONNX export, then OpenVINO's conversion of that file. Weights streamed from a checkpoint (`streamed`) stay
-    in the model's weight store beside `out` and the IR points at them (`ir_on_store`: nothing holds or copies a
-    weight); otherwise, and for int8 weights (NNCF reads them), `ir_from_onnx` writes the IR with its own .bin."""
+    in the model's weight store beside `out` (or in `store_folder`) and the IR points at them (`ir_on_store`:
+    nothing holds or copies a weight); otherwise, and for int8 weights (NNCF reads them), `ir_from_onnx` writes the
+    IR with its own .bin."""
     _ov()
     if streamed is not None and weights == "none":
-        return ir_on_store(program, out, metadata, streamed)
+        return ir_on_store(program, out, metadata, streamed, store_folder)
     with tempfile.TemporaryDirectory(prefix=".vtr-onnx.", dir=out.parent if out.parent.is_dir() else None) as d:
         onnx_path = Path(d) / (out.stem + ".onnx")
-        export_onnx(program, onnx_path, metadata, streamed)
+        export_onnx(program, onnx_path, metadata, streamed, store_folder)
         return ir_from_onnx(onnx_path, out, metadata, weights)
 
 
@@ -116,11 +119,12 @@ def ir_from_onnx(onnx_path: Path, out: Path, metadata: dict[str, Any], weights: 
     return files
 
 
-def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any) -> list[Path]:
+def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any,
+                store_folder: Path | None = None) -> list[Path]:
     """A program whose weights stream from a checkpoint -> an IR whose .bin is the model's weight store.
 
-    The ONNX export streams the weights into the store beside `out` (shared with the model's other engines, as for
-    .onnx engines). OpenVINO's reader converts that ONNX file with each stored weight swapped for a stand-in input
+    The ONNX export streams the weights into the store beside `out`, or in `store_folder` (shared with the model's
+    other engines, as for .onnx engines). OpenVINO's reader converts that ONNX file with each stored weight swapped for a stand-in input
     before the IR is saved, so no weight is read; the saved IR's constants that remain (small ones, inline in the
     ONNX) are appended to the store as one block, and `openvino_store.point_at_store` turns each stand-in back into a
     constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
@@ -130,8 +134,9 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
     from .weight_store import WeightStore
 
     t0 = time.perf_counter()
-    onnx_path = out.parent / f".{out.stem}.vtr-ir.onnx"  # beside out, so that the store is the model's shared one
-    which = (out.parent, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))  # as export_onnx's
+    folder = store_folder or out.parent
+    onnx_path = folder / f".{out.stem}.vtr-ir.onnx"  # beside the store, the model's shared one, which it streams into
+    which = (folder, metadata.get("model_id", "model"), metadata.get("dtype", "float32"))  # as export_onnx's
     before = WeightStore(*which)
     try:
         export_onnx(program, onnx_path, metadata, streamed)
@@ -241,11 +246,27 @@ def compiled_weight_bytes(model: Any, hint: str) -> int:
     low = {ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4}
     size = {"f32": 4, "bf16": 2, "f16": 2}[hint]
     total = 0
-    for op in model.get_ops():
-        if op.get_type_name() == "Constant":
-            low_bits = op.get_element_type() in low
-            total += math.prod(int(d) for d in op.get_output_shape(0)) * size if low_bits else op.get_byte_size()
+    for op in _constants(model):
+        low_bits = op.get_element_type() in low
+        total += math.prod(int(d) for d in op.get_output_shape(0)) * size if low_bits else op.get_byte_size()
     return total
+
+
+def _constants(model: Any) -> list[Any]:
+    """Every Constant of `model` and of the bodies of its `If`s (a one-file engine), each block of bytes once: the
+    IR reader maps equal constants of the two bodies onto the same bytes, which the CPU plugin packs once."""
+    out, seen = [], set()
+    stack = [model]
+    while stack:
+        for op in stack.pop().get_ops():
+            if op.get_type_name() == "If":
+                stack += [op.get_function(0), op.get_function(1)]
+            elif op.get_type_name() == "Constant":
+                key = (op.get_data().ctypes.data, op.get_byte_size()) if op.get_byte_size() else id(op)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(op)
+    return out
 
 
 class OvEngine:
@@ -286,6 +307,40 @@ class OvEngine:
         self._declared = {**float_input_dtypes(self.metadata["io"]), **dict.fromkeys(self._bf16_inputs, torch.bfloat16)}
         self._wrapped: dict[str, Any] = {}  # torch inputs: name -> (memory key, its OpenVINO tensor), last made
         self._ov = ov
+        # a one-file engine (lower/openvino_phases.py): the flag and empty inputs of the other phase, per phase
+        self._phase, self._decode_phase = self._one_file_feeds() if is_one_file(self.metadata) else ({}, {})
+
+    def _one_file_feeds(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The prefill and decode phases' extra inputs of a one-file engine, after checking that the file is one (its
+        graph takes the phase flag, its metadata carries a decode engine's), so that damage is one line."""
+        inner = self.metadata["decode"]["metadata"]
+        takes_flag = PHASE_INPUT in {p.get_any_name() for p in self.compiled.inputs}
+        try:
+            if not takes_flag or not isinstance(inner, dict) or inner.get("role") != "decode":
+                raise ValueError
+            check_metadata(inner, self.path)
+            return self._phase_feeds(True), self._phase_feeds(False)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise VtrError(f"{self.path}: a one-file engine whose decode half is damaged (metadata or graph); rebuild "
+                           "it with `vtrcompile optimize --one-file`") from None
+
+    def _phase_feeds(self, prefill: bool) -> dict[str, Any]:
+        types = {p.get_any_name(): p.get_element_type() for p in self.compiled.inputs}
+        feeds = {PHASE_INPUT: self._ov.Tensor(np.array(prefill))}
+        for t in other_phase_inputs(self.metadata, prefill):
+            feeds[t["name"]] = self._ov.Tensor(types[t["name"]], [0] * len(t["shape"]))
+        return feeds
+
+    def decode_view(self) -> OvEngine:
+        """The decode phase of a one-file engine: the same compiled model, so the same packed weights, with its own
+        metadata (the decode engine's) and infer requests."""
+        view = copy.copy(self)
+        view.metadata = self.metadata["decode"]["metadata"]
+        view._declared = {**float_input_dtypes(view.metadata["io"]), **dict.fromkeys(self._bf16_inputs, torch.bfloat16)}
+        view._phase = self._decode_phase
+        view.request = self.compiled.create_infer_request()
+        view._chain, view._turn, view._feeds, view._held, view._wrapped = [], 0, None, {}, {}
+        return view
 
     def bind(self, feeds: dict[str, Any]) -> None:
         """Numpy arrays (checked against the engine's io) and CPU torch tensors in the engine's input dtype (the
@@ -312,6 +367,8 @@ class OvEngine:
             out[n] = bf16_tensor(n, a) if n in self._bf16_inputs else self._ov.Tensor(a, shared_memory=True)
             shared = a.dtype == np.float16 if n in self._bf16_inputs else True  # bf16_tensor copies other dtypes
             keys[n] = (a.ctypes.data, a.shape, a.dtype.str) if shared else None
+        for n, t in self._phase.items():  # a one-file engine's phase inputs: made once, kept by the engine
+            out[n], keys[n] = t, ("phase", id(t))
         return out, keys
 
     def _set(self, request: Any, tensors: dict[str, Any], keys: dict[str, Any]) -> None:

@@ -1,0 +1,116 @@
+"""One-file OpenVINO engines (`optimize --out x.xml --one-file`, lower/openvino_phases.py): the prefill and the decode
+IR as the bodies of one If, every weight stored once and mapped once; generation unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import check_generation, prompts
+from vtrcompile import load_engine
+from vtrcompile.engine.metadata import PHASE_INPUT
+from vtrcompile.errors import VtrError
+from vtrcompile.optimize import Target, write_engine
+from vtrcompile.reference.methods import fastv_reference, pyramiddrop_reference
+
+ov = pytest.importorskip("openvino")
+
+STEPS = 8
+ENGINES = {"fastv-k2-18": ("fastv", {"layer": 2, "keep": 18}), "pyramiddrop": ("pyramiddrop", {})}
+
+
+@pytest.fixture(scope="module")
+def one_ir(tiny, tiny_build, tmp_path_factory):
+    """name -> (the one-file IR, the prefill IR of the pair it was joined from, the decode IR)."""
+    folder = tmp_path_factory.mktemp("one-file-ir")
+    out = {}
+    for name, (method, opts) in ENGINES.items():
+        b = tiny_build(method, **opts)
+        pair = write_engine(b, tiny, folder / f"{name}.pair.xml", Target(backend="openvino"))
+        one = write_engine(b, tiny, folder / f"{name}.xml", Target(backend="openvino", one_file=True))
+        out[name] = (one.files[-1], pair.files[-1], folder / pair.metadata["decode"]["file"])
+    return out
+
+
+def _big_constants(model, min_bytes=4096) -> list:
+    return [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant" and op.get_byte_size() >= min_bytes]
+
+
+def test_one_ir_maps_each_weight_once(one_ir):
+    """One If on the phase flag; every weight of the decode body is mapped onto the same bytes as a prefill body
+    constant (what the CPU plugin packs once), so the memory check counts the LLM's weights once."""
+    from vtrcompile.lower.openvino import compiled_weight_bytes, read_ir
+
+    one_path, prefill_path, decode_path = one_ir["fastv-k2-18"]
+    model, meta = read_ir(one_path)
+    assert [op.get_type_name() for op in model.get_ordered_ops() if op.get_type_name() not in
+            ("Parameter", "Result")] == ["If"]
+    assert model.inputs[0].get_any_name() == PHASE_INPUT
+    node = next(op for op in model.get_ordered_ops() if op.get_type_name() == "If")
+    prefill_body, decode_body = node.get_function(0), node.get_function(1)
+    at = {(c.get_data().ctypes.data, c.get_byte_size()) for c in _big_constants(prefill_body)}
+    decode_weights = _big_constants(decode_body)
+    assert decode_weights and all((c.get_data().ctypes.data, c.get_byte_size()) in at for c in decode_weights)
+    prefill, decode = read_ir(prefill_path)[0], read_ir(decode_path)[0]
+    one_bytes, prefill_bytes = compiled_weight_bytes(model, "f32"), compiled_weight_bytes(prefill, "f32")
+    assert prefill_bytes <= one_bytes < prefill_bytes + 0.01 * compiled_weight_bytes(decode, "f32")
+    # on disk too: the joined .bin holds the prefill's bytes, not the decode engine's again
+    assert one_path.with_suffix(".bin").stat().st_size <= 1.01 * prefill_path.with_suffix(".bin").stat().st_size
+    assert meta["decode"]["file"] == one_path.name and meta["decode"]["metadata"]["role"] == "decode"
+    assert meta["backend"] == meta["decode"]["metadata"]["backend"] == "openvino"
+
+
+@pytest.mark.parametrize("name,positions,prefill", [
+    ("fastv-k2-18", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
+    ("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+])
+def test_one_ir_generates_the_spec_reference(tiny, one_ir, name, positions, prefill):
+    """The decode phase runs on the prefill's compiled model, and the generated tokens, per-step logits and cache
+    lengths equal the spec's eager reference, as the pair's do."""
+    engine = load_engine(one_ir[name][0], threads=1)
+    assert engine.decode.compiled is engine.prefill.compiled
+    assert engine.decode.metadata["role"] == "decode"
+    check_generation(engine, tiny.hf_model, prompts(tiny.hf_model.config)[:2], prefill, positions, STEPS)
+
+
+def test_one_ir_equals_the_pair(tiny, one_ir):
+    one_path, prefill_path, _ = one_ir["fastv-k2-18"]
+    one, pair = load_engine(one_path, threads=1), load_engine(prefill_path, threads=1)
+    ids, px = prompts(tiny.hf_model.config)[2]
+    a = one.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[], temperature=2.0, seed=3)
+    b = pair.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[], temperature=2.0, seed=3)
+    assert a.tokens.tolist() == b.tokens.tolist()
+    assert float(np.abs(a.logits - b.logits).max()) <= 1e-5
+    assert float(np.abs(one(input_ids=ids, pixel_values=px) - pair(input_ids=ids, pixel_values=px)).max()) <= 1e-5
+
+
+def test_a_one_ir_whose_decode_half_is_damaged_is_refused_in_one_line(one_ir, tmp_path):
+    import openvino as ov
+
+    from vtrcompile.lower.onnx import METADATA_KEY
+    from vtrcompile.lower.openvino import OvEngine, read_ir
+
+    model, meta = read_ir(one_ir["fastv-k2-18"][0])
+    meta["decode"]["metadata"] = {"role": "prefill"}
+    model.set_rt_info(json.dumps(meta), [METADATA_KEY])
+    ov.save_model(model, str(tmp_path / "bad.xml"), compress_to_fp16=False)
+    with pytest.raises(VtrError, match="decode half is damaged") as e:
+        OvEngine(tmp_path / "bad.xml", threads=1)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_writes_one_ir_when_asked(tmp_path):
+    """`optimize --out x.xml --one-file` writes one IR (its metadata names itself as the decode engine) beside the
+    decode IR it was joined with; no staging folder is left."""
+    from tests.test_cli import _run
+    from vtrcompile.engine.runners import read_engine_metadata
+
+    out = tmp_path / "x.xml"
+    res = _run("optimize", "tiny", "--method", "fastv", "--keep", "8", "--out", str(out), "--one-file")
+    assert res.exit_code == 0, res.output
+    meta = read_engine_metadata(out)
+    assert meta["decode"]["file"] == out.name and "metadata" in meta["decode"]
+    assert f"decode engine: in {out} (one file)" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
