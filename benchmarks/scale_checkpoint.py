@@ -5,8 +5,12 @@ safetensors shards in the layout `save_pretrained` writes) through the CLI the w
 
 Records wall time and peak RSS (from /usr/bin/time), runs the ONNX checker on the graph, and checks that
 the weight store holds every weight once (its index spans tile the file exactly, and every large initializer
-of both engines points into it). Usage:
-    python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b [--ext .xml]
+of both engines points into it). `--one-file` builds one-file engines (`optimize --one-file`; a one-file IR has its
+own .bin, so only the decode IR is checked against the store). `--generate N` then runs `vtrcompile generate
+--max-new-tokens N --json` on the engine under /usr/bin/time (a prompt of token ids around the image; random
+weights, so the tokens mean nothing): whether the process fits, its peak RSS, TTFT and the decode steps. Usage:
+    python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b [--ext .xml] [--one-file]
+        [--generate 8]
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def make_checkpoint(preset: str, folder: Path, seed: int = 0) -> dict:
     return {"files": len(files), "bytes": total, "params": sum(p.numel() for p in model.parameters())}
 
 
-def time_v(cmd: list[str]) -> dict:
+def time_v(cmd: list[str], keep_stdout: bool = False) -> dict:
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -81,6 +85,8 @@ def time_v(cmd: list[str]) -> dict:
     out = {"cmd": " ".join(cmd), "exit": r.returncode, "wall_s": wall,
            "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else None,
            "stderr_tail": [line for line in r.stderr.splitlines() if not line.startswith("\t")][-6:]}
+    if keep_stdout:
+        out["stdout"] = json.loads(r.stdout) if r.returncode == 0 else r.stdout[-2000:]
     return out
 
 
@@ -173,6 +179,8 @@ def main() -> None:
     ap.add_argument("--ext", default=".onnx", choices=[".onnx", ".xml"],
                     help="engine type: .onnx (weights streamed into the store) or .xml (an IR whose .bin is that store)")
     ap.add_argument("--keep-checkpoint", action="store_true")
+    ap.add_argument("--one-file", action="store_true", help="optimize --one-file (the prefill and decode in one file)")
+    ap.add_argument("--generate", type=int, default=0, help="then generate this many tokens with the engine")
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -185,19 +193,27 @@ def main() -> None:
     logging.info("checkpoint: %s", made)
     out.mkdir(parents=True)
     run = time_v(["vtrcompile", "optimize", str(ckpt), "--method", "fastv", "--keep", str(args.keep), "--dtype", "bfloat16",
-                  "--out", str(out / f"fastv{args.ext}")])
+                  "--out", str(out / f"fastv{args.ext}"), *(["--one-file"] if args.one_file else [])])
     logging.info("optimize: %s", run)
     result = {"preset": args.preset, "checkpoint": made, "optimize": run}
     if run["exit"] == 0 and args.ext == ".xml":
         result["engines"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
         result["disk_bytes"] = sum(f.stat().st_size for f in {f.stat().st_ino: f for f in out.iterdir()}.values())
-        result["store"] = check_ir_store(out, [out / "fastv.xml", *sorted(out.glob("decode-*.xml"))], ckpt)
+        irs = [*([] if args.one_file else [out / "fastv.xml"]), *sorted(out.glob("decode-*.xml"))]
+        result["store"] = check_ir_store(out, irs, ckpt)
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     elif run["exit"] == 0:
         engines = [out / "fastv.onnx", *sorted(out.glob("decode-*.onnx"))]
         result["store"] = check_store(out, engines)
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    tag = args.preset.removeprefix("llava15-") + ("" if args.ext == ".onnx" else "-openvino")
+    if run["exit"] == 0 and args.generate:
+        image = Path(__file__).resolve().parents[1] / "models/vqa-synth-llava/examples/test-3.png"
+        gen = time_v(["vtrcompile", "generate", str(out / f"fastv{args.ext}"), "--image", str(image), "--ids",
+                      "1,3,4,5,image,6,7,8,9", "--max-new-tokens", str(args.generate), "--json"], keep_stdout=True)
+        logging.info("generate: %s", {k: v for k, v in gen.items() if k != "stdout"})
+        result["generate"] = gen
+    tag = args.preset.removeprefix("llava15-") + ("" if args.ext == ".onnx" else "-openvino") + \
+        ("-one-file" if args.one_file else "")
     path = Path(args.result or f"benchmarks/results/scale-checkpoint-{tag}.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

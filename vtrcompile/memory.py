@@ -140,9 +140,13 @@ def serving_estimate(weights: int, role: str | None, dtype: str | None) -> tuple
     the decode engine grew the process by 1.1x its weights in ONNX Runtime f32, 1.7x in OpenVINO bf16, BENCHMARKS.md,
     "Measured memory of a serving process")."""
     what = f"its {weights / GB:.1f} GB of weights, which the runtime keeps a copy of for this engine"
+    advice = []
     if role == "decode":
         what += ": a second copy of the LLM's, beside the prefill engine's"
-    advice = ["--dtype bfloat16 halves the weights"] if dtype == "float32" else []
+        advice.append("build a one-file engine (`vtrcompile optimize --one-file`, .onnx or .xml), whose decode phase "
+                      "shares the prefill's weights")
+    if dtype == "float32":
+        advice.append("--dtype bfloat16 halves the weights")
     return weights, what, [*advice, "free memory or use a machine with more"]
 
 

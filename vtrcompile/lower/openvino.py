@@ -163,7 +163,7 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
         raise
     finally:
         onnx_path.unlink(missing_ok=True)
-    log.info("%s: %d weights point into %s (%.1fs)", out, len(stored), store.data.name, time.perf_counter() - t0)
+    log.info("%s: %d weights point into %s (%.1fs)", out.name, len(stored), store.data.name, time.perf_counter() - t0)
     return files
 
 
