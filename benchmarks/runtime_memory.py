@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from vtrcompile.engine.resident import measure
+from vtrcompile.engine.runners import backend_of
 from vtrcompile.profile import DEFAULT_PREFIX, DEFAULT_SUFFIX, environment
 
 KEYS = ("loaded_mib", "peak_after_prefills_mib", "decode_opened_mib", "peak_after_generations_mib")
@@ -42,9 +43,14 @@ def main() -> None:
     for e, m in median.items():
         print(f"{e:{width}}  {m[KEYS[0]]:8.1f}  {m[KEYS[1]]:16.1f}  {m[KEYS[2]]:17.1f}  {m[KEYS[3]]:19.1f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"new_tokens": args.new_tokens, "reps": args.reps,
-                                              "environment": environment(args.threads), "runs": runs,
-                                              "median": median}, indent=1))
+        # each engine ran in its own process: name each one's backend (environment() alone names ONNX Runtime's)
+        env = {**environment(args.threads), "backend": {e: backend_of(e) for e in args.engines}}
+        if "openvino" in env["backend"].values():
+            import openvino
+
+            env["openvino"] = openvino.__version__
+        Path(args.out).write_text(json.dumps({"new_tokens": args.new_tokens, "reps": args.reps, "environment": env,
+                                              "runs": runs, "median": median}, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "max_context": (BOTH, "the model's max_position_embeddings"),
     "eos_token_ids": (BOTH, "token ids that end generation"),
     "decode": ((PREFILL,), "the paired decode engine: {file, model_id}, or null; a one-file engine (optimize's "
-                           "default for .onnx) also holds it: file is its own name, and metadata the decode engine's"),
+                           "default for .onnx, --one-file for .xml) also holds it: file is its own name, and metadata "
+                           "the decode engine's"),
     "processor": ((PREFILL,), "image preprocessing, prompt template and tokenizer folder"),
     "method": ((PREFILL,), "the reduction method"),
     "options": ((PREFILL,), "the method's options as given"),
