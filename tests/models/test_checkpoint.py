@@ -178,6 +178,39 @@ def test_openvino_engines_of_a_checkpoint_read_the_weight_store(checkpoint, in_m
         assert (ga.tokens == gb.tokens).all() and float(np.abs(ga.logits - gb.logits).max()) <= 1e-5
 
 
+@pytest.mark.slow
+def test_an_openvino_one_file_engine_of_a_checkpoint(checkpoint, in_memory, tmp_path):
+    """.xml --one-file from a checkpoint: the prefill IR streams into the model's store beside the output (not into
+    the temporary folder it is joined in), the joined IR has its own .bin (its metadata names no store), the decode
+    IR's .bin is still the store, nothing else is left, and it generates what the in-memory ONNX engine does."""
+    pytest.importorskip("openvino")
+    import os
+
+    from vtrcompile import load_engine
+    from vtrcompile.lower.openvino import read_ir
+    from vtrcompile.optimize import Target
+
+    lazy = load_model(str(checkpoint))
+    one = write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "f.xml",
+                       Target(backend="openvino", one_file=True))
+    meta = read_ir(tmp_path / "f.xml")[1]
+    assert "weights_file" not in meta and meta["decode"]["file"] == "f.xml"
+    decode = next(tmp_path.glob("decode-*.xml"))
+    store = tmp_path / read_ir(decode)[1]["weights_file"]
+    assert os.path.samefile(decode.with_suffix(".bin"), store)
+    assert not os.path.samefile(tmp_path / "f.bin", store)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["f.xml", "f.bin", decode.name, decode.with_suffix(".bin").name, store.name, store.with_suffix(".json").name])
+    assert [str(p) for p in one.files] == [str(tmp_path / "f.bin"), str(tmp_path / "f.xml")]
+    ids, px = prompts(lazy.hf_model.config)[0]
+    got = load_engine(tmp_path / "f.xml", threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=4,
+                                                             eos_token_id=[])
+    want = load_engine(in_memory[1].files[-1], threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=4,
+                                                                  eos_token_id=[])
+    assert got.tokens.tolist() == want.tokens.tolist()
+    assert float(np.abs(got.logits - want.logits).max()) <= 1e-5
+
+
 def test_a_checkpoint_asked_for_in_another_dtype_is_in_that_dtype_everywhere():
     """The demo model's config.json names float32 for its vision sub-config too: read lazily in bfloat16, every
     parameter and buffer has the dtype transformers' own loading gives it (none is left float32 by the

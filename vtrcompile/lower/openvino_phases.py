@@ -65,7 +65,9 @@ def join_phases(prefill: Any, decode: Any, prefill_meta: dict[str, Any], decode_
         results.append(ops.result(out))
     joined = ov.Model(results, [flag, *outer.values()], "prefill_and_decode")
     joined.validate_nodes_and_infer_types()
-    meta = {**prefill_meta, "decode": {**prefill_meta["decode"], "file": file_name, "metadata": decode_meta}}
+    # the joined IR's .bin is its own (written by OpenVINO), not the weight store the prefill IR's was a link to
+    meta = {k: v for k, v in prefill_meta.items() if k != "weights_file"}
+    meta["decode"] = {**prefill_meta["decode"], "file": file_name, "metadata": decode_meta}
     joined.set_rt_info(json.dumps(meta, sort_keys=True), [METADATA_KEY])
     return joined
 
