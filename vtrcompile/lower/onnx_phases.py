@@ -32,7 +32,6 @@ from .onnx import METADATA_KEY, external_span, metadata_of
 log = logging.getLogger(__name__)
 
 
-
 def _content_key(t: onnx.TensorProto, folders: Sequence[Path], spans: dict[tuple, str] | None = None) -> tuple:
     """What makes two initializers the same weight: dtype, shape and a hash of the bytes (read from the external
     file where the tensor lives in one, found in the first of `folders` that has it). `spans`: digests of the

@@ -124,8 +124,8 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
     """A program whose weights stream from a checkpoint -> an IR whose .bin is the model's weight store.
 
     The ONNX export streams the weights into the store beside `out`, or in `store_folder` (shared with the model's
-    other engines, as for .onnx engines). OpenVINO's reader converts that ONNX file with each stored weight swapped for a stand-in input
-    before the IR is saved, so no weight is read; the saved IR's constants that remain (small ones, inline in the
+    other engines, as for .onnx engines). OpenVINO's reader converts that ONNX file with each stored weight swapped
+    for a stand-in input before the IR is saved, so no weight is read; the saved IR's constants that remain (small ones, inline in the
     ONNX) are appended to the store as one block, and `openvino_store.point_at_store` turns each stand-in back into a
     constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
     system has no hard links): every IR of the model reads the same bytes, stored once."""

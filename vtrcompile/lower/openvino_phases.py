@@ -7,8 +7,8 @@ bytes of the .bin, and the CPU plugin keys the weights it packs by their address
 packed once for both.
 
 The price: the CPU plugin copies each input of an `If` into the body it runs, so every decode step copies the
-cache buffers (measured on `llava15-geometry`, bf16: 9.0 -> 10.5 ms a step at 671 cached rows, 8.3 -> 14.6 ms at
-1,900; BENCHMARKS.md, "OpenVINO: one file, weights once"). Two files stay the default for `.xml`.
+cache buffers (measured on `llava15-geometry` bf16: a FastV 64 step 7.27 -> 8.45 ms; 8.3 -> 14.6 ms with 1,900
+cached rows in every layer; BENCHMARKS.md, "OpenVINO one-file engines"). Two files stay the default for `.xml`.
 """
 
 from __future__ import annotations
