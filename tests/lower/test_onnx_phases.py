@@ -19,6 +19,24 @@ from vtrcompile.reference.methods import fastv_reference, pyramiddrop_reference
 
 STEPS = 8
 ENGINES = {"fastv-k2-18": ("fastv", {"layer": 2, "keep": 18}), "pyramiddrop": ("pyramiddrop", {})}
+# each engine of ENGINES, its position policy, and the spec's eager prefill its generation is checked against (the
+# OpenVINO one-file tests take the same cases)
+GENERATION_CASES = [
+    ("fastv-k2-18", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
+    ("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
+]
+
+
+def assert_generates_as_the_pair(one_path, prefill_path, config, **sampling) -> None:
+    """A one-file engine generates the tokens of the pair it was joined from, per-step logits and the prefill's
+    logits within 1e-5."""
+    one, pair = load_engine(one_path, threads=1), load_engine(prefill_path, threads=1)
+    ids, px = prompts(config)[2]
+    a = one.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[], **sampling)
+    b = pair.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[], **sampling)
+    assert a.tokens.tolist() == b.tokens.tolist()
+    assert float(np.abs(a.logits - b.logits).max()) <= 1e-5
+    assert float(np.abs(one(input_ids=ids, pixel_values=px) - pair(input_ids=ids, pixel_values=px)).max()) <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +76,7 @@ def test_one_file_holds_each_weight_once(tiny, one_file):
     assert reduction_share(one_path, ids.numpy(), px.numpy(), 1, 2, threads=1)["selector"] > 0
 
 
-@pytest.mark.parametrize("name,positions,prefill", [
-    ("fastv-k2-18", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
-    ("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
-])
+@pytest.mark.parametrize("name,positions,prefill", GENERATION_CASES)
 def test_one_file_generates_the_spec_reference(tiny, one_file, name, positions, prefill):
     """The decode phase runs in the prefill's session, and the generated tokens, per-step logits and cache
     lengths equal the spec's eager reference, as the engine pair's do."""
@@ -73,13 +88,7 @@ def test_one_file_generates_the_spec_reference(tiny, one_file, name, positions, 
 
 def test_one_file_equals_the_pair(tiny, one_file):
     one_path, prefill_path, _ = one_file["fastv-k2-18"]
-    one, pair = load_engine(one_path, threads=1), load_engine(prefill_path, threads=1)
-    ids, px = prompts(tiny.hf_model.config)[2]
-    a = one.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
-    b = pair.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[])
-    assert a.tokens.tolist() == b.tokens.tolist()
-    assert float(np.abs(a.logits - b.logits).max()) <= 1e-5
-    assert float(np.abs(one(input_ids=ids, pixel_values=px) - pair(input_ids=ids, pixel_values=px)).max()) <= 1e-5
+    assert_generates_as_the_pair(one_path, prefill_path, tiny.hf_model.config)
 
 
 def test_profile_names_each_layout_and_warns_when_they_differ(one_file, caplog):

@@ -9,30 +9,32 @@ import numpy as np
 import pytest
 
 from tests.conftest import check_generation, prompts
+from tests.lower.test_onnx_phases import ENGINES, GENERATION_CASES, STEPS, assert_generates_as_the_pair
 from vtrcompile import load_engine
 from vtrcompile.engine.metadata import PHASE_INPUT
 from vtrcompile.errors import VtrError
 from vtrcompile.optimize import Target, write_engine
-from vtrcompile.reference.methods import fastv_reference, pyramiddrop_reference
 
 ov = pytest.importorskip("openvino")
-
-STEPS = 8
-ENGINES = {"fastv-k2-18": ("fastv", {"layer": 2, "keep": 18}), "pyramiddrop": ("pyramiddrop", {})}
 
 
 @pytest.fixture(scope="module")
 def one_ir(tiny, tiny_build, tmp_path_factory):
-    """name -> (the one-file IR, the prefill IR of the pair it was joined from (FastV only), the decode IR)."""
+    """name -> (the one-file IR, the prefill IR of the pair it was joined from (FastV only), the decode IR), each
+    built on first use."""
     folder = tmp_path_factory.mktemp("one-file-ir")
-    out = {}
-    for name, (method, opts) in ENGINES.items():
-        b = tiny_build(method, **opts)
-        pair = write_engine(b, tiny, folder / f"{name}.pair.xml", Target(backend="openvino")) \
-            if name == "fastv-k2-18" else None
-        one = write_engine(b, tiny, folder / f"{name}.xml", Target(backend="openvino", one_file=True))
-        out[name] = (one.files[-1], pair and pair.files[-1], next(folder.glob("decode-*.xml")))
-    return out
+
+    class OneIrs(dict):
+        def __missing__(self, name):
+            method, opts = ENGINES[name]
+            b = tiny_build(method, **opts)
+            pair = write_engine(b, tiny, folder / f"{name}.pair.xml", Target(backend="openvino")) \
+                if name == "fastv-k2-18" else None
+            one = write_engine(b, tiny, folder / f"{name}.xml", Target(backend="openvino", one_file=True))
+            self[name] = (one.files[-1], pair and pair.files[-1], next(folder.glob("decode-*.xml")))
+            return self[name]
+
+    return OneIrs()
 
 
 def _big_constants(model, min_bytes=4096) -> list:
@@ -63,10 +65,8 @@ def test_one_ir_maps_each_weight_once(one_ir):
     assert meta["backend"] == meta["decode"]["metadata"]["backend"] == "openvino"
 
 
-@pytest.mark.parametrize("name,positions,prefill", [
-    ("fastv-k2-18", "keep", lambda m, i, p: fastv_reference(m, i, p, 2, 18)),
-    ("pyramiddrop", "renumber", lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
-])
+@pytest.mark.parametrize("name,positions,prefill", [c if c[0] == "fastv-k2-18" else pytest.param(*c, marks=pytest.mark.slow)
+                                                     for c in GENERATION_CASES])
 def test_one_ir_generates_the_spec_reference(tiny, one_ir, name, positions, prefill):
     """The decode phase runs on the prefill's compiled model, and the generated tokens, per-step logits and cache
     lengths equal the spec's eager reference, as the pair's do."""
@@ -77,14 +77,9 @@ def test_one_ir_generates_the_spec_reference(tiny, one_ir, name, positions, pref
 
 
 def test_one_ir_equals_the_pair(tiny, one_ir):
+    """Sampled, so that the token each step feeds back is the sampled one in both."""
     one_path, prefill_path, _ = one_ir["fastv-k2-18"]
-    one, pair = load_engine(one_path, threads=1), load_engine(prefill_path, threads=1)
-    ids, px = prompts(tiny.hf_model.config)[2]
-    a = one.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[], temperature=2.0, seed=3)
-    b = pair.generate(input_ids=ids, pixel_values=px, max_new_tokens=STEPS, eos_token_id=[], temperature=2.0, seed=3)
-    assert a.tokens.tolist() == b.tokens.tolist()
-    assert float(np.abs(a.logits - b.logits).max()) <= 1e-5
-    assert float(np.abs(one(input_ids=ids, pixel_values=px) - pair(input_ids=ids, pixel_values=px)).max()) <= 1e-5
+    assert_generates_as_the_pair(one_path, prefill_path, tiny.hf_model.config, temperature=2.0, seed=3)
 
 
 def test_a_one_ir_whose_decode_half_is_damaged_is_refused_in_one_line(one_ir, tmp_path):
