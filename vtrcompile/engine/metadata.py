@@ -94,15 +94,32 @@ def is_one_file(meta: dict[str, Any]) -> bool:
     return bool((meta.get("decode") or {}).get("metadata"))
 
 
-def other_phase_inputs(meta: dict[str, Any], prefill: bool) -> list[dict[str, Any]]:
-    """The inputs of a one-file engine that only the phase not run reads ({name, shape, dtype} as the io lists
-    them). Runtimes want every input bound, so each backend feeds them as empty tensors; the branch not taken never
-    reads them."""
+def _other_phase_inputs(meta: dict[str, Any], prefill: bool) -> list[dict[str, Any]]:
     mine, other = meta["io"], meta["decode"]["metadata"]["io"]
     if not prefill:
         mine, other = other, mine
     names = {t["name"] for t in mine["inputs"]}
     return [t for t in other["inputs"] if t["name"] not in names]
+
+
+def one_file_phases(meta: dict[str, Any], graph_inputs: set[str], path: Path
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """For a run of the prefill phase and of the decode phase of a one-file engine: the inputs only the other phase
+    reads ({name, shape, dtype} as the io lists them). Runtimes want every input bound, so each backend feeds them
+    as empty tensors; the branch not taken never reads them. Checks first that the file is one (its graph takes
+    the phase flag and those inputs, its metadata carries a decode engine's), so that damage is one line."""
+    inner = meta["decode"]["metadata"]
+    try:
+        if PHASE_INPUT not in graph_inputs or not isinstance(inner, dict) or inner.get("role") != "decode":
+            raise ValueError
+        check_metadata(inner, path)
+        phases = _other_phase_inputs(meta, True), _other_phase_inputs(meta, False)
+        if any(t["name"] not in graph_inputs for phase in phases for t in phase):
+            raise ValueError
+        return phases
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise VtrError(f"{path}: a one-file engine whose decode half is damaged (metadata or graph); rebuild it with "
+                       "`vtrcompile optimize --one-file`") from None
 
 
 def check_metadata(meta: dict[str, Any], path: Path) -> None:

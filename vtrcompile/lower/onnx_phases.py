@@ -4,7 +4,8 @@ A process that generates opens both engines, and each ONNX Runtime session keeps
 weights (BENCHMARKS.md, "Measured memory of a serving process"). Here the two graphs become the branches of one
 `If` on a boolean input `prefill`, and every initializer the branches share (same dtype, shape and bytes) is
 stored once in the outer graph, where both branches read it: one session, one copy. ONNX Runtime runs only the
-branch the flag picks; the other branch's inputs are fed as empty tensors (`lower/onnxruntime.phase_feeds`).
+branch the flag picks; the other branch's inputs are fed as empty tensors (`engine/metadata.one_file_phases`,
+`lower/onnxruntime.phase_feeds`).
 
 The outer graph's inputs are the union of both engines' inputs, every dim left free (the two phases give
 `input_ids` different lengths); the engine metadata's `io` stays the prefill's, and the decode engine's metadata

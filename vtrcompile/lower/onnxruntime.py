@@ -18,7 +18,7 @@ import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
-from ..engine.metadata import PHASE_INPUT, check_metadata, is_one_file, other_phase_inputs
+from ..engine.metadata import PHASE_INPUT, is_one_file, one_file_phases
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import check_engine_fits, release_freed_heap
@@ -63,12 +63,11 @@ _EMPTY_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.F
                 "bool": onnx.TensorProto.BOOL}
 
 
-def phase_feeds(meta: dict[str, Any], prefill: bool) -> dict[str, ort.OrtValue]:
+def phase_feeds(prefill: bool, others: list[dict[str, Any]]) -> dict[str, ort.OrtValue]:
     """What a run of one phase of a one-file engine (lower/onnx_phases.py) adds to its feeds: the `prefill` flag,
-    and an empty tensor for each input only the other phase reads (ONNX Runtime wants every input bound; the
-    branch not taken never reads them)."""
+    and an empty tensor for each input only the other phase reads (`others`, engine/metadata.one_file_phases)."""
     feeds = {PHASE_INPUT: ort.OrtValue.ortvalue_from_numpy(np.array(prefill))}
-    for t in other_phase_inputs(meta, prefill):
+    for t in others:
         feeds[t["name"]] = ort.OrtValue.ortvalue_from_shape_and_type([0] * len(t["shape"]), _EMPTY_TYPES[t["dtype"]])
     return feeds
 
@@ -128,19 +127,9 @@ class OrtEngine:
         self._phase, self._decode_phase = self._one_file_feeds() if is_one_file(self.metadata) else ({}, {})
 
     def _one_file_feeds(self) -> tuple[dict[str, ort.OrtValue], dict[str, ort.OrtValue]]:
-        """The prefill and decode phases' extra feeds of a one-file engine, after checking that the file is one (its
-        graph takes the phase flag, its metadata carries a decode engine's) so that damage is one line, not a
-        traceback."""
-        inner = self.metadata["decode"]["metadata"]
-        takes_flag = PHASE_INPUT in {i.name for i in self.session.get_inputs()}
-        try:
-            if not takes_flag or not isinstance(inner, dict) or inner.get("role") != "decode":
-                raise ValueError
-            check_metadata(inner, self.path)
-            return phase_feeds(self.metadata, True), phase_feeds(self.metadata, False)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise VtrError(f"{self.path}: a one-file engine whose decode half is damaged (metadata or graph); rebuild "
-                           "it with `vtrcompile optimize --one-file`") from None
+        """The prefill and decode phases' extra feeds of a one-file engine (checked: damage is one line)."""
+        prefill, decode = one_file_phases(self.metadata, {i.name for i in self.session.get_inputs()}, self.path)
+        return phase_feeds(True, prefill), phase_feeds(False, decode)
 
     def decode_view(self) -> OrtEngine:
         """The decode phase of a one-file engine: the same session, so the same weights, with its own metadata

@@ -27,7 +27,7 @@ import torch
 
 from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
-from ..engine.metadata import PHASE_INPUT, check_metadata, is_one_file, other_phase_inputs
+from ..engine.metadata import PHASE_INPUT, is_one_file, one_file_phases
 from ..engine.protocol import check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import anonymous_bytes, check_engine_fits, expect_first_run, first_run_done
@@ -311,25 +311,16 @@ class OvEngine:
         self._phase, self._decode_phase = self._one_file_feeds() if is_one_file(self.metadata) else ({}, {})
 
     def _one_file_feeds(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The prefill and decode phases' extra inputs of a one-file engine, after checking that the file is one (its
-        graph takes the phase flag, its metadata carries a decode engine's), so that damage is one line."""
-        inner = self.metadata["decode"]["metadata"]
-        takes_flag = PHASE_INPUT in {p.get_any_name() for p in self.compiled.inputs}
-        try:
-            if not takes_flag or not isinstance(inner, dict) or inner.get("role") != "decode":
-                raise ValueError
-            check_metadata(inner, self.path)
-            return self._phase_feeds(True), self._phase_feeds(False)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise VtrError(f"{self.path}: a one-file engine whose decode half is damaged (metadata or graph); rebuild "
-                           "it with `vtrcompile optimize --one-file`") from None
-
-    def _phase_feeds(self, prefill: bool) -> dict[str, Any]:
+        """The prefill and decode phases' extra inputs of a one-file engine (checked: damage is one line): the flag,
+        and an empty tensor of the graph's type for each input only the other phase reads."""
         types = {p.get_any_name(): p.get_element_type() for p in self.compiled.inputs}
-        feeds = {PHASE_INPUT: self._ov.Tensor(np.array(prefill))}
-        for t in other_phase_inputs(self.metadata, prefill):
-            feeds[t["name"]] = self._ov.Tensor(types[t["name"]], [0] * len(t["shape"]))
-        return feeds
+
+        def feeds(prefill: bool, others: list[dict[str, Any]]) -> dict[str, Any]:
+            return {PHASE_INPUT: self._ov.Tensor(np.array(prefill)),
+                    **{t["name"]: self._ov.Tensor(types[t["name"]], [0] * len(t["shape"])) for t in others}}
+
+        prefill_others, decode_others = one_file_phases(self.metadata, set(types), self.path)
+        return feeds(True, prefill_others), feeds(False, decode_others)
 
     def decode_view(self) -> OvEngine:
         """The decode phase of a one-file engine: the same compiled model, so the same packed weights, with its own
