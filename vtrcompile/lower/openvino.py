@@ -125,9 +125,9 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
 
     The ONNX export streams the weights into the store beside `out`, or in `store_folder` (shared with the model's
     other engines, as for .onnx engines). OpenVINO's reader converts that ONNX file with each stored weight swapped
-    for a stand-in input before the IR is saved, so no weight is read; the saved IR's constants that remain (small ones, inline in the
-    ONNX) are appended to the store as one block, and `openvino_store.point_at_store` turns each stand-in back into a
-    constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
+    for a stand-in input before the IR is saved, so no weight is read; the saved IR's constants that remain (small
+    ones, inline in the ONNX) are appended to the store as one block, and `openvino_store.point_at_store` turns each
+    stand-in back into a constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
     system has no hard links): every IR of the model reads the same bytes, stored once."""
     ov = _ov()
     from .openvino_store import point_at_store, stand_in_weights
@@ -303,12 +303,15 @@ class OvEngine:
         self._bf16_inputs = {p.get_any_name() for p in self.compiled.inputs if p.get_element_type() == ov.Type.bf16}
         self._feeds: dict[str, Any] | None = None
         self._held: dict[int, dict[str, Any]] = {}  # per request: the memory of each input set on it (_set)
-        # float inputs' dtypes, for the torch tensors read in place (bf16 as OpenVINO compiled it)
-        self._declared = {**float_input_dtypes(self.metadata["io"]), **dict.fromkeys(self._bf16_inputs, torch.bfloat16)}
+        self._declared = self._input_dtypes(self.metadata["io"])
         self._wrapped: dict[str, Any] = {}  # torch inputs: name -> (memory key, its OpenVINO tensor), last made
         self._ov = ov
         # a one-file engine (lower/openvino_phases.py): the flag and empty inputs of the other phase, per phase
         self._phase, self._decode_phase = self._one_file_feeds() if is_one_file(self.metadata) else ({}, {})
+
+    def _input_dtypes(self, io: dict[str, Any]) -> dict[str, torch.dtype]:
+        """Float inputs' dtypes (bf16 as OpenVINO compiled it), for the torch tensors read in place."""
+        return {**float_input_dtypes(io), **dict.fromkeys(self._bf16_inputs, torch.bfloat16)}
 
     def _one_file_feeds(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The prefill and decode phases' extra inputs of a one-file engine (checked: damage is one line): the flag,
@@ -327,7 +330,7 @@ class OvEngine:
         metadata (the decode engine's) and infer requests."""
         view = copy.copy(self)
         view.metadata = self.metadata["decode"]["metadata"]
-        view._declared = {**float_input_dtypes(view.metadata["io"]), **dict.fromkeys(self._bf16_inputs, torch.bfloat16)}
+        view._declared = self._input_dtypes(view.metadata["io"])
         view._phase = self._decode_phase
         view.request = self.compiled.create_infer_request()
         view._chain, view._turn, view._feeds, view._held, view._wrapped = [], 0, None, {}, {}
