@@ -136,3 +136,28 @@ def test_sweep_interrupted(tmp_path):
                                  signal.SIGTERM)
     _check_clean(out, code, err, signal.SIGTERM, sent)
     assert not (out / "sweep.json").exists() or code == 0
+
+
+def test_an_interrupt_inside_a_finalizer_still_ends_the_run(tmp_path):
+    """A signal whose handler runs inside a `__del__` cannot raise there (Python prints "Exception ignored" and
+    runs on): the CLI delivers it again, so the run still stops at once, exit 128 + signal, no traceback."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from vtrcompile import cli\n"
+        "class Dying:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        for _ in range(100000):\n"
+        "            pass\n"  # the handler runs here, inside the finalizer
+        "@cli.main.command('finalize')\n"
+        "def finalize():\n"
+        "    Dying()\n"
+        "    time.sleep(30)\n"
+        "    print('ran on')\n"
+        "cli.main(['finalize'])\n")
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+    assert "interrupted by SIGTERM" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "ran on" not in res.stdout and time.monotonic() - t0 < 20

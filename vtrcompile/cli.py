@@ -48,6 +48,25 @@ def _on_terminate(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+_REDELIVERY: list[threading.Timer] = []  # interrupts swallowed by a finalizer, to be sent again
+
+
+def _on_unraisable(hook):
+    """An interrupt raised inside a finalizer (`__del__`, a weakref callback) cannot propagate: Python prints it
+    as "Exception ignored" with a traceback and runs on. Send the signal again a moment later instead, from
+    another thread, so that the handler raises it in ordinary code (sent from here, it would run inside this
+    hook and be swallowed again); any other unraisable error goes to the previous hook."""
+    def on(u) -> None:
+        if isinstance(u.exc_value, KeyboardInterrupt) and _SIGNAL:
+            again = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, _SIGNAL[-1]))
+            again.daemon = True
+            _REDELIVERY.append(again)
+            again.start()
+            return
+        hook(u)
+    return on
+
+
 class _Cli(click.Group):
     """Every failure ends as one `error: ...` line and exit code 2 (click's usage errors included); an
     interrupt (SIGINT, SIGTERM) removes what it had begun to write and exits 128 + the signal number."""
@@ -63,6 +82,8 @@ class _Cli(click.Group):
         old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
         for s in old:  # SIGINT recorded too: some libraries swallow KeyboardInterrupt
             signal.signal(s, _on_terminate)
+        unraisable = sys.unraisablehook
+        sys.unraisablehook = _on_unraisable(unraisable)
         try:
             rv = super().main(*args, **kwargs)
         except click.UsageError as e:
@@ -75,6 +96,9 @@ class _Cli(click.Group):
         finally:  # the caller's handlers back (the CLI may run inside another program, e.g. a test runner)
             for s, h in old.items():
                 signal.signal(s, h)
+            sys.unraisablehook = unraisable
+            while _REDELIVERY:
+                _REDELIVERY.pop().cancel()
         if _SIGNAL:  # the interrupt arrived where Python could not raise it (inside a C callback): still say so
             _interrupted(_SIGNAL[-1])
         sys.exit(rv if isinstance(rv, int) else 0)
