@@ -3,6 +3,7 @@ explicit positions. The family's module (models/) says where the parts are."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -11,6 +12,13 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from ..models.family import family_of
+
+
+def cache_keyword(layer, cache) -> dict:
+    """The keyword a decoder layer takes its KV cache by: `cache` from transformers 5.25 on, `past_key_values`
+    before (5.25 still takes the old name with a warning; 5.40 drops it)."""
+    taken = inspect.signature(type(layer).forward).parameters
+    return {"cache" if "cache" in taken else "past_key_values": cache}
 
 
 def language_model(model):
@@ -91,7 +99,7 @@ def run_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: ran
     rope = lm.rotary_emb(hidden, pos)
     for i in layers:
         hidden = lm.layers[i](hidden, attention_mask=mask, position_ids=pos, position_embeddings=rope,
-                              past_key_values=cache)
+                              **cache_keyword(lm.layers[i], cache))
     return hidden
 
 

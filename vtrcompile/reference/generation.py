@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from .blocks import KV_RECORDER, language_model, prompt_positions
+from .blocks import KV_RECORDER, cache_keyword, language_model, prompt_positions
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def generate_reference(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
         h = lm.embed_tokens(torch.tensor([[tokens[-1]]]))
         for i, layer in enumerate(lm.layers):
             pos = torch.tensor([[start[i] + t]])
-            h = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache,
-                      position_embeddings=lm.rotary_emb(h, pos))
+            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=lm.rotary_emb(h, pos),
+                      **cache_keyword(layer, cache))
         out.append(model.lm_head(lm.norm(h))[0, -1].float())
     return torch.tensor(tokens), torch.stack(out), lengths
