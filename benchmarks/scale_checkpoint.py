@@ -5,8 +5,8 @@ safetensors shards in the layout `save_pretrained` writes) through the CLI the w
 
 Records wall time and peak RSS (from /usr/bin/time), runs the ONNX checker on the graph, and checks that
 the weight store holds every weight once (its index spans tile the file exactly, and every large initializer
-of both engines points into it). `--one-file` builds one-file engines (`optimize --one-file`; a one-file IR has its
-own .bin, so only the decode IR is checked against the store). `--generate N` then runs `vtrcompile generate
+of both engines points into it). `--one-file` builds one-file engines (`optimize --one-file`; a one-file IR's
+constants are those of its `If`'s two bodies, all checked against the store). `--generate N` then runs `vtrcompile generate
 --max-new-tokens N --json` on the engine under /usr/bin/time (a prompt of token ids around the image; random
 weights, so the tokens mean nothing): whether the process fits, its peak RSS, TTFT and the decode steps. Usage:
     python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b [--ext .xml] [--one-file]
@@ -124,7 +124,7 @@ def check_ir_store(folder: Path, irs: list[Path], checkpoint: Path) -> dict:
     import numpy as np
     import openvino as ov
 
-    from vtrcompile.lower.openvino import read_ir
+    from vtrcompile.lower.openvino import _constants, read_ir
     from vtrcompile.models.checkpoint import read_index, read_tensor
 
     store = folder / read_ir(irs[0])[1]["weights_file"]
@@ -142,17 +142,14 @@ def check_ir_store(folder: Path, irs: list[Path], checkpoint: Path) -> dict:
         entries[key] = e
     per_ir = {}
     for x in irs:
-        layers = ET.parse(x).getroot().find("layers")
-        consts = [ly for ly in layers if ly.get("type") == "Const"]
+        consts = [ly for ly in ET.parse(x).getroot().iter("layer") if ly.get("type") == "Const"]  # If bodies too
         offset_of = {}
         for ly in consts:
             port = ly.find("output/port")
             for name in (port.get("names", "") if port is not None else "").split(","):
                 offset_of[name] = int(ly.find("data").get("offset"))
         checked, equal, furthest = 0, 0, 0
-        for op in ov.Core().read_model(str(x)).get_ordered_ops():
-            if op.get_type_name() != "Constant":
-                continue
+        for op in _constants(ov.Core().read_model(str(x))):  # a one-file IR's two bodies: each mapped block once
             for name in op.output(0).get_names():
                 e = entries.get(name.removeprefix("model."))
                 if e is None:
@@ -199,7 +196,7 @@ def main() -> None:
     if run["exit"] == 0 and args.ext == ".xml":
         result["engines"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
         result["disk_bytes"] = sum(f.stat().st_size for f in {f.stat().st_ino: f for f in out.iterdir()}.values())
-        irs = [*([] if args.one_file else [out / "fastv.xml"]), *sorted(out.glob("decode-*.xml"))]
+        irs = [out / "fastv.xml", *sorted(out.glob("decode-*.xml"))]
         result["store"] = check_ir_store(out, irs, ckpt)
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     elif run["exit"] == 0:

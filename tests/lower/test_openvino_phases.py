@@ -167,3 +167,71 @@ def test_the_cpu_plugin_packs_a_weight_both_bodies_read_once(tmp_path):
     one_copy, two_copies = growth(one), growth(pair)  # the one file first: nothing freed before it to reuse
     assert two_copies > 1.6, two_copies  # the check can fail: two compiled models pack two copies
     assert one_copy < 1.4, one_copy
+
+
+def _saved_if(tmp_path, outside_constant=False):
+    """A saved IR of one If whose bodies each add a 64 KiB weight (and, if asked, a constant outside the If)."""
+    import openvino.opset13 as ops
+
+    def body(value):
+        x = ops.parameter([4, 4096], ov.Type.f32, name="x")
+        w = ops.constant(np.full((4, 4096), value, np.float32))
+        w.set_friendly_name(f"weight{value}")
+        return ov.Model([ops.result(ops.add(x, w))], [x])
+
+    flag, x = ops.parameter([], ov.Type.boolean, name="flag"), ops.parameter([4, 4096], ov.Type.f32, name="x")
+    node = ops.if_op(flag.output(0))
+    then_body, else_body = body(1), body(2)
+    node.set_then_body(then_body)
+    node.set_else_body(else_body)
+    node.set_input(x.output(0), then_body.get_parameters()[0], else_body.get_parameters()[0])
+    out = node.set_output(then_body.get_results()[0], else_body.get_results()[0])
+    if outside_constant:
+        out = ops.add(out, ops.constant(np.ones((4, 4096), np.float32)))
+    ov.save_model(ov.Model([ops.result(out)], [flag, x]), str(tmp_path / "if.xml"), compress_to_fp16=False)
+    return tmp_path / "if.xml"
+
+
+def test_the_bodies_constants_are_pointed_at_their_spans_of_the_store(tmp_path):
+    """Each body's constant gets its own span by name (the two bodies' spans are looked up apart); a constant
+    outside the If, or one the spans do not name or size, is an internal error, never a wrong offset."""
+    import xml.etree.ElementTree as ET
+
+    from vtrcompile.lower.openvino_store import point_bodies_at_store
+
+    size = 4 * 4096 * 4
+    xml = point_bodies_at_store(_saved_if(tmp_path), {"weight1": (1000, size)}, {"weight2": (7 * size, size)})
+    got = {ly.get("name"): ly.find("data").get("offset") for ly in ET.fromstring(xml).iter("layer")
+           if ly.get("type") == "Const"}
+    assert got == {"weight1": "1000", "weight2": str(7 * size)}
+    for then_spans, else_spans in (({"weight1": (0, size)}, {"weight1": (0, size)}),  # weight2 not named
+                                   ({"weight1": (0, size - 4)}, {"weight2": (0, size)}),  # the size differs
+                                   ({"weight1": (0, size), "extra": (0, 4)}, {"weight2": (0, size)})):  # one missing
+        with pytest.raises(VtrError, match="internal"):
+            point_bodies_at_store(tmp_path / "if.xml", then_spans, else_spans)
+    with pytest.raises(VtrError, match="outside the If"):
+        point_bodies_at_store(_saved_if(tmp_path, outside_constant=True), {"weight1": (0, size)},
+                              {"weight2": (0, size)})
+
+
+def test_blanking_swaps_only_the_weights_for_unwritten_zeros():
+    """Floating constants of 64 KiB or more become zeros over one buffer, keeping their names, types and shapes;
+    small ones and integer ones (shape arithmetic reads them) keep their values."""
+    import openvino.opset13 as ops
+
+    from vtrcompile.lower.openvino_store import blank_weights
+
+    x = ops.parameter([2, 8192], ov.Type.f32, name="x")
+    weight = ops.constant(np.full((2, 8192), 3.0, np.float32))
+    weight.set_friendly_name("weight")
+    small = ops.constant(np.full((2, 1), 5.0, np.float32))
+    shape = ops.constant(np.array([8192, 2], np.int64))
+    y = ops.reshape(ops.add(ops.add(x, weight), small), shape, special_zero=False)
+    model = ov.Model([ops.result(y)], [x])
+    zeros = blank_weights(model)
+    consts = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    blank = consts["weight"]
+    assert blank.get_data().ctypes.data == zeros.ctypes.data and not blank.get_data().any()
+    assert list(blank.get_output_shape(0)) == [2, 8192] and blank.get_element_type() == ov.Type.f32
+    kept = [c.get_data().tolist() for n, c in consts.items() if n != "weight"]
+    assert sorted(kept, key=str) == sorted([[[5.0], [5.0]], [8192, 2]], key=str)

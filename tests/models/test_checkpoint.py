@@ -181,10 +181,12 @@ def test_openvino_engines_of_a_checkpoint_read_the_weight_store(checkpoint, in_m
 @pytest.mark.slow
 def test_an_openvino_one_file_engine_of_a_checkpoint(checkpoint, in_memory, tmp_path):
     """.xml --one-file from a checkpoint: the prefill IR streams into the model's store beside the output (not into
-    the temporary folder it is joined in), the joined IR has its own .bin (its metadata names no store), the decode
-    IR's .bin is still the store, nothing else is left, and it generates what the in-memory ONNX engine does."""
+    the temporary folder it is joined in); the joined IR's .bin is that store, as the decode IR's is (its metadata
+    names it), every constant of both bodies lies in the store, each decode weight at a prefill weight's bytes;
+    nothing else is left, and it generates what the in-memory ONNX engine does."""
     pytest.importorskip("openvino")
     import os
+    import xml.etree.ElementTree as ET
 
     from vtrcompile import load_engine
     from vtrcompile.lower.openvino import read_ir
@@ -193,15 +195,23 @@ def test_an_openvino_one_file_engine_of_a_checkpoint(checkpoint, in_memory, tmp_
     lazy = load_model(str(checkpoint))
     one = write_engine(build(lazy, "fastv", {"keep": 18}), lazy, tmp_path / "f.xml",
                        Target(backend="openvino", one_file=True))
-    meta = read_ir(tmp_path / "f.xml")[1]
-    assert "weights_file" not in meta and meta["decode"]["file"] == "f.xml"
+    model, meta = read_ir(tmp_path / "f.xml")
+    assert meta["decode"]["file"] == "f.xml"
     decode = next(tmp_path.glob("decode-*.xml"))
     store = tmp_path / read_ir(decode)[1]["weights_file"]
-    assert os.path.samefile(decode.with_suffix(".bin"), store)
-    assert not os.path.samefile(tmp_path / "f.bin", store)
+    assert meta["weights_file"] == store.name
+    assert os.path.samefile(decode.with_suffix(".bin"), store) and os.path.samefile(tmp_path / "f.bin", store)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["f.xml", "f.bin", decode.name, decode.with_suffix(".bin").name, store.name, store.with_suffix(".json").name])
     assert [str(p) for p in one.files] == [str(tmp_path / "f.bin"), str(tmp_path / "f.xml")]
+    size = store.stat().st_size
+    bodies = [b for node in ET.parse(tmp_path / "f.xml").getroot().iter("layer") if node.get("type") == "If"
+              for b in (node.find("then_body/layers"), node.find("else_body/layers"))]
+    spans = [[(int(ly.find("data").get("offset")), int(ly.find("data").get("size"))) for ly in body
+              if ly.get("type") == "Const"] for body in bodies]
+    assert len(spans) == 2 and all(spans) and all(o + n <= size for body in spans for o, n in body)
+    weights = [{s for s in body if s[1] >= 1 << 16} for body in spans]
+    assert weights[1] and weights[1] <= weights[0]  # the decode body's weights are bytes the prefill body reads
     ids, px = prompts(lazy.hf_model.config)[0]
     got = load_engine(tmp_path / "f.xml", threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=4,
                                                              eos_token_id=[])

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -130,7 +129,7 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
     stand-in back into a constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
     system has no hard links): every IR of the model reads the same bytes, stored once."""
     ov = _ov()
-    from .openvino_store import point_at_store, stand_in_weights
+    from .openvino_store import link_store, point_at_store, stand_in_weights
     from .weight_store import WeightStore
 
     t0 = time.perf_counter()
@@ -151,11 +150,7 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
 
         def save(tmp: Path) -> None:
             tmp.write_bytes(xml)
-            try:
-                os.link(store.data, tmp.with_suffix(".bin"))
-            except OSError as e:
-                log.warning("%s: no hard link to %s (%s); copying it", out, store.data.name, e.strerror)
-                shutil.copyfile(store.data, tmp.with_suffix(".bin"))
+            link_store(store.data, tmp.with_suffix(".bin"))
 
         files = write_atomically(out, save)
     except BaseException:
