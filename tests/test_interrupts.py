@@ -138,24 +138,38 @@ def test_sweep_interrupted(tmp_path):
     assert not (out / "sweep.json").exists() or code == 0
 
 
-def test_an_interrupt_inside_a_finalizer_still_ends_the_run(tmp_path):
-    """A signal whose handler runs inside a `__del__` cannot raise there (Python prints "Exception ignored" and
-    runs on): the CLI delivers it again, so the run still stops at once, exit 128 + signal, no traceback."""
-    script = tmp_path / "finalizer.py"
-    script.write_text(
-        "import os, signal, time\n"
-        "from vtrcompile import cli\n"
-        "class Dying:\n"
-        "    def __del__(self):\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        for _ in range(100000):\n"
-        "            pass\n"  # the handler runs here, inside the finalizer
-        "@cli.main.command('finalize')\n"
-        "def finalize():\n"
-        "    Dying()\n"
-        "    time.sleep(30)\n"
-        "    print('ran on')\n"
-        "cli.main(['finalize'])\n")
+FINALIZER = """
+class Dying:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100000):
+            pass  # the handler runs here, inside the finalizer
+@cli.main.command('run')
+def run():
+    Dying()
+    time.sleep(30)
+    print('ran on')
+"""
+
+CONVERTED = """
+@cli.main.command('run')
+def run():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    except KeyboardInterrupt:
+        raise RuntimeError('a library turned the interrupt into its own error') from None
+    print('ran on')
+"""
+
+
+@pytest.mark.parametrize("command", [FINALIZER, CONVERTED], ids=["inside-a-finalizer", "turned-into-an-error"])
+def test_an_interrupt_that_python_cannot_raise_as_such_still_ends_the_run(tmp_path, command):
+    """A signal whose handler runs inside a `__del__` cannot raise there (Python prints "Exception ignored" and runs
+    on): the CLI delivers it again, so the run still stops at once. One that a library turns into its own error
+    still ends as an interrupt. Both: exit 128 + signal, the one interrupt line, no traceback."""
+    script = tmp_path / "command.py"
+    script.write_text(f"import os, signal, time\nfrom vtrcompile import cli\n{command}\ncli.main(['run'])\n")
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 128 + signal.SIGTERM, res.stderr

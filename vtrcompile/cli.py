@@ -92,15 +92,19 @@ class _Cli(click.Group):
         except (click.Abort, KeyboardInterrupt):
             _interrupted(_SIGNAL[-1] if _SIGNAL else signal.SIGINT)
         except VtrError as e:
-            _fail(str(e))
+            if not _SIGNAL:
+                _fail(str(e))
+        except Exception:
+            if not _SIGNAL:  # after an interrupt, an error a library made of it ends the run as interrupted (below)
+                raise
         finally:  # the caller's handlers back (the CLI may run inside another program, e.g. a test runner)
             for s, h in old.items():
                 signal.signal(s, h)
             sys.unraisablehook = unraisable
             while _REDELIVERY:
                 _REDELIVERY.pop().cancel()
-        if _SIGNAL:  # the interrupt arrived where Python could not raise it (inside a C callback): still say so
-            _interrupted(_SIGNAL[-1])
+        if _SIGNAL:  # the interrupt arrived where Python could not raise it (inside a C callback), or became another
+            _interrupted(_SIGNAL[-1])  # error: still say so
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
