@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import check_generation, prompts
-from tests.lower.test_onnx_phases import ENGINES, GENERATION_CASES, STEPS, assert_generates_as_the_pair
+from tests.lower.test_onnx_phases import ENGINES, GENERATION_PARAMS, STEPS, assert_generates_as_the_pair
 from vtrcompile import load_engine
 from vtrcompile.engine.metadata import PHASE_INPUT
 from vtrcompile.errors import VtrError
@@ -65,8 +65,7 @@ def test_one_ir_maps_each_weight_once(one_ir):
     assert meta["backend"] == meta["decode"]["metadata"]["backend"] == "openvino"
 
 
-@pytest.mark.parametrize("name,positions,prefill", [c if c[0] == "fastv-k2-18" else pytest.param(*c, marks=pytest.mark.slow)
-                                                     for c in GENERATION_CASES])
+@pytest.mark.parametrize("name,positions,prefill", GENERATION_PARAMS)
 def test_one_ir_generates_the_spec_reference(tiny, one_ir, name, positions, prefill):
     """The decode phase runs on the prefill's compiled model, and the generated tokens, per-step logits and cache
     lengths equal the spec's eager reference, as the pair's do."""
