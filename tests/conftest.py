@@ -210,14 +210,3 @@ def calibration_dir(tmp_path_factory):
     for i in range(6):
         Image.fromarray(vs.render(vs.sample("val", i).scene)).save(d / f"img{i}.png")
     return d
-
-
-def pytest_collection_modifyitems(config, items):
-    """Units of work for `pytest -n 2 --dist loadgroup` (the default run): every test that uses the session's
-    tiny engines runs in one worker, so each engine is built once; every other test runs with the rest of its
-    file, so module fixtures (a family's engines, a file's builds) are built once too."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = "tiny-engines" if "tiny_engines" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))

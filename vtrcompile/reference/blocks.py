@@ -15,8 +15,8 @@ from ..models.family import family_of
 
 
 def cache_keyword(layer, cache) -> dict:
-    """The keyword a decoder layer takes its KV cache by: `cache` from transformers 5.25 on, `past_key_values`
-    before (5.25 still takes the old name with a warning; 5.40 drops it)."""
+    """The keyword a decoder layer takes its KV cache by: `cache` where its signature has it (transformers 5.25
+    does, and takes the old `past_key_values` with a warning until 5.40), `past_key_values` otherwise."""
     taken = inspect.signature(type(layer).forward).parameters
     return {"cache" if "cache" in taken else "past_key_values": cache}
 
