@@ -124,7 +124,7 @@ def check_ir_store(folder: Path, irs: list[Path], checkpoint: Path) -> dict:
     import numpy as np
     import openvino as ov
 
-    from vtrcompile.lower.openvino import _constants, read_ir
+    from vtrcompile.lower.openvino import ir_constants, read_ir
     from vtrcompile.models.checkpoint import read_index, read_tensor
 
     store = folder / read_ir(irs[0])[1]["weights_file"]
@@ -149,7 +149,7 @@ def check_ir_store(folder: Path, irs: list[Path], checkpoint: Path) -> dict:
             for name in (port.get("names", "") if port is not None else "").split(","):
                 offset_of[name] = int(ly.find("data").get("offset"))
         checked, equal, furthest = 0, 0, 0
-        for op in _constants(ov.Core().read_model(str(x))):  # a one-file IR's two bodies: each mapped block once
+        for op in ir_constants(ov.Core().read_model(str(x))):  # a one-file IR's two bodies: each mapped block once
             for name in op.output(0).get_names():
                 e = entries.get(name.removeprefix("model."))
                 if e is None:

@@ -126,8 +126,8 @@ def ir_on_store(program: Any, out: Path, metadata: dict[str, Any], streamed: Any
     other engines, as for .onnx engines). OpenVINO's reader converts that ONNX file with each stored weight swapped
     for a stand-in input before the IR is saved, so no weight is read; the saved IR's constants that remain (small
     ones, inline in the ONNX) are appended to the store as one block, and `openvino_store.point_at_store` turns each
-    stand-in back into a constant at the weight's offset in the store. `<out>.bin` is a hard link to the store (a copy where the file
-    system has no hard links): every IR of the model reads the same bytes, stored once."""
+    stand-in back into a constant at the weight's offset in the store. `<out>.bin` is a hard link to the store
+    (`openvino_store.link_store`): every IR of the model reads the same bytes, stored once."""
     ov = _ov()
     from .openvino_store import link_store, point_at_store, stand_in_weights
     from .weight_store import WeightStore
@@ -241,13 +241,13 @@ def compiled_weight_bytes(model: Any, hint: str) -> int:
     low = {ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4}
     size = {"f32": 4, "bf16": 2, "f16": 2}[hint]
     total = 0
-    for op in _constants(model):
+    for op in ir_constants(model):
         low_bits = op.get_element_type() in low
         total += math.prod(int(d) for d in op.get_output_shape(0)) * size if low_bits else op.get_byte_size()
     return total
 
 
-def _constants(model: Any) -> list[Any]:
+def ir_constants(model: Any) -> list[Any]:
     """Every Constant of `model` and of the bodies of its `If`s (a one-file engine), each block of bytes once: the
     IR reader maps equal constants of the two bodies onto the same bytes, which the CPU plugin packs once."""
     out, seen = [], set()
