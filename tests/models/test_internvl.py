@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from tests.conftest import REFERENCE_ATOL, FamilyEngines, check_generation, max_diff
+from tests.models.cases import METHOD_CASES
 from vtrcompile import load_engine
 from vtrcompile.build import build
 from vtrcompile.errors import UnsupportedModelError, VtrError
 from vtrcompile.models.family import family_of
 from vtrcompile.models.internvl import INTERNVL, tile_grid
 from vtrcompile.models.loading import example_prompt, load_model
-from vtrcompile.reference.baselines import divprune_stage
-from vtrcompile.reference.methods import fastv_reference, gprune_reference, pyramiddrop_reference, run_stages
+from vtrcompile.reference.methods import fastv_reference, pyramiddrop_reference
 
 CASES = ((5, 8), (1, 1), (20, 3), (0, 12))
 STEPS = 6
@@ -64,12 +64,7 @@ def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(ivl):
             assert max_diff(keep_all.logits(ids, px), hf) <= REFERENCE_ATOL
 
 
-@pytest.mark.parametrize("method,opts,reference", [
-    ("fastv", {"layer": 2, "keep": 10}, lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
-    ("gprune", {"keep": 9}, lambda m, i, p: gprune_reference(m, i, p, 9)),
-    ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
-    ("divprune", {"keep": 9}, lambda m, i, p: run_stages(m, i, p, first=divprune_stage(9))),
-])
+@pytest.mark.parametrize("method,opts,reference", METHOD_CASES)
 def test_methods_equal_their_eager_references(ivl, method, opts, reference):
     b = build(ivl, method, opts, 256)
     m = ivl.hf_model

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REFERENCE_ATOL, FamilyEngines, check_generation, max_diff
+from tests.models.cases import METHOD_CASES
 from vtrcompile import load_engine
 from vtrcompile.build import build
 from vtrcompile.errors import UnsupportedModelError, VtrError
@@ -21,7 +22,6 @@ from vtrcompile.reference.baselines import dart_site, divprune_stage, pool_stage
 from vtrcompile.reference.methods import (
     fastv_reference,
     fastv_site,
-    gprune_reference,
     pumer_reference,
     pyramiddrop_reference,
     run_stages,
@@ -94,12 +94,7 @@ def test_unmodified_graph_equals_hf_and_keeping_everything_reproduces_it(qwen_bo
             assert max_diff(keep_all.logits(ids, px), hf) <= REFERENCE_ATOL
 
 
-@pytest.mark.parametrize("method,opts,reference", [
-    ("fastv", {"layer": 2, "keep": 10}, lambda m, i, p: fastv_reference(m, i, p, 2, 10)),
-    ("gprune", {"keep": 9}, lambda m, i, p: gprune_reference(m, i, p, 9)),
-    ("pyramiddrop", {}, lambda m, i, p: pyramiddrop_reference(m, i, p, 0.5)),
-    ("divprune", {"keep": 9}, lambda m, i, p: run_stages(m, i, p, first=divprune_stage(9))),
-])
+@pytest.mark.parametrize("method,opts,reference", METHOD_CASES)
 def test_methods_equal_their_eager_references(qwen, method, opts, reference):
     """With the kept tokens' 3-axis positions gathered (a renumbering method keeps positions on mRoPE)."""
     b = build(qwen, method, opts, 256)

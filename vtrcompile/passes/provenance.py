@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import fx
@@ -36,26 +36,22 @@ def item_index(path: str) -> int:
 
 
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
+    return _reach(nodes, lambda n: n.all_input_nodes)
 
 
 def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    return _reach(nodes, lambda n: n.users)
+
+
+def _reach(nodes: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reached from `nodes` by one or more steps (the start nodes only where a step leads back)."""
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
+        for a in step(stack.pop()):
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
     return seen
 
 
