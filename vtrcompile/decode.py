@@ -22,6 +22,7 @@ from .engine.io import FORMAT_VERSION, decode_inputs, decode_outputs, describe
 from .engine.metadata import DECODE, stamp
 from .engine.runners import read_engine_metadata
 from .errors import VtrError
+from .lower.onnx import ORT_OPSET
 from .models.decoder import DecodeStep, cache_geometry, eos_token_ids
 from .models.family import family_of
 from .passes.graph_utils import mark_meta_current
@@ -107,6 +108,7 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
         return bool(meta and meta.get("role") == "decode" and meta.get("model_id") == model_id
                     and meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype
                     and meta.get("batch") == batch
+                    and (target.backend != "onnxruntime" or meta.get("onnx_opset") == ORT_OPSET)
                     and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(n, takes_padding(batch)))
 
     if matches():

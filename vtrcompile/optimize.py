@@ -19,7 +19,7 @@ from .engine.metadata import PREFILL, stamp
 from .engine.runners import BACKENDS
 from .errors import VtrError
 from .lower.atomic import check_writable
-from .lower.onnx import export_onnx
+from .lower.onnx import ORT_OPSET, export_onnx
 from .lower.tensorrt_preflight import Finding, preflight
 from .models.loading import ModelSource
 
@@ -253,7 +253,7 @@ def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[s
     """One program (prefill or decode) -> the target backend's engine file(s), written atomically. `weights`:
     stream the parameters from a checkpoint (ONNX, and the ONNX that OpenVINO and TensorRT read)."""
     if t.backend == "onnxruntime":
-        return export_onnx(program, out, meta, weights)
+        return export_onnx(program, out, meta, weights, opset=ORT_OPSET)
     if t.backend == "openvino":
         from .lower.openvino import export_openvino
 
@@ -306,7 +306,7 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
         from .lower.onnx_phases import write_one_file
 
         def prefill(path: Path) -> None:
-            export_onnx(b.program, path, meta, source.weights, store_folder=out.parent)
+            export_onnx(b.program, path, meta, source.weights, store_folder=out.parent, opset=ORT_OPSET)
             findings.extend(preflight(path))
 
         files, meta = write_one_file(out, decode_path, prefill)

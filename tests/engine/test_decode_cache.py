@@ -74,6 +74,25 @@ def test_an_incomplete_or_foreign_entry_is_not_used(tiny, tiny_engines, cache, t
     assert decode_cache.cache_folder() is None and decode_cache.restore(decode.name, tmp_path) is None
 
 
+def test_a_decode_engine_of_another_opset_is_built_again(tiny, tiny_engines, tmp_path, monkeypatch, no_decode_cache):
+    """A folder's ONNX Runtime decode engine is reused only at the opset the prefill engines are written at (a
+    one-file engine cannot join two opsets): one an older vtrcompile wrote at the exporter's default is rebuilt."""
+    import shutil
+
+    from tests.engine.test_batch import _rewrite_metadata
+    from vtrcompile.lower.onnx import ORT_OPSET
+
+    src = _decode_of(tiny_engines["fastv-k2-18"])
+    args = (tiny.hf_model, tiny_engines["fastv-k2-18"].metadata["model_id"], tiny.label, tmp_path, Target(), 1)
+    shutil.copy(src, tmp_path / src.name)
+    monkeypatch.setattr(decode_mod, "capture_decode", _no_build)
+    assert decode_mod.ensure_decode_engine(*args) == tmp_path / src.name  # this opset: reused
+    _rewrite_metadata(tmp_path / src.name, lambda meta: meta.update(onnx_opset=20))
+    assert ORT_OPSET != 20
+    with pytest.raises(_Built):
+        decode_mod.ensure_decode_engine(*args)
+
+
 def _foreign_decode(tiny_engines, tmp_path):
     """This model's decode engine with another model identity in its metadata."""
     from tests.engine.test_batch import _rewrite_metadata

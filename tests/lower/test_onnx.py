@@ -310,6 +310,32 @@ def test_onnxruntime_fuses_every_rmsnorm(engines, tmp_path):
         assert ops["Reciprocal"] == 0
 
 
+def test_onnxruntime_engines_run_each_attention_as_one_node(engines, tiny, tmp_path):
+    """ONNX Runtime engines are written at ORT_OPSET, where each attention of the prefill is one `Attention` node
+    (lower/onnx.py): no Softmax is left in the unmodified prefill, and FastV's only Softmax is its selector's. The
+    ONNX that OpenVINO and TensorRT read is written at the exporter's default, with the attentions spelled out."""
+    import collections
+
+    from vtrcompile.engine.runners import read_engine_metadata
+    from vtrcompile.lower.onnx import ORT_OPSET
+
+    def ops(path):
+        model = onnx.load(str(path), load_external_data=False)
+        return {o.domain: o.version for o in model.opset_import}[""], collections.Counter(
+            n.op_type for n in model.graph.node)
+
+    layers = tiny.hf_model.config.text_config.num_hidden_layers
+    for name, softmax in (("none", 0), ("fastv-k2-18", 1)):
+        path = engines[name].files[-1]
+        opset, counts = ops(path)
+        assert opset == ORT_OPSET == read_engine_metadata(path)["onnx_opset"]
+        assert counts["Attention"] > layers and counts["Softmax"] == softmax, counts  # the LLM's and the vision's
+    default = tmp_path / "default.onnx"
+    export_onnx(engines["none"].build.program, default, {})
+    opset, counts = ops(default)
+    assert opset < ORT_OPSET and counts["Attention"] == 0 and counts["Softmax"] > layers
+
+
 def test_selector_share_survives_a_node_name_that_is_not_utf8(engines, tiny, tmp_path):
     """A node name whose bytes are not UTF-8 (a damaged copy that still runs): ONNX Runtime writes it into its
     profile as it is, and the selector-share measurement of `profile` must still read that profile."""

@@ -59,6 +59,7 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "llm_token_drop": ((PREFILL,), "per decoder layer: S - S_l"),
     "flops_poly": ((PREFILL,), "prefill FLOPs = a + b S + c S^2"),
     "has_weights": (BOTH, "LOWERING (ONNX): false when written without weights"),
+    "onnx_opset": (BOTH, "LOWERING (ONNX): the ONNX opset written (ORT_OPSET for ONNX Runtime engines)"),
     "weights_file": (BOTH, "LOWERING (ONNX, OpenVINO): the model's shared weight store the initializers (the "
                            "IR's .bin link) point at, when the weights were streamed from a checkpoint"),
     "device": (BOTH, "LOWERING (AOTInductor): the device it was compiled for"),
