@@ -19,7 +19,7 @@ import torch
 from vtrcompile.build import build, prompt_range
 from vtrcompile.capture import capture, editable_module
 from vtrcompile.inspect_report import facts_report
-from vtrcompile.lower.onnx import export_onnx
+from vtrcompile.lower.onnx import ORT_OPSET, export_onnx
 from vtrcompile.lower.tensorrt_preflight import preflight
 from vtrcompile.models.loading import ModelSource, NextTokenLogits, example_prompt
 from vtrcompile.models.presets import build_preset
@@ -66,7 +66,7 @@ def main() -> None:
     stages["metadata_flops_hash_s"] = time.perf_counter() - t
     t = time.perf_counter()
     out = Path(args.out_dir) / f"llava15-7b-fastv{args.keep}-{args.weights}.onnx"
-    files = export_onnx(b.program, out, meta)
+    files = export_onnx(b.program, out, meta, opset=ORT_OPSET)
     stages["onnx_export_s"] = time.perf_counter() - t
     findings = preflight(out)
     result = {
