@@ -106,11 +106,11 @@ def main() -> None:
         n = row["nodes"]
         print(f"| {label} | {opset} | {n['Attention']} / {n['Softmax']} / {n['RotaryEmbedding']} | "
               f"{row['ttft_p50_ms']:.2f} | {row[f'tokens_{args.new_tokens}_p50_ms']:.2f} |")
-    for label in result["engines"]:
-        r = result["engines"][label]
-        print(f"{label}: opset {ORT_OPSET} / opset {DEFAULT_OPSET}: TTFT "
-              f"{r[f'opset{ORT_OPSET}']['ttft_p50_ms'] / r[f'opset{DEFAULT_OPSET}']['ttft_p50_ms']:.3f}, "
-              f"{args.new_tokens} tokens {r[f'opset{ORT_OPSET}'][f'tokens_{args.new_tokens}_p50_ms'] / r[f'opset{DEFAULT_OPSET}'][f'tokens_{args.new_tokens}_p50_ms']:.3f}")
+    tokens = f"tokens_{args.new_tokens}_p50_ms"
+    for label, r in result["engines"].items():
+        new, old = r[f"opset{ORT_OPSET}"], r[f"opset{DEFAULT_OPSET}"]
+        print(f"{label}: opset {ORT_OPSET} / opset {DEFAULT_OPSET}: TTFT {new['ttft_p50_ms'] / old['ttft_p50_ms']:.3f}, "
+              f"{args.new_tokens} tokens {new[tokens] / old[tokens]:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
