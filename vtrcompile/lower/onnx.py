@@ -22,11 +22,12 @@ METADATA_KEY = "vtrcompile"
 # Above this many parameter bytes, weights go to an external `<file>.data` (protobuf's 2 GB cap).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 # The opset of engines for ONNX Runtime. From opset 23 the exporter writes each attention as one `Attention` node
-# (and some rotary embeddings as `RotaryEmbedding`), which ONNX Runtime (>= 1.23) runs as one kernel: measured on
-# the demo model, FastV 64 and unmodified, one process, taking turns, the prefill was 10-16% faster than at the
-# exporter's default opset 20 with the same outputs (within 3e-6) and the same greedy tokens (BENCHMARKS.md,
-# "ONNX opset 23"). OpenVINO reads these files but was no faster, and TensorRT's parser is not known to take
-# these ops, so the ONNX files that those backends read keep the exporter's default.
+# (and some rotary embeddings as `RotaryEmbedding`), which ONNX Runtime (>= 1.23) runs as one kernel. Measured
+# against the exporter's default opset 20 in one process, taking turns (benchmarks/onnx_opset.py; BENCHMARKS.md,
+# "ONNX opset 23"): prefills 4-15% faster on the demo model (the unmodified engine most), 7% on the unmodified
+# llava15-geometry and the same for its FastV 64; the same greedy tokens, logits within 4.3e-6. OpenVINO reads
+# these files but was no faster, and TensorRT's parser is not known to take these ops, so the ONNX files that
+# those backends read keep the exporter's default.
 ORT_OPSET = 23
 
 
