@@ -41,6 +41,18 @@ def timers(engine, new_tokens: int):
     return prefill, generation, int(ids.shape[1])
 
 
+def interleaved(fns: list, rounds: int, reps: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Each engine's (prefill, generation) timers in turn, round after round, each kind `reps` times after one
+    warm-up run -> every engine's prefill times and generation times (ms), in the order of `fns`."""
+    prefill: list[list[float]] = [[] for _ in fns]
+    total: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for (p, g, _n), pr, tot in zip(fns, prefill, total, strict=True):
+            pr += [p() for _ in range(reps + 1)][1:]
+            tot += [g() for _ in range(reps + 1)][1:]
+    return prefill, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("engines", nargs="+")
@@ -53,12 +65,7 @@ def main() -> None:
 
     engines = [load_engine(p, args.threads) for p in args.engines]
     fns = [timers(e, args.new_tokens) for e in engines]
-    prefill: list[list[float]] = [[] for _ in engines]
-    total: list[list[float]] = [[] for _ in engines]
-    for _ in range(args.rounds):
-        for (p, g, _n), pr, tot in zip(fns, prefill, total, strict=True):
-            pr += [p() for _ in range(args.reps + 1)][1:]
-            tot += [g() for _ in range(args.reps + 1)][1:]
+    prefill, total = interleaved(fns, args.rounds, args.reps)
     rows = []
     for path, e, pr, tot, (_p, _g, n) in zip(args.engines, engines, prefill, total, fns, strict=True):
         ttft, e2e = float(np.median(pr)), float(np.median(tot))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from generation_backends import timers  # beside this script
+from generation_backends import interleaved, timers  # beside this script
 
 from vtrcompile import decode, load_engine
 from vtrcompile import optimize as opt
@@ -88,13 +88,8 @@ def main() -> None:
         if not same or diff > 1e-4:
             raise SystemExit(f"{label}: the opsets disagree")
         result["engines"][label] = {"same_tokens": same, "max_logit_diff": diff}
-    fns = {k: timers(e, args.new_tokens) for k, e in engines.items()}
-    ttft: dict = {k: [] for k in engines}
-    total: dict = {k: [] for k in engines}
-    for _ in range(args.rounds):
-        for k, (p, g, _n) in fns.items():
-            ttft[k] += [p() for _ in range(args.reps + 1)][1:]
-            total[k] += [g() for _ in range(args.reps + 1)][1:]
+    times = interleaved([timers(e, args.new_tokens) for e in engines.values()], args.rounds, args.reps)
+    ttft, total = (dict(zip(engines, t, strict=True)) for t in times)
     print("| engine | opset | Attention / Softmax / RotaryEmbedding nodes | TTFT p50 (ms) | "
           f"{args.new_tokens} tokens p50 (ms) |")
     print("|---|---:|---|---:|---:|")
