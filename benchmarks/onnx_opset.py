@@ -93,15 +93,15 @@ def main() -> None:
     print("| engine | opset | Attention / Softmax / RotaryEmbedding nodes | TTFT p50 (ms) | "
           f"{args.new_tokens} tokens p50 (ms) |")
     print("|---|---:|---|---:|---:|")
+    tokens = f"tokens_{args.new_tokens}_p50_ms"
     for (label, opset), path in paths.items():
         row = {"nodes": node_counts(path), "ttft_p50_ms": float(np.median(ttft[label, opset])),
-               f"tokens_{args.new_tokens}_p50_ms": float(np.median(total[label, opset])),
+               tokens: float(np.median(total[label, opset])),
                "ttft_ms": ttft[label, opset], "total_ms": total[label, opset]}
         result["engines"][label][f"opset{opset}"] = row
         n = row["nodes"]
         print(f"| {label} | {opset} | {n['Attention']} / {n['Softmax']} / {n['RotaryEmbedding']} | "
-              f"{row['ttft_p50_ms']:.2f} | {row[f'tokens_{args.new_tokens}_p50_ms']:.2f} |")
-    tokens = f"tokens_{args.new_tokens}_p50_ms"
+              f"{row['ttft_p50_ms']:.2f} | {row[tokens]:.2f} |")
     for label, r in result["engines"].items():
         new, old = r[f"opset{ORT_OPSET}"], r[f"opset{DEFAULT_OPSET}"]
         print(f"{label}: opset {ORT_OPSET} / opset {DEFAULT_OPSET}: TTFT {new['ttft_p50_ms'] / old['ttft_p50_ms']:.3f}, "
