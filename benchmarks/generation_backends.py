@@ -6,8 +6,12 @@ Here every engine runs the same profile prompt in turn, round after round, in on
 (time to first token) and a whole greedy generation of `--new-tokens` tokens (EOS ignored), each over the same
 rounds. Time per output token is derived: (end to end - prefill) / (new tokens - 1).
 
+`--ort-allocated-outputs` also opens each ONNX Runtime engine a second time with its decode step's outputs left to
+ONNX Runtime to allocate every step, as the generation loop did before 2026-12-07 (the runner binds them once to
+buffers of its own since: `OrtEngine._binding`), timed in the same rounds: what that binding saves per generation.
+
 Usage: python benchmarks/generation_backends.py ENGINE [ENGINE ...] [--new-tokens 32 --rounds 10 --reps 3
-       --threads 2 --out F.json]
+       --threads 2 --ort-allocated-outputs --out F.json]
 """
 
 from __future__ import annotations
@@ -60,17 +64,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3, help="runs of each kind per engine and round (1 more as warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ort-allocated-outputs", action="store_true",
+                    help="also each ONNX Runtime engine with its decode outputs allocated by ONNX Runtime every step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     engines = [load_engine(p, args.threads) for p in args.engines]
+    paths, labels = list(args.engines), [layout(e.metadata) for e in engines]
+    if args.ort_allocated_outputs:
+        for p, e in zip(args.engines, list(engines), strict=True):
+            if e.prefill.backend == "onnxruntime" and e.metadata.get("decode"):
+                other = load_engine(p, args.threads)
+                other.decode._fixed = None  # the runner then leaves every output to ONNX Runtime, as before
+                engines.append(other)
+                paths.append(p)
+                labels.append(layout(e.metadata) + ", decode outputs allocated per step")
     fns = [timers(e, args.new_tokens) for e in engines]
     prefill, total = interleaved(fns, args.rounds, args.reps)
     rows = []
-    for path, e, pr, tot, (_p, _g, n) in zip(args.engines, engines, prefill, total, fns, strict=True):
+    for path, label, e, pr, tot, (_p, _g, n) in zip(paths, labels, engines, prefill, total, fns, strict=True):
         ttft, e2e = float(np.median(pr)), float(np.median(tot))
         rows.append({"engine": path, "backend": e.prefill.backend, "dtype": e.metadata["dtype"], "method": e.metadata["method"],
-                     "layout": layout(e.metadata),
+                     "layout": label,
                      "prompt_tokens": n, "ttft_p50_ms": ttft, "end_to_end_p50_ms": e2e,
                      "tpot_derived_ms": (e2e - ttft) / max(args.new_tokens - 1, 1),
                      "ttft_ms": pr, "end_to_end_ms": tot})

@@ -81,15 +81,18 @@ def test_decode_engine_io_matches_the_contract(engines):
     assert all(outs[f"present.{i}.{kv}"].shape == [1, 2, 1, 16] for i in range(4) for kv in ("key", "value"))
 
 
-def test_shared_runs_bind_the_cache_buffers_by_address_and_give_every_run_new_outputs(tiny, engines):
-    """ONNX Runtime shared runs (the generation loop) reuse one binding: the KvCache's torch buffers are bound by
-    their address (a write into a buffer is what the next run reads, no copy), every run gets new outputs (the last
-    run's stay intact), and a prefill's outputs may change shape from one shared run to the next."""
+def test_shared_runs_bind_the_cache_buffers_by_address_and_decode_outputs_to_buffers_taken_in_turn(tiny, engines):
+    """ONNX Runtime shared runs (the generation loop) reuse their bindings: the KvCache's torch buffers are bound by
+    their address (a write into a buffer is what the next run reads, no copy); a decode step, whose outputs have
+    fixed shapes, writes them into buffers of two bindings taken in turn, so its outputs stay intact through the
+    next shared run and are overwritten by the one after; a prefill's outputs, whose shapes follow the prompt, are
+    new every run and may change shape from one shared run to the next."""
     from vtrcompile import load_engine
     from vtrcompile.engine.generate import decode_feeds
     from vtrcompile.engine.kv_cache import KvCache
 
     engine = load_engine(engines["fastv-k2-18"].files[-1], threads=1)
+    assert engine.prefill._fixed is None and engine.decode._fixed is not None
     (ids, px), (ids2, px2) = prompts(tiny.hf_model.config)[:2]
     assert ids.shape[1] != ids2.shape[1]
     out = engine.prefill.run({"input_ids": ids.numpy(), "pixel_values": px.numpy()}, shared=True)
@@ -99,12 +102,16 @@ def test_shared_runs_bind_the_cache_buffers_by_address_and_give_every_run_new_ou
     kept = {k: v.copy() for k, v in first.items()}
     again = engine.decode.run(feeds, shared=True)
     assert all(np.array_equal(first[k], kept[k]) and not np.shares_memory(first[k], again[k]) for k in first)
-    assert np.array_equal(again["logits"], first["logits"])
+    assert np.array_equal(again["logits"], kept["logits"])
     kv.buffers[0][:, :, : kv.lengths[0]] += 1.0  # in place: the bound buffer, read by the next run
-    moved = engine.decode.run(feeds, shared=True)
-    assert not np.array_equal(moved["logits"], first["logits"])
-    assert engine.decode._shared_keys["past_key_values.0.key"][0] == kv.buffers[0].data_ptr()  # bound, not copied
-    assert np.array_equal(engine.decode.run(feeds)["logits"], moved["logits"])  # an unshared run, bound anew
+    moved = engine.decode.run(feeds, shared=True)  # the first binding again: first's buffers, overwritten
+    assert all(np.shares_memory(moved[k], first[k]) for k in first)
+    assert not np.array_equal(moved["logits"], kept["logits"])
+    assert all(shared.keys["past_key_values.0.key"][0] == kv.buffers[0].data_ptr()  # bound, not copied
+               for shared in engine.decode._shared)
+    unshared = engine.decode.run(feeds)  # bound anew, its outputs ONNX Runtime's
+    assert np.array_equal(unshared["logits"], moved["logits"]) and not np.shares_memory(unshared["logits"],
+                                                                                         moved["logits"])
     out2 = engine.prefill.run({"input_ids": ids2.numpy(), "pixel_values": px2.numpy()}, shared=True)
     assert out2["present.0.key"].shape[2] == ids2.shape[1] and out["present.0.key"].shape[2] == ids.shape[1]
 

@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from ..engine.host_inputs import prefill_feeds
 from ..engine.kv_cache import float_input_dtypes
 from ..engine.metadata import PHASE_INPUT, is_one_file, one_file_phases
-from ..engine.protocol import check_prompt, feed_arrays
+from ..engine.protocol import NUMPY_DTYPES, check_prompt, feed_arrays
 from ..errors import VtrError
 from ..memory import check_engine_fits, release_freed_heap
 from .onnx import external_data_problem, initializer_bytes, metadata_of
@@ -72,6 +73,30 @@ def phase_feeds(prefill: bool, others: list[dict[str, Any]]) -> dict[str, ort.Or
     return feeds
 
 
+def fixed_outputs(io: dict[str, Any], names: list[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+    """Output name -> (shape, numpy dtype) when the engine's `io` declares every output of `names` with a fixed
+    shape in a dtype numpy holds (a decode engine: one token a step), else None (a prefill's outputs follow the
+    prompt's length)."""
+    spec = {t["name"]: t for t in io["outputs"]}
+    out = {}
+    for name in names:
+        t = spec.get(name)
+        if t is None or t["dtype"] not in NUMPY_DTYPES or not all(isinstance(d, int) for d in t["shape"]):
+            return None
+        out[name] = (tuple(t["shape"]), np.dtype(NUMPY_DTYPES[t["dtype"]]))
+    return out
+
+
+@dataclass
+class _SharedBinding:
+    """A binding that shared runs reuse (OrtEngine._binding): what each input is bound to, the torch tensors bound
+    by address (kept alive while bound), and, for fixed output shapes, the numpy buffers its outputs are bound to."""
+    io: Any
+    outputs: dict[str, np.ndarray] | None
+    keys: dict[str, Any] = field(default_factory=dict)
+    refs: dict[str, Any] = field(default_factory=dict)
+
+
 def _bindable_tensor(v: Any, declared: torch.dtype | None) -> bool:
     """A contiguous CPU torch tensor in the dtype the engine declares for its input (bound by its address)."""
     return (isinstance(v, torch.Tensor) and v.dtype == declared and v.dtype in _ONNX_TYPES
@@ -119,10 +144,10 @@ class OrtEngine:
 
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._bf16_outputs = {o.name for o in self.session.get_outputs() if o.type == "tensor(bfloat16)"}
-        self._shared_io: Any = None
         self._declared = float_input_dtypes(self.metadata["io"])
-        self._shared_keys: dict[str, Any] = {}
-        self._shared_refs: dict[str, Any] = {}
+        self._shared: list[_SharedBinding] = []  # the bindings shared runs take in turn (made on first use)
+        self._turn = 0
+        self._fixed = fixed_outputs(self.metadata["io"], self.output_names)
         # a one-file engine: the extra feeds of its prefill phase (every run of this runner) and of its decode phase
         self._phase, self._decode_phase = self._one_file_feeds() if is_one_file(self.metadata) else ({}, {})
 
@@ -138,7 +163,8 @@ class OrtEngine:
         view.metadata = self.metadata["decode"]["metadata"]
         view._declared = float_input_dtypes(view.metadata["io"])
         view._phase = self._decode_phase
-        view._shared_io, view._shared_keys, view._shared_refs = None, {}, {}
+        view._shared, view._turn = [], 0
+        view._fixed = fixed_outputs(view.metadata["io"], view.output_names)
         return view
 
     def _split(self, feeds: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
@@ -150,23 +176,30 @@ class OrtEngine:
                                                    k not in tensors}, passed=set(values) | set(tensors))
         return values, tensors, arrays
 
-    def _binding(self, feeds: dict[str, Any], reuse: bool = False):
-        """An IOBinding of the feeds with every output left to ONNX Runtime to allocate (unallocated again on a
-        reused binding: a reused output is overwritten by the next run, and fails when its shape changes): no copy
-        of a KV cache through numpy, any dtype. `reuse` (shared runs) keeps one binding across runs and rebinds a
-        torch tensor only when its memory changed, so the cache buffers are bound once per generation: rebuilding
-        the binding and its 24 cache inputs every step cost 0.12 ms of a 1.05 ms decode step of the demo model
-        (2 threads, AMX Xeon)."""
+    def _binding(self, feeds: dict[str, Any], reuse: bool = False) -> tuple[Any, dict[str, np.ndarray] | None]:
+        """An IOBinding of the feeds, and the numpy buffers its outputs are bound to (None: every output is left to
+        ONNX Runtime to allocate, anew each run). No copy of a KV cache through numpy, any dtype.
+
+        `reuse` (shared runs, the generation loop) keeps bindings across runs and rebinds a torch tensor only when
+        its memory changed, so the cache buffers are bound once per generation: rebuilding the binding and its 24
+        cache inputs every step cost 0.12 ms of a 1.05 ms decode step of the demo model (2 threads, AMX Xeon).
+        Where every output has a fixed shape (a decode step), each binding also holds its own output buffers,
+        bound once, and shared runs take two such bindings in turn, so a shared run's outputs stay valid until
+        the second shared run after it (as OpenVINO's shared runs do): binding 26 outputs and wrapping them every
+        step cost about 0.1 ms of the demo model's 0.6 ms step in `generate` (BENCHMARKS.md)."""
         values, tensors, arrays = self._split(feeds)
-        values.update(self._phase)
-        if reuse and self._shared_io is not None:
-            io, keys = self._shared_io, self._shared_keys
+        if reuse:
+            if not self._shared:
+                self._shared = [self._new_binding(fixed=True) for _ in range(2 if self._fixed else 1)]
+            shared = self._shared[self._turn]
+            self._turn = (self._turn + 1) % len(self._shared)
+            io, keys = shared.io, shared.keys
+            if shared.outputs is None:
+                for name in self.output_names:  # unallocated again: a reused output would be overwritten
+                    io.bind_output(name)
         else:
-            io, keys = self.session.io_binding(), {}
-            if reuse:
-                self._shared_io, self._shared_keys = io, keys
-        for name in self.output_names:
-            io.bind_output(name)
+            shared = self._new_binding(fixed=False)
+            io, keys = shared.io, shared.keys
         for name, a in arrays.items():
             io.bind_cpu_input(name, a)
             keys.pop(name, None)
@@ -179,15 +212,35 @@ class OrtEngine:
                 io.bind_input(name, "cpu", 0, _ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
                 keys[name] = key
         if reuse:
-            self._shared_refs = tensors  # the buffers bound by address stay alive while bound
-        return io
+            shared.refs = tensors  # the buffers bound by address stay alive while bound
+        return io, shared.outputs
+
+    def _new_binding(self, fixed: bool) -> _SharedBinding:
+        """A binding with this phase's constant feeds bound (a one-file engine's flag and empty inputs) and, with
+        `fixed` and fixed output shapes, its outputs bound to buffers of its own; else its outputs left to ONNX
+        Runtime."""
+        io = self.session.io_binding()
+        for name, v in self._phase.items():
+            io.bind_ortvalue_input(name, v)
+        outputs = None
+        if fixed and self._fixed is not None:
+            outputs = {name: np.empty(shape, dtype) for name, (shape, dtype) in self._fixed.items()}
+            for name, a in outputs.items():
+                io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        else:
+            for name in self.output_names:
+                io.bind_output(name)
+        return _SharedBinding(io, outputs)
 
     def run(self, feeds: dict[str, Any], shared: bool = False) -> dict[str, Any]:
         """Named inputs (as the metadata's `io` lists them) -> every output by name: numpy arrays, except
-        tensors numpy cannot hold (bfloat16), which stay OrtValues. Every run gets new outputs, which no later run
-        changes. `shared=True` (the generation loop) reuses one binding across runs (see _binding)."""
-        io = self._binding(feeds, reuse=shared)
+        tensors numpy cannot hold (bfloat16), which stay OrtValues. By default every run gets new outputs, which
+        no later run changes. `shared=True` (the generation loop) reuses bindings across runs (see _binding): a
+        shared decode step's outputs are valid until the second shared run after it."""
+        io, outputs = self._binding(feeds, reuse=shared)
         self.session.run_with_iobinding(io)
+        if outputs is not None:
+            return dict(outputs)
         return {name: v if name in self._bf16_outputs else v.numpy()
                 for name, v in zip(self.output_names, io.get_outputs(), strict=True)}
 
@@ -201,7 +254,7 @@ class OrtEngine:
         return self.session.run(["logits"], feeds)[0]
 
     def bind(self, feeds: dict[str, Any]) -> None:
-        self._io = self._binding(feeds)
+        self._io = self._binding(feeds)[0]
 
     def time_ms(self) -> float:
         """One run of the bound inputs (every output produced, the KV cache included), wall clock."""
