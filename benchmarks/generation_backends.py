@@ -6,12 +6,13 @@ Here every engine runs the same profile prompt in turn, round after round, in on
 (time to first token) and a whole greedy generation of `--new-tokens` tokens (EOS ignored), each over the same
 rounds. Time per output token is derived: (end to end - prefill) / (new tokens - 1).
 
-`--ort-allocated-outputs` also opens each ONNX Runtime engine a second time with its decode step's outputs left to
-ONNX Runtime to allocate every step, as the generation loop did before 2026-12-07 (the runner binds them once to
-buffers of its own since: `OrtEngine._binding`), timed in the same rounds: what that binding saves per generation.
+`--old-host-path` also opens each ONNX Runtime and OpenVINO engine a second time with the generation loop's host
+work as it was before 2026-12-07, timed in the same rounds: ONNX Runtime leaving a decode step's outputs to be
+allocated every step (the runner binds them once to buffers of its own since: `OrtEngine._binding`), OpenVINO running
+each request through `InferRequest.infer`, which also builds a dict of every output (`OvEngine._infer` since).
 
 Usage: python benchmarks/generation_backends.py ENGINE [ENGINE ...] [--new-tokens 32 --rounds 10 --reps 3
-       --threads 2 --ort-allocated-outputs --out F.json]
+       --threads 2 --old-host-path --out F.json]
 """
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ def timers(engine, new_tokens: int):
     return prefill, generation, int(ids.shape[1])
 
 
+def ort_outputs_allocated_every_step(engine) -> None:
+    engine.decode._fixed = None  # the runner then leaves every output to ONNX Runtime
+
+
+def openvino_runs_through_infer(engine) -> None:
+    from vtrcompile.lower.openvino import first_run_done
+
+    for runner in (engine.prefill, engine.decode):
+        def infer(request, runner=runner) -> None:
+            request.infer(share_outputs=True)  # builds the dict of outputs, which the runner no longer reads
+            if not runner._ran:
+                runner._ran = True
+                first_run_done(runner)
+        runner._infer = infer
+
+
+OLD_HOST_PATHS = {"onnxruntime": ort_outputs_allocated_every_step, "openvino": openvino_runs_through_infer}
+
+
 def interleaved(fns: list, rounds: int, reps: int) -> tuple[list[list[float]], list[list[float]]]:
     """Each engine's (prefill, generation) timers in turn, round after round, each kind `reps` times after one
     warm-up run -> every engine's prefill times and generation times (ms), in the order of `fns`."""
@@ -64,21 +84,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3, help="runs of each kind per engine and round (1 more as warm-up)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ort-allocated-outputs", action="store_true",
-                    help="also each ONNX Runtime engine with its decode outputs allocated by ONNX Runtime every step")
+    ap.add_argument("--old-host-path", action="store_true",
+                    help="also each ONNX Runtime and OpenVINO engine with the host work of before 2026-12-07")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     engines = [load_engine(p, args.threads) for p in args.engines]
     paths, labels = list(args.engines), [layout(e.metadata) for e in engines]
-    if args.ort_allocated_outputs:
+    if args.old_host_path:
         for p, e in zip(args.engines, list(engines), strict=True):
-            if e.prefill.backend == "onnxruntime" and e.metadata.get("decode"):
+            if e.prefill.backend in OLD_HOST_PATHS and e.metadata.get("decode"):
                 other = load_engine(p, args.threads)
-                other.decode._fixed = None  # the runner then leaves every output to ONNX Runtime, as before
+                OLD_HOST_PATHS[e.prefill.backend](other)
                 engines.append(other)
                 paths.append(p)
-                labels.append(layout(e.metadata) + ", decode outputs allocated per step")
+                labels.append(layout(e.metadata) + ", host work of before 2026-12-07")
     fns = [timers(e, args.new_tokens) for e in engines]
     prefill, total = interleaved(fns, args.rounds, args.reps)
     rows = []

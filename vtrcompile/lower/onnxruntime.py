@@ -190,7 +190,7 @@ class OrtEngine:
         values, tensors, arrays = self._split(feeds)
         if reuse:
             if not self._shared:
-                self._shared = [self._new_binding(fixed=True) for _ in range(2 if self._fixed else 1)]
+                self._shared = [self._new_binding(own_outputs=True) for _ in range(2 if self._fixed else 1)]
             shared = self._shared[self._turn]
             self._turn = (self._turn + 1) % len(self._shared)
             io, keys = shared.io, shared.keys
@@ -198,7 +198,7 @@ class OrtEngine:
                 for name in self.output_names:  # unallocated again: a reused output would be overwritten
                     io.bind_output(name)
         else:
-            shared = self._new_binding(fixed=False)
+            shared = self._new_binding(own_outputs=False)
             io, keys = shared.io, shared.keys
         for name, a in arrays.items():
             io.bind_cpu_input(name, a)
@@ -215,15 +215,15 @@ class OrtEngine:
             shared.refs = tensors  # the buffers bound by address stay alive while bound
         return io, shared.outputs
 
-    def _new_binding(self, fixed: bool) -> _SharedBinding:
+    def _new_binding(self, own_outputs: bool) -> _SharedBinding:
         """A binding with this phase's constant feeds bound (a one-file engine's flag and empty inputs) and, with
-        `fixed` and fixed output shapes, its outputs bound to buffers of its own; else its outputs left to ONNX
-        Runtime."""
+        `own_outputs` where the outputs' shapes are fixed, its outputs bound to numpy buffers of its own; else its
+        outputs left to ONNX Runtime."""
         io = self.session.io_binding()
         for name, v in self._phase.items():
             io.bind_ortvalue_input(name, v)
         outputs = None
-        if fixed and self._fixed is not None:
+        if own_outputs and self._fixed is not None:
             outputs = {name: np.empty(shape, dtype) for name, (shape, dtype) in self._fixed.items()}
             for name, a in outputs.items():
                 io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)

@@ -387,9 +387,9 @@ class OvEngine:
             request, self._turn = self._chain[self._turn], self._turn ^ 1
         tensors, keys = self._tensors(feeds)
         self._set(request, tensors, keys)
-        res = self._infer(request)
-        return {name: res[out] if shared else np.array(res[out])
-                for name, out in zip(self.output_names, self.compiled.outputs, strict=True)}
+        self._infer(request)
+        outs = [request.get_output_tensor(i).data for i in range(len(self.output_names))]
+        return {name: a if shared else np.array(a) for name, a in zip(self.output_names, outs, strict=True)}
 
     def time_ms(self) -> float:
         """One run of the bound inputs, its outputs left in OpenVINO's buffers (as in the generation loop)."""
@@ -397,12 +397,15 @@ class OvEngine:
         self._infer(self.request)
         return (time.perf_counter() - t0) * 1e3
 
-    def _infer(self, request: Any) -> Any:
-        res = request.infer(share_outputs=True)
+    def _infer(self, request: Any) -> None:
+        """One run of the inputs set on `request`, its outputs left in its buffers. Started and waited for rather
+        than `request.infer()`, which also builds a dict of every output: 26 of them cost the demo model's decode
+        step about 0.06 ms (BENCHMARKS.md, "The generation loop's host work")."""
+        request.start_async()
+        request.wait()
         if not self._ran:
             self._ran = True
             first_run_done(self)
-        return res
 
     def __call__(self, input_ids: np.ndarray, pixel_values: np.ndarray, check: bool = True) -> np.ndarray:
         if check:
