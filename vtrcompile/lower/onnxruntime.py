@@ -193,13 +193,12 @@ class OrtEngine:
                 self._shared = [self._new_binding(own_outputs=True) for _ in range(2 if self._fixed else 1)]
             shared = self._shared[self._turn]
             self._turn = (self._turn + 1) % len(self._shared)
-            io, keys = shared.io, shared.keys
-            if shared.outputs is None:
-                for name in self.output_names:  # unallocated again: a reused output would be overwritten
-                    io.bind_output(name)
         else:
             shared = self._new_binding(own_outputs=False)
-            io, keys = shared.io, shared.keys
+        io, keys = shared.io, shared.keys
+        if shared.outputs is None:  # left to ONNX Runtime: unallocated again each run (a reused one is overwritten)
+            for name in self.output_names:
+                io.bind_output(name)
         for name, a in arrays.items():
             io.bind_cpu_input(name, a)
             keys.pop(name, None)
@@ -217,8 +216,8 @@ class OrtEngine:
 
     def _new_binding(self, own_outputs: bool) -> _SharedBinding:
         """A binding with this phase's constant feeds bound (a one-file engine's flag and empty inputs) and, with
-        `own_outputs` where the outputs' shapes are fixed, its outputs bound to numpy buffers of its own; else its
-        outputs left to ONNX Runtime."""
+        `own_outputs` where the outputs' shapes are fixed, its outputs bound to numpy buffers of its own (`outputs`
+        None otherwise: _binding leaves them to ONNX Runtime)."""
         io = self.session.io_binding()
         for name, v in self._phase.items():
             io.bind_ortvalue_input(name, v)
@@ -227,9 +226,6 @@ class OrtEngine:
             outputs = {name: np.empty(shape, dtype) for name, (shape, dtype) in self._fixed.items()}
             for name, a in outputs.items():
                 io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        else:
-            for name in self.output_names:
-                io.bind_output(name)
         return _SharedBinding(io, outputs)
 
     def run(self, feeds: dict[str, Any], shared: bool = False) -> dict[str, Any]:
