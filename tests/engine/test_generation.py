@@ -120,6 +120,32 @@ def test_bad_generation_requests(tiny, tiny_engines, tmp_path):
         engine.generate(input_ids=long_ids, pixel_values=px, max_new_tokens=10)
 
 
+def test_a_decode_engine_whose_metadata_misstates_its_outputs_fails_in_one_line(tiny, tiny_engines, tmp_path):
+    """The ONNX Runtime runner binds a decode step's outputs to buffers shaped as the metadata declares; a file whose
+    metadata misstates them gets a one-line error that names it, not ONNX Runtime's exception."""
+    import json
+
+    import onnx
+
+    from vtrcompile.lower.onnx import METADATA_KEY
+
+    src = tiny_engines["fastv-k2-18"].files[-1]
+    decode = src.parent / tiny_engines["fastv-k2-18"].metadata["decode"]["file"]
+    shutil.copy(src, tmp_path / src.name)
+    m = onnx.load(str(decode))
+    prop = next(p for p in m.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    logits = next(t for t in meta["io"]["outputs"] if t["name"] == "logits")
+    logits["shape"] = [logits["shape"][0], logits["shape"][1] + 1]
+    prop.value = json.dumps(meta)
+    onnx.save(m, str(tmp_path / decode.name))
+    ids, px = tiny.example_inputs
+    engine = load_engine(tmp_path / src.name, threads=1)
+    with pytest.raises(VtrError, match=f"{decode.name}: ONNX Runtime refused a decode step .* rebuild it") as e:
+        engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=3)
+    assert "\n" not in str(e.value)
+
+
 def test_decode_engine_missing_or_from_another_model(tiny, tiny_engines, tmp_path):
     src = tiny_engines["fastv-k2-18"].files[-1]
     meta = tiny_engines["fastv-k2-18"].metadata

@@ -234,8 +234,15 @@ class OrtEngine:
         no later run changes. `shared=True` (the generation loop) reuses bindings across runs (see _binding): a
         shared decode step's outputs are valid until the second shared run after it."""
         io, outputs = self._binding(feeds, reuse=shared)
-        self.session.run_with_iobinding(io)
-        if outputs is not None:
+        if outputs is None:
+            self.session.run_with_iobinding(io)
+        else:
+            try:
+                self.session.run_with_iobinding(io)
+            except Exception as e:  # the buffers' shapes come from the metadata, which a damaged file may misstate
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise VtrError(f"{self.path}: ONNX Runtime refused a decode step into the output shapes its metadata "
+                               f"declares ({reason}); rebuild it with `vtrcompile optimize`") from None
             return dict(outputs)
         return {name: v if name in self._bf16_outputs else v.numpy()
                 for name, v in zip(self.output_names, io.get_outputs(), strict=True)}
