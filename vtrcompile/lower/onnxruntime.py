@@ -97,6 +97,11 @@ class _SharedBinding:
     refs: dict[str, Any] = field(default_factory=dict)
 
 
+def _reason(e: Exception) -> str:
+    """ONNX Runtime's message, its first line (for a one-line error)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def _bindable_tensor(v: Any, declared: torch.dtype | None) -> bool:
     """A contiguous CPU torch tensor in the dtype the engine declares for its input (bound by its address)."""
     return (isinstance(v, torch.Tensor) and v.dtype == declared and v.dtype in _ONNX_TYPES
@@ -137,8 +142,7 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # a damaged graph that still parses: ORT's own reason, first line
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise VtrError(f"{self.path}: ONNX Runtime cannot load this engine ({reason}); rebuild it with "
+            raise VtrError(f"{self.path}: ONNX Runtime cannot load this engine ({_reason(e)}); rebuild it with "
                            "`vtrcompile optimize`") from None
         release_freed_heap()
 
@@ -240,9 +244,8 @@ class OrtEngine:
             try:
                 self.session.run_with_iobinding(io)
             except Exception as e:  # the buffers' shapes come from the metadata, which a damaged file may misstate
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise VtrError(f"{self.path}: ONNX Runtime refused a decode step into the output shapes its metadata "
-                               f"declares ({reason}); rebuild it with `vtrcompile optimize`") from None
+                               f"declares ({_reason(e)}); rebuild it with `vtrcompile optimize`") from None
             return dict(outputs)
         return {name: v if name in self._bf16_outputs else v.numpy()
                 for name, v in zip(self.output_names, io.get_outputs(), strict=True)}
