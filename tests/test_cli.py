@@ -119,6 +119,7 @@ def test_optimize_profile_and_profile_command(tmp_path):
     (["tiny", "--method", "gprune", "--drop-ratio", "0.3"], ["gprune does not take --drop-ratio"]),
     (["tiny", "--method", "fastv", "--drop-ratio", "1.5"], ["--drop-ratio 1.5 is outside [0, 1)"]),
     (["tiny", "--method", "pumer", "--keep", "auto"], ["--keep auto is PruMerge's"]),
+    (["tiny", "--method", "fastv", "--weights", "int8", "--dtype", "bfloat16"], ["--weights int8", "float32"]),
 ])
 def test_bad_optimize_arguments(tmp_path, args, words):
     model, *rest = args

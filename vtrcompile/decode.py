@@ -107,6 +107,7 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
         meta = read_engine_metadata(path) if path.is_file() else None
         return bool(meta and meta.get("role") == "decode" and meta.get("model_id") == model_id
                     and meta.get("format") == FORMAT_VERSION and meta.get("dtype") == target.dtype
+                    and meta.get("weights", "none") == target.weights
                     and meta.get("batch") == batch
                     and (target.backend != "onnxruntime" or meta.get("onnx_opset") == ORT_OPSET)
                     and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(n, takes_padding(batch)))

@@ -89,21 +89,23 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
 
 def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, weights: str = "none",
                       one_file: bool = False) -> tuple[float, str, list[str]]:
-    """(bytes, what they are, what would need less) for `optimize` of `source` to `backend` (`weights`: OpenVINO's
-    weight compression, "none" or "int8"; `one_file`: one-file engines, which hold each weight once)."""
+    """(bytes, what they are, what would need less) for `optimize` of `source` to `backend` (`weights`: weight
+    compression, "none" or "int8"; `one_file`: one-file engines, which hold each weight once)."""
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
     # OpenVINO IRs point at the ONNX weight store (lower/openvino_store.py); NNCF's compression reads every weight,
     # and so does TensorRT's ONNX parser: the network it builds references host buffers of every weight until the
     # build ends (TensorRT's API contract; not measured here, no GPU)
-    streamed = source.weights is not None and (backend == "onnxruntime" or
-                                               (backend == "openvino" and weights == "none"))
+    streamed = source.weights is not None and backend in ("onnxruntime", "openvino") and weights == "none"
     if streamed:
         need, what = RUNTIME + 3 * 4 * source.weights.largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
-    elif source.weights is not None and backend == "openvino":
-        need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by NNCF while it compresses them"
-        advice.append("drop --weights int8 (the IR then reads the weights where the checkpoint streamed them)")
+    elif source.weights is not None and backend in ("onnxruntime", "openvino"):
+        # ONNX Runtime's quantizer holds the whole ONNX model, every weight read in, and writes its int8 copy beside it
+        need, what = RUNTIME + (1.0 if backend == "openvino" else 1.5) * w, \
+            f"{w / GB:.1f} GB of {name} weights read by {'NNCF' if backend == 'openvino' else 'ONNX Runtime'} " \
+            "while it compresses them"
+        advice.append("drop --weights int8 (the engine then reads the weights where the checkpoint streamed them)")
     elif source.weights is not None and backend == "tensorrt":
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights held by TensorRT's parser while it builds"
         advice += ["write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)",

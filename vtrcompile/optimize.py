@@ -152,13 +152,15 @@ class Optimized:
     build: Build
     files: list[Path]
     metadata: dict[str, Any]
-    findings: list[Finding]
+    findings: list[Finding] | None  # None: the TensorRT preflight was not run (an int8 ONNX Runtime engine)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 WEIGHTS = ("none", "int8")
+# backends that take --weights int8: OpenVINO (NNCF) and ONNX Runtime (MatMulNBits, lower/onnx_weights.py)
+WEIGHTS_BACKENDS = ("onnxruntime", "openvino")
 
 # backends whose prefill and decode engines `--one-file` joins into one file that holds each weight once
 ONE_FILE_BACKENDS = ("onnxruntime", "openvino")
@@ -174,7 +176,7 @@ class Target:
     min_prompt: int | None = None
     max_prompt: int | None = None  # None: capture.DEFAULT_MAX_PROMPT, or N + TEXT_ROOM when N needs more
     workspace_gb: float = 8.0
-    weights: str = "none"  # "int8": NNCF weight-only compression of the linear layers (OpenVINO)
+    weights: str = "none"  # "int8": weight-only int8 of the linear layers (OpenVINO: NNCF; ONNX Runtime: MatMulNBits)
     one_file: bool = False  # prefill and decode in one file, each weight held once (ONNX Runtime, OpenVINO)
 
 
@@ -202,6 +204,14 @@ def check_target(t: Target) -> None:
     """Fail at once, before any build work, when the target cannot be produced on this machine."""
     if t.dtype not in DTYPES:
         raise VtrError(f"--dtype {t.dtype}: use one of {', '.join(DTYPES)}")
+    if t.weights not in WEIGHTS:
+        raise VtrError(f"--weights {t.weights}: use one of {', '.join(WEIGHTS)}")
+    if t.weights != "none" and t.backend not in WEIGHTS_BACKENDS:
+        raise VtrError(f"--weights {t.weights} compresses ONNX Runtime and OpenVINO engines: write --out engine.onnx "
+                       "or engine.xml")
+    if t.weights != "none" and t.backend == "onnxruntime" and t.dtype != "float32":
+        raise VtrError(f"--weights {t.weights} with an ONNX Runtime engine runs its activations in float32 (ONNX "
+                       f"Runtime's int8 kernels take no {t.dtype}); leave out --dtype, or write --out engine.xml")
     if t.backend == "tensorrt":
         from .lower.tensorrt import check_cuda, import_tensorrt
 
@@ -214,10 +224,6 @@ def check_target(t: Target) -> None:
     elif t.device != "cpu":
         raise VtrError(f"--device {t.device}: the {t.backend} backend here runs on the CPU; use .pt2 or .plan "
                        "for a GPU engine")
-    if t.weights not in WEIGHTS:
-        raise VtrError(f"--weights {t.weights}: use one of {', '.join(WEIGHTS)}")
-    if t.weights != "none" and t.backend != "openvino":
-        raise VtrError(f"--weights {t.weights} compresses OpenVINO engines: write --out engine.xml")
     if t.one_file and t.backend not in ONE_FILE_BACKENDS:
         raise VtrError(f"--one-file joins ONNX Runtime and OpenVINO engines; the {t.backend} backend keeps a prefill "
                        "and a decode engine: write --out engine.onnx or engine.xml, or leave out --one-file")
@@ -253,7 +259,7 @@ def lower_program(program: torch.export.ExportedProgram, out: Path, meta: dict[s
     """One program (prefill or decode) -> the target backend's engine file(s), written atomically. `weights`:
     stream the parameters from a checkpoint (ONNX, and the ONNX that OpenVINO and TensorRT read)."""
     if t.backend == "onnxruntime":
-        return export_onnx(program, out, meta, weights, opset=ORT_OPSET)
+        return export_onnx(program, out, meta, weights, opset=ORT_OPSET, compress=t.weights)
     if t.backend == "openvino":
         from .lower.openvino import export_openvino
 
@@ -296,6 +302,10 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
     findings: list[Finding] = []
+    # no preflight of an int8 ONNX Runtime engine: its MatMulNBits nodes are ONNX Runtime's own, and TensorRT would
+    # read the float engine instead
+    skip = t.backend == "onnxruntime" and t.weights != "none"
+    check = (lambda path: []) if skip else preflight
     if t.one_file and decode_path is not None and t.backend == "openvino":
         from .lower.openvino import export_openvino
         from .lower.openvino_phases import write_one_file as write_one_ir
@@ -306,14 +316,15 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
         from .lower.onnx_phases import write_one_file
 
         def prefill(path: Path) -> None:
-            export_onnx(b.program, path, meta, source.weights, store_folder=out.parent, opset=ORT_OPSET)
-            findings.extend(preflight(path))
+            export_onnx(b.program, path, meta, source.weights, store_folder=out.parent, opset=ORT_OPSET,
+                        compress=t.weights)
+            findings.extend(check(path))
 
         files, meta = write_one_file(out, decode_path, prefill)
     else:
         files = lower_program(b.program, out, meta, t, source.weights)
-        findings = preflight(out) if t.backend == "onnxruntime" else []
-    return Optimized(b, files, meta, findings)
+        findings = check(out) if t.backend == "onnxruntime" else []
+    return Optimized(b, files, meta, None if skip else findings)
 
 
 def optimize(source: ModelSource, method: str, options: dict[str, Any], out: Path,

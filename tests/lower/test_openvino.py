@@ -299,8 +299,9 @@ def _constant_types(path) -> set:
 def test_weights_option_refused_where_it_does_not_apply():
     from vtrcompile.optimize import Target, check_target
 
-    with pytest.raises(VtrError, match="--weights int8 compresses OpenVINO engines"):
-        check_target(Target(backend="onnxruntime", weights="int8"))
+    for backend in ("aoti", "tensorrt"):
+        with pytest.raises(VtrError, match="--weights int8 compresses ONNX Runtime and OpenVINO engines"):
+            check_target(Target(backend=backend, weights="int8"))
 
 
 def test_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):

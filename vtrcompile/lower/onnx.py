@@ -14,7 +14,7 @@ import onnx_ir as ir
 import torch
 
 from ..errors import VtrError
-from .atomic import write_atomically
+from .atomic import scratch_dir, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,29 @@ def param_bytes(ep: torch.export.ExportedProgram) -> int:
 
 
 def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any], weights=None,
-                store_folder: Path | None = None, opset: int | None = None) -> list[Path]:
+                store_folder: Path | None = None, opset: int | None = None, compress: str = "none") -> list[Path]:
     """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written.
     `opset`: the ONNX opset (ORT_OPSET for ONNX Runtime engines); None takes the exporter's default. The metadata
-    records the opset written (`onnx_opset`).
+    records the opset written (`onnx_opset`). `compress` "int8": the linear layers' weights as int8 MatMulNBits
+    nodes (lower/onnx_weights.py, ONNX Runtime only); the engine then holds its weights itself (inline, or in
+    `<name>.data` when large), not in the model's weight store, and records `weights: int8`.
 
     `weights` (models/checkpoint.CheckpointWeights): the program's parameters are empty stand-ins; each weight
     is streamed from the checkpoint into the model's shared weight store beside `out` (lower/weight_store.py)
     before the graph is optimised, so constant folding never holds a weight in memory. `store_folder`: where that
     store is, when the engine is written somewhere else first (a one-file engine's prefill, joined in a temporary
     folder); the engine must end up beside it."""
+    stream = weights is not None and any(weights.name_of(t) for t in ep.state_dict.values())
+    if stream and compress != "none":  # the float weights are read once, from a scratch store, to be compressed
+        with scratch_dir(Path(out).parent, f".{Path(out).name[:64]}.store.") as folder:
+            return _export_onnx(ep, out, metadata, weights, folder, opset, compress, stream)
+    return _export_onnx(ep, out, metadata, weights, store_folder, opset, compress, stream)
+
+
+def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any], weights,
+                 store_folder: Path | None, opset: int | None, compress: str, stream: bool) -> list[Path]:
     t0 = time.perf_counter()
     io = metadata.get("io")  # absent only for a bare program (input_ids, pixel_values) -> logits
-    stream = weights is not None and any(weights.name_of(t) for t in ep.state_dict.values())
     program = torch.onnx.export(ep, (), input_names=[t["name"] for t in io["inputs"]] if io else
                                 ["input_ids", "pixel_values"],
                                 output_names=[t["name"] for t in io["outputs"]] if io else ["logits"], dynamo=True,
@@ -70,7 +80,10 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
         check_no_empty_weights(program.model, weights)
         log.info("%s: %d initializers point at %s (%d tensors appended)", Path(out).name, n, store.data, store.written)
         program.optimize()
-        metadata = {**metadata, "weights_file": store.data.name}
+        if compress == "none":
+            metadata = {**metadata, "weights_file": store.data.name}
+    if compress != "none":
+        metadata = {**metadata, "weights": compress}
     if io:
         _name_dims(program.model.graph, io)
     _drop_stack_traces(program.model.graph)
@@ -79,7 +92,13 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     external = param_bytes(ep) > EXTERNAL_DATA_BYTES
 
     def save(tmp: Path) -> None:
-        if store is not None:  # the weights stay where the store has them; only small constants are inline
+        if compress != "none":  # the compressed weights are the engine's own
+            from .onnx_weights import compress_linear_weights, save_model
+
+            folder = store.folder if store is not None else None
+            save_model(compress_linear_weights(ir.serde.serialize_model(program.model), folder), tmp,
+                       EXTERNAL_DATA_BYTES)
+        elif store is not None:  # the weights stay where the store has them; only small constants are inline
             inline = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                          if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
             if inline > EXTERNAL_DATA_BYTES:
