@@ -9,6 +9,7 @@ caches fit in 40 GB (computed from shapes, not measured).
 Usage: python benchmarks/generation.py --model llava15-geometry --new-tokens 32 --reps 10
        python benchmarks/generation.py --model models/vqa-synth-llava
        python benchmarks/generation.py --model llava15-geometry --ext .xml --dtype bfloat16
+       python benchmarks/generation.py --model llava15-geometry --weights int8     (ONNX Runtime, int8 weights)
        python benchmarks/generation.py --model llava15-geometry --batch 4 --methods prumerge,fastv
        python benchmarks/generation.py --kv-7b
        (--build-only builds the engines and times nothing; --reuse keeps engines of this format already built;
@@ -55,9 +56,9 @@ def engine(src, method: str, opts: dict, path: Path, target: Target, reuse: bool
 
 def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv_budget_gb: float,
         ext: str = ".onnx", dtype: str = "float32", batch: int = 1, methods: list[str] | None = None,
-        reuse: bool = False, build_only: bool = False, two_files: bool = False) -> dict:
+        reuse: bool = False, build_only: bool = False, two_files: bool = False, weights: str = "none") -> dict:
     src = load_model(model, batch=batch)
-    target = Target(backend=backend_for(Path("e" + ext), None), dtype=dtype)
+    target = Target(backend=backend_for(Path("e" + ext), None), dtype=dtype, weights=weights)
     if not two_files:  # what `optimize` writes by default
         target = dataclasses.replace(target, one_file=default_one_file(target, src))
     base = engine(src, "none", {}, build_dir / f"baseline{ext}", target, reuse)
@@ -75,7 +76,7 @@ def run(model: str, new_tokens: int, reps: int, warmup: int, build_dir: Path, kv
         logging.info("%s: TTFT %.2fx, TPOT %.2fx, e2e %.2fx, KV %.3f", rep["label"], rep["speedup_p50"],
                      g["decode_speedup_p50"], g["end_to_end_speedup_p50"], g["kv_ratio"])
     return {"model": model, "new_tokens": new_tokens, "backend": target.backend, "dtype": dtype, "batch": batch,
-            "one_file": target.one_file, "runs": rows}
+            "weights": weights, "one_file": target.one_file, "runs": rows}
 
 
 def kv_7b(new_tokens: int, budget_gb: float) -> dict:
@@ -104,7 +105,8 @@ def kv_7b(new_tokens: int, budget_gb: float) -> dict:
 def markdown(out: dict) -> str:
     lines = [f"model `{out['model']}`, {out['runs'][0]['prompt_tokens']}-token prompt, {out['new_tokens']} new tokens, "
              f"{out['runs'][0]['environment']['threads']} threads, {out['runs'][0]['environment']['backend']}, "
-             f"{out.get('dtype', 'float32')}, batch {out.get('batch', 1)} (KV per sequence)", "",
+             f"{out.get('dtype', 'float32')}, {out.get('weights', 'none')} weights, batch {out.get('batch', 1)} "
+             "(KV per sequence)", "",
              "| method | TTFT p50 ms (base / reduced) | TTFT speedup | FLOPs-ideal | TPOT p50 ms (base / reduced) "
              "| TPOT speedup | end to end ms (base / reduced) | e2e speedup | KV after prefill MB (base / reduced) "
              "| KV ratio |",
@@ -138,6 +140,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep engines already built (this engine format, same method)")
     ap.add_argument("--build-only", action="store_true", help="build (or --reuse) the engines, time nothing")
     ap.add_argument("--two-files", action="store_true", help=".onnx: prefill/decode pairs instead of one-file engines")
+    ap.add_argument("--weights", default="none", choices=["none", "int8"], help="weight compression (optimize --weights)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -149,10 +152,11 @@ def main() -> None:
         tag = "" if (args.ext, args.dtype) == (".onnx", "float32") else f"-{args.ext[1:]}-{args.dtype}"
         tag += f"-b{args.batch}" if args.batch > 1 else ""
         tag += "-two-files" if args.two_files and args.ext == ".onnx" else ""
+        tag += f"-{args.weights}" if args.weights != "none" else ""
         out = run(args.model, args.new_tokens, args.reps, args.warmup,
                   Path(args.build_dir) / (Path(args.model).name + tag), args.kv_budget_gb, args.ext, args.dtype,
                   args.batch, args.methods.split(",") if args.methods else None, args.reuse, args.build_only,
-                  args.two_files)
+                  args.two_files, args.weights)
         if args.build_only:
             return
         path = Path(args.out or f"benchmarks/results/generation-{Path(args.model).name}{tag}.json")

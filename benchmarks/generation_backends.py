@@ -104,8 +104,8 @@ def main() -> None:
     rows = []
     for path, label, e, pr, tot, (_p, _g, n) in zip(paths, labels, engines, prefill, total, fns, strict=True):
         ttft, e2e = float(np.median(pr)), float(np.median(tot))
-        rows.append({"engine": path, "backend": e.prefill.backend, "dtype": e.metadata["dtype"], "method": e.metadata["method"],
-                     "layout": label,
+        rows.append({"engine": path, "backend": e.prefill.backend, "dtype": e.metadata["dtype"],
+                     "weights": e.metadata.get("weights", "none"), "method": e.metadata["method"], "layout": label,
                      "prompt_tokens": n, "ttft_p50_ms": ttft, "end_to_end_p50_ms": e2e,
                      "tpot_derived_ms": (e2e - ttft) / max(args.new_tokens - 1, 1),
                      "ttft_ms": pr, "end_to_end_ms": tot})
@@ -114,7 +114,8 @@ def main() -> None:
     print(f"| engine | backend, dtype | layout | TTFT p50 (ms) | {args.new_tokens} tokens p50 (ms) | TPOT, derived (ms) |")
     print("|---|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['engine']} | {r['backend']} {r['dtype']} | {r['layout']} | {r['ttft_p50_ms']:.2f} | "
+        weights = "" if r["weights"] == "none" else f", {r['weights']} weights"
+        print(f"| {r['engine']} | {r['backend']} {r['dtype']}{weights} | {r['layout']} | {r['ttft_p50_ms']:.2f} | "
               f"{r['end_to_end_p50_ms']:.2f} | {r['tpot_derived_ms']:.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
