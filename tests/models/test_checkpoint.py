@@ -255,7 +255,8 @@ def test_a_failed_openvino_build_leaves_no_weight_store(checkpoint, tmp_path, mo
 
 def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     """A lazily read checkpoint to .xml streams like .onnx (the IR points at the weight store); with --weights int8
-    NNCF reads every weight once, as does TensorRT's parser; an in-memory model keeps the larger 1.5x."""
+    NNCF reads every weight once, as does TensorRT's parser, and .onnx streams them and holds the int8 engine; an
+    in-memory model keeps the larger 1.5x."""
     from vtrcompile.memory import RUNTIME, optimize_estimate, weight_bytes
 
     src = load_model(str(checkpoint))
@@ -267,6 +268,10 @@ def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     assert any("drop --weights int8" in a for a in advice)
     need, what, _ = optimize_estimate(src, "tensorrt", torch.float32, False)  # its parser holds every weight
     assert need == pytest.approx(RUNTIME + w) and "TensorRT's parser" in what
+    # .onnx with --weights int8: streamed, then compressed one weight at a time; the int8 engine is held whole
+    streamed = optimize_estimate(src, "onnxruntime", torch.float32, False)[0]
+    need, what, _ = optimize_estimate(src, "onnxruntime", torch.float32, False, "int8")
+    assert need == pytest.approx(streamed + 0.5 * w) and "compressed to int8" in what
     eager = load_model("tiny")
     assert optimize_estimate(eager, "openvino", torch.float32, False)[0] == pytest.approx(
         RUNTIME + 1.5 * weight_bytes(eager, torch.float32))

@@ -29,22 +29,48 @@ ACCURACY_LEVEL = 4  # int8 activations inside the kernel (ONNX Runtime's accurac
 
 def compress_linear_weights(model: onnx.ModelProto, folder: Path | None = None) -> onnx.ModelProto:
     """`model` (a flat ONNX Runtime engine graph) with every constant-weight MatMul as an int8 MatMulNBits node.
-    `folder`: where the model's external data lives (a weight store), read into memory first."""
+    `folder`: where the model's external data lives (a weight store). The quantizer maps each stored weight from
+    there as it compresses it, one at a time, so the float weights are never all in memory; what stays float
+    (embeddings, norms) is then read into the returned model, which holds every weight itself."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from .onnxruntime import selector_node_names
 
     t0 = time.perf_counter()
-    if folder is not None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        onnx.load_external_data_for_model(model, str(folder))
+    if folder is not None:
+        _locate_external(model, Path(folder))
     exclude = sorted(selector_node_names(model))
     quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=exclude)
     quantizer.process()
     out = quantizer.model.model
+    _read_external(out)
     n = sum(node.op_type == "MatMulNBits" for node in out.graph.node)
     log.info("int8 weights: %d linear layers as MatMulNBits (%.1fs)", n, time.perf_counter() - t0)
     return out
+
+
+def _locate_external(model: onnx.ModelProto, folder: Path) -> None:
+    """Point every external initializer at its file by absolute path (the quantizer reads them relative to nothing)."""
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = str((folder / entry.value).resolve())
+
+
+def _read_external(model: onnx.ModelProto) -> None:
+    """Read every initializer still stored outside the model (by the absolute paths `_locate_external` wrote) into
+    it: the engine must not point at a store that is about to be removed."""
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        with open(info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+        t.raw_data = data
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
 
 
 def save_model(model: onnx.ModelProto, path: Path, external_bytes: int) -> None:
