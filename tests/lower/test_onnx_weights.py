@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.conftest import max_diff, prompts
 from tests.lower.bf16_generation import INT8_LOGIT_ATOL, check_fastv64_demo_generation
 from vtrcompile.lower.onnx_weights import BLOCK, compress_linear_weights
-from vtrcompile.lower.onnxruntime import OrtEngine, selector_node_names
+from vtrcompile.lower.onnxruntime import OrtEngine, _nodes, selector_node_names
 from vtrcompile.reference.quantized import dequantized_weight, int8_linear_reference
 
 
@@ -52,14 +52,6 @@ def test_int8_linear_node_equals_its_eager_reference(k, n):
 # The tiny preset's random weights give logits of about 0.5 at most, and int8 weights and activations move them by up
 # to 11% of that (measured); the trained demo model's generation is the accuracy check (last test).
 TINY_INT8_RTOL = 0.25
-
-
-def _nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(a.g)
 
 
 def _branch(model: onnx.ModelProto, name: str) -> onnx.GraphProto:
