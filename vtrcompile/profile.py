@@ -213,6 +213,10 @@ def compare(engine: str | Path, baseline: str | Path, warmup: int = 3, reps: int
                        "compare engines built with the same --batch")
     if red.metadata["model_id"] != base.metadata["model_id"]:
         log.warning("engines come from different models: %s vs %s", red.metadata["model"], base.metadata["model"])
+    weights = [m.get("weights", "none") for m in (red.metadata, base.metadata)]
+    if weights[0] != weights[1]:  # int8 weights change both the prefill's and the decode step's speed
+        log.warning("%s has %s weights and %s %s weights: the ratios include the weights' difference (build both "
+                    "with the same --weights)", engine, weights[0], baseline, weights[1])
     if layout(red.metadata) != layout(base.metadata):  # the one file's If costs a small model a few percent
         log.warning("%s is %s and %s %s: the ratios include the layouts' difference (optimize --one-file / "
                     "--two-files builds both alike)", engine, layout(red.metadata), baseline, layout(base.metadata))

@@ -59,11 +59,16 @@ def _branch(model: onnx.ModelProto, name: str) -> onnx.GraphProto:
     return next(a.g for a in phase.attribute if a.name == name)
 
 
-def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, tiny_build, tiny_engines, tmp_path):
+def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, tiny_build, tiny_engines, tmp_path,
+                                                                         caplog):
     """A one-file FastV engine with int8 weights: every MatMul of a stored weight in the float engine is a
     MatMulNBits node, no node of the reduction is, each int8 weight is stored once for both phases, and the
-    prefill's logits stay near the float engine's."""
+    prefill's logits stay near the float engine's. `profile` against the float engine warns that the ratios
+    then include the weights' difference."""
+    import logging
+
     from vtrcompile.optimize import Target, write_engine
+    from vtrcompile.profile import compare
 
     out = tmp_path / "fastv.onnx"
     res = write_engine(tiny_build("fastv", layer=2, keep=18), tiny, out, Target(weights="int8", one_file=True))
@@ -93,6 +98,9 @@ def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, ti
     for ids, px in prompts(tiny.hf_model.config):
         a, b = q(ids.numpy(), px.numpy()), f(ids.numpy(), px.numpy())
         assert 0 < max_diff(a, b) <= TINY_INT8_RTOL * np.abs(b).max()
+    with caplog.at_level(logging.WARNING, logger="vtrcompile.profile"):
+        compare(out, float_engine, warmup=0, reps=2, threads=1, selector_reps=1)
+    assert any("the ratios include the weights' difference" in r.getMessage() for r in caplog.records)
 
 
 def test_int8_engine_of_a_checkpoint_generates_what_the_float32_reference_does(tmp_path):
