@@ -103,9 +103,21 @@ def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, ti
     assert any("the ratios include the weights' difference" in r.getMessage() for r in caplog.records)
 
 
+def _external_spans(path) -> set[tuple[str, int, int]]:
+    model = onnx.load(str(path), load_external_data=False)
+    spans = set()
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            spans.add((info["location"], int(info["offset"]), int(info["length"])))
+    return spans
+
+
 def test_int8_engine_of_a_checkpoint_generates_what_the_float32_reference_does(tmp_path):
-    """The demo model's FastV 64 engine with int8 weights, built from its Hugging Face directory (the weights stream
-    through a scratch store that does not stay): the reference's tokens, per-step logits within INT8_LOGIT_ATOL."""
+    """The demo model's FastV 64 engine with int8 weights, built from its Hugging Face directory: the float weights
+    stream through a scratch store that does not stay, and the int8 weights of the one file and of the decode
+    engine beside it are one shared store's, each stored once; it generates the reference's tokens, per-step logits
+    within INT8_LOGIT_ATOL."""
     from tests.models.test_demo_model import MODEL
     from vtrcompile import load_engine
     from vtrcompile.models.loading import load_model
@@ -113,7 +125,15 @@ def test_int8_engine_of_a_checkpoint_generates_what_the_float32_reference_does(t
 
     out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "fastv.onnx",
                    target=Target(weights="int8", one_file=True)).files[-1]
-    assert not list(tmp_path.glob("weights-*")) and not list(tmp_path.glob(".*"))  # no store, no scratch left
+    assert not list(tmp_path.glob(".*"))  # no scratch left
+    (store,) = tmp_path.glob("weights-*.data")
+    assert store.name.endswith("-float32-int8.data")  # the int8 store; the float weights' scratch store is gone
     engine = load_engine(out, threads=2)
-    assert engine.metadata["weights"] == "int8"
+    assert engine.metadata["weights"] == "int8" and engine.metadata["weights_file"] == store.name
+    (decode_engine,) = tmp_path.glob("decode-*-int8.onnx")
+    one, decode = _external_spans(out), _external_spans(decode_engine)
+    assert one and decode and {loc for loc, _, _ in one | decode} == {store.name}
+    assert decode <= one  # the decode phase reads the decode engine's weights, where that engine has them
+    spans = sorted((o, n) for _, o, n in one)
+    assert all(o1 + n1 <= o2 for (o1, n1), (o2, _) in zip(spans, spans[1:], strict=False))  # each stored once
     check_fastv64_demo_generation(engine, atol=INT8_LOGIT_ATOL)

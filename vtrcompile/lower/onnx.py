@@ -51,12 +51,16 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     stream = weights is not None and any(weights.name_of(t) for t in ep.state_dict.values())
     if stream and compress != "none":  # the float weights are read once, from a scratch store, to be compressed
         with scratch_dir(Path(out).parent, f".{Path(out).name[:64]}.store.") as folder:
-            return _export_onnx(ep, out, metadata, weights, folder, opset, compress, stream)
+            return _export_onnx(ep, out, metadata, weights, folder, opset, compress, stream,
+                                store_folder or Path(out).parent)
     return _export_onnx(ep, out, metadata, weights, store_folder, opset, compress, stream)
 
 
 def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str, Any], weights,
-                 store_folder: Path | None, opset: int | None, compress: str, stream: bool) -> list[Path]:
+                 store_folder: Path | None, opset: int | None, compress: str, stream: bool,
+                 compressed_folder: Path | None = None) -> list[Path]:
+    """export_onnx; `compressed_folder`: where the compressed weights' shared store is (a checkpoint's --weights
+    int8 engine), `store_folder` then being the scratch folder of the float weights."""
     t0 = time.perf_counter()
     io = metadata.get("io")  # absent only for a bare program (input_ids, pixel_values) -> logits
     program = torch.onnx.export(ep, (), input_names=[t["name"] for t in io["inputs"]] if io else
@@ -84,6 +88,13 @@ def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str
             metadata = {**metadata, "weights_file": store.data.name}
     if compress != "none":
         metadata = {**metadata, "weights": compress}
+    packed = None  # the compressed weights' shared store (a checkpoint's int8 engine)
+    if compressed_folder is not None:
+        from .weight_store import WeightStore
+
+        packed = WeightStore(compressed_folder, metadata.get("model_id", "model"),
+                             f"{metadata.get('dtype', 'float32')}-{compress}")
+        metadata = {**metadata, "weights_file": packed.data.name}
     if io:
         _name_dims(program.model.graph, io)
     _drop_stack_traces(program.model.graph)
@@ -96,8 +107,13 @@ def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str
             from .onnx_weights import compress_linear_weights, save_model
 
             folder = store.folder if store is not None else None
-            save_model(compress_linear_weights(ir.serde.serialize_model(program.model), folder), tmp,
-                       EXTERNAL_DATA_BYTES)
+            compressed = compress_linear_weights(ir.serde.serialize_model(program.model), folder)
+            if packed is not None:
+                from .onnx_weights import move_into_store
+
+                log.info("%s: %d initializers point at %s", Path(out).name, move_into_store(compressed, packed),
+                         packed.data)
+            save_model(compressed, tmp, EXTERNAL_DATA_BYTES)
         elif store is not None:  # the weights stay where the store has them; only small constants are inline
             inline = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                          if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))

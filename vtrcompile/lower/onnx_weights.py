@@ -74,6 +74,35 @@ def _read_external(model: onnx.ModelProto) -> None:
         t.data_location = onnx.TensorProto.DEFAULT
 
 
+def move_into_store(model: onnx.ModelProto, store) -> int:
+    """Point every large initializer of `model` (held in memory) at the compressed weights' shared store instead
+    (lower/weight_store.WeightStore), written there the first time its bytes are seen: the engines of a model built
+    with --weights int8 from a checkpoint (reduced, baseline, the decode engine) then store each int8 weight once, as
+    the float ones are. Keyed by dtype, shape and a hash of the bytes (the exporter names one weight differently in
+    the prefill and the decode graph). Returns how many initializers now point at the store."""
+    import hashlib
+    import math
+
+    import torch
+
+    from .weight_store import INLINE_ELEMENTS
+
+    moved = 0
+    for t in model.graph.initializer:
+        data = t.raw_data
+        if t.data_location == onnx.TensorProto.EXTERNAL or not data or math.prod(t.dims) <= INLINE_ELEMENTS:
+            continue  # small ones stay inline, as in the float store
+        key = f"{t.data_type}:{list(t.dims)}:{hashlib.sha256(data).hexdigest()}"
+        offset, length = store.tensor(key, lambda data=data: torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        for k, v in (("location", store.data.name), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=k, value=v)
+        moved += 1
+    return moved
+
+
 def save_model(model: onnx.ModelProto, path: Path, external_bytes: int) -> None:
     """Save a compressed engine on its own: its initializers inline, or in `<name>.data` beside it when they weigh
     more than `external_bytes` (protobuf's 2 GB limit)."""
