@@ -40,8 +40,10 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written.
     `opset`: the ONNX opset (ORT_OPSET for ONNX Runtime engines); None takes the exporter's default. The metadata
     records the opset written (`onnx_opset`). `compress` "int8": the linear layers' weights as int8 MatMulNBits
-    nodes (lower/onnx_weights.py, ONNX Runtime only); the engine then holds its weights itself (inline, or in
-    `<name>.data` when large), not in the model's weight store, and records `weights: int8`.
+    nodes (lower/onnx_weights.py, ONNX Runtime only), recorded as `weights: int8`; streamed from a checkpoint, the
+    float weights then pass through a scratch store and the int8 ones go to the model's int8 store
+    (`weights-<id>-<dtype>-int8.data`, shared by its int8 engines); from a model in memory the engine holds them
+    (inline, or in `<name>.data` when large).
 
     `weights` (models/checkpoint.CheckpointWeights): the program's parameters are empty stand-ins; each weight
     is streamed from the checkpoint into the model's shared weight store beside `out` (lower/weight_store.py)
