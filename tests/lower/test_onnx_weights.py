@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import max_diff, prompts
 from tests.lower.bf16_generation import INT8_LOGIT_ATOL, check_fastv64_demo_generation
+from vtrcompile.lower.onnx import external_span
 from vtrcompile.lower.onnx_weights import BLOCK, compress_linear_weights
 from vtrcompile.lower.onnxruntime import OrtEngine, _nodes, selector_node_names
 from vtrcompile.reference.quantized import dequantized_weight, int8_linear_reference
@@ -105,12 +106,7 @@ def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, ti
 
 def _external_spans(path) -> set[tuple[str, int, int]]:
     model = onnx.load(str(path), load_external_data=False)
-    spans = set()
-    for t in model.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            spans.add((info["location"], int(info["offset"]), int(info["length"])))
-    return spans
+    return {external_span(t) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
 
 
 def test_int8_engine_of_a_checkpoint_generates_what_the_float32_reference_does(tmp_path):

@@ -62,14 +62,15 @@ def _locate_external(model: onnx.ModelProto, folder: Path) -> None:
 def _read_external(model: onnx.ModelProto) -> None:
     """Read every initializer still stored outside the model (by the absolute paths `_locate_external` wrote) into
     it: the engine must not point at a store that is about to be removed."""
+    from .onnx import external_span
+
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in t.external_data}
-        with open(info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            data = f.read(int(info["length"])) if "length" in info else f.read()
-        t.raw_data = data
+        location, offset, length = external_span(t)
+        with open(location, "rb") as f:
+            f.seek(offset)
+            t.raw_data = f.read(length) if length else f.read()
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT
 
