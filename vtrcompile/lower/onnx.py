@@ -105,7 +105,7 @@ def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str
     external = param_bytes(ep) > EXTERNAL_DATA_BYTES
 
     def save(tmp: Path) -> None:
-        if compress != "none":  # the compressed weights are the engine's own
+        if compress != "none":  # in the model's int8 store (from a checkpoint), else the engine's own
             from .onnx_weights import compress_linear_weights, save_model
 
             folder = store.folder if store is not None else None
