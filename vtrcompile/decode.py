@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 
 # A cache is never shorter than the two text tokens every prompt keeps (export must not specialise 0/1).
 MIN_PAST = 2
+# The backends whose decode step writes each layer's rotary table in the plain form (models/decoder.layer_rotary).
+# ONNX Runtime's engines are written at ORT_OPSET, where the exporter fuses that form into one RotaryEmbedding node
+# per query and key: the demo model's step measured 0.41 -> 0.33 ms, llava15-geometry's int8 one 5.24 -> 4.82 ms.
+# OpenVINO reads the exporter's default opset, which has no such node, and its steps measured 2-3% slower in the
+# plain form (demo f32 0.468 -> 0.483 ms, llava15-geometry bf16 6.14 -> 6.27), so it, AOTInductor (whose compiler
+# fuses the arithmetic either way) and TensorRT keep one rotary call for all layers (BENCHMARKS.md, "Fused rotary
+# embeddings in the decode step"). Float32 only: in a lower precision the tables' cast sits between the cosine and
+# its use, a form the exporter does not fuse.
+PLAIN_ROTARY_BACKENDS = ("onnxruntime",)
 
 
 def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu", weights: str = "none",
@@ -42,9 +51,11 @@ def decode_file_name(model_id: str, dtype: str, ext: str, device: str = "cpu", w
             f"{'' if device == 'cpu' else '-' + device}{'' if batch == 1 else f'-b{batch}'}{ext}")
 
 
-def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+def capture_decode(model: torch.nn.Module, batch: int, plain_tables: bool = False
+                   ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """torch.export of DecodeStep with every layer's buffer capacity its own dynamic dim; batch > 1 also takes the
-    prompt's left-padding attention_mask [B, prompt]."""
+    prompt's left-padding attention_mask [B, prompt]. `plain_tables`: DecodeStep's rotary tables per layer in the
+    plain form (for PLAIN_ROTARY_BACKENDS, in float32)."""
     geo = cache_geometry(model)
     n, kv, d = geo["llm_layers"], geo["kv_heads"], geo["head_dim"]
     p = next(iter(model.parameters()))
@@ -64,7 +75,8 @@ def capture_decode(model: torch.nn.Module, batch: int) -> tuple[torch.export.Exp
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            ep = torch.export.export(DecodeStep(model, padded).eval(), args, dynamic_shapes=dims, strict=False)
+            ep = torch.export.export(DecodeStep(model, padded, plain_tables).eval(), args, dynamic_shapes=dims,
+                                    strict=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VtrError(f"torch.export of the decode step failed: {first}") from e
@@ -118,7 +130,8 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
     cacheable = weights is None and target.backend != "tensorrt"
     if cacheable and decode_cache.restore(path.name, folder) and matches():
         return path
-    ep, dim_names = capture_decode(model, batch)
+    plain = target.backend in PLAIN_ROTARY_BACKENDS and target.dtype == "float32"
+    ep, dim_names = capture_decode(model, batch, plain)
     io = describe(ep, decode_inputs(n, takes_padding(batch)), decode_outputs(n), dim_names)
     meta = decode_metadata(model, model_id, label, target.dtype, target.backend, io, batch)
     from .optimize import lower_program

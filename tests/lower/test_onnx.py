@@ -343,6 +343,22 @@ def test_onnxruntime_engines_run_each_attention_as_one_node(engines, tiny, tmp_p
     assert opset < ORT_OPSET and counts["Attention"] == 0 and counts["Softmax"] > layers
 
 
+def test_the_decode_step_rotates_each_query_and_key_with_one_node(engines, tiny):
+    """The decode step writes each layer's rotary table in the plain form (models/decoder.layer_rotary), which the
+    exporter fuses at ORT_OPSET: one `RotaryEmbedding` node for each layer's query and key, and no rotate-half
+    (Neg) left; the prefill's reduced layers, whose tables are gathered to the kept tokens, keep theirs."""
+    import collections
+
+    layers = tiny.hf_model.config.text_config.num_hidden_layers
+    decode = sorted(engines["none"].files[-1].parent.glob("decode-*.onnx"))
+    assert len(decode) == 1
+    ops = collections.Counter(n.op_type for n in onnx.load(str(decode[0]), load_external_data=False).graph.node)
+    assert ops["RotaryEmbedding"] == 2 * layers and ops["Neg"] == 0, ops
+    fastv = collections.Counter(n.op_type for n in onnx.load(str(engines["fastv-k2-18"].files[-1]),
+                                                             load_external_data=False).graph.node)
+    assert 0 < fastv["RotaryEmbedding"] < 2 * layers and fastv["Neg"] > 0, fastv
+
+
 def test_selector_share_survives_a_node_name_that_is_not_utf8(engines, tiny, tmp_path):
     """A node name whose bytes are not UTF-8 (a damaged copy that still runs): ONNX Runtime writes it into its
     profile as it is, and the selector-share measurement of `profile` must still read that profile."""

@@ -13,6 +13,7 @@ from vtrcompile.models.decoder import (
     buffer_mask,
     cache_geometry,
     layer_rotary,
+    plain_rotary,
 )
 
 
@@ -59,19 +60,49 @@ def _rotary_modules():
                                  "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}))}
 
 
+@pytest.mark.parametrize("plain", [False, True])
 @pytest.mark.parametrize("family", list(_rotary_modules()))
-def test_one_rotary_call_for_all_layers_gives_each_layer_its_own_table(family):
+def test_one_rotary_call_for_all_layers_gives_each_layer_its_own_table(family, plain):
     """layer_rotary(i) is bit for bit what the family's rotary module gives layer i's position alone, with a
-    different position in every layer (renumbered layers) and per batch row."""
+    different position in every layer (renumbered layers) and per batch row; in the plain form too, for every
+    module plain_rotary accepts."""
     rotary = _rotary_modules()[family]()
     pos = torch.tensor([[5, 9, 9, 3], [0, 1, 2, 100]])
     like = torch.zeros(1, dtype=torch.bfloat16)
-    per_layer = layer_rotary(rotary, like, pos)
+    if plain and not plain_rotary(rotary, like.dtype):
+        pytest.skip(f"{family}: not the plain form")
+    per_layer = layer_rotary(rotary, like, pos, plain)
     for i in range(pos.shape[1]):
         want = rotary(like, pos[:, i:i + 1])
         got = per_layer(i)
         assert got[0].shape == want[0].shape == (2, 1, want[0].shape[-1])
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class _InterleavedRotary(torch.nn.Module):
+    """Tables of another form (GPT-J's: each frequency repeated in place, not the halves [f, f])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+
+    def forward(self, x, position_ids):
+        f = (position_ids[..., None].float() * self.inv_freq).repeat_interleave(2, dim=-1)
+        return f.cos().to(x.dtype), f.sin().to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_plain_rotary_form_is_recognised_by_the_tables_alone(dtype):
+    """plain_rotary compares the module's tables with the plain form bit for bit: LLaMA's and the mRoPE modules
+    (given one text position on every axis, as the decode step gives them) are; the tables that depend on the
+    longest position, another form of table, and a module with no inv_freq are not."""
+    modules = _rotary_modules()
+    assert all(plain_rotary(modules[f](), dtype) for f in ("llama", "qwen2-vl mrope", "qwen3-vl interleaved mrope"))
+    assert not any(plain_rotary(modules[f](), dtype) for f in ("llama dynamic ntk", "llama longrope"))
+    assert not plain_rotary(_InterleavedRotary(), dtype)
+    no_freq = _InterleavedRotary()
+    del no_freq.inv_freq
+    assert not plain_rotary(no_freq, dtype)
 
 
 @pytest.mark.parametrize("family", ["llama dynamic ntk", "llama longrope"])
@@ -155,8 +186,8 @@ def test_the_exported_decode_step_copies_no_cache(tiny):
 
 
 def test_the_exported_decode_step_computes_its_rotary_tables_once(tiny):
-    """One cos and one sin for all layers' positions (layer_rotary), not one per layer; each layer still gets its
-    own position's row, which the generation tests check against Hugging Face and the references."""
+    """By default one cos and one sin for all layers' positions (layer_rotary), not one per layer; each layer still
+    gets its own position's row, which the generation tests check against Hugging Face and the references."""
     from vtrcompile.decode import capture_decode
 
     ep, _ = capture_decode(tiny.hf_model, 1)
@@ -164,3 +195,17 @@ def test_the_exported_decode_step_computes_its_rotary_tables_once(tiny):
     assert cache_geometry(tiny.hf_model)["llm_layers"] > 1
     assert targets.count(torch.ops.aten.cos.default) == 1
     assert targets.count(torch.ops.aten.sin.default) == 1
+
+
+def test_the_exported_decode_step_writes_each_layer_s_rotary_table_in_the_plain_form(tiny):
+    """With plain_tables (ONNX Runtime's decode step) the tiny preset's LLaMA rotary, which is the plain form, gives
+    each layer the cos and sin of its own position's frequencies, [f, f], one row each: what the ONNX exporter
+    fuses (test_onnx.py)."""
+    from vtrcompile.decode import capture_decode
+
+    ep, _ = capture_decode(tiny.hf_model, 1, plain_tables=True)
+    n = cache_geometry(tiny.hf_model)["llm_layers"]
+    cos = [nd for nd in ep.graph.nodes if nd.target == torch.ops.aten.cos.default]
+    assert n > 1 and len(cos) == n
+    assert all(nd.args[0].target == torch.ops.aten.cat.default and nd.meta["val"].shape[1] == 1 for nd in cos)
+    assert sum(nd.target == torch.ops.aten.sin.default for nd in ep.graph.nodes) == n

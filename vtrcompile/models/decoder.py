@@ -100,13 +100,57 @@ def _length_dependent(rope_type: Any) -> bool:
     return not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope"
 
 
-def layer_rotary(rotary_emb: nn.Module, like: torch.Tensor, layer_position_ids: torch.Tensor):
+def _plain_tables(rotary_emb: nn.Module, like: torch.Tensor, position_ids: torch.Tensor):
+    """Hugging Face's plain rotary tables (LLaMA's form): f = position x inv_freq, cos / sin of [f, f], times the
+    module's attention_scaling, in like's dtype. For positions [B, L]: [B, L, d]."""
+    freqs = position_ids[..., None].float() * rotary_emb.inv_freq.to(device=like.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
+    if scaling != 1.0:  # x * 1.0 is x: left out, so that the graph keeps the form an exporter fuses
+        cos, sin = cos * scaling, sin * scaling
+    return cos.to(like.dtype), sin.to(like.dtype)
+
+
+# Positions the plain-form check compares the module's tables at: each layer's new token can sit anywhere.
+_CHECK_POSITIONS = (0, 1, 2, 3, 17, 255, 1000, 4095, 32767)
+
+
+def plain_rotary(rotary_emb: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the rotary module's tables are the plain form (_plain_tables), checked bit for bit against the module
+    at _CHECK_POSITIONS in `dtype` (eager, before any trace). True for LLaMA's default and the scalings that only
+    change inv_freq, and for mRoPE modules given one text position on every axis where they agree; False for the
+    tables that depend on the longest position (dynamic NTK, LongRoPE) and any other form."""
+    if _length_dependent(getattr(rotary_emb, "rope_type", "default")) or not isinstance(
+            getattr(rotary_emb, "inv_freq", None), torch.Tensor):
+        return False
+    like = torch.zeros(1, dtype=dtype, device=rotary_emb.inv_freq.device)
+    pos = torch.tensor([_CHECK_POSITIONS], device=like.device)
+    try:
+        with torch.no_grad():
+            want = rotary_emb(like, pos)
+    except Exception:  # a module that takes positions of another shape: not the plain form
+        return False
+    got = _plain_tables(rotary_emb, like, pos)
+    return all(isinstance(w, torch.Tensor) and w.shape == g.shape and torch.equal(w, g)
+               for w, g in zip(want, got, strict=True))
+
+
+def layer_rotary(rotary_emb: nn.Module, like: torch.Tensor, layer_position_ids: torch.Tensor, plain: bool = False):
     """i -> the (cos, sin) of the new token at layer i's position, [B, 1, d] (HF's rotary output for one position).
-    The positions of all L layers go through the model's rotary module in one call, read as a sequence of L
-    positions ([B, L] -> [B, L, d]; mRoPE modules put a text position on all three axes, as the decode step
-    wants): two cos/sin kernels per step instead of 2 L."""
+
+    `plain` (the module passed plain_rotary): the frequencies of all L layers' positions are one product, and each
+    layer takes the cos and sin of its own row, [f, f], as HF's LLaMA module writes them. In that form the ONNX
+    exporter's optimizer fuses each layer's query and key rotations into one `RotaryEmbedding` node each (opset
+    23): the demo model's decode step went from 685 to 525 nodes after ONNX Runtime's fusions, and 0.41 -> 0.33 ms
+    (BENCHMARKS.md, "Fused rotary embeddings in the decode step"). Otherwise all L positions go through the model's
+    rotary module in one call, read as a sequence of L positions ([B, L] -> [B, L, d]; mRoPE modules put a text
+    position on all three axes, as the decode step wants), and each layer slices its row: two cos/sin kernels per
+    step instead of 2 L."""
     if _length_dependent(getattr(rotary_emb, "rope_type", "default")):  # each layer's own call, its own table
         return lambda i: rotary_emb(like, layer_position_ids[:, i:i + 1])
+    if plain:
+        return lambda i: _plain_tables(rotary_emb, like, layer_position_ids[:, i:i + 1])
     cos, sin = rotary_emb(like, layer_position_ids)
     return lambda i: (cos[..., i:i + 1, :], sin[..., i:i + 1, :])
 
@@ -137,13 +181,16 @@ class DecodeStep(nn.Module):
     rows of that layer's buffer plus itself (one query row: no causal mask). The rows after them are
     unfilled capacity and masked. With `padded` (engines of batch > 1) it takes the batch's attention_mask last,
     the prompt's left-padding mask (Hugging Face's convention, later 1s allowed): only its zeros are read, as the
-    count of padding rows at the front of every layer's cache.
+    count of padding rows at the front of every layer's cache. `plain_tables`: each layer's rotary table in the
+    plain form where the model's rotary module passes plain_rotary (layer_rotary), for a backend that fuses it.
     """
 
-    def __init__(self, model: nn.Module, padded: bool = False) -> None:
+    def __init__(self, model: nn.Module, padded: bool = False, plain_tables: bool = False) -> None:
         super().__init__()
         self.model = model
         self.padded = padded
+        lm = family_of(model).language_model(model)
+        self.plain_rotary = plain_tables and plain_rotary(lm.rotary_emb, lm.embed_tokens.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor, layer_position_ids: torch.Tensor, *rest: torch.Tensor):
         lm = family_of(self.model).language_model(self.model)
@@ -152,7 +199,7 @@ class DecodeStep(nn.Module):
         pads = (rest[2 * n + 1] == 0).sum(dim=1) if self.padded else None
         cache = _BufferCache([(buffers[2 * i], buffers[2 * i + 1]) for i in range(n)])
         h = lm.embed_tokens(input_ids)
-        rotary = layer_rotary(lm.rotary_emb, h, layer_position_ids)
+        rotary = layer_rotary(lm.rotary_emb, h, layer_position_ids, self.plain_rotary)
         _active.cache = cache
         try:
             with _AttentionSwapped(lm.layers):
