@@ -50,6 +50,23 @@ def test_pickle_needs_explicit_permission(tiny, tmp_path):
         assert max_diff(src.module(ids, px), tiny.module(ids, px)) == 0
 
 
+def test_a_pickle_loads_in_a_process_that_never_built_its_classes(tmp_path):
+    """Unpickling runs no __init__, where transformers registers the outputs a model records (the vision tower's
+    hidden states that LLaVA's projector reads): in a fresh process the trace failed until the loader registered
+    them (models/loading._register_recorded_outputs). The CLI's inspect in a child process traces the pickle."""
+    import subprocess
+    import sys
+
+    from vtrcompile.models.presets import build_preset
+
+    path = tmp_path / "m.pkl"
+    torch.save(build_preset("tiny"), path)
+    res = subprocess.run([sys.executable, "-c", "from vtrcompile.cli import main; main()", "inspect", str(path),
+                          "--allow-pickle"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "N=36 image tokens" in res.stdout, res.stdout[-2000:]
+
+
 def test_a_zip_with_a_damaged_directory_is_refused_in_one_line(tmp_path):
     """A torch.save file (a zip) whose central directory is damaged: zipfile.is_zipfile still says yes (it finds
     only the end record), so the loader must not let ZipFile's BadZipFile escape."""

@@ -206,6 +206,23 @@ def _load_exported(path: Path, batch: int | None = None) -> ModelSource:
     return ModelSource(str(path), "exported", None, ep, tuple(example[0]), batch=own)
 
 
+def _register_recorded_outputs(model: nn.Module) -> None:
+    """Register each Hugging Face model class in `model` for the outputs its forward records, as its __init__ does.
+
+    transformers (5.x) records some outputs (a vision tower's hidden states, which LLaVA's projector reads) through
+    a registry keyed by model class, filled in PreTrainedModel.__init__. Unpickling runs no __init__, so in a process
+    that has not built that class itself the registry has no entry, the tower returns no hidden states, and the
+    trace fails ('NoneType' object is not subscriptable). A transformers without the registry needs nothing."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            _CAN_RECORD_REGISTRY[m] = getattr(m, "_can_record_outputs", None)
+
+
 def _load_pickle(path: Path, tiles: int = 1, image_size: tuple[int, int] | None = None, batch: int = 1
                  ) -> ModelSource:
     try:
@@ -223,6 +240,7 @@ def _load_pickle(path: Path, tiles: int = 1, image_size: tuple[int, int] | None 
     family = family_for(cfg, str(path))
     family.check_tiles(tiles)
     family.fix_geometry(cfg, image_size)
+    _register_recorded_outputs(obj)
     obj.eval()
     return ModelSource(str(path), "pickle", family.capture_module(obj, batch), None,
                        example_prompt(cfg, tiles=tiles, batch=batch), hf_model=obj, tiles=tiles, image_size=image_size,
