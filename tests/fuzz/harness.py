@@ -241,6 +241,7 @@ class Corpus:
     pickle: Path  # the pickled module
     engines: Path  # folder: prefill.onnx, its decode engine, one.onnx (both as one file), tokenizer-fuzz/,
     # external.onnx(.data)
+    int8: Path  # the checkpoint's one-file engine with int8 weights, in a folder with its int8 weight store
     image: Path
     calibration: Path  # images + prompts.jsonl
     schedule: Path  # a complete schedule.json for the tiny preset
@@ -324,6 +325,13 @@ def build_corpus(root: Path, prefill: Path | None = None) -> Corpus:
     finally:
         onnx_lower.EXTERNAL_DATA_BYTES = old
 
+    # the checkpoint's engine with int8 weights (optimize --weights int8), streamed: its weights in the model's
+    # int8 store beside it
+    from vtrcompile.optimize import Target, optimize
+
+    int8 = root / "int8" / "int8.onnx"
+    optimize(load_model(str(model_dir)), "none", {}, int8, target=Target(weights="int8", one_file=True))
+
     try:  # the same engines as OpenVINO IR (when OpenVINO is installed)
         from vtrcompile.lower.openvino import ir_from_onnx
 
@@ -345,7 +353,7 @@ def build_corpus(root: Path, prefill: Path | None = None) -> Corpus:
         "format": "vtrcompile-schedule/1", "complete": True, "algo": "gsearch", "model": "preset:tiny",
         "model_id": model_id(tiny.module, tiny.program), "n_image": n, "llm_layers": meta["llm_layers"],
         "keep": [n, n, n // 2, n // 4], "evaluations": []})
-    return Corpus(root, model_dir, program, pickle, engines, image, calibration, schedule)
+    return Corpus(root, model_dir, program, pickle, engines, int8, image, calibration, schedule)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,7 +408,8 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
     out = out_dir / "x.onnx"
     base = ["optimize", "tiny", "--method", "fastv", "--out", str(out)]
     res += _options_cases("optimize", base, ["--keep", "--layer", "--drop-ratio", "--max-prompt", "--min-prompt",
-                                             "--workspace", "--reps", "--kv-budget-gb", "--new-tokens", "--dtype", "--batch"],
+                                             "--workspace", "--reps", "--kv-budget-gb", "--new-tokens", "--dtype", "--batch",
+                                             "--weights"],
                           rng, per_kind, w, may_create=("x.onnx", "decode-*.onnx"))
     res += _options_cases("optimize", ["optimize", "tiny", "--out", str(out)], ["--method"], rng, per_kind, w)
     made = ("x.onnx", "decode-*.onnx")
@@ -448,6 +457,12 @@ def cases(c: Corpus, rng: np.random.Generator, per_kind: int, work: Path) -> lis
             (d / "external.onnx.data").write_bytes(data[:len(data) // 2])
         res.append(Case("profile", f"external data {how}", ["profile", str(d / "external.onnx"), "--baseline",
                                                             str(c.prefill), *prof], names=("external.onnx",), watch=w))
+    store = next(c.int8.parent.glob("weights-*-int8.data"))  # int8 weights: the store, the engine that reads it
+    for target in (store.name, c.int8.name):
+        for how, d in damaged_folders(c.int8.parent, target, damaged, rng, per_kind):
+            res.append(Case("profile", f"int8 engine's {target.split('-')[0]} {how}",
+                            ["profile", str(d / c.int8.name), "--baseline", str(d / c.int8.name), *prof],
+                            names=(c.int8.name, target), watch=w))
     res.append(Case("profile", "a decode engine as the baseline",
                     ["profile", str(c.prefill), "--baseline", str(decode), *prof], names=(decode.name,), watch=w))
     for how, p in damaged_copies(c.program, damaged, rng, 2):  # an AOTInductor package that is not one
