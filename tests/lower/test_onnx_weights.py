@@ -62,8 +62,8 @@ def _branch(model: onnx.ModelProto, name: str) -> onnx.GraphProto:
 
 def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, tiny_build, tiny_engines, tmp_path,
                                                                          caplog):
-    """A one-file FastV engine with int8 weights: every MatMul of a stored weight in the float engine is a
-    MatMulNBits node, no node of the reduction is, each int8 weight is stored once for both phases, and the
+    """A one-file FastV engine with int8 weights, from a model in memory: no scratch file stays, every MatMul of a
+    stored weight in the float engine is a MatMulNBits node, no node of the reduction is, each int8 weight is stored once for both phases, and the
     prefill's logits stay near the float engine's. `profile` against the float engine warns that the ratios
     then include the weights' difference."""
     import logging
@@ -74,6 +74,8 @@ def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, ti
     out = tmp_path / "fastv.onnx"
     res = write_engine(tiny_build("fastv", layer=2, keep=18), tiny, out, Target(weights="int8", one_file=True))
     assert res.findings is None  # no TensorRT preflight of an int8 engine
+    # from memory, the float weights passed through a scratch file (onnx._compress_from_memory) that does not stay
+    assert not list(tmp_path.glob(".*")) and not list(tmp_path.glob("*.data"))
     float_engine = tiny_engines["fastv-k2-18"].files[-1]
     plain = onnx.load(str(float_engine))
     weights = {t.name for t in plain.graph.initializer}

@@ -256,7 +256,7 @@ def test_a_failed_openvino_build_leaves_no_weight_store(checkpoint, tmp_path, mo
 def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     """A lazily read checkpoint to .xml streams like .onnx (the IR points at the weight store); with --weights int8
     NNCF reads every weight once, as does TensorRT's parser, and .onnx streams them and holds the int8 engine; an
-    in-memory model keeps the larger 1.5x."""
+    in-memory model keeps the larger 1.5x, and 2.0x or 2.9x (one file) compressed to int8."""
     from vtrcompile.memory import RUNTIME, optimize_estimate, weight_bytes
 
     src = load_model(str(checkpoint))
@@ -275,6 +275,12 @@ def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     eager = load_model("tiny")
     assert optimize_estimate(eager, "openvino", torch.float32, False)[0] == pytest.approx(
         RUNTIME + 1.5 * weight_bytes(eager, torch.float32))
+    # from memory to .onnx with --weights int8: the weights, the int8 engine, and in the one-file join both engines
+    w = weight_bytes(eager, torch.float32)
+    two, what, advice = optimize_estimate(eager, "onnxruntime", torch.float32, False, "int8")
+    one = optimize_estimate(eager, "onnxruntime", torch.float32, False, "int8", one_file=True)
+    assert two == pytest.approx(RUNTIME + 2.0 * w) and one[0] == pytest.approx(RUNTIME + 2.9 * w)
+    assert "compressed to int8" in what and any("--two-files" in a for a in one[2])
 
 
 def test_profile_estimate_counts_the_engines_that_hold_weights():
