@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MIN_PAST = 2
 # The backends whose decode step writes each layer's rotary table in the plain form (models/decoder.layer_rotary).
 # ONNX Runtime's engines are written at ORT_OPSET, where the exporter fuses that form into one RotaryEmbedding node
-# per query and key: the demo model's step measured 0.41 -> 0.33 ms, llava15-geometry's int8 one 5.24 -> 4.82 ms.
+# per query and key: the demo model's step measured 0.431 -> 0.358 ms, llava15-geometry's 11.82 -> 10.92 ms.
 # OpenVINO reads the exporter's default opset, which has no such node, and its steps measured 2-3% slower in the
 # plain form (demo f32 0.468 -> 0.483 ms, llava15-geometry bf16 6.14 -> 6.27), so it, AOTInductor (whose compiler
 # fuses the arithmetic either way) and TensorRT keep one rotary call for all layers (BENCHMARKS.md, "Fused rotary

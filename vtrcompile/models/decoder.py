@@ -139,11 +139,11 @@ def plain_rotary(rotary_emb: nn.Module, dtype: torch.dtype) -> bool:
 def layer_rotary(rotary_emb: nn.Module, like: torch.Tensor, layer_position_ids: torch.Tensor, plain: bool = False):
     """i -> the (cos, sin) of the new token at layer i's position, [B, 1, d] (HF's rotary output for one position).
 
-    `plain` (the module passed plain_rotary): the frequencies of all L layers' positions are one product, and each
-    layer takes the cos and sin of its own row, [f, f], as HF's LLaMA module writes them. In that form the ONNX
-    exporter's optimizer fuses each layer's query and key rotations into one `RotaryEmbedding` node each (opset
-    23): the demo model's decode step went from 685 to 525 nodes after ONNX Runtime's fusions, and 0.41 -> 0.33 ms
-    (BENCHMARKS.md, "Fused rotary embeddings in the decode step"). Otherwise all L positions go through the model's
+    `plain` (the module passed plain_rotary): each layer's table is computed from its own position in the plain
+    form, the cos and sin of [f, f] as HF's LLaMA module writes them. In that form the ONNX exporter's optimizer
+    fuses each layer's query and key rotations into one `RotaryEmbedding` node each (opset 23): the demo model's
+    decode step went from 685 to 525 nodes after ONNX Runtime's fusions, and 0.431 -> 0.358 ms (BENCHMARKS.md,
+    "Fused rotary embeddings in the decode step"). Otherwise all L positions go through the model's
     rotary module in one call, read as a sequence of L positions ([B, L] -> [B, L, d]; mRoPE modules put a text
     position on all three axes, as the decode step wants), and each layer slices its row: two cos/sin kernels per
     step instead of 2 L."""
