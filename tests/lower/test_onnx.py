@@ -359,6 +359,38 @@ def test_the_decode_step_rotates_each_query_and_key_with_one_node(engines, tiny)
     assert 0 < fastv["RotaryEmbedding"] < 2 * layers and fastv["Neg"] > 0, fastv
 
 
+def test_an_engine_that_loads_but_cannot_run_fails_in_one_line(engines, tiny, tmp_path):
+    """A damaged attribute can leave a graph that ONNX Runtime loads and then fails to run (found by fuzzing: one
+    flipped bit gave the vision tower's convolution a kernel shape its weight does not fit). Every run path says so
+    in one line that names the engine: the prefill, generation, and profile's timed runs."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from vtrcompile import load_engine
+    from vtrcompile.cli import main
+
+    src = engines["fastv-k2-18"].files[-1]
+    for f in src.parent.glob("decode-*.onnx"):
+        shutil.copy(f, tmp_path / f.name)
+    model = onnx.load(str(src))
+    (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
+    next(a for a in conv.attribute if a.name == "kernel_shape").ints[1] += 32
+    path = tmp_path / "damaged.onnx"
+    onnx.save(model, str(path))
+    ids, px = prompts(tiny.hf_model.config)[0]
+    engine = load_engine(path)  # it loads
+    feeds = {"input_ids": ids.numpy(), "pixel_values": px.numpy()}
+    for run in (lambda: engine(**feeds), lambda: engine.generate(max_new_tokens=2, **feeds)):
+        with pytest.raises(VtrError) as e:
+            run()
+        assert str(e.value).startswith(f"{path}: ONNX Runtime failed running this engine") and "\n" not in str(e.value)
+    res = CliRunner().invoke(main, ["profile", str(path), "--baseline", str(src), "--reps", "1", "--warmup", "0"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert line.startswith(f"error: {path}: ONNX Runtime failed running this engine") and "rebuild it" in line
+
+
 def test_selector_share_survives_a_node_name_that_is_not_utf8(engines, tiny, tmp_path):
     """A node name whose bytes are not UTF-8 (a damaged copy that still runs): ONNX Runtime writes it into its
     profile as it is, and the selector-share measurement of `profile` must still read that profile."""

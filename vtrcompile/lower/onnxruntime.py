@@ -135,7 +135,7 @@ class OrtEngine:
         _thread_options(so, threads or os.cpu_count() or 1)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors reach the user as one line of ours (_run_failed), not ORT log lines
         if profile_dir is not None:
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(profile_dir) / "ort")
@@ -239,7 +239,7 @@ class OrtEngine:
         shared decode step's outputs are valid until the second shared run after it."""
         io, outputs = self._binding(feeds, reuse=shared)
         if outputs is None:
-            self.session.run_with_iobinding(io)
+            self._run_bound(io)
         else:
             try:
                 self.session.run_with_iobinding(io)
@@ -257,7 +257,10 @@ class OrtEngine:
         feeds = prefill_feeds(self.metadata, input_ids.astype(np.int64), pixel_values.astype(np.float32))
         if self._phase:  # a one-file engine: the flag and the decode inputs go through a binding
             return self.run(feeds)["logits"]
-        return self.session.run(["logits"], feeds)[0]
+        try:
+            return self.session.run(["logits"], feeds)[0]
+        except Exception as e:
+            raise self._run_failed(e) from None
 
     def bind(self, feeds: dict[str, Any]) -> None:
         self._io = self._binding(feeds)[0]
@@ -265,8 +268,20 @@ class OrtEngine:
     def time_ms(self) -> float:
         """One run of the bound inputs (every output produced, the KV cache included), wall clock."""
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(self._io)
+        self._run_bound(self._io)
         return (time.perf_counter() - t0) * 1e3
+
+    def _run_bound(self, io: Any) -> None:
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:
+            raise self._run_failed(e) from None
+
+    def _run_failed(self, e: Exception) -> VtrError:
+        """A run ONNX Runtime failed after the inputs passed vtrcompile's checks: a graph that loads but cannot run
+        (a damaged attribute, say a convolution's kernel shape that no longer fits its weight; found by fuzzing)."""
+        return VtrError(f"{self.path}: ONNX Runtime failed running this engine ({_reason(e)}); if the file was "
+                        "changed or damaged, rebuild it with `vtrcompile optimize`")
 
 
 def engine_metadata(path: Path) -> dict:
