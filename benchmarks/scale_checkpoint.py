@@ -12,7 +12,8 @@ weights, so the tokens mean nothing): whether the process fits, its peak RSS, TT
     python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b [--ext .xml] [--one-file]
         [--generate 8] [--weights int8]
 `--weights int8` builds with `--weights int8` (for .onnx in float32, which ONNX Runtime's int8 kernels take: the
-engines then hold their int8 weights themselves, so the store checks give way to the files' sizes).
+int8 weights go to the model's int8 store, `weights-<id>-float32-int8.data`, and the result records every file's size
+instead of the float store's checks).
 """
 
 from __future__ import annotations
