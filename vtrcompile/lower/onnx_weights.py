@@ -30,7 +30,8 @@ ACCURACY_LEVEL = 4  # int8 activations inside the kernel (ONNX Runtime's accurac
 
 def compress_linear_weights(model: onnx.ModelProto, folder: Path | None = None) -> onnx.ModelProto:
     """`model` (a flat ONNX Runtime engine graph) with every constant-weight MatMul as an int8 MatMulNBits node.
-    `folder`: where the model's external data lives (a weight store). The quantizer maps each stored weight from
+    `folder`: where the model's external data lives (a checkpoint's streamed store, or the scratch file of a model
+    in memory: onnx._compress_from_memory). The quantizer maps each stored weight from
     there as it compresses it, one at a time, so the float weights are never all in memory; what stays float
     (embeddings, norms) is then read into the returned model, which holds every weight itself."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
