@@ -9,7 +9,7 @@ caches fit in 40 GB (computed from shapes, not measured).
 Usage: python benchmarks/generation.py --model llava15-geometry --new-tokens 32 --reps 10
        python benchmarks/generation.py --model models/vqa-synth-llava
        python benchmarks/generation.py --model llava15-geometry --ext .xml --dtype bfloat16
-       python benchmarks/generation.py --model llava15-geometry --weights int8     (ONNX Runtime, int8 weights)
+       python benchmarks/generation.py --model llava15-geometry --weights int8     (ONNX Runtime, int8 weights; or int4)
        python benchmarks/generation.py --model llava15-geometry --batch 4 --methods prumerge,fastv
        python benchmarks/generation.py --kv-7b
        (--build-only builds the engines and times nothing; --reuse keeps engines of this format already built;
@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep engines already built (this engine format, same method)")
     ap.add_argument("--build-only", action="store_true", help="build (or --reuse) the engines, time nothing")
     ap.add_argument("--two-files", action="store_true", help=".onnx: prefill/decode pairs instead of one-file engines")
-    ap.add_argument("--weights", default="none", choices=["none", "int8"], help="weight compression (optimize --weights)")
+    ap.add_argument("--weights", default="none", choices=["none", "int8", "int4"], help="weight compression (optimize --weights)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

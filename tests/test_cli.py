@@ -120,6 +120,8 @@ def test_optimize_profile_and_profile_command(tmp_path):
     (["tiny", "--method", "fastv", "--drop-ratio", "1.5"], ["--drop-ratio 1.5 is outside [0, 1)"]),
     (["tiny", "--method", "pumer", "--keep", "auto"], ["--keep auto is PruMerge's"]),
     (["tiny", "--method", "fastv", "--weights", "int8", "--dtype", "bfloat16"], ["--weights int8", "float32"]),
+    (["tiny", "--method", "fastv", "--weights", "int4", "--dtype", "float16"], ["--weights int4", "float32"]),
+    (["tiny", "--method", "fastv", "--weights", "int3"], ["'int3' is not one of 'none', 'int8', 'int4'"]),
 ])
 def test_bad_optimize_arguments(tmp_path, args, words):
     model, *rest = args

@@ -269,9 +269,10 @@ def _generation_opts(f):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Precision the graph is exported in (TensorRT builds strongly typed: this is its precision). "
                    "Default: the model's own (a Hugging Face checkpoint's config dtype; never upcast silently).")
-@click.option("--weights", type=click.Choice(["none", "int8"]), default="none", show_default=True,
-              help="int8 = weight-only int8 of the linear layers: NNCF for OpenVINO (.xml), MatMulNBits for "
-                   "ONNX Runtime (.onnx).")
+@click.option("--weights", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only compression of the linear layers, int8 or int4 (blocks of 32 along the input for "
+                   "ONNX Runtime, groups of 128 for OpenVINO; the embeddings stay as they are): NNCF for OpenVINO "
+                   "(.xml), MatMulNBits for ONNX Runtime (.onnx).")
 @click.option("--one-file/--two-files", "one_file", default=None,
               help="ONNX Runtime (.onnx) and OpenVINO (.xml): one file holds the prefill and the decode engine, "
                    "and each weight once, so a generating process holds the LLM's weights once instead of twice "
@@ -351,8 +352,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     tokens = res.build.llm_tokens(res.build.example_inputs[0].shape[1])
     click.echo(f"{res.build.method}: tokens entering each LLM layer (example prompt): {tokens}", err=True)
     if res.findings is None:
-        click.echo("TensorRT preflight: not run (int8 weights are ONNX Runtime's MatMulNBits; TensorRT reads the "
-                   "float engine)", err=True)
+        click.echo(f"TensorRT preflight: not run ({target.weights} weights are ONNX Runtime's MatMulNBits; TensorRT "
+                   "reads the float engine)", err=True)
     elif res.findings:
         click.echo("TensorRT preflight: " + str(len(res.findings)) + " node(s) TensorRT cannot take:", err=True)
         for f in res.findings:

@@ -90,7 +90,7 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
 def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, weights: str = "none",
                       one_file: bool = False) -> tuple[float, str, list[str]]:
     """(bytes, what they are, what would need less) for `optimize` of `source` to `backend` (`weights`: weight
-    compression, "none" or "int8"; `one_file`: one-file engines, which hold each weight once)."""
+    compression, "none", "int8" or "int4"; `one_file`: one-file engines, which hold each weight once)."""
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
@@ -106,10 +106,10 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
         # that) and the float ones it keeps (embeddings). At 7B: an 8.3 GB engine from 28 GB of float32 weights,
         # 9.1 GB peak RSS for the whole optimize (BENCHMARKS.md, "ONNX Runtime with int8 weights")
         need, what = (RUNTIME + 3 * 4 * source.weights.largest + 0.3 * w,
-                      f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint and compressed to int8")
+                      f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint and compressed to {weights}")
     elif source.weights is not None and backend == "openvino":
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by NNCF while it compresses them"
-        advice.append("drop --weights int8 (the IR then reads the weights where the checkpoint streamed them)")
+        advice.append(f"drop --weights {weights} (the IR then reads the weights where the checkpoint streamed them)")
     elif source.weights is not None and backend == "tensorrt":
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights held by TensorRT's parser while it builds"
         advice += ["write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)",
@@ -126,10 +126,10 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
         # compressing (RUNTIME + 2.0x), 9.95 GB in the one-file join (RUNTIME + 2.8x; BENCHMARKS.md, "ONNX Runtime
         # with int8 weights")
         need = RUNTIME + (2.9 if one_file else 2.0) * w
-        what = f"{w / GB:.1f} GB of {name} weights in memory, compressed to int8"
+        what = f"{w / GB:.1f} GB of {name} weights in memory, compressed to {weights}"
         advice.append("give a Hugging Face checkpoint (its weights stream; 9.1 GB peak at 7B)")
         if one_file:
-            advice.append("--two-files (the one file's join holds both int8 engines)")
+            advice.append("--two-files (the one file's join holds both compressed engines)")
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")

@@ -152,14 +152,15 @@ class Optimized:
     build: Build
     files: list[Path]
     metadata: dict[str, Any]
-    findings: list[Finding] | None  # None: the TensorRT preflight was not run (an int8 ONNX Runtime engine)
+    findings: list[Finding] | None  # None: the TensorRT preflight was not run (an ONNX Runtime engine of int8 or
+    # int4 weights)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-WEIGHTS = ("none", "int8")
-# backends that take --weights int8: OpenVINO (NNCF) and ONNX Runtime (MatMulNBits, lower/onnx_weights.py)
+WEIGHTS = ("none", "int8", "int4")
+# backends that take --weights int8 / int4: OpenVINO (NNCF) and ONNX Runtime (MatMulNBits, lower/onnx_weights.py)
 WEIGHTS_BACKENDS = ("onnxruntime", "openvino")
 
 # backends whose prefill and decode engines `--one-file` joins into one file that holds each weight once
@@ -176,7 +177,8 @@ class Target:
     min_prompt: int | None = None
     max_prompt: int | None = None  # None: capture.DEFAULT_MAX_PROMPT, or N + TEXT_ROOM when N needs more
     workspace_gb: float = 8.0
-    weights: str = "none"  # "int8": weight-only int8 of the linear layers (OpenVINO: NNCF; ONNX Runtime: MatMulNBits)
+    weights: str = "none"  # "int8" / "int4": weight-only compression of the linear layers (OpenVINO: NNCF; ONNX
+    # Runtime: MatMulNBits)
     one_file: bool = False  # prefill and decode in one file, each weight held once (ONNX Runtime, OpenVINO)
 
 
@@ -302,7 +304,7 @@ def write_engine(b: Build, source: ModelSource, out: Path, target: Target | None
         log.warning("%s: built from an exported program; no decode engine (generation needs an eager model: "
                     "a Hugging Face directory, a preset or a pickled module)", out)
     findings: list[Finding] = []
-    # no preflight of an int8 ONNX Runtime engine: its MatMulNBits nodes are ONNX Runtime's own, and TensorRT would
+    # no preflight of a compressed ONNX Runtime engine: its MatMulNBits nodes are ONNX Runtime's own, and TensorRT would
     # read the float engine instead
     skip = t.backend == "onnxruntime" and t.weights != "none"
     check = (lambda path: []) if skip else preflight

@@ -1,4 +1,4 @@
-"""The check the low-precision engines pass (bf16 pairs on OpenVINO and AOTInductor, int8 weights on ONNX Runtime): a
+"""The check the low-precision engines pass (bf16 pairs on OpenVINO and AOTInductor, int8 and int4 weights): a
 FastV 64 engine of the trained demo model generates what the float32 spec reference (reference/generation.py)
 generates."""
 
@@ -18,6 +18,11 @@ BF16_LOGIT_ATOL = 1.0
 # (AMD EPYC, ONNX Runtime 1.32); over 30 test prompts x 8 steps 29 gave the reference's tokens and one another token
 # at a later step.
 INT8_LOGIT_ATOL = 0.5
+# int4 weights on the same two prompts: 0.53 and 1.03 (ONNX Runtime's MatMulNBits, blocks of 32) and 0.34 and 0.77
+# (OpenVINO bf16, NNCF's int4 in groups of 64, the demo's widths); over 30 test prompts x 8 steps 22 (ONNX Runtime)
+# and 21 (OpenVINO) gave the reference's 8 tokens, the others another token at a later step, after the one-word
+# answer (AMD EPYC, ONNX Runtime 1.32, OpenVINO 2026.4, NNCF 3.4).
+INT4_LOGIT_ATOL = 2.0
 
 
 def check_fastv64_demo_generation(engine, steps: int = 8,

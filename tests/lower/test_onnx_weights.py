@@ -1,5 +1,5 @@
-"""`--weights int8` for ONNX Runtime engines (lower/onnx_weights.py): the int8 linear node against its eager
-reference, which nodes are compressed and which are not, the one file's shared weights, and generation."""
+"""`--weights int8` / `int4` for ONNX Runtime engines (lower/onnx_weights.py): the int8 and int4 linear nodes against
+their eager reference, which nodes are compressed and which are not, the one file's shared weights, and generation."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import max_diff, prompts
-from tests.lower.bf16_generation import INT8_LOGIT_ATOL, check_fastv64_demo_generation
+from tests.lower.bf16_generation import INT4_LOGIT_ATOL, INT8_LOGIT_ATOL, check_fastv64_demo_generation
 from vtrcompile.lower.onnx import external_span
 from vtrcompile.lower.onnx_weights import BLOCK, compress_linear_weights
 from vtrcompile.lower.onnxruntime import OrtEngine, _nodes, selector_node_names
-from vtrcompile.reference.quantized import dequantized_weight, int8_linear_reference
+from vtrcompile.reference.quantized import dequantized_weight, nbits_linear_reference
 
 
 def _linear_model(w: np.ndarray) -> onnx.ModelProto:
@@ -26,27 +26,31 @@ def _linear_model(w: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.parametrize("weights,bits", [("int8", 8), ("int4", 4)])
 @pytest.mark.parametrize("k,n", [(168, 72), (64, 256)])  # 168: K padded to whole blocks (the demo's MLP)
-def test_int8_linear_node_equals_its_eager_reference(k, n):
+def test_nbits_linear_node_equals_its_eager_reference(k, n, weights, bits):
     rng = np.random.default_rng(k)
     w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
-    model = compress_linear_weights(_linear_model(w))
+    model = compress_linear_weights(_linear_model(w), weights=weights)
     (node,) = model.graph.node
     attrs = {a.name: a.i for a in node.attribute}
     assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
-    assert attrs == {"K": k, "N": n, "bits": 8, "block_size": BLOCK, "accuracy_level": 4}
+    assert attrs == {"K": k, "N": n, "bits": bits, "block_size": BLOCK, "accuracy_level": 4}
     stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     packed, scales = stored[node.input[1]], stored[node.input[2]]
     assert packed.dtype == np.uint8 and len(node.input) == 3  # symmetric: no zero points stored
+    assert packed.size == n * -(-k // BLOCK) * BLOCK * bits // 8  # two int4 weights a byte
     # the stored weight is the float one, to within one quantization step per element
     step = np.abs(np.repeat(scales.reshape(n, -1), BLOCK, axis=1)[:, :k].T)  # a scale may carry a sign
-    assert np.all(np.abs(dequantized_weight(packed, scales, k, n, BLOCK) - w) <= step)
+    dequantized = dequantized_weight(packed, scales, k, n, BLOCK, bits)
+    assert np.all(np.abs(dequantized - w) <= step)
+    assert np.abs(dequantized - w).max() > 0.1 * step.max()  # it is quantized (not a float weight passed through)
     x = rng.standard_normal((7, k)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    ref = int8_linear_reference(x, packed, scales, k, n, BLOCK)
+    ref = nbits_linear_reference(x, packed, scales, k, n, BLOCK, bits)
     assert max_diff(got, ref) <= 1e-5 * np.abs(ref).max()
     # the kernel quantizes the input too: the float-input reference is measurably further away
-    assert max_diff(got, int8_linear_reference(x, packed, scales, k, n, BLOCK, quantize_input=False)) > \
+    assert max_diff(got, nbits_linear_reference(x, packed, scales, k, n, BLOCK, bits, quantize_input=False)) > \
         100 * max_diff(got, ref)
 
 
@@ -111,27 +115,33 @@ def _external_spans(path) -> set[tuple[str, int, int]]:
     return {external_span(t) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
 
 
-def test_int8_engine_of_a_checkpoint_generates_what_the_float32_reference_does(tmp_path):
-    """The demo model's FastV 64 engine with int8 weights, built from its Hugging Face directory: the float weights
-    stream through a scratch store that does not stay, and the int8 weights of the one file and of the decode
-    engine beside it are one shared store's, each stored once; it generates the reference's tokens, per-step logits
-    within INT8_LOGIT_ATOL."""
+@pytest.mark.parametrize("weights,atol", [("int8", INT8_LOGIT_ATOL),
+                                          pytest.param("int4", INT4_LOGIT_ATOL, marks=pytest.mark.slow)])
+def test_compressed_engine_of_a_checkpoint_generates_what_the_float32_reference_does(tmp_path, weights, atol):
+    """The demo model's FastV 64 engine with int8 (int4) weights, built from its Hugging Face directory: the float
+    weights stream through a scratch store that does not stay, and the compressed weights of the one file and of
+    the decode engine beside it are one shared store's, each stored once; it generates the reference's tokens,
+    per-step logits within INT8_LOGIT_ATOL (INT4_LOGIT_ATOL)."""
     from tests.models.test_demo_model import MODEL
     from vtrcompile import load_engine
     from vtrcompile.models.loading import load_model
     from vtrcompile.optimize import Target, optimize
 
     out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "fastv.onnx",
-                   target=Target(weights="int8", one_file=True)).files[-1]
+                   target=Target(weights=weights, one_file=True)).files[-1]
     assert not list(tmp_path.glob(".*"))  # no scratch left
     (store,) = tmp_path.glob("weights-*.data")
-    assert store.name.endswith("-float32-int8.data")  # the int8 store; the float weights' scratch store is gone
+    assert store.name.endswith(f"-float32-{weights}.data")  # the compressed store; the float scratch store is gone
     engine = load_engine(out, threads=2)
-    assert engine.metadata["weights"] == "int8" and engine.metadata["weights_file"] == store.name
-    (decode_engine,) = tmp_path.glob("decode-*-int8.onnx")
+    assert engine.metadata["weights"] == weights and engine.metadata["weights_file"] == store.name
+    bits = {a.i for n in _nodes(onnx.load(str(out), load_external_data=False).graph) if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"}
+    assert bits == {int(weights[3:])}
+    (decode_engine,) = tmp_path.glob(f"decode-*-{weights}.onnx")
     one, decode = _external_spans(out), _external_spans(decode_engine)
-    assert one and decode and {loc for loc, _, _ in one | decode} == {store.name}
+    # the demo model's int4 weights are all under the store's INLINE_ELEMENTS: its decode engine holds them inline
+    assert one and (decode or weights == "int4") and {loc for loc, _, _ in one | decode} == {store.name}
     assert decode <= one  # the decode phase reads the decode engine's weights, where that engine has them
     spans = sorted((o, n) for _, o, n in one)
     assert all(o1 + n1 <= o2 for (o1, n1), (o2, _) in zip(spans, spans[1:], strict=False))  # each stored once
-    check_fastv64_demo_generation(engine, atol=INT8_LOGIT_ATOL)
+    check_fastv64_demo_generation(engine, atol=atol)

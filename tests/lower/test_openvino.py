@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REFERENCE_ATOL, max_diff, prompts
-from tests.lower.bf16_generation import check_fastv64_demo_generation
+from tests.lower.bf16_generation import INT4_LOGIT_ATOL, check_fastv64_demo_generation
 from tests.lower.test_onnx import REFERENCES
 from vtrcompile.engine.runners import read_engine_metadata
 from vtrcompile.errors import VtrError
@@ -265,27 +265,34 @@ def test_reduced_bf16_engine_runs_its_decoder_matmuls_in_bf16(tiny, tiny_build, 
     assert len(heavy) >= decoder_linears and all(p == "bf16" for p in heavy.values()), heavy
 
 
-def test_int8_weights_compress_the_linear_layers_and_keep_top1(tiny, tiny_engines, tmp_path):
-    """NNCF weight-only int8: the .bin shrinks, the logits stay close and the argmax is the same."""
+# int8 (asymmetric): u8 weight tensors; int4 (symmetric): i4 ones, the embeddings and the lm_head in u8 as NNCF
+# keeps them by default. The tiny preset's widths (48, 128) are no multiple of int4's groups of 128: NNCF's groups
+# are then the largest divisor of at least 32 (lower/openvino.ir_from_onnx), where an error was its default. The
+# tiny preset's random weights give logits of about 0.5 at most; int4 moved them by up to 27% of that (measured), so
+# its top-1 is not compared; the trained demo model's generation is int4's accuracy check (test below).
+@pytest.mark.parametrize("weights,stored,shrink,rtol", [("int8", {"u8"}, 0.5, 0.05), ("int4", {"i4", "u8"}, 0.4, 0.4)])
+def test_compressed_weights_shrink_the_ir_and_keep_the_logits_close(tiny, tiny_engines, tmp_path, weights, stored,
+                                                                     shrink, rtol):
+    """NNCF weight-only int8 and int4: the .bin shrinks, the logits stay close (int8: the same argmax)."""
     pytest.importorskip("nncf")
     from vtrcompile.lower.openvino import OvEngine, ir_from_onnx
 
     src = tiny_engines["fastv-k2-18"].files[-1]
     f32 = ir_from_onnx(src, tmp_path / "f32.xml", read_engine_metadata(src))[-1]
-    q = ir_from_onnx(src, tmp_path / "q.xml", read_engine_metadata(src), weights="int8")[-1]
-    assert read_engine_metadata(q)["weights"] == "int8"
-    assert q.with_suffix(".bin").stat().st_size < 0.5 * f32.with_suffix(".bin").stat().st_size
+    q = ir_from_onnx(src, tmp_path / "q.xml", read_engine_metadata(src), weights=weights)[-1]
+    assert read_engine_metadata(q)["weights"] == weights
+    assert q.with_suffix(".bin").stat().st_size < shrink * f32.with_suffix(".bin").stat().st_size
     a, b = OvEngine(f32, threads=1), OvEngine(q, threads=1)
-    assert "u8" in _constant_types(q) and "u8" not in _constant_types(f32)  # int8 (asymmetric) weight tensors
-    # an int8 engine's weights count decompressed to its precision: nearly what the f32 engine's count
+    assert stored <= _constant_types(q) and not stored & _constant_types(f32)
+    # a compressed engine's weights count decompressed to its precision: nearly what the f32 engine's count
     from vtrcompile.lower.openvino import compiled_weight_bytes, read_ir
 
-    counted, stored = (compiled_weight_bytes(read_ir(p)[0], "f32") for p in (q, f32))
-    assert 0.9 * stored < counted < 1.1 * stored and q.with_suffix(".bin").stat().st_size < 0.5 * counted
+    counted, floats = (compiled_weight_bytes(read_ir(p)[0], "f32") for p in (q, f32))
+    assert 0.9 * floats < counted < 1.1 * floats
     for ids, px in prompts(tiny.hf_model.config):
         la, lb = a(ids.numpy(), px.numpy()), b(ids.numpy(), px.numpy())
-        assert np.abs(la - lb).max() <= 0.05 * np.abs(la).max()
-        assert (la.argmax(-1) == lb.argmax(-1)).all()
+        assert 0 < np.abs(la - lb).max() <= rtol * np.abs(la).max()
+        assert weights == "int4" or (la.argmax(-1) == lb.argmax(-1)).all()
 
 
 def _constant_types(path) -> set:
@@ -296,12 +303,37 @@ def _constant_types(path) -> set:
             if op.get_type_name() == "Constant"}
 
 
+@pytest.mark.slow
+def test_int4_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):
+    """`--dtype bfloat16 --weights int4`: NNCF's int4 weights on OpenVINO's bf16 path, a FastV 64 pair of the trained
+    demo model: the decode engine is int4 too, and the pair generates the float32 spec reference's tokens, per-step
+    logits within INT4_LOGIT_ATOL, each layer's cache the schedule's length."""
+    pytest.importorskip("nncf")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no native bf16 for OpenVINO")
+    from tests.models.test_demo_model import MODEL
+    from vtrcompile import load_engine
+    from vtrcompile.models.loading import load_model
+    from vtrcompile.optimize import Target, optimize
+
+    out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "f.xml",
+                   target=Target(backend="openvino", dtype="bfloat16", weights="int4")).files[-1]
+    engine = load_engine(out, threads=2)
+    assert engine.metadata["weights"] == "int4" and engine.decode.metadata["weights"] == "int4"
+    decode = out.parent / engine.metadata["decode"]["file"]
+    assert decode.name.endswith("-bfloat16-int4.xml") and "i4" in _constant_types(decode)
+    check_fastv64_demo_generation(engine, atol=INT4_LOGIT_ATOL)
+
+
 def test_weights_option_refused_where_it_does_not_apply():
     from vtrcompile.optimize import Target, check_target
 
     for backend in ("aoti", "tensorrt"):
-        with pytest.raises(VtrError, match="--weights int8 compresses ONNX Runtime and OpenVINO engines"):
-            check_target(Target(backend=backend, weights="int8"))
+        for weights in ("int8", "int4"):
+            with pytest.raises(VtrError, match=f"--weights {weights} compresses ONNX Runtime and OpenVINO engines"):
+                check_target(Target(backend=backend, weights=weights))
+    with pytest.raises(VtrError, match="--weights int2: use one of none, int8, int4"):
+        check_target(Target(weights="int2"))
 
 
 def test_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):

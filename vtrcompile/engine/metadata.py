@@ -63,8 +63,8 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "weights_file": (BOTH, "LOWERING (ONNX, OpenVINO): the model's shared weight store the initializers (the "
                            "IR's .bin link) point at, when the weights were streamed from a checkpoint"),
     "device": (BOTH, "LOWERING (AOTInductor): the device it was compiled for"),
-    "weights": (BOTH, "LOWERING (OpenVINO; ONNX Runtime when compressed): none, or int8 (weight-only int8 of the "
-                      "linear layers: NNCF for OpenVINO, MatMulNBits for ONNX Runtime)"),
+    "weights": (BOTH, "LOWERING (OpenVINO; ONNX Runtime when compressed): none, int8 or int4 (weight-only "
+                      "compression of the linear layers: NNCF for OpenVINO, MatMulNBits for ONNX Runtime)"),
 }
 
 STAMPED = ("vtrcompile", "torch", "format", "role")

@@ -39,10 +39,10 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
                 store_folder: Path | None = None, opset: int | None = None, compress: str = "none") -> list[Path]:
     """Export, stamp vtrcompile metadata into the model, write atomically; returns the files written.
     `opset`: the ONNX opset (ORT_OPSET for ONNX Runtime engines); None takes the exporter's default. The metadata
-    records the opset written (`onnx_opset`). `compress` "int8": the linear layers' weights as int8 MatMulNBits
-    nodes (lower/onnx_weights.py, ONNX Runtime only), recorded as `weights: int8`; streamed from a checkpoint, the
-    float weights then pass through a scratch store and the int8 ones go to the model's int8 store
-    (`weights-<id>-<dtype>-int8.data`, shared by its int8 engines); from a model in memory the engine holds them
+    records the opset written (`onnx_opset`). `compress` "int8" or "int4": the linear layers' weights as
+    MatMulNBits nodes of that width (lower/onnx_weights.py, ONNX Runtime only), recorded as `weights: int8` (or
+    int4); streamed from a checkpoint, the float weights then pass through a scratch store and the compressed ones go
+    to the model's store for that width (`weights-<id>-<dtype>-int8.data`, shared by its int8 engines); from a model in memory the engine holds them
     (inline, or in `<name>.data` when large).
 
     `weights` (models/checkpoint.CheckpointWeights): the program's parameters are empty stand-ins; each weight
@@ -109,9 +109,10 @@ def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str
             from .onnx_weights import compress_linear_weights, save_model
 
             if store is not None:  # the quantizer maps each float weight from the (scratch) store it streamed to
-                compressed = compress_linear_weights(ir.serde.serialize_model(program.model), store.folder)
+                compressed = compress_linear_weights(ir.serde.serialize_model(program.model), store.folder,
+                                                     compress)
             else:
-                compressed = _compress_from_memory(program.model, Path(out))
+                compressed = _compress_from_memory(program.model, Path(out), compress)
             if packed is not None:
                 from .onnx_weights import move_into_store
 
@@ -133,7 +134,7 @@ def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str
     return files
 
 
-def _compress_from_memory(model: ir.Model, out: Path) -> onnx.ModelProto:
+def _compress_from_memory(model: ir.Model, out: Path, weights: str) -> onnx.ModelProto:
     """compress_linear_weights of an exported model whose weights are in memory. They are written to a scratch file
     beside `out` first, so that the quantizer maps them one at a time there, as it does a checkpoint's streamed
     store: handing it the model serialized whole held a second copy of every weight, then the quantizer's own.
@@ -143,7 +144,8 @@ def _compress_from_memory(model: ir.Model, out: Path) -> onnx.ModelProto:
 
     with scratch_dir(out.parent, f".{out.name[:64]}.float.") as folder:
         ir.save(model, str(folder / "float.onnx"), external_data="float.data")
-        return compress_linear_weights(onnx.load(str(folder / "float.onnx"), load_external_data=False), folder)
+        return compress_linear_weights(onnx.load(str(folder / "float.onnx"), load_external_data=False), folder,
+                                       weights)
 
 
 # torch.onnx records, on every node, the Python stack that made it: file paths of the machine that built the engine

@@ -1,8 +1,10 @@
-"""`--weights int8` for ONNX Runtime engines: weight-only int8 of the linear layers, as ONNX Runtime's `MatMulNBits`.
+"""`--weights int8` / `int4` for ONNX Runtime engines: weight-only int8 or int4 of the linear layers, as ONNX Runtime's
+`MatMulNBits`.
 
 Every MatMul whose second input is a constant weight (the LLM's and the vision tower's linear layers, the projector,
-the lm_head) becomes a `MatMulNBits` node (com.microsoft) that holds the weight as int8 in blocks of BLOCK rows along
-K, one float scale per block and output column, symmetric (no zero points). The tensors between the nodes stay
+the lm_head) becomes a `MatMulNBits` node (com.microsoft) that holds the weight as int8 or int4 (BITS) in blocks of
+BLOCK rows along K, one float scale per block and output column, symmetric (no zero points). The tensors between the
+nodes stay
 float32; the reduction's own nodes (selector, gathers: `onnxruntime.selector_node_names`) are never compressed.
 ONNX Runtime's quantizer (`onnxruntime.quantization.matmul_nbits_quantizer`) writes the nodes.
 
@@ -10,7 +12,9 @@ ACCURACY_LEVEL 4 lets ONNX Runtime's CPU kernel quantize each block of a node's 
 int8, which is what makes these engines faster than float32 rather than only smaller (level 1, float32 compute on
 the int8 weights, took 105 ms a `llava15-geometry` decode step against 6 ms). Measured on `llava15-geometry` (AMD
 EPYC with AVX-512, 2 threads; BENCHMARKS.md, "ONNX Runtime with int8 weights"): the unmodified decode step 14.7 ->
-6.8 ms, FastV 64's 32-token generation 512 -> 282 ms. `reference/quantized.py` is the eager reference of one node.
+6.8 ms, FastV 64's 32-token generation 512 -> 282 ms. int4 halves the weights' bytes again: its decode step is
+faster still and its prefill slower than int8's (BENCHMARKS.md, "int4 weights"). `reference/quantized.py` is the
+eager reference of one node.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import onnx
 
 log = logging.getLogger(__name__)
 
-BITS = 8
+BITS = {"int8": 8, "int4": 4}  # --weights -> MatMulNBits bits
 BLOCK = 32  # rows of K per scale; the demo model's K of 64, 168 and 256 are padded to whole blocks by the quantizer
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel (ONNX Runtime's accuracy_level 4)
 
 
-def compress_linear_weights(model: onnx.ModelProto, folder: Path | None = None) -> onnx.ModelProto:
-    """`model` (a flat ONNX Runtime engine graph) with every constant-weight MatMul as an int8 MatMulNBits node.
+def compress_linear_weights(model: onnx.ModelProto, folder: Path | None = None,
+                            weights: str = "int8") -> onnx.ModelProto:
+    """`model` (a flat ONNX Runtime engine graph) with every constant-weight MatMul as a MatMulNBits node of
+    BITS[weights] bits.
     `folder`: where the model's external data lives (a checkpoint's streamed store, or the scratch file of a model
     in memory: onnx._compress_from_memory). The quantizer maps each stored weight from
     there as it compresses it, one at a time, so the float weights are never all in memory; what stays float
@@ -42,13 +48,13 @@ def compress_linear_weights(model: onnx.ModelProto, folder: Path | None = None) 
     if folder is not None:
         _locate_external(model, Path(folder))
     exclude = sorted(selector_node_names(model))
-    quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=BITS[weights], block_size=BLOCK, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=exclude)
     quantizer.process()
     out = quantizer.model.model
     _read_external(out)
     n = sum(node.op_type == "MatMulNBits" for node in out.graph.node)
-    log.info("int8 weights: %d linear layers as MatMulNBits (%.1fs)", n, time.perf_counter() - t0)
+    log.info("%s weights: %d linear layers as MatMulNBits (%.1fs)", weights, n, time.perf_counter() - t0)
     return out
 
 
@@ -79,7 +85,7 @@ def _read_external(model: onnx.ModelProto) -> None:
 def move_into_store(model: onnx.ModelProto, store) -> int:
     """Point every large initializer of `model` (held in memory) at the compressed weights' shared store instead
     (lower/weight_store.WeightStore), written there the first time its bytes are seen: the engines of a model built
-    with --weights int8 from a checkpoint (reduced, baseline, the decode engine) then store each int8 weight once, as
+    with --weights int8 or int4 from a checkpoint (reduced, baseline, the decode engine) then store each int8 weight once, as
     the float ones are. Keyed by dtype, shape and a hash of the bytes (the exporter names one weight differently in
     the prefill and the decode graph). Returns how many initializers now point at the store."""
     import hashlib
