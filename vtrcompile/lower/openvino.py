@@ -244,16 +244,19 @@ def bf16_tensor(name: str, a: np.ndarray) -> Any:
 
 def compiled_weight_bytes(model: Any, hint: str) -> int:
     """What the CPU plugin holds of an IR's constants once it runs: their bytes, with compressed (8- and 4-bit)
-    weights counted at the precision the engine runs in. Measured on an AMD EPYC (AVX-512 BF16, no AMX): the process
-    of a 7B bf16 engine with int8 weights (7.2 GB of constants) held 16.5 GB of anonymous memory after compiling it,
-    as much as with bf16 weights after their first run (BENCHMARKS.md, "Generating at 7B on 24 GB")."""
+    weights of a bf16 or f16 engine counted at that precision, and those of an f32 engine as stored. Measured on an
+    AMD EPYC (AVX-512 BF16, no AMX): the process of a 7B bf16 engine with int8 weights (7.2 GB of constants) held
+    16.5 GB of anonymous memory after compiling it, as much as with bf16 weights after their first run (BENCHMARKS.md,
+    "Generating at 7B on 24 GB"); `llava15-geometry`'s FastV 64 prefill IR with int4 (int8) weights took 322 (326)
+    MB at compiling in bf16, as its bf16 weights do, and 135 (176) MB at its first run in f32, for 92 (134) MB of
+    constants: the f32 plugin runs them compressed, multiplying int8-quantized activations ("int4 weights")."""
     import openvino as ov
 
     low = {ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4}
-    size = {"f32": 4, "bf16": 2, "f16": 2}[hint]
+    size = {"bf16": 2, "f16": 2}.get(hint)
     total = 0
     for op in ir_constants(model):
-        low_bits = op.get_element_type() in low
+        low_bits = size is not None and op.get_element_type() in low
         total += math.prod(int(d) for d in op.get_output_shape(0)) * size if low_bits else op.get_byte_size()
     return total
 
