@@ -10,10 +10,11 @@ constants are those of its `If`'s two bodies, all checked against the store). `-
 --max-new-tokens N --json` on the engine under /usr/bin/time (a prompt of token ids around the image; random
 weights, so the tokens mean nothing): whether the process fits, its peak RSS, TTFT and the decode steps. Usage:
     python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b [--ext .xml] [--one-file]
-        [--generate 8] [--weights int8]
-`--weights int8` builds with `--weights int8` (for .onnx in float32, which ONNX Runtime's int8 kernels take: the
-int8 weights go to the model's int8 store, `weights-<id>-float32-int8.data`, and the result records every file's size
-instead of the float store's checks).
+        [--generate 8] [--weights int8|int4]
+`--weights int8` (`int4`) builds with that option (for .onnx in float32, which ONNX Runtime's int8 kernels take: the
+compressed weights go to the model's store for them, `weights-<id>-float32-int8.data` (`-int4.data`), and the result
+records every file's size instead of the float store's checks; for .xml in bfloat16, as NNCF holds every weight in
+memory and float32 would not fit a 7B model on 24 GB).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def main() -> None:
     ap.add_argument("--keep-checkpoint", action="store_true")
     ap.add_argument("--one-file", action="store_true", help="optimize --one-file (the prefill and decode in one file)")
     ap.add_argument("--generate", type=int, default=0, help="then generate this many tokens with the engine")
-    ap.add_argument("--weights", default="none", choices=["none", "int8"], help="optimize --weights")
+    ap.add_argument("--weights", default="none", choices=["none", "int8", "int4"], help="optimize --weights")
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -270,9 +270,10 @@ def _generation_opts(f):
               help="Precision the graph is exported in (TensorRT builds strongly typed: this is its precision). "
                    "Default: the model's own (a Hugging Face checkpoint's config dtype; never upcast silently).")
 @click.option("--weights", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Weight-only compression of the linear layers, int8 or int4 (blocks of 32 along the input for "
-                   "ONNX Runtime, groups of 128 for OpenVINO; the embeddings stay as they are): NNCF for OpenVINO "
-                   "(.xml), MatMulNBits for ONNX Runtime (.onnx).")
+              help="Weight-only compression of the linear layers, int8 or int4. ONNX Runtime (.onnx): MatMulNBits, "
+                   "blocks of 32 along the input, the embeddings left float. OpenVINO (.xml): NNCF, int8 per output "
+                   "channel, int4 in groups of 128 with the embeddings and lm_head in int8; run these in float32 "
+                   "(no --dtype), where OpenVINO keeps them compressed.")
 @click.option("--one-file/--two-files", "one_file", default=None,
               help="ONNX Runtime (.onnx) and OpenVINO (.xml): one file holds the prefill and the decode engine, "
                    "and each weight once, so a generating process holds the LLM's weights once instead of twice "

@@ -42,8 +42,8 @@ def export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str,
     records the opset written (`onnx_opset`). `compress` "int8" or "int4": the linear layers' weights as
     MatMulNBits nodes of that width (lower/onnx_weights.py, ONNX Runtime only), recorded as `weights: int8` (or
     int4); streamed from a checkpoint, the float weights then pass through a scratch store and the compressed ones go
-    to the model's store for that width (`weights-<id>-<dtype>-int8.data`, shared by its int8 engines); from a model in memory the engine holds them
-    (inline, or in `<name>.data` when large).
+    to the model's store for that width (`weights-<id>-<dtype>-int8.data` or `-int4.data`, shared by its engines of
+    that width); from a model in memory the engine holds them (inline, or in `<name>.data` when large).
 
     `weights` (models/checkpoint.CheckpointWeights): the program's parameters are empty stand-ins; each weight
     is streamed from the checkpoint into the model's shared weight store beside `out` (lower/weight_store.py)

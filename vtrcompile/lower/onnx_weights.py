@@ -4,9 +4,8 @@
 Every MatMul whose second input is a constant weight (the LLM's and the vision tower's linear layers, the projector,
 the lm_head) becomes a `MatMulNBits` node (com.microsoft) that holds the weight as int8 or int4 (BITS) in blocks of
 BLOCK rows along K, one float scale per block and output column, symmetric (no zero points). The tensors between the
-nodes stay
-float32; the reduction's own nodes (selector, gathers: `onnxruntime.selector_node_names`) are never compressed.
-ONNX Runtime's quantizer (`onnxruntime.quantization.matmul_nbits_quantizer`) writes the nodes.
+nodes stay float32; the reduction's own nodes (selector, gathers: `onnxruntime.selector_node_names`) are never
+compressed. ONNX Runtime's quantizer (`onnxruntime.quantization.matmul_nbits_quantizer`) writes the nodes.
 
 ACCURACY_LEVEL 4 lets ONNX Runtime's CPU kernel quantize each block of a node's input to int8 too and multiply in
 int8, which is what makes these engines faster than float32 rather than only smaller (level 1, float32 compute on
@@ -85,9 +84,9 @@ def _read_external(model: onnx.ModelProto) -> None:
 def move_into_store(model: onnx.ModelProto, store) -> int:
     """Point every large initializer of `model` (held in memory) at the compressed weights' shared store instead
     (lower/weight_store.WeightStore), written there the first time its bytes are seen: the engines of a model built
-    with --weights int8 or int4 from a checkpoint (reduced, baseline, the decode engine) then store each int8 weight once, as
-    the float ones are. Keyed by dtype, shape and a hash of the bytes (the exporter names one weight differently in
-    the prefill and the decode graph). Returns how many initializers now point at the store."""
+    with --weights int8 or int4 from a checkpoint (reduced, baseline, the decode engine) then store each compressed
+    weight once, as the float ones are. Keyed by dtype, shape and a hash of the bytes (the exporter names one weight
+    differently in the prefill and the decode graph). Returns how many initializers now point at the store."""
     import hashlib
     import math
 

@@ -41,9 +41,9 @@ def _reason(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("Exception from", "Check "))]
     return (lines[-1] if lines else type(e).__name__)[:200]
 
-# engine dtype -> (OpenVINO inference precision, the CPU capability it needs)
 # --weights -> NNCF's compression mode and group size (None: per output channel)
 NNCF_WEIGHTS = {"int8": ("int8_asym", None), "int4": ("int4_sym", 128)}
+# engine dtype -> (OpenVINO inference precision, the CPU capability it needs)
 PRECISIONS = {"float32": ("f32", "FP32"), "bfloat16": ("bf16", "BF16"), "float16": ("f16", "FP16")}
 
 
@@ -79,8 +79,8 @@ def export_openvino(program: Any, out: Path, metadata: dict[str, Any], weights: 
                     streamed: Any = None, store_folder: Path | None = None) -> list[Path]:
     """ONNX export, then OpenVINO's conversion of that file. Weights streamed from a checkpoint (`streamed`) stay
     in the model's weight store beside `out` (or in `store_folder`) and the IR points at them (`ir_on_store`:
-    nothing holds or copies a weight); otherwise, and for compressed weights (NNCF reads them), `ir_from_onnx` writes the
-    IR with its own .bin."""
+    nothing holds or copies a weight); otherwise, and for compressed weights (NNCF reads them), `ir_from_onnx` writes
+    the IR with its own .bin."""
     _ov()
     if streamed is not None and weights == "none":
         return ir_on_store(program, out, metadata, streamed, store_folder)
