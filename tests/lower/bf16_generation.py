@@ -18,11 +18,12 @@ BF16_LOGIT_ATOL = 1.0
 # (AMD EPYC, ONNX Runtime 1.32); over 30 test prompts x 8 steps 29 gave the reference's tokens and one another token
 # at a later step.
 INT8_LOGIT_ATOL = 0.5
-# int4 weights on the same two prompts: 0.53 and 1.03 (ONNX Runtime's MatMulNBits, blocks of 32) and 0.34 and 0.77
-# (OpenVINO bf16, NNCF's int4 in groups of 64, the demo's widths); over 30 test prompts x 8 steps 22 (ONNX Runtime)
-# and 21 (OpenVINO) gave the reference's 8 tokens, the others another token at a later step, after the one-word
-# answer (AMD EPYC, ONNX Runtime 1.32, OpenVINO 2026.4, NNCF 3.4).
-INT4_LOGIT_ATOL = 2.0
+# int4 weights on the same two prompts: 0.53 and 1.03 (ONNX Runtime's MatMulNBits, blocks of 32), 0.40 and 1.73
+# (OpenVINO f32, NNCF's int4 in groups of 64 and 56, the demo's widths) and 0.34 and 0.77 (OpenVINO bf16); over 30
+# test prompts x 8 steps 22, 19 and 21 gave the reference's 8 tokens, the others another token at a later step,
+# after the one-word answer (AMD EPYC, ONNX Runtime 1.32, OpenVINO 2026.4, NNCF 3.4). The tokens are the check; the
+# tolerance leaves room for other CPUs' kernels.
+INT4_LOGIT_ATOL = 2.5
 
 
 def check_fastv64_demo_generation(engine, steps: int = 8,

@@ -307,12 +307,14 @@ def _constant_types(path) -> set:
 
 
 @pytest.mark.slow
-def test_int4_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_path):
-    """`--dtype bfloat16 --weights int4`: NNCF's int4 weights on OpenVINO's bf16 path, a FastV 64 pair of the trained
-    demo model: the decode engine is int4 too, and the pair generates the float32 spec reference's tokens, per-step
-    logits within INT4_LOGIT_ATOL, each layer's cache the schedule's length."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_engine_pair_generates_what_the_float32_reference_does(tmp_path, dtype):
+    """`--weights int4`: NNCF's int4 weights with float32 activations (the fast path: the plugin keeps them
+    compressed) and on the bf16 path, a FastV 64 pair of the trained demo model: the decode engine is int4 too, and the
+    pair generates the float32 spec reference's tokens, per-step logits within INT4_LOGIT_ATOL, each layer's cache
+    the schedule's length."""
     pytest.importorskip("nncf")
-    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if dtype == "bfloat16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no native bf16 for OpenVINO")
     from tests.models.test_demo_model import MODEL
     from vtrcompile import load_engine
@@ -320,11 +322,11 @@ def test_int4_bf16_engine_pair_generates_what_the_float32_reference_does(tmp_pat
     from vtrcompile.optimize import Target, optimize
 
     out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "f.xml",
-                   target=Target(backend="openvino", dtype="bfloat16", weights="int4")).files[-1]
+                   target=Target(backend="openvino", dtype=dtype, weights="int4")).files[-1]
     engine = load_engine(out, threads=2)
     assert engine.metadata["weights"] == "int4" and engine.decode.metadata["weights"] == "int4"
     decode = out.parent / engine.metadata["decode"]["file"]
-    assert decode.name.endswith("-bfloat16-int4.xml") and "i4" in _constant_types(decode)
+    assert decode.name.endswith(f"-{dtype}-int4.xml") and "i4" in _constant_types(decode)
     check_fastv64_demo_generation(engine, atol=INT4_LOGIT_ATOL)
 
 
