@@ -105,7 +105,7 @@ def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str
     external = param_bytes(ep) > EXTERNAL_DATA_BYTES
 
     def save(tmp: Path) -> None:
-        if compress != "none":  # in the model's int8 store (from a checkpoint), else the engine's own
+        if compress != "none":  # in the model's store for that width (from a checkpoint), else the engine's own
             from .onnx_weights import compress_linear_weights, save_model
 
             if store is not None:  # the quantizer maps each float weight from the (scratch) store it streamed to
