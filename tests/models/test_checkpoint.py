@@ -221,6 +221,31 @@ def test_an_openvino_one_file_engine_of_a_checkpoint(checkpoint, in_memory, tmp_
     assert float(np.abs(got.logits - want.logits).max()) <= 1e-5
 
 
+@pytest.mark.slow
+def test_compressed_openvino_engines_of_a_checkpoint_leave_no_float_store(checkpoint, tmp_path):
+    """.xml --weights int4 from a checkpoint, the pair and the one file in one folder: NNCF writes each IR's own .bin,
+    so the float weights stream into a scratch store that goes with the build (the one file once tried to read its
+    ONNX export's store from the output folder and failed); the one file generates what the pair does."""
+    pytest.importorskip("nncf")
+    from vtrcompile import load_engine
+    from vtrcompile.lower.openvino import read_ir
+    from vtrcompile.optimize import Target
+
+    lazy = load_model(str(checkpoint))
+    b = build(lazy, "fastv", {"keep": 18})
+    pair = write_engine(b, lazy, tmp_path / "p.xml", Target(backend="openvino", weights="int4"))
+    write_engine(b, lazy, tmp_path / "o.xml", Target(backend="openvino", weights="int4", one_file=True))
+    decode = tmp_path / pair.metadata["decode"]["file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["p.xml", "p.bin", "o.xml", "o.bin", decode.with_suffix(".xml").name, decode.with_suffix(".bin").name])
+    assert read_ir(tmp_path / "o.xml")[1]["weights"] == "int4" and "weights_file" not in read_ir(tmp_path / "o.xml")[1]
+    ids, px = prompts(lazy.hf_model.config)[0]
+    got, want = (load_engine(tmp_path / name, threads=1).generate(input_ids=ids, pixel_values=px, max_new_tokens=4,
+                                                                  eos_token_id=[]) for name in ("o.xml", "p.xml"))
+    assert got.tokens.tolist() == want.tokens.tolist()
+    assert float(np.abs(got.logits - want.logits).max()) <= 1e-5
+
+
 def test_a_checkpoint_asked_for_in_another_dtype_is_in_that_dtype_everywhere():
     """The demo model's config.json names float32 for its vision sub-config too: read lazily in bfloat16, every
     parameter and buffer has the dtype transformers' own loading gives it (none is left float32 by the

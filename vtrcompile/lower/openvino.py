@@ -80,13 +80,14 @@ def export_openvino(program: Any, out: Path, metadata: dict[str, Any], weights: 
     """ONNX export, then OpenVINO's conversion of that file. Weights streamed from a checkpoint (`streamed`) stay
     in the model's weight store beside `out` (or in `store_folder`) and the IR points at them (`ir_on_store`:
     nothing holds or copies a weight); otherwise, and for compressed weights (NNCF reads them), `ir_from_onnx` writes
-    the IR with its own .bin."""
+    the IR with its own .bin. Streamed weights that NNCF compresses pass through a scratch store in the temporary
+    folder of the ONNX file (never the model's store, which no compressed IR reads)."""
     _ov()
     if streamed is not None and weights == "none":
         return ir_on_store(program, out, metadata, streamed, store_folder)
     with tempfile.TemporaryDirectory(prefix=".vtr-onnx.", dir=out.parent if out.parent.is_dir() else None) as d:
         onnx_path = Path(d) / (out.stem + ".onnx")
-        export_onnx(program, onnx_path, metadata, streamed, store_folder)
+        export_onnx(program, onnx_path, metadata, streamed, store_folder if weights == "none" else None)
         return ir_from_onnx(onnx_path, out, metadata, weights)
 
 
