@@ -268,12 +268,13 @@ def _generation_opts(f):
               help="Device an AOTInductor (.pt2) package is compiled for.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Precision the graph is exported in (TensorRT builds strongly typed: this is its precision). "
-                   "Default: the model's own (a Hugging Face checkpoint's config dtype; never upcast silently).")
+                   "Default: the model's own (a Hugging Face checkpoint's config dtype; never upcast silently), "
+                   "float32 with --weights.")
 @click.option("--weights", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Weight-only compression of the linear layers, int8 or int4. ONNX Runtime (.onnx): MatMulNBits, "
                    "blocks of 32 along the input, the embeddings left float. OpenVINO (.xml): NNCF, int8 per output "
-                   "channel, int4 in groups of 128 with the embeddings and lm_head in int8; run these in float32 "
-                   "(no --dtype), where OpenVINO keeps them compressed.")
+                   "channel, int4 in groups of 128 with the embeddings and lm_head in int8. The activations are float32 "
+                   "unless --dtype says otherwise (OpenVINO keeps the weights compressed only in float32).")
 @click.option("--one-file/--two-files", "one_file", default=None,
               help="ONNX Runtime (.onnx) and OpenVINO (.xml): one file holds the prefill and the decode engine, "
                    "and each weight once, so a generating process holds the LLM's weights once instead of twice "
@@ -310,7 +311,7 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     from .memory import check_fits, eager_estimate, optimize_estimate
     from .methods.options import check_options, prepare_options
     from .models.loading import load_model
-    from .optimize import DTYPES, Target, backend_for, check_target, default_one_file
+    from .optimize import DTYPES, Target, backend_for, check_target, default_dtype, default_one_file
     from .optimize import optimize as run_optimize
     from .profile import compare, format_report
 
@@ -331,8 +332,8 @@ def optimize(model, method, calibration, then, out, backend, device, dtype, weig
     check_target(target)  # a missing TensorRT or GPU fails here, before any work
     src = load_model(model, allow_pickle, dtype=DTYPES[dtype] if dtype else None, tiles=tiles, image_size=image_size,
                      batch=batch)
-    if dtype is None:  # the model's own precision
-        own = str(src.dtype).removeprefix("torch.")
+    if dtype is None:  # the model's own precision (float32 activations with --weights)
+        own = default_dtype(str(src.dtype).removeprefix("torch."), weights)
         if own not in DTYPES:
             raise VtrError(f"the model's weights are {own}, which vtrcompile does not export; give --dtype")
         target = dataclasses.replace(target, dtype=own)
