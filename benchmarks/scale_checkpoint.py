@@ -11,10 +11,11 @@ constants are those of its `If`'s two bodies, all checked against the store). `-
 weights, so the tokens mean nothing): whether the process fits, its peak RSS, TTFT and the decode steps. Usage:
     python benchmarks/scale_checkpoint.py --preset llava15-7b --work build/scale7b [--ext .xml] [--one-file]
         [--generate 8] [--weights int8|int4]
-`--weights int8` (`int4`) builds with that option (for .onnx in float32, which ONNX Runtime's int8 kernels take: the
+`--weights int8` (`int4`) builds with that option and no `--dtype`, so in float32 (optimize's default with --weights:
+ONNX Runtime's kernels take no other, and OpenVINO keeps compressed weights compressed only in float32); for .onnx the
 compressed weights go to the model's store for them, `weights-<id>-float32-int8.data` (`-int4.data`), and the result
-records every file's size instead of the float store's checks; for .xml in bfloat16, as NNCF holds every weight in
-memory and float32 would not fit a 7B model on 24 GB).
+records every file's size instead of the float store's checks. Every command's peak RssAnon (the process tree's,
+sampled every 0.5 s) is recorded beside /usr/bin/time's peak RSS, which also counts memory-mapped weights' pages.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -81,13 +83,49 @@ def make_checkpoint(preset: str, folder: Path, seed: int = 0) -> dict:
     return {"files": len(files), "bytes": total, "params": sum(p.numel() for p in model.parameters())}
 
 
+def tree_anon_kib(root: int) -> int:
+    """RssAnon of `root` and its descendants, KiB (what the kernel cannot drop: /usr/bin/time's peak RSS also counts
+    the file-backed pages of memory-mapped weights)."""
+    from vtrcompile.engine.resident import status_kib
+
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, total = {root}, 0
+    for _ in range(4):  # time -> vtrcompile -> its helpers
+        tree |= {pid for pid, ppid in parents.items() if ppid in tree}
+    for pid in tree:
+        try:
+            total += status_kib("RssAnon", Path(f"/proc/{pid}/status"))
+        except Exception:  # gone meanwhile
+            pass
+    return total
+
+
 def time_v(cmd: list[str], keep_stdout: bool = False) -> dict:
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_anon = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak_anon[0] = max(peak_anon[0], tree_anon_kib(proc.pid))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.join()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
     out = {"cmd": " ".join(cmd), "exit": r.returncode, "wall_s": wall,
            "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else None,
+           "peak_tree_anon_gb_sampled": peak_anon[0] / 2**20,
            "stderr_tail": [line for line in r.stderr.splitlines() if not line.startswith("\t")][-6:]}
     if keep_stdout:
         out["stdout"] = json.loads(r.stdout) if r.returncode == 0 else r.stdout[-2000:]
@@ -195,8 +233,8 @@ def main() -> None:
     logging.info("checkpoint: %s", made)
     out.mkdir(parents=True)
     compressed = args.weights != "none"
-    dtype = "float32" if compressed and args.ext == ".onnx" else "bfloat16"
-    run = time_v(["vtrcompile", "optimize", str(ckpt), "--method", "fastv", "--keep", str(args.keep), "--dtype", dtype,
+    dtype = [] if compressed else ["--dtype", "bfloat16"]  # compressed: float32 activations, optimize's default
+    run = time_v(["vtrcompile", "optimize", str(ckpt), "--method", "fastv", "--keep", str(args.keep), *dtype,
                   "--out", str(out / f"fastv{args.ext}"), *(["--one-file"] if args.one_file else []),
                   *(["--weights", args.weights] if compressed else [])])
     logging.info("optimize: %s", run)

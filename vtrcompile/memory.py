@@ -87,6 +87,17 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
     return total
 
 
+# bytes per parameter of an engine with compressed linear layers: the int8 or int4 weights, their scales, and what
+# stays wider (ONNX Runtime keeps the embedding table float32; NNCF makes it int8). Measured at 7B (7.06 B
+# parameters): ONNX Runtime's stores of 8.3 GB (int8) and 4.85 GB (int4), BENCHMARKS.md, "int4 weights"
+COMPRESSED_BYTES_PER_PARAMETER = {"int8": 1.2, "int4": 0.7}
+
+
+def compressed_bytes(w: int, dtype: torch.dtype, weights: str) -> float:
+    """What an engine of `w` bytes of `dtype` weights holds with its linear layers compressed to `weights`."""
+    return w / dtype.itemsize * COMPRESSED_BYTES_PER_PARAMETER[weights]
+
+
 def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, weights: str = "none",
                       one_file: bool = False) -> tuple[float, str, list[str]]:
     """(bytes, what they are, what would need less) for `optimize` of `source` to `backend` (`weights`: weight
@@ -94,22 +105,23 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
     w = weight_bytes(source, dtype)
     name = str(dtype).removeprefix("torch.")
     advice = []
-    # OpenVINO IRs point at the ONNX weight store (lower/openvino_store.py); NNCF's compression reads every weight,
-    # and so does TensorRT's ONNX parser: the network it builds references host buffers of every weight until the
-    # build ends (TensorRT's API contract; not measured here, no GPU)
+    # OpenVINO IRs point at the ONNX weight store (lower/openvino_store.py); TensorRT's ONNX parser reads every
+    # weight: the network it builds references host buffers of every weight until the build ends (TensorRT's API
+    # contract; not measured here, no GPU)
     streamed = source.weights is not None and backend in ("onnxruntime", "openvino") and weights == "none"
     if streamed:
         need, what = RUNTIME + 3 * 4 * source.weights.largest, f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint"
-    elif source.weights is not None and backend == "onnxruntime":
-        # streamed as above into a scratch store, then compressed one weight at a time (lower/onnx_weights.py): the
-        # int8 engine is held whole while it is written: a quarter of the float32 weights, their scales (1/8 of
-        # that) and the float ones it keeps (embeddings). At 7B: an 8.3 GB engine from 28 GB of float32 weights,
-        # 9.1 GB peak RSS for the whole optimize (BENCHMARKS.md, "ONNX Runtime with int8 weights")
-        need, what = (RUNTIME + 3 * 4 * source.weights.largest + 0.3 * w,
+    elif source.weights is not None and backend in ("onnxruntime", "openvino"):
+        # streamed as above into a scratch store, then compressed one weight at a time from there (ONNX Runtime's
+        # quantizer maps each weight, lower/onnx_weights.py; NNCF reads each from OpenVINO's memory-mapped reading
+        # of the ONNX file, pages the kernel can drop): what is held is the compressed engine, whole while it is
+        # written. At 7B ONNX Runtime's int8 engine is 8.3 GB from 28 GB of float32 weights, 9.1 GB peak RSS for the
+        # whole optimize (BENCHMARKS.md, "ONNX Runtime with int8 weights")
+        need, what = (RUNTIME + 3 * 4 * source.weights.largest + compressed_bytes(w, dtype, weights),
                       f"{w / GB:.1f} GB of {name} weights streamed from the checkpoint and compressed to {weights}")
-    elif source.weights is not None and backend == "openvino":
-        need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights read by NNCF while it compresses them"
-        advice.append(f"drop --weights {weights} (the IR then reads the weights where the checkpoint streamed them)")
+        if backend == "openvino":
+            advice.append(f"drop --weights {weights} (the IR then reads the weights where the checkpoint streamed "
+                          "them)")
     elif source.weights is not None and backend == "tensorrt":
         need, what = RUNTIME + 1.0 * w, f"{w / GB:.1f} GB of {name} weights held by TensorRT's parser while it builds"
         advice += ["write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)",
@@ -134,7 +146,9 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")
     if profile:  # the two prefill engines and their decode engines, each holding its own copy of the weights
-        need += (2 if one_file else 4) * w  # a one-file engine's decode phase shares its prefill's weights
+        held = w if weights == "none" or (backend == "openvino" and dtype != torch.float32) else \
+            compressed_bytes(w, dtype, weights)  # OpenVINO decompresses them for bf16 / f16 activations only
+        need += (2 if one_file else 4) * held  # a one-file engine's decode phase shares its prefill's weights
         what += ", plus the two one-file engines --profile runs" if one_file else \
             ", plus the prefill and decode engines --profile runs"
         advice.insert(0, "drop --profile (profile the engines on a larger machine)")

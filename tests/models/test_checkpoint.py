@@ -287,23 +287,26 @@ def test_a_failed_openvino_build_leaves_no_weight_store(checkpoint, tmp_path, mo
 
 def test_openvino_estimate_follows_what_reads_the_weights(checkpoint):
     """A lazily read checkpoint to .xml streams like .onnx (the IR points at the weight store); with --weights int8
-    NNCF reads every weight once, as does TensorRT's parser, and .onnx streams them and holds the int8 engine; an
-    in-memory model keeps the larger 1.5x, and 2.0x or 2.9x (one file) compressed to int8."""
+    or int4 both stream the float weights and compress them one at a time (ONNX Runtime's quantizer maps each one,
+    NNCF reads each from OpenVINO's memory-mapped model), holding the compressed engine: 1.2 or 0.7 bytes a
+    parameter. TensorRT's parser holds every weight; an in-memory model keeps the larger 1.5x, and 2.0x or 2.9x (one
+    file) compressed to int8."""
     from vtrcompile.memory import RUNTIME, optimize_estimate, weight_bytes
 
     src = load_model(str(checkpoint))
     w = weight_bytes(src, torch.float32)
-    assert optimize_estimate(src, "openvino", torch.float32, False) == optimize_estimate(
-        src, "onnxruntime", torch.float32, False)
-    need, what, advice = optimize_estimate(src, "openvino", torch.float32, False, "int8")
-    assert need == pytest.approx(RUNTIME + w) and "read by NNCF" in what
-    assert any("drop --weights int8" in a for a in advice)
+    streamed = optimize_estimate(src, "onnxruntime", torch.float32, False)[0]
+    assert optimize_estimate(src, "openvino", torch.float32, False)[0] == streamed
+    for backend in ("onnxruntime", "openvino"):
+        need, what, advice = optimize_estimate(src, backend, torch.float32, False, "int8")
+        assert need == pytest.approx(streamed + 0.3 * w) and "compressed to int8" in what
+        assert any("drop --weights int8" in a for a in advice) == (backend == "openvino")
+        need = optimize_estimate(src, backend, torch.float32, False, "int4")[0]
+        assert need == pytest.approx(streamed + 0.175 * w)
+    # in bf16 the same engine: half the float bytes, the same compressed ones
+    assert optimize_estimate(src, "openvino", torch.bfloat16, False, "int4")[0] == pytest.approx(streamed + 0.175 * w)
     need, what, _ = optimize_estimate(src, "tensorrt", torch.float32, False)  # its parser holds every weight
     assert need == pytest.approx(RUNTIME + w) and "TensorRT's parser" in what
-    # .onnx with --weights int8: streamed, then compressed one weight at a time; the int8 engine is held whole
-    streamed = optimize_estimate(src, "onnxruntime", torch.float32, False)[0]
-    need, what, _ = optimize_estimate(src, "onnxruntime", torch.float32, False, "int8")
-    assert need == pytest.approx(streamed + 0.3 * w) and "compressed to int8" in what
     eager = load_model("tiny")
     assert optimize_estimate(eager, "openvino", torch.float32, False)[0] == pytest.approx(
         RUNTIME + 1.5 * weight_bytes(eager, torch.float32))
@@ -327,6 +330,11 @@ def test_profile_estimate_counts_the_engines_that_hold_weights():
     one = optimize_estimate(src, "onnxruntime", torch.float32, True, one_file=True)
     assert pair[0] == pytest.approx(alone + 4 * w) and one[0] == pytest.approx(alone + 2 * w)
     assert "one-file" in one[1] and "one-file" not in pair[1]
+    # engines of compressed weights hold them compressed, except OpenVINO's with bf16 activations (decompressed)
+    for backend, dtype, held in (("onnxruntime", torch.float32, 0.175 * w), ("openvino", torch.float32, 0.175 * w),
+                                 ("openvino", torch.bfloat16, w / 2)):
+        alone = optimize_estimate(src, backend, dtype, False, "int4")[0]
+        assert optimize_estimate(src, backend, dtype, True, "int4")[0] == pytest.approx(alone + 4 * held)
 
 
 def test_aoti_estimate_counts_the_packed_weight_copies(checkpoint):
