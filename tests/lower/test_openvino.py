@@ -292,6 +292,12 @@ def test_compressed_weights_shrink_the_ir_and_keep_the_logits_close(tiny, tiny_e
     (qm, _), (fm, _) = read_ir(q), read_ir(f32)
     assert 0.9 < compiled_weight_bytes(qm, "bf16") / (compiled_weight_bytes(fm, "f32") / 2) < 1.1
     assert compiled_weight_bytes(qm, "f32") < 0.5 * compiled_weight_bytes(fm, "f32")
+    # the compressed engine quantizes its activations in groups of 128, the float one keeps the plugin's default
+    from vtrcompile.lower.openvino import DYNAMIC_QUANTIZATION_GROUP
+
+    key = "DYNAMIC_QUANTIZATION_GROUP_SIZE"
+    assert b.compiled.get_property(key) == DYNAMIC_QUANTIZATION_GROUP != ov.Core().get_property("CPU", key)
+    assert a.compiled.get_property(key) == ov.Core().get_property("CPU", key)
     for ids, px in prompts(tiny.hf_model.config):
         la, lb = a(ids.numpy(), px.numpy()), b(ids.numpy(), px.numpy())
         assert 0 < np.abs(la - lb).max() <= rtol * np.abs(la).max()
