@@ -206,9 +206,7 @@ def default_dtype(own: str, weights: str) -> str:
     """The precision to export in when --dtype is not given: the model's own (never upcast silently), except with
     --weights int8/int4, whose engines run float32 activations around the compressed weights: ONNX Runtime's
     MatMulNBits take no other, and OpenVINO keeps compressed weights compressed only in float32 (in bf16 its CPU
-    plugin decompresses them and decodes slower than plain bf16: BENCHMARKS.md, "int4 weights"). A bf16 checkpoint
-    with --weights used to get a bf16 engine: refused for .onnx ("leave out --dtype", which the user had), and the
-    slow path for .xml."""
+    plugin decompresses them and decodes slower than plain bf16: BENCHMARKS.md, "int4 weights")."""
     if weights == "none" or own == "float32":
         return own
     log.info("--weights %s: activations in float32 (the model's weights are %s; the linear layers' are stored as %s)",
