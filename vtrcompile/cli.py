@@ -272,9 +272,10 @@ def _generation_opts(f):
                    "float32 with --weights.")
 @click.option("--weights", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Weight-only compression of the linear layers, int8 or int4. ONNX Runtime (.onnx): MatMulNBits, "
-                   "blocks of 32 along the input, the embeddings left float. OpenVINO (.xml): NNCF, int8 per output "
-                   "channel, int4 in groups of 128 with the embeddings and lm_head in int8. The activations are float32 "
-                   "unless --dtype says otherwise (OpenVINO keeps the weights compressed only in float32).")
+                   "blocks of 128 along the input (32 where the width is no multiple of 128), the embeddings left "
+                   "float. OpenVINO (.xml): NNCF, int8 per output channel, int4 in groups of 128 with the embeddings "
+                   "and lm_head in int8. The activations are float32 unless --dtype says otherwise (OpenVINO keeps "
+                   "the weights compressed only in float32).")
 @click.option("--one-file/--two-files", "one_file", default=None,
               help="ONNX Runtime (.onnx) and OpenVINO (.xml): one file holds the prefill and the decode engine, "
                    "and each weight once, so a generating process holds the LLM's weights once instead of twice "

@@ -22,6 +22,7 @@ from .engine.io import FORMAT_VERSION, decode_inputs, decode_outputs, describe
 from .engine.metadata import DECODE, stamp
 from .engine.runners import read_engine_metadata
 from .errors import VtrError
+from .lower import onnx_weights
 from .lower.onnx import ORT_OPSET
 from .models.decoder import DecodeStep, cache_geometry, eos_token_ids
 from .models.family import family_of
@@ -122,6 +123,8 @@ def ensure_decode_engine(model: torch.nn.Module, model_id: str, label: str, fold
                     and meta.get("weights", "none") == target.weights
                     and meta.get("batch") == batch
                     and (target.backend != "onnxruntime" or meta.get("onnx_opset") == ORT_OPSET)
+                    and (target.backend != "onnxruntime" or target.weights == "none"
+                         or meta.get("weights_blocks") == onnx_weights.BLOCK_RULE)
                     and [t["name"] for t in meta["io"]["inputs"]] == decode_inputs(n, takes_padding(batch)))
 
     if matches():

@@ -93,6 +93,29 @@ def test_a_decode_engine_of_another_opset_is_built_again(tiny, tiny_engines, tmp
         decode_mod.ensure_decode_engine(*args)
 
 
+def test_a_compressed_decode_engine_of_other_blocks_is_built_again(tiny, tiny_engines, tmp_path, monkeypatch,
+                                                                    no_decode_cache):
+    """A folder's ONNX Runtime int8 decode engine is reused only when its weights were blocked by this version's rule
+    (`weights_blocks`): one an older vtrcompile compressed in blocks of 32 throughout is rebuilt, so a prefill and
+    its decode engine do not store each weight twice, once per block size. (The float decode engine stands in, its
+    metadata rewritten: only the metadata is read.)"""
+    from tests.engine.test_batch import _rewrite_metadata
+    from vtrcompile.decode import decode_file_name
+    from vtrcompile.lower.onnx_weights import BLOCK_RULE
+
+    meta = tiny_engines["fastv-k2-18"].metadata
+    target = Target(weights="int8")
+    path = tmp_path / decode_file_name(meta["model_id"], "float32", ".onnx", target.device, "int8", 1)
+    path.write_bytes(_decode_of(tiny_engines["fastv-k2-18"]).read_bytes())
+    _rewrite_metadata(path, lambda m: m.update(weights="int8", weights_blocks=BLOCK_RULE))
+    monkeypatch.setattr(decode_mod, "capture_decode", _no_build)
+    args = (tiny.hf_model, meta["model_id"], tiny.label, tmp_path, target, 1)
+    assert decode_mod.ensure_decode_engine(*args) == path  # this rule: reused
+    _rewrite_metadata(path, lambda m: m.pop("weights_blocks"))
+    with pytest.raises(_Built):
+        decode_mod.ensure_decode_engine(*args)
+
+
 def _foreign_decode(tiny_engines, tmp_path):
     """This model's decode engine with another model identity in its metadata."""
     from tests.engine.test_batch import _rewrite_metadata

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.conftest import max_diff, prompts
 from tests.lower.bf16_generation import INT4_LOGIT_ATOL, INT8_LOGIT_ATOL, check_fastv64_demo_generation
 from vtrcompile.lower.onnx import external_span
-from vtrcompile.lower.onnx_weights import BLOCK, compress_linear_weights
+from vtrcompile.lower.onnx_weights import BLOCK, BLOCK_RULE, LARGE_BLOCK, block_sizes, compress_linear_weights
 from vtrcompile.lower.onnxruntime import OrtEngine, _nodes, selector_node_names
 from vtrcompile.reference.quantized import dequantized_weight, nbits_linear_reference
 
@@ -27,31 +27,64 @@ def _linear_model(w: np.ndarray) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("weights,bits", [("int8", 8), ("int4", 4)])
-@pytest.mark.parametrize("k,n", [(168, 72), (64, 256)])  # 168: K padded to whole blocks (the demo's MLP)
-def test_nbits_linear_node_equals_its_eager_reference(k, n, weights, bits):
+@pytest.mark.parametrize("k,n,block", [(168, 72, BLOCK), (64, 256, BLOCK), (256, 40, LARGE_BLOCK)])
+def test_nbits_linear_node_equals_its_eager_reference(k, n, block, weights, bits):
+    """168: K padded to whole blocks of 32 (the demo's MLP); 256: blocks of 128."""
     rng = np.random.default_rng(k)
     w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
     model = compress_linear_weights(_linear_model(w), weights=weights)
     (node,) = model.graph.node
     attrs = {a.name: a.i for a in node.attribute}
     assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
-    assert attrs == {"K": k, "N": n, "bits": bits, "block_size": BLOCK, "accuracy_level": 4}
+    assert attrs == {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4}
     stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     packed, scales = stored[node.input[1]], stored[node.input[2]]
     assert packed.dtype == np.uint8 and len(node.input) == 3  # symmetric: no zero points stored
-    assert packed.size == n * -(-k // BLOCK) * BLOCK * bits // 8  # two int4 weights a byte
+    assert packed.size == n * -(-k // block) * block * bits // 8  # two int4 weights a byte
     # the stored weight is the float one, to within one quantization step per element
-    step = np.abs(np.repeat(scales.reshape(n, -1), BLOCK, axis=1)[:, :k].T)  # a scale may carry a sign
-    dequantized = dequantized_weight(packed, scales, k, n, BLOCK, bits)
+    step = np.abs(np.repeat(scales.reshape(n, -1), block, axis=1)[:, :k].T)  # a scale may carry a sign
+    dequantized = dequantized_weight(packed, scales, k, n, block, bits)
     assert np.all(np.abs(dequantized - w) <= step)
     assert np.abs(dequantized - w).max() > 0.1 * step.max()  # it is quantized (not a float weight passed through)
     x = rng.standard_normal((7, k)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    ref = nbits_linear_reference(x, packed, scales, k, n, BLOCK, bits)
+    ref = nbits_linear_reference(x, packed, scales, k, n, block, bits)
     assert max_diff(got, ref) <= 1e-5 * np.abs(ref).max()
     # the kernel quantizes the input too: the float-input reference is measurably further away
-    assert max_diff(got, nbits_linear_reference(x, packed, scales, k, n, BLOCK, bits, quantize_input=False)) > \
+    assert max_diff(got, nbits_linear_reference(x, packed, scales, k, n, block, bits, quantize_input=False)) > \
         100 * max_diff(got, ref)
+
+
+def test_each_layer_gets_the_block_its_width_allows_and_the_graph_stays_equal_to_its_reference():
+    """Blocks of 128 where K is a multiple of 128, else 32, chosen per layer in one graph (two quantizer passes):
+    a MatMul chain 256 -> 168 -> 64 gives blocks 128 and 32; a MatMul of two activations is left alone; the graph
+    equals the chain of the nodes' eager references."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((256, 168)) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((168, 64)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="down"),
+             helper.make_node("MatMul", ["y", "yt"], ["z"], name="gram"),
+             helper.make_node("Transpose", ["y"], ["yt"], name="t")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 256])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [5, 5])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert block_sizes(model) == {"up": LARGE_BLOCK, "down": BLOCK}
+    out = compress_linear_weights(model, weights="int4")
+    nbits = {n.name: n for n in out.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nbits) == 2 and [n.name for n in out.graph.node if n.op_type == "MatMul"] == ["gram"]
+    stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    y = x
+    for node in sorted(nbits.values(), key=lambda n: -dict((a.name, a.i) for a in n.attribute)["K"]):
+        a = {a.name: a.i for a in node.attribute}
+        assert a["block_size"] == (LARGE_BLOCK if a["K"] == 256 else BLOCK)
+        y = nbits_linear_reference(y, stored[node.input[1]], stored[node.input[2]], a["K"], a["N"],
+                                   a["block_size"], 4)
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = y @ y.T
+    assert max_diff(got, ref) <= 1e-4 * np.abs(ref).max()
 
 
 # The tiny preset's random weights give logits of about 0.5 at most, and int8 weights and activations move them by up
@@ -99,6 +132,7 @@ def test_int8_engine_compresses_every_linear_layer_but_not_the_selector(tiny, ti
     assert {n.input[1] for n in decode.node if n.op_type == "MatMulNBits"} <= {n.input[1] for n in compressed}
     meta = res.metadata
     assert meta["weights"] == "int8" and meta["decode"]["metadata"]["weights"] == "int8"
+    assert meta["weights_blocks"] == meta["decode"]["metadata"]["weights_blocks"] == BLOCK_RULE
     assert "weights_file" not in meta and meta["decode"]["file"] == out.name
 
     q, f = OrtEngine(out, threads=1), OrtEngine(float_engine, threads=1)

@@ -65,6 +65,8 @@ KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "device": (BOTH, "LOWERING (AOTInductor): the device it was compiled for"),
     "weights": (BOTH, "LOWERING (OpenVINO; ONNX Runtime when compressed): none, int8 or int4 (weight-only "
                       "compression of the linear layers: NNCF for OpenVINO, MatMulNBits for ONNX Runtime)"),
+    "weights_blocks": (BOTH, "LOWERING (ONNX Runtime when compressed): the MatMulNBits block rule, [large, small]: "
+                             "blocks of `large` rows where a layer's K is a multiple of it, else of `small`"),
 }
 
 STAMPED = ("vtrcompile", "torch", "format", "role")

@@ -89,7 +89,9 @@ def _export_onnx(ep: torch.export.ExportedProgram, out: Path, metadata: dict[str
         if compress == "none":
             metadata = {**metadata, "weights_file": store.data.name}
     if compress != "none":
-        metadata = {**metadata, "weights": compress}
+        from .onnx_weights import BLOCK_RULE
+
+        metadata = {**metadata, "weights": compress, "weights_blocks": list(BLOCK_RULE)}
     packed = None  # the compressed weights' shared store (a checkpoint's int8 engine)
     if compressed_folder is not None:
         from .weight_store import WeightStore

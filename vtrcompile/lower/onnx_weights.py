@@ -3,7 +3,8 @@
 
 Every MatMul whose second input is a constant weight (the LLM's and the vision tower's linear layers, the projector,
 the lm_head) becomes a `MatMulNBits` node (com.microsoft) that holds the weight as int8 or int4 (BITS) in blocks of
-BLOCK rows along K, one float scale per block and output column, symmetric (no zero points). The tensors between the
+rows along K, one float scale per block and output column, symmetric (no zero points). Blocks are LARGE_BLOCK (128)
+rows where a layer's K is a multiple of it, else BLOCK (32; K padded to whole blocks). The tensors between the
 nodes stay float32; the reduction's own nodes (selector, gathers: `onnxruntime.selector_node_names`) are never
 compressed. ONNX Runtime's quantizer (`onnxruntime.quantization.matmul_nbits_quantizer`) writes the nodes.
 
@@ -12,7 +13,10 @@ int8, which is what makes these engines faster than float32 rather than only sma
 the int8 weights, took 105 ms a `llava15-geometry` decode step against 6 ms). Measured on `llava15-geometry` (AMD
 EPYC with AVX-512, 2 threads; BENCHMARKS.md, "ONNX Runtime with int8 weights"): the unmodified decode step 14.7 ->
 6.8 ms, FastV 64's 32-token generation 512 -> 282 ms. int4 halves the weights' bytes again: its decode step is
-faster still and its prefill slower than int8's (BENCHMARKS.md, "int4 weights"). `reference/quantized.py` is the
+faster still and its prefill slower than int8's (BENCHMARKS.md, "int4 weights"). Blocks of 128 rather than 32 made
+`llava15-geometry`'s int4 prefill 1.2-1.3x faster and its decode step 1.1x (int8: 1.1x both), in one process; they
+moved 3-4 of the demo model's 700 test answers, whose 64- and 168-row layers keep blocks of 32 (on every layer they
+cost its int4 engine 1.2 points; BENCHMARKS.md, "ONNX Runtime's blocks of 128"). `reference/quantized.py` is the
 eager reference of one node.
 """
 
@@ -27,7 +31,9 @@ import onnx
 log = logging.getLogger(__name__)
 
 BITS = {"int8": 8, "int4": 4}  # --weights -> MatMulNBits bits
-BLOCK = 32  # rows of K per scale; the demo model's K of 64, 168 and 256 are padded to whole blocks by the quantizer
+BLOCK = 32  # rows of K per scale where K is no multiple of LARGE_BLOCK (the demo's 64 and 168: 168 padded to 192)
+LARGE_BLOCK = 128  # rows of K per scale where K is a multiple of it (every layer of llava15-geometry and of 7B LLaVA)
+BLOCK_RULE = [LARGE_BLOCK, BLOCK]  # an engine's `weights_blocks`: a decode engine compressed otherwise is not reused
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel (ONNX Runtime's accuracy_level 4)
 
 
@@ -46,15 +52,28 @@ def compress_linear_weights(model: onnx.ModelProto, folder: Path | None = None,
     t0 = time.perf_counter()
     if folder is not None:
         _locate_external(model, Path(folder))
-    exclude = sorted(selector_node_names(model))
-    quantizer = MatMulNBitsQuantizer(model, bits=BITS[weights], block_size=BLOCK, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=exclude)
-    quantizer.process()
-    out = quantizer.model.model
+    selector = set(selector_node_names(model))
+    blocks, names = block_sizes(model), {n.name for n in model.graph.node}
+    out = model
+    for block in (LARGE_BLOCK, BLOCK):  # the quantizer takes one block size: a pass for each
+        exclude = selector | (names - {name for name, b in blocks.items() if b == block})
+        quantizer = MatMulNBitsQuantizer(out, bits=BITS[weights], block_size=block, is_symmetric=True,
+                                         accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=sorted(exclude))
+        quantizer.process()
+        out = quantizer.model.model
     _read_external(out)
     n = sum(node.op_type == "MatMulNBits" for node in out.graph.node)
     log.info("%s weights: %d linear layers as MatMulNBits (%.1fs)", weights, n, time.perf_counter() - t0)
     return out
+
+
+def block_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Every MatMul of a stored 2-D weight [K, N], by node name: the block it is compressed with (LARGE_BLOCK where K
+    is a multiple of it, else BLOCK). The rule depends on the layer alone, so the prefill and the decode engine
+    compress a weight they share alike (the one file and the compressed store keep it once)."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    return {n.name: LARGE_BLOCK if d[0] % LARGE_BLOCK == 0 else BLOCK for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) == 2 and len(d := dims.get(n.input[1], [])) == 2}
 
 
 def _locate_external(model: onnx.ModelProto, folder: Path) -> None:
