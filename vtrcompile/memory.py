@@ -89,7 +89,8 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
 
 # bytes per parameter of an engine with compressed linear layers: the int8 or int4 weights, their scales, and what
 # stays wider (ONNX Runtime keeps the embedding table float32; NNCF makes it int8). Measured at 7B (7.06 B
-# parameters): ONNX Runtime's stores of 8.3 GB (int8) and 4.85 GB (int4), BENCHMARKS.md, "int4 weights"
+# parameters): ONNX Runtime's stores of 8.3 GB (int8) and 4.85 GB (int4) in blocks of 32, BENCHMARKS.md, "int4
+# weights". Blocks of 128 since brought int4 to 4.20 GB (0.6 a parameter; OpenVINO's int4 IR: 0.53); 0.7 stays a margin
 COMPRESSED_BYTES_PER_PARAMETER = {"int8": 1.2, "int4": 0.7}
 
 
