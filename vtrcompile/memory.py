@@ -134,15 +134,13 @@ def optimize_estimate(source, backend: str, dtype: torch.dtype, profile: bool, w
                       f"{w / GB:.1f} GB of {name} weights in memory while AOTInductor compiles them, with packed copies")
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")
     elif backend == "onnxruntime" and weights != "none":
-        # the model's weights, the compressed engine being written, and for one file both compressed engines while
-        # they are joined. Measured with int8 on a pickled LLaVA with 3.0 GB of float32 weights: 7.4 GB peak RSS
-        # while compressing (RUNTIME + 2.0x), 9.95 GB in the one-file join (RUNTIME + 2.8x; BENCHMARKS.md, "ONNX
-        # Runtime with int8 weights"); int4 engines are smaller (not measured from memory)
-        need = RUNTIME + (2.9 if one_file else 2.0) * w
+        # the model's weights and the compressed engine being written. Measured with int8 on a pickled LLaVA with
+        # 3.0 GB of float32 weights: 7.4 GB peak RSS while compressing (RUNTIME + 2.0x; BENCHMARKS.md, "ONNX Runtime
+        # with int8 weights"); the whole one-file build 6.6 GB since the join writes piecewise (RUNTIME + 1.7x; it
+        # was 9.6 GB: BENCHMARKS.md, "The one-file join's memory"); int4 engines are smaller (not measured from memory)
+        need = RUNTIME + 2.0 * w
         what = f"{w / GB:.1f} GB of {name} weights in memory, compressed to {weights}"
         advice.append("give a Hugging Face checkpoint (its weights stream; 9.1 GB peak at 7B)")
-        if one_file:
-            advice.append("--two-files (the one file's join holds both compressed engines)")
     else:
         need, what = RUNTIME + 1.5 * w, f"{w / GB:.1f} GB of {name} weights in memory while lowering"
         advice.append("write an .onnx or .xml engine (their weights stream from a Hugging Face checkpoint)")

@@ -28,7 +28,7 @@ from onnx import helper
 
 from ..engine.metadata import PHASE_INPUT
 from .atomic import write_atomically
-from .onnx import METADATA_KEY, external_span, metadata_of
+from .onnx import METADATA_KEY, external_span, metadata_of, save_piecewise
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def _content_key(t: onnx.TensorProto, folders: Sequence[Path], spans: dict[tuple
         if span not in spans:
             spans[span] = _span_digest(folders, *span)
         return t.data_type, tuple(t.dims), spans[span]
+    if t.HasField("raw_data"):  # the usual form: hashed where it lies, not copied
+        return t.data_type, tuple(t.dims), hashlib.sha256(t.raw_data).hexdigest()
     held = onnx.TensorProto()
     held.CopyFrom(t)
     held.name = ""
@@ -65,20 +67,20 @@ def _span_digest(folders: Sequence[Path], loc: str, offset: int, length: int) ->
     return h.hexdigest()
 
 
-def _branch(graph: onnx.GraphProto, prefix: str, shared: dict[tuple, str], outer: list[onnx.TensorProto],
-            folders: Sequence[Path], spans: dict[tuple, str]) -> onnx.GraphProto:
-    """`graph` as an If branch: its initializers moved to `outer` (one per distinct content, named w.N), its
-    inputs read from the outer scope by name, every other value renamed under `prefix`."""
+def _branch(graph: onnx.GraphProto, prefix: str, shared: dict[tuple, str], outer, folders: Sequence[Path],
+            spans: dict[tuple, str]) -> onnx.GraphProto:
+    """`graph` as an If branch: its initializers copied into `outer` (the joined graph's own initializer field,
+    one per distinct content, named w.N), its inputs read from the outer scope by name, every other value renamed
+    under `prefix`."""
     names: dict[str, str] = {i.name: i.name for i in graph.input}
     names[""] = ""
     for t in graph.initializer:
         key = _content_key(t, folders, spans)
         if key not in shared:
             shared[key] = f"w.{len(shared)}"
-            moved = onnx.TensorProto()
+            moved = outer.add()
             moved.CopyFrom(t)
             moved.name = shared[key]
-            outer.append(moved)
         names[t.name] = shared[key]
 
     def rename(name: str) -> str:
@@ -128,19 +130,23 @@ def merge_phases(prefill: onnx.ModelProto, decode: onnx.ModelProto, folders: Seq
         raise ValueError(f"the engines' outputs differ: {p_out[:4]}... against {d_out[:4]}...")
     if [(o.domain, o.version) for o in prefill.opset_import] != [(o.domain, o.version) for o in decode.opset_import]:
         raise ValueError("the engines were exported with different opsets")
+    # built in place: each weight is copied once, into the joined model (helper.make_graph and make_model would
+    # copy every one twice more: 4.5 GB peak for a 559 MB one file, BENCHMARKS.md, "The one-file join's memory")
+    model = helper.make_model(helper.make_graph([], "prefill_and_decode", [], []),
+                              opset_imports=list(prefill.opset_import), ir_version=prefill.ir_version)
     shared: dict[tuple, str] = {}
-    outer: list[onnx.TensorProto] = []
     spans: dict[tuple, str] = {}
+    outer = model.graph.initializer
     then_g = _branch(prefill.graph, "prefill/", shared, outer, folders, spans)
     else_g = _branch(decode.graph, "decode/", shared, outer, folders, spans)
     inputs: dict[str, onnx.ValueInfoProto] = {}
     for v in [*prefill.graph.input, *decode.graph.input]:
         inputs.setdefault(v.name, _free_dims(v))
     flag = helper.make_tensor_value_info(PHASE_INPUT, onnx.TensorProto.BOOL, [])
-    node = helper.make_node("If", [PHASE_INPUT], p_out, name="phase", then_branch=then_g, else_branch=else_g)
-    graph = helper.make_graph([node], "prefill_and_decode", [flag, *inputs.values()],
-                              [_free_dims(o) for o in prefill.graph.output], outer)
-    model = helper.make_model(graph, opset_imports=list(prefill.opset_import), ir_version=prefill.ir_version)
+    model.graph.node.append(helper.make_node("If", [PHASE_INPUT], p_out, name="phase", then_branch=then_g,
+                                             else_branch=else_g))
+    model.graph.input.extend([flag, *inputs.values()])
+    model.graph.output.extend(_free_dims(o) for o in prefill.graph.output)
     p_meta, d_meta = metadata_of(prefill), metadata_of(decode)
     meta = {**p_meta, "decode": {**p_meta["decode"], "file": file_name, "metadata": d_meta}}
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
@@ -157,7 +163,7 @@ def write_one_file(out: Path, decode_path: Path, write_prefill: Callable[[Path],
     place, so an interrupted build leaves no engine at `out` rather than a prefill engine alone. External data the
     engines point at beside `out` (the model's weight store, the decode engine's) stays where it is. Returns the
     files written and the engine's metadata."""
-    joined: list[onnx.ModelProto] = []
+    meta: list[dict[str, Any]] = []
 
     def save(tmp: Path) -> None:
         staged = tmp.parent / "prefill" / out.name
@@ -169,8 +175,10 @@ def write_one_file(out: Path, decode_path: Path, write_prefill: Callable[[Path],
         prefill = onnx.load(str(staged), load_external_data=False)
         shutil.rmtree(staged.parent)
         decode = onnx.load(str(decode_path), load_external_data=False)
-        joined.append(merge_phases(prefill, decode, [tmp.parent, out.parent], out.name))
-        onnx.save(joined[0], str(tmp))
+        joined = merge_phases(prefill, decode, [tmp.parent, out.parent], out.name)
+        del prefill, decode  # their weights are in `joined` now: not held while it is serialized
+        meta.append(metadata_of(joined))
+        save_piecewise(joined, tmp)
 
     files = write_atomically(out, save)
-    return files, metadata_of(joined[0])
+    return files, meta[0]

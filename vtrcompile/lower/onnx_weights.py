@@ -137,4 +137,6 @@ def save_model(model: onnx.ModelProto, path: Path, external_bytes: int) -> None:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=path.name + ".data", size_threshold=1024)
     else:
-        onnx.save(model, str(path))
+        from .onnx import save_piecewise
+
+        save_piecewise(model, path)
