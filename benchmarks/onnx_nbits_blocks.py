@@ -67,7 +67,7 @@ def main() -> None:
             for method, opts in chosen:
                 out = args.build_dir / f"{args.weights}-blocks-{rule}" / f"{method}.onnx"
                 meta = read_engine_metadata(out) if args.reuse and out.is_file() else None
-                if not (meta and meta.get("method") == method and meta.get("weights_blocks") == [size, onnx_weights.BLOCK]):
+                if not (meta and meta.get("method") == method and meta.get("weights_blocks") == onnx_weights.BLOCK_RULE):
                     out = optimize(src, method, opts, out, target=target).files[-1]
                 paths.append((rule, label(method, opts), out))
     engines = [load_engine(p, args.threads) for _, _, p in paths]
