@@ -92,6 +92,7 @@ def weight_bytes(source, dtype: torch.dtype) -> int:
 # parameters): ONNX Runtime's stores of 8.3 GB (int8) and 4.85 GB (int4) in blocks of 32, BENCHMARKS.md, "int4
 # weights". Blocks of 128 since brought int4 to 4.20 GB (0.6 a parameter; OpenVINO's int4 IR: 0.53); 0.7 stays a margin
 COMPRESSED_BYTES_PER_PARAMETER = {"int8": 1.2, "int4": 0.7}
+INT4_BYTES_PER_PARAMETER = 0.6  # what the int4 stores measured (above), for advice
 
 
 def compressed_bytes(w: int, dtype: torch.dtype, weights: str) -> float:
@@ -163,25 +164,30 @@ def eager_estimate(source, dtype: torch.dtype) -> tuple[float, str, list[str]]:
     return RUNTIME + 1.2 * w, f"{w / GB:.1f} GB of {str(dtype).removeprefix('torch.')} weights in memory", advice
 
 
-def serving_estimate(weights: int, role: str | None, dtype: str | None) -> tuple[float, str, list[str]]:
+def serving_estimate(weights: int, meta: dict | None = None) -> tuple[float, str, list[str]]:
     """Opening an engine to run it: at least its weights, which each runtime keeps a copy of per engine, packed for
     its kernels (a prefill engine and its decode engine hold the LLM's twice; measured on llava15-geometry, opening
     the decode engine grew the process by 1.1x its weights in ONNX Runtime f32, 1.7x in OpenVINO bf16, BENCHMARKS.md,
-    "Measured memory of a serving process")."""
+    "Measured memory of a serving process"). `meta`: the engine's metadata where it is known before loading (its
+    role, dtype and weight compression say what would need less)."""
+    meta = meta or {}
     what = f"its {weights / GB:.1f} GB of weights, which the runtime keeps a copy of for this engine"
     advice = []
-    if role == "decode":
+    if meta.get("role") == "decode":
         what += ": a second copy of the LLM's, beside the prefill engine's"
         advice.append("build a one-file engine (`vtrcompile optimize --one-file`, .onnx or .xml), whose decode phase "
                       "shares the prefill's weights")
-    if dtype == "float32":
+    if meta and meta.get("weights", "none") == "none":  # .onnx and .xml engines; both take --weights
+        advice.append(f"rebuild it with `vtrcompile optimize --weights int4` and no --dtype (the linear layers at "
+                      f"about {INT4_BYTES_PER_PARAMETER} bytes a parameter)")
+    if meta.get("dtype") == "float32":
         advice.append("--dtype bfloat16 halves the weights")
     return weights, what, [*advice, "free memory or use a machine with more"]
 
 
-def check_engine_fits(path: Path, weights: int, role: str | None = None, dtype: str | None = None) -> None:
+def check_engine_fits(path: Path, weights: int, meta: dict | None = None) -> None:
     """Refuse to open an engine whose weights do not fit (serving_estimate), before the runtime loads any of it."""
-    check_fits(f"opening {path.name}", serving_estimate(weights, role, dtype), level=logging.DEBUG)
+    check_fits(f"opening {path.name}", serving_estimate(weights, meta), level=logging.DEBUG)
 
 
 def check_fits(job: str, estimate: tuple[float, str, list[str]], level: int = logging.INFO) -> None:

@@ -103,6 +103,27 @@ def test_memory_options_that_cannot_work_fail_before_any_work(pair, tmp_path, mo
         [ln for ln in res.output.splitlines() if ln.strip()], res.output
 
 
+def test_the_serving_refusal_advises_what_the_engine_would_need_less_with():
+    """The advice follows the engine's metadata: a decode engine is told of one-file engines, an engine with
+    uncompressed weights of --weights int4 (ONNX Runtime and OpenVINO take it), a float32 one of bfloat16; an
+    engine whose metadata is unknown before loading (AOTInductor's) only of more memory."""
+    from vtrcompile.memory import serving_estimate
+
+    def advice(meta):
+        need, what, adv = serving_estimate(3 * 2**30, meta)
+        assert need == 3 * 2**30 and what.startswith("its 3.2 GB of weights")
+        return adv
+
+    plain = advice({"role": "prefill", "dtype": "float32"})
+    assert [a.split(" ")[0] for a in plain] == ["rebuild", "--dtype", "free"], plain
+    assert "--weights int4" in plain[0]
+    decode = advice({"role": "decode", "dtype": "bfloat16", "weights": "none"})
+    assert [a.split(" ")[0] for a in decode] == ["build", "rebuild", "free"], decode
+    compressed = advice({"role": "decode", "dtype": "float32", "weights": "int4"})
+    assert not any("--weights" in a for a in compressed) and len(compressed) == 3, compressed
+    assert advice(None) == ["free memory or use a machine with more"]
+
+
 def test_an_engine_whose_weights_do_not_fit_is_refused_before_it_is_opened(pair, monkeypatch):
     """Each runtime keeps its own copy of an engine's weights (the decode engine a second one of the LLM's): opening
     an engine is refused in one line, naming the numbers, when its weights exceed the memory available, instead of
@@ -125,6 +146,7 @@ def test_an_engine_whose_weights_do_not_fit_is_refused_before_it_is_opened(pair,
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"opening {reduced.name} needs about")
     assert f"{weights / memory.GB:.1f} GB of weights" in msg and "available" in msg and "second copy" not in msg
+    assert "rebuild it with `vtrcompile optimize --weights int4` and no --dtype" in msg  # a float32 engine
     # the prefill engine fits; its decode engine, opened on the first generation, does not
     monkeypatch.setattr(memory, "available_bytes", lambda: max(weights, decode_weights) + 1)
     engine = load_engine(reduced, threads=1)

@@ -130,7 +130,7 @@ class OrtEngine:
         self.metadata, weights = read_engine(self.path)
         if not self.metadata.get("has_weights", True):
             raise VtrError(f"{self.path}: built from a meta-device model, it holds no weights and cannot run")
-        check_engine_fits(self.path, weights, self.metadata.get("role"), self.metadata.get("dtype"))
+        check_engine_fits(self.path, weights, self.metadata)
         so = ort.SessionOptions()
         _thread_options(so, threads or os.cpu_count() or 1)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

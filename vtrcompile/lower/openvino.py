@@ -295,7 +295,7 @@ class OvEngine:
         model, self.metadata = read_ir(self.path)
         hint = PRECISIONS.get(self.metadata.get("dtype", "float32"), ("f32", "FP32"))[0]
         weights = compiled_weight_bytes(model, hint)
-        check_engine_fits(self.path, weights, self.metadata.get("role"), self.metadata.get("dtype"))
+        check_engine_fits(self.path, weights, self.metadata)
         self.threads = threads or usable_cores()
         check_threads(hint, self.threads)
         config = {"INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": hint,
