@@ -213,13 +213,15 @@ def test_cuda_package_matches_cpu_graph(tiny, tiny_build, tmp_path):
     assert max_diff(eng(ids.numpy(), px.numpy()), ref) < 1e-3
 
 
-@pytest.mark.slow  # compiles the demo model's prefill and decode packages in bf16 (about 2 minutes on 2 cores)
-def test_bf16_package_pair_generates_what_the_float32_reference_does(tmp_path):
-    """AOTInductor on the low-precision path: a FastV 64 pair of the trained demo model compiled with --dtype
-    bfloat16 hands each layer's reduced cache from the prefill to the decode package in bf16 and generates the
-    tokens the float32 spec reference generates, per-step logits within the bf16 tolerance OpenVINO's pair
-    meets (tests/lower/bf16_generation.py), each layer's cache the schedule's length."""
-    from tests.lower.bf16_generation import check_fastv64_demo_generation
+@pytest.mark.slow  # compiles the demo model's prefill and decode packages (about 2 minutes on 2 cores)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_package_pair_generates_what_the_float32_reference_does(tmp_path, dtype):
+    """AOTInductor on the low-precision paths: a FastV 64 pair of the trained demo model compiled with --dtype
+    bfloat16 (float16) hands each layer's reduced cache from the prefill to the decode package in that dtype and
+    generates the tokens the float32 spec reference generates, per-step logits within the bf16 tolerance
+    OpenVINO's pair meets (F16_LOGIT_ATOL; tests/lower/bf16_generation.py), each layer's cache the schedule's
+    length."""
+    from tests.lower.bf16_generation import BF16_LOGIT_ATOL, F16_LOGIT_ATOL, check_fastv64_demo_generation
     from tests.models.test_demo_model import MODEL
     from vtrcompile import load_engine
     from vtrcompile.engine.host_inputs import prefill_feeds
@@ -227,14 +229,15 @@ def test_bf16_package_pair_generates_what_the_float32_reference_does(tmp_path):
     from vtrcompile.optimize import optimize
 
     out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "f.pt2",
-                   target=Target(backend="aoti", dtype="bfloat16")).files[-1]
+                   target=Target(backend="aoti", dtype=dtype)).files[-1]
     engine = load_engine(out, threads=2)
-    assert engine.metadata["dtype"] == "bfloat16" and engine.decode_path.suffix == ".pt2"
+    assert engine.metadata["dtype"] == dtype and engine.decode_path.suffix == ".pt2"
 
-    def caches_are_bf16(ids, px):
+    def caches_in_the_dtype(ids, px):
         engine.prefill.bind(prefill_feeds(engine.prefill.metadata, ids.numpy(), px.numpy()))
         caches = [t for t, io in zip(engine.prefill.run(), engine.prefill.metadata["io"]["outputs"], strict=True)
                   if io["name"].startswith("present.")]
-        assert caches and {t.dtype for t in caches} == {torch.bfloat16}
+        assert caches and {t.dtype for t in caches} == {getattr(torch, dtype)}
 
-    check_fastv64_demo_generation(engine, before=caches_are_bf16)
+    check_fastv64_demo_generation(engine, before=caches_in_the_dtype,
+                                  atol=BF16_LOGIT_ATOL if dtype == "bfloat16" else F16_LOGIT_ATOL)

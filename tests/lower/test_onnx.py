@@ -178,6 +178,26 @@ def test_baseline_engine_equals_the_model(tiny, engines):
             assert max_diff(_run(engines["none"], ids, px), tiny.module(ids, px)) <= REFERENCE_ATOL
 
 
+@pytest.mark.slow  # exports the demo model's one-file engine in float16 (about 30 s on 2 cores)
+def test_float16_one_file_generates_what_the_float32_reference_does(tmp_path):
+    """`--dtype float16`, the precision a GPU user builds: the demo model's FastV 64 one-file engine holds its
+    weights and every layer's cache in float16 and generates the float32 spec reference's tokens, per-step logits
+    within F16_LOGIT_ATOL, each layer's cache the schedule's length."""
+    from tests.lower.bf16_generation import F16_LOGIT_ATOL, check_fastv64_demo_generation
+    from tests.models.test_demo_model import MODEL
+    from vtrcompile import load_engine
+    from vtrcompile.models.loading import load_model
+    from vtrcompile.optimize import Target, optimize
+
+    out = optimize(load_model(str(MODEL)), "fastv", {"keep": 64}, tmp_path / "f.onnx",
+                   target=Target(dtype="float16", one_file=True)).files[-1]
+    engine = load_engine(out, threads=2)
+    assert engine.metadata["dtype"] == "float16"
+    caches = {io["dtype"] for io in engine.metadata["io"]["outputs"] if io["name"].startswith("present.")}
+    assert caches == {"float16"}
+    check_fastv64_demo_generation(engine, atol=F16_LOGIT_ATOL)
+
+
 def test_engines_pass_the_tensorrt_preflight(engines):
     for name in engines:
         if name not in SLOW_ENGINES:
