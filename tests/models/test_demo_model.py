@@ -25,7 +25,7 @@ def shipped():
 def test_checkpoint_is_small_and_complete():
     size = sum(p.stat().st_size for p in MODEL.glob("*.safetensors"))
     assert 0 < size <= 20e6
-    for f in ("config.json", "tokenizer.json", "README.md", "card.json"):
+    for f in ("config.json", "tokenizer.json", "processor_config.json", "README.md", "card.json"):
         assert (MODEL / f).is_file()
 
 
@@ -98,6 +98,42 @@ def test_generate_answers_from_the_engine_folder_alone(fastv288, tmp_path):
     res = _run("generate", str(out), "--image", str(img), "--prompt", "what colour is the big shape ?",
                "--max-new-tokens", "3", "--stream")
     assert res.exit_code == 0 and res.stdout == rec["text"] + "\n", res.output  # the same text, as it came
+
+
+def test_hugging_face_s_processor_feeds_the_engine_as_generate_does(fastv288, tmp_path):
+    """The demo model's own processor (AutoProcessor from its directory: LlavaProcessor with CLIP's image
+    processor, its settings in processor_config.json) gives for a prompt through the chat template and an image
+    of any size the input_ids and pixel_values `generate` builds from the engine folder (the pixels bit for bit:
+    the same resize, rounding of the longer side and crop), so `engine.generate(**processor(...))` answers as
+    `vtrcompile generate` does."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vtrcompile import load_engine
+    from vtrcompile.engine.prompting import image_pixels, load_tokenizer, prompt_ids
+
+    processor = AutoProcessor.from_pretrained(MODEL, local_files_only=True)
+    engine = load_engine(fastv288, threads=2)
+    tokenizer = load_tokenizer(fastv288, engine.metadata)
+    question = "what colour is the big shape ?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    # transformers' PIL image processor (no torchvision here) resizes as the family does; with torchvision
+    # installed AutoProcessor picks its own resize, whose antialiasing differs slightly
+    exact = type(processor.image_processor).__name__.endswith("Pil")
+    scene = Image.fromarray(vs.render(vs.sample("test", 3).scene))
+    for size in [(336, 336), (500, 333), (333, 500), (1001, 777)]:
+        img = tmp_path / f"{size[0]}x{size[1]}.png"
+        scene.resize(size, Image.BICUBIC).save(img)
+        inputs = processor(images=Image.open(img), text=text, return_tensors="np")
+        ids, px = prompt_ids(tokenizer, engine.metadata, question), image_pixels(img, engine.metadata)
+        assert np.array_equal(inputs["input_ids"], ids) and inputs["pixel_values"].shape == px.shape
+        assert float(np.abs(inputs["pixel_values"] - px).max()) <= (0.0 if exact else 0.1), size
+        theirs = engine.generate(**inputs, max_new_tokens=3)
+        ours = engine.generate(input_ids=ids, pixel_values=px, max_new_tokens=3)
+        assert theirs.tokens.tolist() == ours.tokens.tolist(), size
+        if exact:
+            assert np.array_equal(theirs.logits, ours.logits)
 
 
 def test_eval_opens_each_engine_once(fastv288, opened_engines):

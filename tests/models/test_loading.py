@@ -102,6 +102,24 @@ def test_preprocessor_config_values_are_read_or_defaulted(tiny, tmp_path):
     assert facts["image_mean"] == list(tiny.family.image_mean) and facts["image_std"] == list(tiny.family.image_std)
 
 
+def test_the_image_processor_settings_are_read_where_transformers_reads_them_first(tiny, tmp_path):
+    """transformers 5 saves a processor's image settings inside processor_config.json and reads them there before
+    preprocessor_config.json: so does the engine's record; a processor_config.json that is not JSON is refused."""
+    (tmp_path / "preprocessor_config.json").write_text('{"image_mean": 0.5, "image_std": 0.5}')
+    (tmp_path / "processor_config.json").write_text(
+        '{"processor_class": "LlavaProcessor", "image_processor": {"image_mean": [0.1, 0.2, 0.3], "image_std": 1}}')
+    facts = tiny.family.processor_facts(tiny.hf_model.config, tmp_path)
+    assert facts["image_mean"] == [0.1, 0.2, 0.3] and facts["image_std"] == [1.0] * 3
+    (tmp_path / "processor_config.json").write_text('{"processor_class": "LlavaProcessor"}')  # no image settings
+    assert tiny.family.processor_facts(tiny.hf_model.config, tmp_path)["image_mean"] == [0.5] * 3
+    (tmp_path / "processor_config.json").write_text('{"image_processor": {"image_std": [0, 1, 1]}}')
+    with pytest.raises(VtrError, match="processor_config.json: not a JSON object"):
+        tiny.family.processor_facts(tiny.hf_model.config, tmp_path)
+    (tmp_path / "processor_config.json").write_text('{"image_processor": ')
+    with pytest.raises(VtrError, match="processor_config.json: not a JSON object"):
+        tiny.family.processor_facts(tiny.hf_model.config, tmp_path)
+
+
 def _config_dir(tmp_path, cfg: dict):
     d = tmp_path / cfg["model_type"]
     d.mkdir()

@@ -9,6 +9,7 @@ structurally, and engines describe their own inputs and outputs in their metadat
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -177,17 +178,12 @@ class Family:
 
     # --- what an engine records so it runs without the model directory ---------------------------------
     def processor_facts(self, config, model_dir=None) -> dict[str, Any]:
-        """Image preprocessing and the prompt layout `generate` uses (read from the model directory's
-        preprocessor_config.json when there is one)."""
-        import json
-
+        """Image preprocessing and the prompt layout `generate` uses (the image mean and std read from the model
+        directory's image processor settings when it has them: image_processor_settings)."""
         mean, std = list(self.image_mean), list(self.image_std)
-        pc_file = model_dir / "preprocessor_config.json" if model_dir is not None else None
-        if pc_file is not None and pc_file.is_file():
-            try:
-                pc = json.loads(pc_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                pc = None
+        found = image_processor_settings(model_dir) if model_dir is not None else None
+        if found is not None:
+            pc_file, pc = found
             mean, std = ((_channels(pc.get("image_mean", mean)), _channels(pc.get("image_std", std)))
                          if isinstance(pc, dict) else (None, None))
             if mean is None or std is None or 0 in std:
@@ -197,6 +193,29 @@ class Family:
                                "defaults")
         return {"family": self.name, "image_size": self.image_size(config), "image_mean": mean,
                 "image_std": std, "template": self.template, "chat_image": self.chat_image}
+
+
+def image_processor_settings(model_dir: Path) -> tuple[Path, Any] | None:
+    """(file, settings) of a model directory's image processor, where transformers looks first: the
+    "image_processor" entry of processor_config.json (as transformers 5 saves a processor), else
+    preprocessor_config.json; settings is None when the file is not JSON. None when neither file has them."""
+    import json
+
+    def read(f: Path) -> Any:
+        try:
+            return json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    nested = model_dir / "processor_config.json"
+    if nested.is_file():
+        d = read(nested)
+        if not isinstance(d, dict):
+            return nested, None
+        if "image_processor" in d:
+            return nested, d["image_processor"]
+    flat = model_dir / "preprocessor_config.json"
+    return (flat, read(flat)) if flat.is_file() else None
 
 
 def _channels(v: Any) -> list[float] | None:

@@ -30,12 +30,14 @@ class LlavaFamily(Family):
                            image_token_id=image_token_id, **{**defaults, **extra})
 
     def preprocess(self, image, size: int, tiles: int, processing: dict | None = None) -> np.ndarray:
-        """LLaVA-1.5's processor: shorter side to `size` (bicubic), centre crop."""
+        """LLaVA-1.5's processor (CLIPImageProcessor): shorter side to `size` (bicubic), the longer one in
+        proportion, rounded down as transformers' resize rounds it, then the centre crop."""
         from PIL import Image
 
         w, h = image.size
-        scale = size / min(w, h)
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        short, long = sorted((w, h))
+        other = int(size * long / short)
+        image = image.resize((size, other) if w == short else (other, size), Image.BICUBIC)
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         return (np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0)[None]
