@@ -191,8 +191,15 @@ class Family:
                 raise VtrError(f"{pc_file}: not a JSON object whose image_mean and image_std are 3 numbers each "
                                "(std nonzero); restore the model's own file, or remove it to use the family's "
                                "defaults")
+        steps = self.image_steps(found[1] if found is not None else {}, config,
+                                 found[0] if found is not None else None)
         return {"family": self.name, "image_size": self.image_size(config), "image_mean": mean,
-                "image_std": std, "template": self.template, "chat_image": self.chat_image}
+                "image_std": std, "template": self.template, "chat_image": self.chat_image, **steps}
+
+    def image_steps(self, settings: dict[str, Any], config, source: Path | None) -> dict[str, Any]:
+        """Processor facts read from the image processor's settings (`source`, a dict already checked) beyond
+        mean and std, for a family whose preprocessing follows them; none for most families."""
+        return {}
 
 
 def image_processor_settings(model_dir: Path) -> tuple[Path, Any] | None:

@@ -3,8 +3,12 @@ Mistral LLM): one image per prompt, N = patches (CLS dropped unless the feature 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
+from ..errors import VtrError
 from .family import Family
 
 # CLIP's normalisation (LLaVA-1.5's image processor).
@@ -29,22 +33,71 @@ class LlavaFamily(Family):
         return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
                            image_token_id=image_token_id, **{**defaults, **extra})
 
+    def image_steps(self, settings: dict[str, Any], config, source: Path | None) -> dict[str, Any]:
+        """What the checkpoint's image processor does before normalising, as transformers' image processors of
+        LLaVA checkpoints do it, in this order: `pad_to_square` (LlavaImageProcessor's do_pad: the image centred
+        on a square of the mean colour), `resize` ({"shortest_edge": n}: CLIP's, the aspect ratio kept; or
+        {"height", "width"}: SigLIP's), `crop` ([h, w] centre crop, or None). Without settings: CLIP's steps
+        at the vision tower's size. Refused when they do not end at the tower's size."""
+        side = self.image_size(config)
+        size = settings.get("size", {"shortest_edge": side})
+        size = {"shortest_edge": size} if isinstance(size, int) else size
+        if not isinstance(size, dict) or not (_whole(size.get("shortest_edge")) or (
+                _whole(size.get("height")) and _whole(size.get("width")))):
+            raise VtrError(f"{source}: the image processor's size {size!r} is neither {{'shortest_edge': n}} nor "
+                           "{'height': h, 'width': w}; restore the model's own file, or remove it to use CLIP's steps")
+        resize = ({"shortest_edge": int(size["shortest_edge"])} if "shortest_edge" in size
+                  else {"height": int(size["height"]), "width": int(size["width"])})
+        crop = None
+        if settings.get("do_center_crop", "shortest_edge" in resize):
+            c = settings.get("crop_size", side)
+            c = {"height": c, "width": c} if isinstance(c, int) else c
+            if not isinstance(c, dict) or not (_whole(c.get("height")) and _whole(c.get("width"))):
+                raise VtrError(f"{source}: the image processor's crop_size {c!r} is not {{'height': h, 'width': w}}; "
+                               "restore the model's own file")
+            crop = [int(c["height"]), int(c["width"])]
+        ends = crop or ([resize["height"], resize["width"]] if "height" in resize else None)
+        if ends != [side, side]:
+            made = "a shorter side of " + str(resize["shortest_edge"]) if ends is None else f"{ends[0]}x{ends[1]}"
+            raise VtrError(f"{source}: the image processor makes images of {made} px, but the vision tower takes "
+                           f"{side}x{side}; fix its size / crop_size, or remove the file to use CLIP's steps")
+        return {"pad_to_square": bool(settings.get("do_pad", False)), "resize": resize, "crop": crop}
+
     def preprocess(self, image, size: int, tiles: int, processing: dict | None = None) -> np.ndarray:
-        """LLaVA-1.5's processor (CLIPImageProcessor): shorter side to `size` (bicubic), the longer one in
-        proportion, rounded down as transformers' resize rounds it, then the centre crop."""
+        """The image processor's steps recorded by image_steps (CLIPImageProcessor's by default: shorter side to
+        `size`, bicubic, the longer one in proportion rounded down as transformers rounds it, then the centre
+        crop); engines built before 2026-12-08 record none and get CLIP's."""
         from PIL import Image
 
-        w, h = image.size
-        short, long = sorted((w, h))
-        other = int(size * long / short)
-        image = image.resize((size, other) if w == short else (other, size), Image.BICUBIC)
-        w, h = image.size
-        left, top = (w - size) // 2, (h - size) // 2
-        return (np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0)[None]
+        p = processing or {}
+        if p.get("pad_to_square") and image.size[0] != image.size[1]:
+            colour = tuple(int(m * 255) for m in p.get("image_mean", self.image_mean))
+            square = Image.new("RGB", (max(image.size),) * 2, colour)
+            square.paste(image, ((square.size[0] - image.size[0]) // 2, (square.size[1] - image.size[1]) // 2))
+            image = square
+        resize = p.get("resize", {"shortest_edge": size})
+        if "shortest_edge" in resize:
+            n = resize["shortest_edge"]
+            w, h = image.size
+            short, long = sorted((w, h))
+            other = int(n * long / short)
+            image = image.resize((n, other) if w == short else (other, n), Image.BICUBIC)
+        else:
+            image = image.resize((resize["width"], resize["height"]), Image.BICUBIC)
+        crop = p["crop"] if "resize" in p else [size, size]
+        if crop is not None:
+            (ch, cw), (w, h) = crop, image.size
+            left, top = (w - cw) // 2, (h - ch) // 2
+            image = image.crop((left, top, left + cw, top + ch))
+        return (np.asarray(image, dtype=np.float32) / 255.0)[None]
 
     def tokens_per_tile(self, config) -> int:
         n = (self.image_size(config) // self.patch_size(config)) ** 2
         return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 LLAVA = LlavaFamily()
