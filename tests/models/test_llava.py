@@ -17,7 +17,8 @@ def _processors(side: int) -> dict:
 
     crop = {"height": side, "width": side}
     return {"clip": CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=crop),
-            "siglip": SiglipImageProcessorPil(size=crop, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+            "siglip": SiglipImageProcessorPil(size=crop, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                              resample=2),  # bilinear, to check that the setting is followed
             "llava-pad": LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size=crop, do_pad=True)}
 
 
@@ -33,6 +34,7 @@ def test_preprocessing_equals_the_checkpoint_s_image_processor(tiny, tmp_path, k
     processor.save_pretrained(model_dir)
     facts = tiny.family.processor_facts(tiny.hf_model.config, model_dir)
     assert facts["pad_to_square"] == (kind == "llava-pad") and (facts["crop"] is None) == (kind == "siglip")
+    assert facts["resample"] == (2 if kind == "siglip" else 3)
     rng = np.random.default_rng(0)
     for w, h in SIZES:
         img = tmp_path / f"{w}x{h}.png"
@@ -48,10 +50,11 @@ def test_without_settings_the_steps_are_clip_s_and_older_engines_get_them_too(ti
     fam, cfg = tiny.family, tiny.hf_model.config
     side = fam.image_size(cfg)
     facts = fam.processor_facts(cfg, tmp_path)
-    assert (facts["pad_to_square"], facts["resize"], facts["crop"]) == (False, {"shortest_edge": side}, [side, side])
+    assert (facts["pad_to_square"], facts["resize"], facts["crop"], facts["resample"]) == (
+        False, {"shortest_edge": side}, [side, side], 3)
     img = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (77, 101, 3), dtype=np.uint8)).save(img)
-    old = {k: v for k, v in facts.items() if k not in ("pad_to_square", "resize", "crop")}
+    old = {k: v for k, v in facts.items() if k not in ("pad_to_square", "resize", "crop", "resample")}
     assert np.array_equal(preprocess(img, side, facts).numpy(), preprocess(img, side, old).numpy())
 
 
@@ -61,6 +64,7 @@ def test_without_settings_the_steps_are_clip_s_and_older_engines_get_them_too(ti
     ({"size": {"shortest_edge": 96}, "do_center_crop": False}, "a shorter side of 96"),
     ({"size": {"longest_edge": 84}}, "neither"),
     ({"size": {"shortest_edge": 84}, "crop_size": [84, 84]}, "crop_size"),
+    ({"size": {"shortest_edge": 84}, "resample": "bicubic"}, "resample"),
 ])
 def test_settings_that_do_not_end_at_the_tower_s_size_are_refused(tiny, tmp_path, settings, words):
     import json

@@ -182,8 +182,8 @@ class Family:
         directory's image processor settings when it has them: image_processor_settings)."""
         mean, std = list(self.image_mean), list(self.image_std)
         found = image_processor_settings(model_dir) if model_dir is not None else None
-        if found is not None:
-            pc_file, pc = found
+        pc_file, pc = found if found is not None else (None, {})
+        if pc_file is not None:
             mean, std = ((_channels(pc.get("image_mean", mean)), _channels(pc.get("image_std", std)))
                          if isinstance(pc, dict) else (None, None))
             if mean is None or std is None or 0 in std:
@@ -191,10 +191,9 @@ class Family:
                 raise VtrError(f"{pc_file}: not a JSON object whose image_mean and image_std are 3 numbers each "
                                "(std nonzero); restore the model's own file, or remove it to use the family's "
                                "defaults")
-        steps = self.image_steps(found[1] if found is not None else {}, config,
-                                 found[0] if found is not None else None)
         return {"family": self.name, "image_size": self.image_size(config), "image_mean": mean,
-                "image_std": std, "template": self.template, "chat_image": self.chat_image, **steps}
+                "image_std": std, "template": self.template, "chat_image": self.chat_image,
+                **self.image_steps(pc, config, pc_file)}
 
     def image_steps(self, settings: dict[str, Any], config, source: Path | None) -> dict[str, Any]:
         """Processor facts read from the image processor's settings (`source`, a dict already checked) beyond

@@ -14,6 +14,7 @@ from .family import Family
 # CLIP's normalisation (LLaVA-1.5's image processor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = 3  # PIL's filter number, as image processor settings write it
 
 
 class LlavaFamily(Family):
@@ -37,8 +38,9 @@ class LlavaFamily(Family):
         """What the checkpoint's image processor does before normalising, as transformers' image processors of
         LLaVA checkpoints do it, in this order: `pad_to_square` (LlavaImageProcessor's do_pad: the image centred
         on a square of the mean colour), `resize` ({"shortest_edge": n}: CLIP's, the aspect ratio kept; or
-        {"height", "width"}: SigLIP's), `crop` ([h, w] centre crop, or None). Without settings: CLIP's steps
-        at the vision tower's size. Refused when they do not end at the tower's size."""
+        {"height", "width"}: SigLIP's), `crop` ([h, w] centre crop, or None), with `resample` (PIL's filter
+        number; bicubic, 3, unless the settings say otherwise). Without settings: CLIP's steps at the vision
+        tower's size. Refused when they do not end at the tower's size."""
         side = self.image_size(config)
         size = settings.get("size", {"shortest_edge": side})
         size = {"shortest_edge": size} if isinstance(size, int) else size
@@ -61,7 +63,12 @@ class LlavaFamily(Family):
             made = "a shorter side of " + str(resize["shortest_edge"]) if ends is None else f"{ends[0]}x{ends[1]}"
             raise VtrError(f"{source}: the image processor makes images of {made} px, but the vision tower takes "
                            f"{side}x{side}; fix its size / crop_size, or remove the file to use CLIP's steps")
-        return {"pad_to_square": bool(settings.get("do_pad", False)), "resize": resize, "crop": crop}
+        resample = settings.get("resample", BICUBIC)
+        if not (isinstance(resample, int) and not isinstance(resample, bool) and 0 <= resample <= 5):
+            raise VtrError(f"{source}: the image processor's resample {resample!r} is not one of PIL's filters (0-5); "
+                           "restore the model's own file")
+        return {"pad_to_square": bool(settings.get("do_pad", False)), "resize": resize, "crop": crop,
+                "resample": resample}
 
     def preprocess(self, image, size: int, tiles: int, processing: dict | None = None) -> np.ndarray:
         """The image processor's steps recorded by image_steps (CLIPImageProcessor's by default: shorter side to
@@ -75,15 +82,15 @@ class LlavaFamily(Family):
             square = Image.new("RGB", (max(image.size),) * 2, colour)
             square.paste(image, ((square.size[0] - image.size[0]) // 2, (square.size[1] - image.size[1]) // 2))
             image = square
-        resize = p.get("resize", {"shortest_edge": size})
+        resize, resample = p.get("resize", {"shortest_edge": size}), Image.Resampling(p.get("resample", BICUBIC))
         if "shortest_edge" in resize:
             n = resize["shortest_edge"]
             w, h = image.size
             short, long = sorted((w, h))
             other = int(n * long / short)
-            image = image.resize((n, other) if w == short else (other, n), Image.BICUBIC)
+            image = image.resize((n, other) if w == short else (other, n), resample)
         else:
-            image = image.resize((resize["width"], resize["height"]), Image.BICUBIC)
+            image = image.resize((resize["width"], resize["height"]), resample)
         crop = p["crop"] if "resize" in p else [size, size]
         if crop is not None:
             (ch, cw), (w, h) = crop, image.size
