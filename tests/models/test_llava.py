@@ -58,6 +58,18 @@ def test_without_settings_the_steps_are_clip_s_and_older_engines_get_them_too(ti
     assert np.array_equal(preprocess(img, side, facts).numpy(), preprocess(img, side, old).numpy())
 
 
+def test_a_null_shortest_edge_beside_height_and_width_resizes_to_them(tiny, tmp_path):
+    """transformers' size settings may carry `shortest_edge: null` next to height and width (SigLIP's): the steps
+    are SigLIP's, not a shortest-edge resize of nothing."""
+    import json
+
+    side = tiny.family.image_size(tiny.hf_model.config)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": None, "height": side, "width": side}}))
+    facts = tiny.family.processor_facts(tiny.hf_model.config, tmp_path)
+    assert facts["resize"] == {"height": side, "width": side} and facts["crop"] is None
+
+
 @pytest.mark.parametrize("settings,words", [
     ({"size": {"shortest_edge": 84}, "crop_size": {"height": 64, "width": 64}}, "makes images of 64x64 px"),
     ({"size": {"height": 96, "width": 96}}, "makes images of 96x96 px"),

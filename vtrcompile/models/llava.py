@@ -48,8 +48,8 @@ class LlavaFamily(Family):
                 _whole(size.get("height")) and _whole(size.get("width")))):
             raise VtrError(f"{source}: the image processor's size {size!r} is neither {{'shortest_edge': n}} nor "
                            "{'height': h, 'width': w}; restore the model's own file, or remove it to use CLIP's steps")
-        resize = ({"shortest_edge": int(size["shortest_edge"])} if "shortest_edge" in size
-                  else {"height": int(size["height"]), "width": int(size["width"])})
+        resize = ({"shortest_edge": size["shortest_edge"]} if _whole(size.get("shortest_edge"))
+                  else {"height": size["height"], "width": size["width"]})
         crop = None
         if settings.get("do_center_crop", "shortest_edge" in resize):
             c = settings.get("crop_size", side)
